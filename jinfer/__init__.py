@@ -1,0 +1,1 @@
+"""jinfer: JAX/XLA inference."""

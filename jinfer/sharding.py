@@ -1,0 +1,310 @@
+"""Device meshes and the logical-axis sharding rules table.
+
+Model code names tensor dimensions with logical axes (`"batch"`, `"embed"`, `"heads"`, ...). One
+frozen `ShardingRules` table maps each logical axis to a mesh axis (or to nothing: replicated).
+Everything that places arrays on devices goes through `ShardingRules.sharding`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from jinfer.errors import MeshError, ShardingError
+
+LogicalAxes = tuple[str | None, ...]
+
+_MESH_ITEM = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*=\s*(-?\d+)\s*$")
+
+
+def parse_mesh_spec(spec: str | Mapping[str, int]) -> dict[str, int]:
+    """Parses `"data=2,model=4"` into `{"data": 2, "model": 4}` (order kept)."""
+    if isinstance(spec, Mapping):
+        return {str(k): int(v) for k, v in spec.items()}
+    axes: dict[str, int] = {}
+    for item in spec.split(","):
+        m = _MESH_ITEM.match(item)
+        if m is None:
+            raise MeshError(
+                f"mesh spec {spec!r}: cannot parse {item!r}; expected comma-separated NAME=SIZE items "
+                "such as 'data=2,model=4' (one size may be -1 for 'all remaining devices')"
+            )
+        name, size = m.group(1), int(m.group(2))
+        if name in axes:
+            raise MeshError(f"mesh spec {spec!r}: axis {name!r} appears twice")
+        if size == 0 or size < -1:
+            raise MeshError(f"mesh spec {spec!r}: axis {name!r} has size {size}; sizes are >= 1 or -1")
+        axes[name] = size
+    if len(axes) > 3:
+        raise MeshError(f"mesh spec {spec!r} has {len(axes)} axes; jinfer supports at most 3")
+    return axes
+
+
+def make_mesh(spec: str | Mapping[str, int] = "data=-1", devices: Sequence[Any] | None = None) -> Mesh:
+    """Builds a device mesh from `"data=2,model=4"`; `-1` takes all remaining devices.
+
+    Axes are `Auto` (not Explicit) so that jit propagates shardings of tensor-parallel matmuls.
+    """
+    axes = parse_mesh_spec(spec)
+    devices = list(jax.devices() if devices is None else devices)
+    n = len(devices)
+    unknown = [k for k, v in axes.items() if v == -1]
+    if len(unknown) > 1:
+        raise MeshError(f"mesh spec {spec!r}: only one axis may be -1, got {unknown}")
+    known = math.prod(v for v in axes.values() if v != -1)
+    if unknown:
+        if n % known:
+            raise MeshError(
+                f"mesh spec {spec!r}: {n} devices are not divisible by the fixed axes' product {known}"
+            )
+        axes[unknown[0]] = n // known
+    if math.prod(axes.values()) != n:
+        raise MeshError(
+            f"mesh spec {spec!r} needs {math.prod(axes.values())} devices but {n} are available "
+            f"({jax.default_backend()}); make the sizes multiply to {n} or use -1 for one axis"
+        )
+    names = tuple(axes)
+    shape = tuple(axes.values())
+    try:
+        device_grid = jax.experimental.mesh_utils.create_device_mesh(shape, devices=devices)
+    except Exception:  # noqa: BLE001 - topology-aware layout is an optimisation only
+        device_grid = np.asarray(devices, dtype=object).reshape(shape)
+    return Mesh(device_grid, names, axis_types=(AxisType.Auto,) * len(names))
+
+
+def single_device_mesh() -> Mesh:
+    """A 1x1 mesh on the default device, for unsharded runs."""
+    return make_mesh({"data": 1, "model": 1}, devices=jax.devices()[:1])
+
+
+MeshAxes = str | tuple[str, ...] | None
+
+DEFAULT_RULES: tuple[tuple[str, MeshAxes], ...] = (
+    ("batch", "data"),
+    ("embed", None),
+    ("mlp", "model"),
+    ("heads", "model"),
+    ("kv_heads", "model"),
+    ("head_dim", None),
+    ("vocab", "model"),
+    ("length", None),
+    ("cache_length", None),
+    ("layers", None),
+    ("classes", None),
+    ("channels", None),
+    ("height", None),
+    ("width", None),
+    ("features", None),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardingRules:
+    """Maps logical axis names to mesh axes.
+
+    `rules` is a tuple of `(logical_name, mesh_axes)` where mesh_axes is a mesh axis name, a tuple
+    of names, or None (replicated). Logical names that are absent are replicated. A mesh axis that
+    is missing from the mesh, or that does not divide the dimension, is dropped for that tensor, so
+    one table serves every mesh (a 2-way kv_heads dimension on a 4-way model axis is replicated).
+    """
+
+    rules: tuple[tuple[str, MeshAxes], ...] = DEFAULT_RULES
+
+    def __post_init__(self):
+        names = [name for name, _ in self.rules]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ShardingError(f"ShardingRules: logical axes {dupes} are listed more than once")
+
+    def replace(self, **overrides: MeshAxes) -> ShardingRules:
+        """Returns a copy with some logical axes remapped, e.g. `rules.replace(mlp=None)`."""
+        table = dict(self.rules)
+        table.update(overrides)
+        return ShardingRules(tuple(table.items()))
+
+    def mesh_axes(self, logical: str | None) -> tuple[str, ...]:
+        if logical is None:
+            return ()
+        target = dict(self.rules).get(logical)
+        if target is None:
+            return ()
+        return (target,) if isinstance(target, str) else tuple(target)
+
+    def spec(
+        self,
+        logical_axes: LogicalAxes,
+        shape: Sequence[int] | None = None,
+        mesh: Mesh | None = None,
+        name: str = "tensor",
+    ) -> PartitionSpec:
+        """PartitionSpec for a tensor with these logical axes.
+
+        Raises ShardingError when two logical axes of the tensor map to the same mesh axis.
+        With `shape` and `mesh`, drops mesh axes absent from the mesh or not dividing the dim.
+        """
+        if shape is not None and len(shape) != len(logical_axes):
+            raise ShardingError(
+                f"{name}: logical axes {logical_axes} have {len(logical_axes)} names but the "
+                f"tensor has shape {tuple(shape)}"
+            )
+        used: dict[str, str | None] = {}
+        entries: list[MeshAxes] = []
+        for i, logical in enumerate(logical_axes):
+            kept: list[str] = []
+            dim_left = None if shape is None else int(shape[i])
+            for axis in self.mesh_axes(logical):
+                if axis in used:
+                    raise ShardingError(
+                        f"{name}: logical axes {used[axis]!r} and {logical!r} both map to mesh axis "
+                        f"{axis!r} (logical axes {logical_axes}); change the ShardingRules so each "
+                        "mesh axis is used at most once per tensor"
+                    )
+                used[axis] = logical
+                if mesh is not None:
+                    if axis not in mesh.shape:
+                        continue
+                    size = mesh.shape[axis]
+                    if dim_left is not None and dim_left % size:
+                        continue
+                    if dim_left is not None:
+                        dim_left //= size
+                kept.append(axis)
+            entries.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
+        return PartitionSpec(*entries)
+
+    def sharding(
+        self, mesh: Mesh, logical_axes: LogicalAxes, shape: Sequence[int] | None = None, name: str = "tensor"
+    ) -> NamedSharding:
+        """NamedSharding on `mesh` for a tensor with these logical axes (and shape)."""
+        return NamedSharding(mesh, self.spec(logical_axes, shape, mesh, name))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def path_str(path: Sequence[Any]) -> str:
+    """Renders a jax key path as 'layers/0/attn/q/kernel'."""
+    parts = []
+    for k in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(k, attr):
+                parts.append(str(getattr(k, attr)))
+                break
+        else:
+            parts.append(str(k))
+    return "/".join(parts)
+
+
+PathRules = Sequence[tuple[str, LogicalAxes]]
+
+
+def logical_axes_by_path(path: str, ndim: int, path_rules: PathRules | None) -> LogicalAxes:
+    """Fallback for unannotated parameters: first regex in `path_rules` that matches the path.
+
+    Unmatched parameters are replicated.
+    """
+    for pattern, axes in path_rules or ():
+        if re.search(pattern, path) and len(axes) == ndim:
+            return tuple(axes)
+    return (None,) * ndim
+
+
+def tree_logical_axes(tree: Any, path_rules: PathRules | None = None) -> Any:
+    """Logical axes for every leaf of a param tree.
+
+    Reads annotations that Flax put on the leaves (NNX `sharding_names` metadata, Linen
+    `LogicallyPartitioned` boxes), falling back to `path_rules` (regex on 'a/b/c' paths).
+    Returns a tree of tuples with the same structure as `unbox_tree(tree)`.
+    """
+
+    def axes_of(path, leaf):
+        names = _annotated_names(leaf)
+        shape = np.shape(_raw_value(leaf))
+        if names is not None:
+            return tuple(names)
+        return logical_axes_by_path(path_str(path), len(shape), path_rules)
+
+    return jax.tree_util.tree_map_with_path(axes_of, tree, is_leaf=_is_boxed)
+
+
+def tree_shardings(
+    tree: Any, mesh: Mesh, rules: ShardingRules | None = None, path_rules: PathRules | None = None
+) -> Any:
+    """NamedShardings for every leaf of a (possibly boxed) param tree."""
+    rules = rules or ShardingRules()
+
+    def sharding_of(path, leaf):
+        names = _annotated_names(leaf)
+        shape = np.shape(_raw_value(leaf))
+        if names is None:
+            names = logical_axes_by_path(path_str(path), len(shape), path_rules)
+        return rules.sharding(mesh, tuple(names), shape, name=path_str(path))
+
+    return jax.tree_util.tree_map_with_path(sharding_of, tree, is_leaf=_is_boxed)
+
+
+def unbox_tree(tree: Any) -> Any:
+    """Strips Flax annotation boxes (NNX Variables, Linen Partitioned) leaving raw arrays."""
+    return jax.tree_util.tree_map(_raw_value, tree, is_leaf=_is_boxed)
+
+
+def _is_boxed(x: Any) -> bool:
+    try:
+        from flax import nnx
+        from flax.core import meta
+
+        return isinstance(x, (nnx.Variable, meta.Partitioned))
+    except ImportError:  # pragma: no cover
+        return False
+
+
+def _raw_value(x: Any) -> Any:
+    from flax import nnx
+    from flax.core import meta
+
+    if isinstance(x, nnx.Variable):
+        return x.get_value()
+    if isinstance(x, meta.Partitioned):
+        return x.value
+    return x
+
+
+def _annotated_names(x: Any) -> tuple[str | None, ...] | None:
+    from flax import nnx
+    from flax.core import meta
+
+    if isinstance(x, nnx.Variable):
+        meta_dict = x.get_metadata()
+        for key in ("out_sharding", "sharding_names", "sharding"):
+            names = meta_dict.get(key)
+            if names:
+                return tuple(names)
+        return None
+    if isinstance(x, meta.Partitioned):
+        return tuple(x.names)
+    return None
+
+
+def shard_like(tree: Any, shardings: Any) -> Any:
+    """device_put a tree of arrays onto a matching tree of shardings."""
+    return jax.device_put(tree, shardings)
+
+
+def constrain(x: jax.Array, mesh: Mesh | None, rules: ShardingRules, axes: LogicalAxes) -> jax.Array:
+    """with_sharding_constraint by logical axes inside jit (no-op without a mesh)."""
+    if mesh is None:
+        return x
+    return jax.lax.with_sharding_constraint(x, rules.sharding(mesh, axes, x.shape))
+
+
+def map_tree(fn: Callable[[str, Any], Any], tree: Any) -> Any:
+    """tree_map with 'a/b/c' path strings."""
+    return jax.tree_util.tree_map_with_path(lambda p, x: fn(path_str(p), x), tree)
