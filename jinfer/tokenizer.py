@@ -1,0 +1,139 @@
+"""Tokenizers (the `tokenizers` library, from a local tokenizer.json) and Jinja chat templates.
+
+Never downloads anything: a model directory carries `tokenizer.json` and, for chat models,
+`tokenizer_config.json` with `chat_template`, `bos_token`, `eos_token`.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import jinja2.sandbox
+
+from jinfer.errors import CheckpointNotFoundError, ConfigError, InputError
+
+Message = dict[str, Any]
+
+
+class Tokenizer:
+    """Text <-> token ids, special tokens and chat rendering for one model."""
+
+    def __init__(self, backend: Any, config: dict[str, Any] | None = None):
+        self.backend = backend
+        self.config = dict(config or {})
+        self.chat_template: str | None = self.config.get("chat_template")
+        self.bos_token = _token_text(self.config.get("bos_token"))
+        self.eos_token = _token_text(self.config.get("eos_token"))
+        self._template: jinja2.Template | None = None
+
+    @classmethod
+    def from_dir(cls, path: str | Path) -> Tokenizer:
+        """Loads DIR/tokenizer.json (+ DIR/tokenizer_config.json when present)."""
+        from tokenizers import Tokenizer as HFTokenizer
+
+        path = Path(path)
+        tok_file = path / "tokenizer.json"
+        if not tok_file.is_file():
+            raise CheckpointNotFoundError(f"{tok_file} not found: the model directory has no tokenizer")
+        backend = HFTokenizer.from_file(str(tok_file))
+        config = {}
+        cfg_file = path / "tokenizer_config.json"
+        if cfg_file.is_file():
+            config = json.loads(cfg_file.read_text())
+        return cls(backend, config)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def token_id(self, token: str | None) -> int | None:
+        return None if token is None else self.backend.token_to_id(token)
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        tid = self.token_id(self.eos_token)
+        return () if tid is None else (tid,)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def render_chat(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
+        """Renders chat messages with the model's Jinja chat template."""
+        if not self.chat_template:
+            raise ConfigError(
+                "this model has no chat template (tokenizer_config.json 'chat_template'); "
+                "pass a plain string prompt instead of chat messages"
+            )
+        _check_messages(messages)
+        if self._template is None:
+            env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+            env.globals["raise_exception"] = _raise_template_error
+            env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
+            env.filters["tojson"] = lambda x, indent=None: json.dumps(x, ensure_ascii=False, indent=indent)
+            self._template = env.from_string(self.chat_template)
+        return self._template.render(
+            messages=list(messages),
+            add_generation_prompt=add_generation_prompt,
+            bos_token=self.bos_token or "",
+            eos_token=self.eos_token or "",
+        )
+
+    def encode_chat(self, messages: Sequence[Message]) -> list[int]:
+        """Chat messages -> prompt ids. The template writes special tokens itself."""
+        return self.encode(self.render_chat(messages), add_special_tokens=False)
+
+
+def _token_text(tok: Any) -> str | None:
+    if isinstance(tok, dict):
+        return tok.get("content")
+    return tok
+
+
+def _raise_template_error(message: str) -> None:
+    raise InputError(f"chat template rejected the messages: {message}")
+
+
+def _check_messages(messages: Any) -> None:
+    if not isinstance(messages, Sequence) or isinstance(messages, str) or not messages:
+        raise InputError("chat messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise InputError(
+                f"chat message {i} is {m!r}; each message must be a dict with 'role' and 'content'"
+            )
+
+
+class IncrementalDecoder:
+    """Turns a growing list of token ids into text increments that are always valid UTF-8.
+
+    Decodes a window of recent tokens and holds back text that ends in an incomplete multi-byte
+    character (decoded as U+FFFD) until the next token completes it.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, prefix_ids: Iterable[int] = ()):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = list(prefix_ids)
+        self.prefix_offset = len(self.ids)
+        self.read_offset = len(self.ids)
+        self.text = ""
+
+    def push(self, token_ids: Iterable[int]) -> str:
+        """Adds tokens; returns the new complete text (possibly empty)."""
+        self.ids.extend(token_ids)
+        prefix = self.tokenizer.decode(self.ids[self.prefix_offset : self.read_offset])
+        full = self.tokenizer.decode(self.ids[self.prefix_offset :])
+        if full.endswith("\ufffd") or len(full) <= len(prefix):
+            return ""
+        delta = full[len(prefix) :]
+        self.prefix_offset = self.read_offset
+        self.read_offset = len(self.ids)
+        self.text += delta
+        return delta
