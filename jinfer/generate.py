@@ -399,18 +399,43 @@ class GenerationEngine:
     def run(self, requests: Sequence[Request]) -> Iterator[tuple[SampleResult, list[int], bool]]:
         """Generates for all requests; yields (result, new_token_ids, finished) after each host sync.
 
-        Results are yielded for every sample with new tokens. Stop strings are applied by the
-        caller via `finish()` (they need detokenization).
+        All requests are validated first (nothing runs if one is invalid). Results are yielded for
+        every sample with new tokens; `result.request` is the index in `requests`. Stop strings
+        are applied by the caller via `finish()` (they need detokenization).
         """
         for i, r in enumerate(requests):
             self.check_request(r.prompt_ids, r.params, i)
-        queue = deque(range(len(requests)))
-        while queue or any(s is not None for s in self.slots):
-            while queue and self._free_slots() >= requests[queue[0]].params.n:
-                idx = queue.popleft()
-                yield from self._admit(idx, requests[idx])
+        return self.run_stream(iter(requests))
+
+    def run_stream(self, requests: Iterator[Request]) -> Iterator[tuple[SampleResult, list[int], bool]]:
+        """Like `run`, but pulls requests lazily: a new one is taken only when slots are free.
+
+        Requests must already be validated (`check_request`). Continuous batching over an
+        unbounded stream: memory stays bounded by the slot count.
+        """
+        pending: deque[Request] = deque()
+        index = 0
+        exhausted = False
+        while True:
+            while not exhausted and len(pending) == 0:
+                nxt = next(requests, None)
+                if nxt is None:
+                    exhausted = True
+                else:
+                    pending.append(nxt)
+            while pending and self._free_slots() >= pending[0].params.n:
+                yield from self._admit(index, pending.popleft())
+                index += 1
+                if not pending and not exhausted:
+                    nxt = next(requests, None)
+                    if nxt is None:
+                        exhausted = True
+                    else:
+                        pending.append(nxt)
             if any(s is not None for s in self.slots):
                 yield from self._decode_round()
+            elif exhausted and not pending:
+                return
 
     def _free_slots(self) -> int:
         return sum(s is None for s in self.slots)

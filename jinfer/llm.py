@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import secrets
+from collections import deque
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from jinfer.errors import ConfigError, InputError
-from jinfer.generate import GenerationConfig, GenerationEngine, Request, SampleResult
+from jinfer.generate import GenerationConfig, GenerationEngine, Request
 from jinfer.modeling import FlaxModel
 from jinfer.sampling import SamplingParams
 from jinfer.sharding import ShardingRules, make_mesh
@@ -101,9 +102,9 @@ class LLM:
         rules: ShardingRules | None = None,
         **engine_options: Any,
     ):
-        from jinfer import checkpoint, hub
+        from jinfer import checkpoint
 
-        path = hub.resolve_model(model)
+        path = _resolve(model)
         spec, config, _ = checkpoint.load_config(path)
         flax_model = FlaxModel(spec, config)
         mesh = make_mesh(mesh) if isinstance(mesh, str) else mesh
@@ -182,24 +183,60 @@ class LLM:
         """
         prompts = _as_prompt_list(prompts)
         params_list = self._params_list(params, len(prompts))
-        requests, prompt_ids = self._requests(prompts, params_list)
-        outputs: dict[tuple[int, int], SampleResult] = {}
-        decoders: dict[tuple[int, int], IncrementalDecoder] = {}
-        for result, new, finished in self.engine.run(requests):
-            key = (result.request, result.sample)
-            outputs[key] = result
-            self._apply_stop_strings(result, new, finished, decoders, params_list[result.request])
-        results = []
-        for i, prompt in enumerate(prompts):
-            samples = []
-            for k in range(params_list[i].n):
-                r = outputs[(i, k)]
-                dec = decoders.get((i, k))
-                text = dec.text if dec is not None else ""
-                samples.append(CompletionOutput(k, text, r.token_ids, r.finish_reason or "length",
-                                                r.logprobs if params_list[i].logprobs is not None else None))
-            results.append(RequestOutput(prompt, prompt_ids[i], samples))
+        self._requests(prompts, params_list)  # validate everything before any device work
+        results: list[RequestOutput | None] = [None] * len(prompts)
+        for index, out in self.generate_iter(zip(range(len(prompts)), prompts, params_list, strict=True)):
+            if isinstance(out, Exception):  # pragma: no cover - validated above
+                raise out
+            results[index] = out
         return results
+
+    def generate_iter(
+        self, items: Iterator[tuple[Any, Prompt, SamplingParams]]
+    ) -> Iterator[tuple[Any, RequestOutput | InputError]]:
+        """Continuous batching over an unbounded stream of (key, prompt, params).
+
+        Yields (key, RequestOutput) in completion order as requests finish, pulling the next
+        item only when a decode slot frees up. An invalid item yields (key, the InputError) and
+        the stream goes on.
+        """
+        keys: list[Any] = []
+        state: dict[int, dict] = {}
+        rejected: deque[tuple[Any, InputError]] = deque()
+
+        def accepted() -> Iterator[Request]:
+            for key, prompt, params in items:
+                try:
+                    (req,), (ids,) = self._requests([prompt], [params])
+                except InputError as e:
+                    rejected.append((key, e))
+                    continue
+                state[len(keys)] = {"prompt": prompt, "ids": ids, "params": params, "done": {}}
+                keys.append(key)
+                yield req
+
+        decoders: dict[tuple[int, int], IncrementalDecoder] = {}
+        for result, new, finished in self.engine.run_stream(accepted()):
+            while rejected:
+                yield rejected.popleft()
+            st = state[result.request]
+            self._apply_stop_strings(result, new, finished, decoders, st["params"])
+            if finished or result.finish_reason is not None:
+                st["done"][result.sample] = result
+                if len(st["done"]) == st["params"].n:
+                    del state[result.request]
+                    yield keys[result.request], self._request_output(st, result.request, decoders)
+        yield from rejected
+
+    def _request_output(self, st: dict, index: int, decoders) -> RequestOutput:
+        samples = []
+        params = st["params"]
+        for k in range(params.n):
+            r = st["done"][k]
+            dec = decoders.pop((index, k), None)
+            samples.append(CompletionOutput(k, dec.text if dec else "", r.token_ids, r.finish_reason or "length",
+                                            r.logprobs if params.logprobs is not None else None))
+        return RequestOutput(st["prompt"], st["ids"], samples)
 
     def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[str]:
         """Yields text increments (always valid UTF-8) as tokens are generated; n must be 1."""
@@ -317,6 +354,15 @@ def _as_prompt_list(prompts) -> list[Prompt]:
     if isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], (int, np.integer)):
         return [prompts]  # one list of token ids
     return list(prompts)
+
+
+def _resolve(model: str | Path | None) -> Path:
+    """A jinfer model directory as is; anything else (a known name, None) through jinfer.hub."""
+    if model is not None and (Path(model) / "config.json").is_file():
+        return Path(model)
+    from jinfer import hub
+
+    return hub.resolve_model(model)
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -1,0 +1,184 @@
+"""The `jinfer` command line: generate, embed, convert, inspect, run-batch, merge."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from jinfer.errors import JinferError
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None,
+                   help="model directory or known name (default: smollm2-135m-instruct)")
+    p.add_argument("--mesh", default=None, help='device mesh, e.g. "data=2,model=4" (default: one device)')
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="parameter dtype")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-tokens", type=int, default=None, help="tokens to generate (default: model's config)")
+    p.add_argument("--temperature", type=float, default=None, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--min-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+
+
+def _sampling_overrides(args: argparse.Namespace) -> dict:
+    names = ("max_tokens", "temperature", "top_k", "top_p", "min_p", "seed", "stop")
+    return {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from jinfer.llm import LLM
+
+    llm = LLM(args.model, mesh=args.mesh, dtype=args.dtype, max_batch=args.max_batch, max_len=args.max_len)
+    defaults = llm.default_params()
+    overrides = {"max_tokens": 128, **_sampling_overrides(args)} if "max_new_tokens" not in llm.generation_defaults \
+        else _sampling_overrides(args)
+    params = defaults.replace(**overrides, logprobs=args.logprobs)
+    prompts = args.prompt or [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    inputs = prompts if args.raw else [[{"role": "user", "content": p}] for p in prompts]
+    if llm.tokenizer is None or not llm.tokenizer.chat_template:
+        inputs = prompts
+    if args.json or len(prompts) > 1:
+        for prompt, out in zip(prompts, llm.generate(inputs, params), strict=True):
+            if args.json:
+                print(json.dumps({"prompt": prompt, "text": out.text, "token_ids": out.token_ids,
+                                  "finish_reason": out.finish_reason, "usage": out.usage,
+                                  **({"logprobs": _jsonable_logprobs(out.logprobs)} if out.logprobs else {})},
+                                 ensure_ascii=False))
+            else:
+                print(out.text)
+        return 0
+    for piece in llm.stream(inputs[0], params):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
+def _jsonable_logprobs(logprobs):
+    return [{str(k): v for k, v in entry.items()} for entry in logprobs]
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    from jinfer.embed import Embedder
+
+    embedder = Embedder(args.model, mesh=args.mesh, dtype=args.dtype)
+    texts = args.text or [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    for text, vec in zip(texts, embedder.embed(texts), strict=True):
+        print(json.dumps({"text": text, "embedding": [round(float(x), 7) for x in vec]}, ensure_ascii=False))
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from jinfer.convert import convert
+
+    out = convert(args.src, args.out, dtype=args.dtype or "float32", quantize=args.quantize)
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from jinfer.checkpoint import inspect_model_dir
+
+    print(inspect_model_dir(args.dir, mesh_spec=args.mesh))
+    return 0
+
+
+def cmd_run_batch(args: argparse.Namespace) -> int:
+    from jinfer.batch import run_batch_from_args
+
+    return run_batch_from_args(args)
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from jinfer.batch import merge_shards
+
+    n = merge_shards(args.output)
+    print(f"merged {n} lines into {args.output}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="jinfer", description="JAX/XLA inference for Flax models.")
+    parser.add_argument("--compilation-cache", default=None,
+                        help="persistent XLA compilation cache directory (default: $JINFER_COMPILATION_CACHE "
+                             "or the user cache dir; 'off' disables)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("generate", help="generate text from a prompt (chat template applied)")
+    p.add_argument("prompt", nargs="*", help="prompt(s); read from stdin (one per line) when absent")
+    _add_model_args(p)
+    _add_sampling_args(p)
+    p.add_argument("--logprobs", type=int, default=None, help="top-N log-probabilities per token")
+    p.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    p.add_argument("--json", action="store_true", help="print one JSON object per output, with token ids")
+    p.add_argument("--max-batch", type=int, default=8)
+    p.add_argument("--max-len", type=int, default=1024)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("embed", help="embed texts with an encoder model; prints JSON lines")
+    p.add_argument("text", nargs="*", help="text(s); read from stdin when absent")
+    _add_model_args(p)
+    p.set_defaults(func=cmd_embed)
+
+    p = sub.add_parser("convert", help="convert a Hugging Face directory or a .gguf file to a jinfer model dir")
+    p.add_argument("src")
+    p.add_argument("out")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--quantize", default=None, choices=["int8"], help="weight-only quantization")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("inspect", help="print a model directory's parameters without loading them")
+    p.add_argument("dir")
+    p.add_argument("--mesh", default=None, help='show per-device bytes for this mesh, e.g. "data=2,model=4"')
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("run-batch", help="offline generation over a JSONL file, resumable")
+    from jinfer.batch import add_run_batch_args
+
+    add_run_batch_args(p)
+    _add_model_args(p)
+    _add_sampling_args(p)
+    p.set_defaults(func=cmd_run_batch)
+
+    p = sub.add_parser("merge", help="merge per-process output shards of a run-batch")
+    p.add_argument("output")
+    p.set_defaults(func=cmd_merge)
+    return parser
+
+
+def _setup_compilation_cache(value: str | None) -> None:
+    import os
+
+    from jinfer.compile import enable_compilation_cache, maybe_enable_from_env
+
+    if value == "off":
+        return
+    if value:
+        enable_compilation_cache(value)
+    elif maybe_enable_from_env() is None:
+        import platformdirs
+
+        enable_compilation_cache(os.path.join(platformdirs.user_cache_dir("jinfer"), "xla"))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        _setup_compilation_cache(args.compilation_cache)
+        return args.func(args) or 0
+    except JinferError as e:
+        print(f"jinfer: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,118 @@
+"""`jinfer.Embedder`: sentence embeddings from an encoder model (BERT family).
+
+Texts are tokenized, padded to length buckets and batched by the core `Engine`; pooling (mean over
+real tokens, or the first/CLS token) and L2 normalisation follow the model directory's config
+(`pooling`, `normalize`, recorded at conversion from the sentence-transformers settings).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from jinfer.buckets import Buckets
+from jinfer.engine import Engine
+from jinfer.errors import ConfigError, EmptyInputError
+from jinfer.modeling import FlaxModel
+from jinfer.sharding import ShardingRules, make_mesh
+from jinfer.tokenizer import Tokenizer
+
+POOLINGS = ("mean", "cls")
+
+
+def pool(hidden: jnp.ndarray, mask: jnp.ndarray, pooling: str, normalize: bool) -> jnp.ndarray:
+    """hidden [b, t, d], mask [b, t] -> embeddings [b, d] (float32)."""
+    hidden = hidden.astype(jnp.float32)
+    if pooling == "cls":
+        out = hidden[:, 0]
+    else:
+        m = mask.astype(jnp.float32)[..., None]
+        out = (hidden * m).sum(1) / jnp.maximum(m.sum(1), 1.0)
+    if normalize:
+        out = out / jnp.maximum(jnp.linalg.norm(out, axis=-1, keepdims=True), 1e-12)
+    return out
+
+
+class Embedder:
+    """Embeds texts (or token-id lists) into float32 vectors, one row per input.
+
+    Args:
+      model: a jinfer model directory of an encoder model (task "encoder").
+      mesh, dtype, rules: as for `LLM`.
+      buckets: length/batch buckets (default: batch 1..32, lengths 16..512).
+      pooling / normalize: override the directory's settings.
+    """
+
+    def __init__(
+        self,
+        model: str | Path,
+        mesh: Mesh | str | None = None,
+        dtype: str | None = None,
+        buckets: Buckets | None = None,
+        rules: ShardingRules | None = None,
+        pooling: str | None = None,
+        normalize: bool | None = None,
+        truncate: bool = True,
+    ):
+        from jinfer import checkpoint
+
+        path = Path(model)
+        spec, config, meta = checkpoint.load_config(path)
+        if spec.task != "encoder":
+            raise ConfigError(f"{path}: model class {spec.name!r} is a {spec.task!r} model; Embedder needs an encoder")
+        self.pooling = pooling or meta.get("pooling", "mean")
+        self.normalize = meta.get("normalize", True) if normalize is None else normalize
+        if self.pooling not in POOLINGS:
+            raise ConfigError(f"pooling={self.pooling!r} is not one of {POOLINGS}")
+        mesh = make_mesh(mesh) if isinstance(mesh, str) else mesh
+        flax_model = FlaxModel(spec, config)
+        params = checkpoint.restore_params(path, flax_model, mesh=mesh, rules=rules, dtype=dtype)
+        self.tokenizer = Tokenizer.from_dir(path) if (path / "tokenizer.json").is_file() else None
+        max_len = min(512, getattr(config, "max_position_embeddings", 512))
+        buckets = buckets or Buckets(
+            batch_sizes=(1, 4, 16, 32), seq_lens=tuple(b for b in (16, 32, 64, 128, 256, 512) if b <= max_len)
+        )
+        apply = flax_model.apply_fn()
+        pooling_, normalize_ = self.pooling, self.normalize
+
+        def forward(p, tokens, mask):
+            return pool(apply(p, tokens, mask), mask, pooling_, normalize_)
+
+        self.engine = Engine(
+            forward, params, buckets=buckets, mesh=mesh, rules=rules,
+            param_shardings=flax_model.shardings(mesh or _default_mesh(), rules), truncate=truncate,
+        )
+
+    @property
+    def stats(self) -> Any:
+        return self.engine.stats
+
+    def embed(self, texts: Sequence[str | Sequence[int]]) -> np.ndarray:
+        """float32 [len(texts), d] embeddings (normalised rows when the model says so)."""
+        ids = [self._encode(t, i) for i, t in enumerate(texts)]
+        if not ids:
+            return np.zeros((0, 0), np.float32)
+        rows = self.engine.predict([np.asarray(x, np.int32) for x in ids])
+        return np.stack([np.asarray(r, np.float32) for r in rows])
+
+    def _encode(self, text: str | Sequence[int], index: int) -> list[int]:
+        if isinstance(text, str):
+            if self.tokenizer is None:
+                raise ConfigError("text input needs a tokenizer, and this model directory has no tokenizer.json")
+            ids = self.tokenizer.encode(text)
+        else:
+            ids = [int(t) for t in text]
+        if not ids:
+            raise EmptyInputError(f"input {index} is empty")
+        return ids
+
+
+def _default_mesh() -> Mesh:
+    from jinfer.sharding import single_device_mesh
+
+    return single_device_mesh()
