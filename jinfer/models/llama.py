@@ -1,0 +1,242 @@
+"""Llama-style decoder: Llama 2/3 (incl. llama3 RoPE scaling), Mistral, Qwen2, SmolLM.
+
+RMSNorm pre-norm blocks, RoPE in the half-split (rotate_half) layout, grouped-query attention
+(optional q/k/v biases for Qwen2), SwiGLU MLP, optional tied embeddings.
+
+Call contract (CONTRACTS.md, decoder):
+  `Llama(config, rngs=...)(tokens[b, t] int32, positions[b, t] int32, cache=None)
+     -> (hidden[b, t, d], cache)`; `hidden` is AFTER the final norm.
+  `logits(hidden[..., d]) -> float32[..., vocab]` is only the vocabulary projection.
+
+Einsum letters: b batch, t query length, s key/cache length, d model dim (hidden_size),
+n query heads, k kv heads, h head dim, f mlp (intermediate_size), v vocab.
+
+Parameters (L = num_layers, n = num_heads, k = num_kv_heads, h = head_dim). HF names are those of
+`LlamaForCausalLM` / `MistralForCausalLM` / `Qwen2ForCausalLM` state dicts; "T+reshape" = transpose the
+torch Linear weight [out, in] to [in, out], then reshape (see layers.apply_hf_transform):
+
+| jinfer path                 | shape      | HF tensor                                   | transform  |
+|-----------------------------|------------|---------------------------------------------|------------|
+| embed                       | [v, d]     | model.embed_tokens.weight                   | none       |
+| layers/{i}/attn_norm        | [d]        | model.layers.{i}.input_layernorm.weight     | none       |
+| layers/{i}/attn/q           | [d, n, h]  | model.layers.{i}.self_attn.q_proj.weight    | T+reshape  |
+| layers/{i}/attn/k           | [d, k, h]  | model.layers.{i}.self_attn.k_proj.weight    | T+reshape  |
+| layers/{i}/attn/v           | [d, k, h]  | model.layers.{i}.self_attn.v_proj.weight    | T+reshape  |
+| layers/{i}/attn/o           | [n, h, d]  | model.layers.{i}.self_attn.o_proj.weight    | T+reshape  |
+| layers/{i}/attn/q_bias (*)  | [n, h]     | model.layers.{i}.self_attn.q_proj.bias      | reshape    |
+| layers/{i}/attn/k_bias (*)  | [k, h]     | model.layers.{i}.self_attn.k_proj.bias      | reshape    |
+| layers/{i}/attn/v_bias (*)  | [k, h]     | model.layers.{i}.self_attn.v_proj.bias      | reshape    |
+| layers/{i}/mlp_norm         | [d]        | model.layers.{i}.post_attention_layernorm.weight | none  |
+| layers/{i}/mlp/gate         | [d, f]     | model.layers.{i}.mlp.gate_proj.weight       | transpose  |
+| layers/{i}/mlp/up           | [d, f]     | model.layers.{i}.mlp.up_proj.weight         | transpose  |
+| layers/{i}/mlp/down         | [f, d]     | model.layers.{i}.mlp.down_proj.weight       | transpose  |
+| final_norm                  | [d]        | model.norm.weight                           | none       |
+| lm_head (**)                | [d, v]     | lm_head.weight                              | transpose  |
+
+(*) only with attention_bias (always for Qwen2). (**) absent when tie_word_embeddings: logits then
+use `embed` transposed (an `lm_head.weight` in the checkpoint, if any, is ignored).
+HF q/k weights are already in rotate_half order, so no head permutation is needed.
+The same table as data: `hf_param_map(config)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+from flax import nnx
+
+from jinfer.errors import ConfigError, UnsupportedArchitectureError
+from jinfer.kvcache import KVCache
+from jinfer.models import layers as L
+from jinfer.models.registry import ModelSpec, register
+
+RopeScaling = tuple[tuple[str, Any], ...]
+_ROPE_KEYS = (
+    "rope_type", "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    """Hyperparameters of a Llama-style decoder (defaults: SmolLM2-135M).
+
+    rope_scaling: None or sorted (key, value) pairs, e.g. (("factor", 8.0), ..., ("rope_type", "llama3"))
+      (a tuple keeps the config hashable and JSON round-trippable); types "linear" and "llama3".
+    sliding_window: Mistral's window (query at p sees keys p - w < j <= p); None = full causal.
+    """
+
+    vocab_size: int = 49152
+    hidden_size: int = 576
+    intermediate_size: int = 1536
+    num_layers: int = 30
+    num_heads: int = 9
+    num_kv_heads: int = 3
+    head_dim: int = 64
+    rope_theta: float = 100000.0
+    rope_scaling: RopeScaling | None = None
+    rms_norm_eps: float = 1e-5
+    tie_word_embeddings: bool = True
+    attention_bias: bool = False
+    max_position_embeddings: int = 8192
+    sliding_window: int | None = None
+
+    def __post_init__(self):
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(
+                f"LlamaConfig: num_heads={self.num_heads} is not a multiple of "
+                f"num_kv_heads={self.num_kv_heads}"
+            )
+        if self.head_dim % 2:
+            raise ConfigError(f"LlamaConfig: head_dim={self.head_dim} must be even for RoPE")
+        L.rope_inv_freq(self.head_dim, self.rope_theta, self.rope_scaling)  # validates rope_scaling
+
+    @property
+    def rope_scaling_dict(self) -> dict[str, Any] | None:
+        return None if self.rope_scaling is None else dict(self.rope_scaling)
+
+    @classmethod
+    def from_hf_config(cls, hf: dict[str, Any]) -> LlamaConfig:
+        """Maps a Hugging Face config.json (model_type llama, mistral, qwen2) to a LlamaConfig.
+
+        Mistral's `sliding_window` is kept when smaller than max_position_embeddings (otherwise it can
+        never bind and is dropped). Qwen2 always has q/k/v biases; Qwen2 configs with
+        `use_sliding_window: true` (per-layer windows) are rejected.
+        """
+        model_type = hf.get("model_type", "llama")
+        if model_type not in ("llama", "mistral", "qwen2"):
+            raise UnsupportedArchitectureError(
+                f"LlamaConfig.from_hf_config: model_type {model_type!r} is not one of llama, mistral, qwen2"
+            )
+        act = hf.get("hidden_act", "silu")
+        if act != "silu" or hf.get("mlp_bias", False):
+            raise UnsupportedArchitectureError(
+                f"LlamaConfig.from_hf_config: hidden_act={act!r}, mlp_bias={hf.get('mlp_bias')}; "
+                "only a bias-free SiLU (SwiGLU) MLP is supported"
+            )
+        heads, hidden = hf["num_attention_heads"], hf["hidden_size"]
+        max_pos = hf.get("max_position_embeddings", 4096)
+        rope = dict(hf.get("rope_parameters") or {})  # newer transformers nest rope_theta here
+        theta = hf.get("rope_theta", rope.get("rope_theta", 10000.0))
+        return cls(
+            vocab_size=hf["vocab_size"],
+            hidden_size=hidden,
+            intermediate_size=hf["intermediate_size"],
+            num_layers=hf["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=hf.get("num_key_value_heads") or heads,
+            head_dim=hf.get("head_dim") or hidden // heads,
+            rope_theta=float(theta),
+            rope_scaling=normalize_rope_scaling(hf.get("rope_scaling") or rope or None),
+            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+            tie_word_embeddings=hf.get("tie_word_embeddings", False),
+            attention_bias=True if model_type == "qwen2" else bool(hf.get("attention_bias", False)),
+            max_position_embeddings=max_pos,
+            sliding_window=_sliding_window(model_type, hf, max_pos),
+        )
+
+
+def normalize_rope_scaling(scaling: dict[str, Any] | None) -> RopeScaling | None:
+    """HF rope_scaling dict -> sorted (key, value) pairs; None for no scaling ("default")."""
+    if not scaling:
+        return None
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "default":
+        return None
+    if kind not in L.ROPE_TYPES:
+        raise ConfigError(f"rope_scaling type {kind!r} is not supported; supported: {L.ROPE_TYPES}")
+    kept = {k: v for k, v in scaling.items() if k in _ROPE_KEYS}
+    kept["rope_type"] = kind
+    return tuple(sorted(kept.items()))
+
+
+def _sliding_window(model_type: str, hf: dict[str, Any], max_pos: int) -> int | None:
+    if model_type == "qwen2":
+        if hf.get("use_sliding_window", False):
+            raise UnsupportedArchitectureError("qwen2 with use_sliding_window=true is not supported")
+        return None
+    window = hf.get("sliding_window") if model_type == "mistral" else None
+    return window if window is not None and window < max_pos else None
+
+
+class LlamaBlock(nnx.Module):
+    """Pre-RMSNorm block: x + attn(norm(x)), then x + SwiGLU(norm(x))."""
+
+    def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
+        c = config
+        self.config = config
+        self.attn_norm = L.ones_param(rngs, (c.hidden_size,), ("embed",))
+        dims = L.AttentionDims(c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.attention_bias)
+        self.attn = L.Attention(dims, rngs=rngs)
+        self.mlp_norm = L.ones_param(rngs, (c.hidden_size,), ("embed",))
+        self.mlp = L.SwiGLU(c.hidden_size, c.intermediate_size, rngs=rngs)
+
+    def __call__(
+        self, x: jax.Array, positions: jax.Array, layer_cache: L.LayerCache | None
+    ) -> tuple[jax.Array, L.LayerCache | None]:
+        c = self.config
+        q, k, v = self.attn.project(L.rms_norm(x, self.attn_norm[...], c.rms_norm_eps))
+        inv_freq = L.rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling)
+        q, k = L.apply_rope(q, positions, inv_freq), L.apply_rope(k, positions, inv_freq)
+        o, layer_cache = L.causal_attention(q, k, v, positions, layer_cache, c.sliding_window)
+        x = x + self.attn.output(o)
+        x = x + self.mlp(L.rms_norm(x, self.mlp_norm[...], c.rms_norm_eps))
+        return x, layer_cache
+
+
+class Llama(nnx.Module):
+    """Llama-style causal LM (see the module docstring for the contract and parameter names)."""
+
+    def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
+        c = config
+        self.config = config
+        self.embed = L.make_param(rngs, (c.vocab_size, c.hidden_size), ("vocab", "embed"))
+        self.layers = nnx.List([LlamaBlock(c, rngs=rngs) for _ in range(c.num_layers)])
+        self.final_norm = L.ones_param(rngs, (c.hidden_size,), ("embed",))
+        if not c.tie_word_embeddings:
+            self.lm_head = L.make_param(rngs, (c.hidden_size, c.vocab_size), ("embed", "vocab"))
+
+    def __call__(
+        self, tokens: jax.Array, positions: jax.Array, cache: KVCache | None = None
+    ) -> tuple[jax.Array, KVCache | None]:
+        """tokens, positions [b, t] int32 (position < 0: padding) -> (normed hidden [b, t, d], cache)."""
+        x = L.embed_lookup(self.embed[...], tokens)
+        x, cache = L.run_decoder_layers(self.layers, x, positions, cache)
+        return L.rms_norm(x, self.final_norm[...], self.config.rms_norm_eps), cache
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """hidden [..., d] (from __call__) -> float32 logits [..., vocab]."""
+        if self.config.tie_word_embeddings:
+            return L.vocab_logits(hidden, self.embed[...], tied=True)
+        return L.vocab_logits(hidden, self.lm_head[...], tied=False)
+
+
+def hf_param_map(config: LlamaConfig) -> L.HFParamMap:
+    """{jinfer param path: (HF tensor name, transform)} for `LlamaForCausalLM`-style checkpoints."""
+    out: L.HFParamMap = {"embed": ("model.embed_tokens.weight", "reshape")}
+    for i in range(config.num_layers):
+        hf, jp = f"model.layers.{i}.", f"layers/{i}/"
+        out[jp + "attn_norm"] = (hf + "input_layernorm.weight", "reshape")
+        out[jp + "mlp_norm"] = (hf + "post_attention_layernorm.weight", "reshape")
+        for name in ("q", "k", "v", "o"):
+            out[f"{jp}attn/{name}"] = (f"{hf}self_attn.{name}_proj.weight", "transpose")
+        if config.attention_bias:
+            for name in ("q", "k", "v"):
+                out[f"{jp}attn/{name}_bias"] = (f"{hf}self_attn.{name}_proj.bias", "reshape")
+        for name in ("gate", "up", "down"):
+            out[f"{jp}mlp/{name}"] = (f"{hf}mlp.{name}_proj.weight", "transpose")
+    out["final_norm"] = ("model.norm.weight", "reshape")
+    if not config.tie_word_embeddings:
+        out["lm_head"] = ("lm_head.weight", "transpose")
+    return out
+
+
+SMOLLM2_135M = LlamaConfig()
+LLAMA3_8B = LlamaConfig(
+    vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32,
+    num_kv_heads=8, head_dim=128, rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=False,
+    max_position_embeddings=8192,
+)
+
+register(ModelSpec(name="Llama", config_cls=LlamaConfig, module_cls=Llama, task="causal_lm"))
