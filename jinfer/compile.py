@@ -1,0 +1,120 @@
+"""Compile accounting and the persistent compilation cache.
+
+`COMPILES` counts real XLA backend compilations in this process by listening to the jax.monitoring
+event '/jax/core/compile/backend_compile_duration' (jax/_src/dispatch.py, jax 0.10.2). The event
+wraps `compile_or_get_cached`, so an executable loaded from the persistent cache is also counted
+(it is cheap); `COMPILES.cache_hits` counts those loads separately. The counter is process-wide:
+compiles in other threads (and eager jnp ops, which compile tiny kernels) are counted too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import jax
+
+logger = logging.getLogger(__name__)
+
+BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+CACHE_HIT_EVENT = "/jax/compilation_cache/cache_hits"
+CACHE_ENV_VAR = "JINFER_COMPILATION_CACHE"
+
+
+class CompileCounter:
+    """Thread-safe running totals of XLA compile events: `count`, `seconds`, `cache_hits`."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.count = 0
+        self.seconds = 0.0
+        self.cache_hits = 0
+
+    def _on_duration(self, event: str, duration_secs: float, **kwargs) -> None:
+        if event == BACKEND_COMPILE_EVENT:
+            with self._lock:
+                self.count += 1
+                self.seconds += float(duration_secs)
+
+    def _on_event(self, event: str, **kwargs) -> None:
+        if event == CACHE_HIT_EVENT:
+            with self._lock:
+                self.cache_hits += 1
+
+    def snapshot(self) -> tuple[int, float, int]:
+        """(count, seconds, cache_hits) read atomically."""
+        with self._lock:
+            return self.count, self.seconds, self.cache_hits
+
+
+COMPILES = CompileCounter()
+jax.monitoring.register_event_duration_secs_listener(COMPILES._on_duration)
+jax.monitoring.register_event_listener(COMPILES._on_event)
+
+
+@dataclasses.dataclass
+class CompileDelta:
+    """Compile events since a start point; `count`/`seconds`/`cache_hits` are live properties."""
+
+    _start: tuple[int, float, int]
+
+    @property
+    def count(self) -> int:
+        return COMPILES.snapshot()[0] - self._start[0]
+
+    @property
+    def seconds(self) -> float:
+        return COMPILES.snapshot()[1] - self._start[1]
+
+    @property
+    def cache_hits(self) -> int:
+        return COMPILES.snapshot()[2] - self._start[2]
+
+
+def compiles_since(start: tuple[int, float, int] | None = None) -> CompileDelta:
+    """A delta from `start` (a `COMPILES.snapshot()`), or from now."""
+    return CompileDelta(start if start is not None else COMPILES.snapshot())
+
+
+@contextlib.contextmanager
+def count_compiles() -> Iterator[CompileDelta]:
+    """Counts real XLA compiles inside the block: `with count_compiles() as c: ...; c.count`."""
+    yield compiles_since()
+
+
+def enable_compilation_cache(directory: str | os.PathLike) -> Path:
+    """Turns on JAX's persistent compilation cache in `directory` (created if missing).
+
+    Sets `jax_compilation_cache_dir` and caches every executable regardless of compile time or
+    size (`jax_persistent_cache_min_compile_time_secs=0`, `..._min_entry_size_bytes=0`; the
+    default 1 s threshold skips most CPU compiles). The cache directory is trusted code: do not
+    share it with untrusted users. Returns the resolved directory.
+    """
+    path = Path(directory).expanduser().resolve()
+    path.mkdir(parents=True, exist_ok=True)
+    previous = jax.config.jax_compilation_cache_dir
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    if previous and previous != str(path):
+        # JAX opens the cache once; point it at the new directory.
+        from jax.experimental.compilation_cache import compilation_cache
+
+        compilation_cache.reset_cache()
+    logger.info("jinfer: persistent compilation cache at %s", path)
+    return path
+
+
+def maybe_enable_from_env() -> Path | None:
+    """Enables the persistent cache at $JINFER_COMPILATION_CACHE if that variable is set."""
+    directory = os.environ.get(CACHE_ENV_VAR)
+    if not directory:
+        return None
+    if jax.config.jax_compilation_cache_dir == str(Path(directory).expanduser().resolve()):
+        return Path(jax.config.jax_compilation_cache_dir)
+    return enable_compilation_cache(directory)
