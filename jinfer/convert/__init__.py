@@ -1,0 +1,80 @@
+"""Checkpoint conversion: Hugging Face directories and GGUF files -> jinfer model directories.
+
+    from jinfer.convert import convert
+    convert("path/to/hf_model", "models/my_model")                 # config.json + *.safetensors
+    convert("SmolLM2-135M-Instruct.Q4_1.gguf", "models/smollm2")   # llama / qwen2 GGUF
+
+See `jinfer.convert.hf` (safetensors, tensor mapping) and `jinfer.convert.gguf` (dequantization,
+q/k un-permutation, tokenizer from metadata).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from jinfer.convert.hf import ARCHITECTURES, GGUF_ARCHITECTURES, supported_text
+from jinfer.errors import CheckpointNotFoundError, ConversionError
+
+__all__ = ["ARCHITECTURES", "GGUF_ARCHITECTURES", "convert", "detect_format", "supported_text"]
+
+QUANTIZATIONS: tuple[str, ...] = ()  # weight-only quantization is not implemented by the models yet
+
+
+def detect_format(src: str | os.PathLike) -> str:
+    """ "gguf" for a .gguf file (or any file starting with the GGUF magic), "hf" for a directory with
+    config.json or modules.json; CheckpointNotFoundError / ConversionError otherwise."""
+    path = Path(src)
+    if path.is_file():
+        with open(path, "rb") as f:
+            magic = f.read(4)
+        if path.suffix.lower() == ".gguf" or magic == b"GGUF":
+            return "gguf"
+        raise ConversionError(
+            f"{path}: unknown checkpoint file (expected a .gguf file or a Hugging Face directory)"
+        )
+    if path.is_dir():
+        if (path / "config.json").is_file() or (path / "modules.json").is_file():
+            return "hf"
+        ggufs = sorted(path.glob("*.gguf"))
+        hint = f"; it holds {[p.name for p in ggufs]}: pass one of those files" if ggufs else ""
+        raise CheckpointNotFoundError(f"{path}: no config.json (not a Hugging Face model directory){hint}")
+    raise CheckpointNotFoundError(f"{path} does not exist")
+
+
+def convert(
+    src: str | os.PathLike,
+    out: str | os.PathLike,
+    dtype: str = "float32",
+    quantize: str | None = None,
+    progress: bool = True,
+    overwrite: bool = False,
+) -> Path:
+    """Converts a checkpoint to a jinfer model directory and returns its path.
+
+    Args:
+      src: a Hugging Face directory (config.json + *.safetensors, single file or sharded with
+        model.safetensors.index.json, or a sentence-transformers directory) or a .gguf file.
+      out: the model directory to write (atomically; see `checkpoint.save_model_dir`).
+      dtype: "float32" or "bfloat16" for the saved floating params.
+      quantize: weight-only quantization; None (no model supports quantized weights yet).
+      progress: show a progress bar over tensors.
+      overwrite: replace `out` if it exists.
+
+    Raises UnsupportedArchitectureError, MissingTensorError, CheckpointNotFoundError or
+    ConversionError (corrupt/truncated files), each naming the file or tensor involved.
+    """
+    from jinfer.convert import gguf, hf
+
+    if quantize not in (None, "none"):
+        raise ConversionError(
+            f"quantize={quantize!r} is not supported yet (no jinfer model has quantized weights); "
+            f"convert with dtype='bfloat16' to halve the size"
+        )
+    kind = detect_format(src)
+    start = time.perf_counter()
+    fn = gguf.convert_gguf if kind == "gguf" else hf.convert_hf
+    result = fn(src, out, dtype=dtype, progress=progress, overwrite=overwrite)
+    hf.log.info("converted %s -> %s in %.1f s", src, result, time.perf_counter() - start)
+    return result

@@ -1,0 +1,336 @@
+"""GGUF files (llama.cpp) -> jinfer model directories.
+
+The GGUF is read with the `gguf` library (memory-mapped). `GGUFSource` presents its tensors under
+Hugging Face names and layouts, so the mapping to jinfer params is the HF path's
+(`hf.convert_source`); only three things are GGUF-specific:
+
+- dequantization (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 and the K-quants) with
+  `gguf.quants.dequantize`, whose block layouts match ggml's reference
+  (tests/test_convert.py checks F16, Q8_0, Q4_0 and Q4_1 against hand-built blocks);
+- llama.cpp's convert_hf_to_gguf permutes the q/k rows of `llama` models so ggml's RoPE can rotate
+  adjacent pairs; `unpermute_rope_rows` restores HF's half-split (rotate_half) layout. `qwen2`
+  GGUFs use the NeoX RoPE and are not permuted;
+- the tokenizer: a byte-level BPE (`tokenizer.ggml.model == "gpt2"`) is rebuilt as a `tokenizers`
+  tokenizer.json from the vocabulary, merges and token types; SentencePiece ("llama") vocabularies
+  are rejected for now.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from jinfer.convert import hf
+from jinfer.errors import ConversionError, UnsupportedArchitectureError
+
+log = logging.getLogger("jinfer.convert")
+
+GGUF_MAGIC = b"GGUF"
+_GGUF_TO_HF_ARCH = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+_LAYER_TENSORS = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_GLOBAL_TENSORS = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+_BLOCK = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
+TOKEN_TYPE_CONTROL = 3
+TOKEN_TYPE_USER_DEFINED = 4
+
+# Pre-tokenizer split patterns of llama.cpp's `tokenizer.ggml.pre` values (before byte-level mapping).
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+
+def gguf_tensor_to_hf(name: str) -> str | None:
+    """GGUF tensor name -> HF name ("blk.3.attn_q.weight" -> "model.layers.3.self_attn.q_proj.weight")."""
+    if m := _BLOCK.match(name):
+        layer, kind, suffix = m.groups()
+        return f"model.layers.{layer}.{_LAYER_TENSORS[kind]}.{suffix}" if kind in _LAYER_TENSORS else None
+    base, _, suffix = name.rpartition(".")
+    return f"{_GLOBAL_TENSORS[base]}.{suffix}" if base in _GLOBAL_TENSORS else None
+
+
+# -- q/k row permutation ---------------------------------------------------------------------------
+def permute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """llama.cpp's permutation (HF half-split -> interleaved pairs) of q/k rows [n_heads * h, ...].
+
+    Within a head, HF row `half * h/2 + i` moves to row `2 * i + half`.
+    """
+    return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def unpermute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Inverse of `permute_rope_rows`: interleaved pairs -> HF half-split layout."""
+    return w.reshape(n_heads, w.shape[0] // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+# -- reading ---------------------------------------------------------------------------------------
+def open_gguf(path: Path) -> Any:
+    """A `gguf.GGUFReader` for `path`; ConversionError naming the file when it is not valid GGUF."""
+    import gguf
+
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != GGUF_MAGIC:
+        raise ConversionError(f"{path}: not a GGUF file (magic {magic!r}, expected {GGUF_MAGIC!r})")
+    try:
+        return gguf.GGUFReader(path, "r")
+    except Exception as e:  # the reader raises ValueError/IndexError/struct.error on damaged files
+        raise ConversionError(f"{path}: corrupt or truncated GGUF file: {type(e).__name__}: {e}") from e
+
+
+def field(reader: Any, key: str, default: Any = ...) -> Any:
+    """A metadata value (scalars, strings and arrays as Python objects)."""
+    f = reader.fields.get(key)
+    if f is None:
+        if default is ...:
+            raise ConversionError(f"GGUF metadata key {key!r} is missing")
+        return default
+    return f.contents()
+
+
+def dequantize_tensor(data: np.ndarray, qtype: Any) -> np.ndarray:
+    """Raw GGUF tensor data (numpy view of the file, rows of blocks) -> float32 [rows, elements]."""
+    from gguf.quants import dequantize
+
+    try:
+        return np.asarray(dequantize(data, qtype), dtype=np.float32)
+    except NotImplementedError as e:
+        raise ConversionError(
+            f"GGUF tensor type {getattr(qtype, 'name', qtype)} is not supported: {e}"
+        ) from e
+
+
+class GGUFSource:
+    """GGUF tensors under HF names and layouts: dequantized to float32, q/k un-permuted (llama)."""
+
+    def __init__(self, path: Path, reader: Any, arch: str, n_heads: int, n_kv_heads: int):
+        self.path, self.arch, self.n_heads, self.n_kv_heads = path, arch, n_heads, n_kv_heads
+        self._tensors = {}
+        for t in reader.tensors:
+            hf_name = gguf_tensor_to_hf(t.name)
+            if hf_name is None:
+                raise UnsupportedArchitectureError(
+                    f"{path}: GGUF tensor {t.name!r} is not supported (e.g. rope_freqs = llama3 RoPE scaling)"
+                )
+            self._tensors[hf_name] = t
+
+    def names(self) -> list[str]:
+        return list(self._tensors)
+
+    def read(self, name: str) -> np.ndarray:
+        t = self._tensors[name]
+        shape = tuple(int(d) for d in reversed(t.shape.tolist()))  # ggml ne[] is innermost-first
+        try:
+            w = dequantize_tensor(t.data, t.tensor_type).reshape(shape)
+        except ConversionError as e:
+            raise ConversionError(f"{self.path}: tensor {t.name!r}: {e}") from e
+        if self.arch == "llama" and ".self_attn.q_proj." in name:
+            w = unpermute_rope_rows(w, self.n_heads)
+        elif self.arch == "llama" and ".self_attn.k_proj." in name:
+            w = unpermute_rope_rows(w, self.n_kv_heads)
+        return w
+
+    def describe(self) -> str:
+        return str(self.path)
+
+
+def hf_config_from_gguf(reader: Any, path: Path) -> dict[str, Any]:
+    """A Hugging Face config.json dict built from GGUF metadata (llama / qwen2)."""
+    arch = field(reader, "general.architecture")
+    if arch not in _GGUF_TO_HF_ARCH:
+        raise UnsupportedArchitectureError(
+            f"{path}: GGUF architecture {arch!r} is not supported; {hf.supported_text()}"
+        )
+    names = {t.name: t for t in reader.tensors}
+    heads = int(field(reader, f"{arch}.attention.head_count"))
+    hidden = int(field(reader, f"{arch}.embedding_length"))
+    embed = names.get("token_embd.weight")
+    if embed is None:
+        raise ConversionError(f"{path}: GGUF has no token_embd.weight tensor")
+    cfg: dict[str, Any] = {
+        "architectures": [_GGUF_TO_HF_ARCH[arch]],
+        "model_type": arch,
+        "vocab_size": int(embed.shape[1]),
+        "hidden_size": hidden,
+        "intermediate_size": int(field(reader, f"{arch}.feed_forward_length")),
+        "num_hidden_layers": int(field(reader, f"{arch}.block_count")),
+        "num_attention_heads": heads,
+        "num_key_value_heads": int(field(reader, f"{arch}.attention.head_count_kv", heads)),
+        "head_dim": int(field(reader, f"{arch}.attention.key_length", hidden // heads)),
+        "rope_theta": float(field(reader, f"{arch}.rope.freq_base", 10000.0)),
+        "rms_norm_eps": float(field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)),
+        "max_position_embeddings": int(field(reader, f"{arch}.context_length", 4096)),
+        "tie_word_embeddings": "output.weight" not in names,
+        "hidden_act": "silu",
+    }
+    scaling = field(reader, f"{arch}.rope.scaling.type", "none")
+    if scaling == "linear":
+        cfg["rope_scaling"] = {
+            "rope_type": "linear",
+            "factor": float(field(reader, f"{arch}.rope.scaling.factor")),
+        }
+    elif scaling not in ("none", None):
+        raise UnsupportedArchitectureError(
+            f"{path}: GGUF rope scaling {scaling!r} is not supported (only linear)"
+        )
+    return cfg
+
+
+# -- tokenizer ---------------------------------------------------------------------------------------
+def tokenizer_files_from_gguf(reader: Any, path: Path) -> dict[str, Any]:
+    """tokenizer.json, tokenizer_config.json and generation_config.json from GGUF metadata ({} if none)."""
+    model = field(reader, "tokenizer.ggml.model", None)
+    if model is None:
+        log.warning("%s has no tokenizer metadata: the converted model will accept token ids only", path)
+        return {}
+    if model != "gpt2":
+        raise ConversionError(
+            f"{path}: GGUF tokenizer model {model!r} is not supported yet (only byte-level BPE, 'gpt2'); "
+            "convert the original Hugging Face checkpoint instead"
+        )
+    tokens = list(field(reader, "tokenizer.ggml.tokens"))
+    types = list(field(reader, "tokenizer.ggml.token_type", [1] * len(tokens)))
+    tok = build_bpe_tokenizer(
+        tokens,
+        list(field(reader, "tokenizer.ggml.merges", [])),
+        types,
+        field(reader, "tokenizer.ggml.pre", "default"),
+    )
+    special = {
+        k: field(reader, f"tokenizer.ggml.{k}_token_id", None) for k in ("bos", "eos", "padding", "unknown")
+    }
+    if field(reader, "tokenizer.ggml.add_bos_token", False) and special["bos"] is not None:
+        _add_bos_processor(tok, tokens[special["bos"]], int(special["bos"]))
+    tok_cfg: dict[str, Any] = {"add_bos_token": bool(field(reader, "tokenizer.ggml.add_bos_token", False))}
+    for key, hf_key in (
+        ("bos", "bos_token"),
+        ("eos", "eos_token"),
+        ("padding", "pad_token"),
+        ("unknown", "unk_token"),
+    ):
+        if special[key] is not None and 0 <= special[key] < len(tokens):
+            tok_cfg[hf_key] = tokens[special[key]]
+    template = field(reader, "tokenizer.chat_template", None)
+    if template:
+        tok_cfg["chat_template"] = template
+    gen_cfg = {
+        k: int(special[s])
+        for k, s in (("bos_token_id", "bos"), ("eos_token_id", "eos"), ("pad_token_id", "padding"))
+        if special[s] is not None
+    }
+    return {
+        "tokenizer.json": tok.to_str(),
+        "tokenizer_config.json": tok_cfg,
+        "generation_config.json": gen_cfg,
+    }
+
+
+def build_bpe_tokenizer(tokens: list[str], merges: list[str], token_types: list[int], pre: str) -> Any:
+    """A byte-level BPE `tokenizers.Tokenizer` from a GGUF vocabulary.
+
+    Control (type 3) and user-defined (type 4) tokens become added special tokens, matched before
+    the pre-tokenizer. `pre` (tokenizer.ggml.pre) picks llama.cpp's split pattern: "smollm" splits
+    digits individually (as SmolLM's original tokenizer.json does), "llama-bpe" and "qwen2" use
+    their regexes, anything else GPT-2's.
+    """
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {t: i for i, t in enumerate(tokens)}
+    pairs = [tuple(m.split(" ", 1)) for m in merges]
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False, byte_fallback=False))
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    if pre == "smollm":
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Digits(individual_digits=True), byte_level]
+        )
+    elif pre in ("llama-bpe", "llama3", "qwen2"):
+        split = pre_tokenizers.Split(Regex(_QWEN2_SPLIT if pre == "qwen2" else _LLAMA3_SPLIT), "isolated")
+        no_regex = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        tok.pre_tokenizer = pre_tokenizers.Sequence([split, no_regex])
+    else:
+        if pre not in ("default", "gpt2", "gpt-2"):
+            log.warning("GGUF tokenizer.ggml.pre=%r is not known; using GPT-2's pre-tokenizer", pre)
+        tok.pre_tokenizer = byte_level
+    tok.decoder = decoders.ByteLevel()
+    special = [i for i, t in enumerate(token_types) if t in (TOKEN_TYPE_CONTROL, TOKEN_TYPE_USER_DEFINED)]
+    tok.add_special_tokens(
+        [
+            AddedToken(tokens[i], special=token_types[i] == TOKEN_TYPE_CONTROL, normalized=False)
+            for i in special
+        ]
+    )
+    return tok
+
+
+def _add_bos_processor(tok: Any, bos: str, bos_id: int) -> None:
+    from tokenizers import processors
+
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, bos_id)]
+    )
+
+
+# -- entry point -----------------------------------------------------------------------------------
+def convert_gguf(
+    src: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    dtype: str = "float32",
+    progress: bool = True,
+    overwrite: bool = False,
+) -> Path:
+    """Converts a .gguf file (llama or qwen2, byte-level BPE tokenizer) to a jinfer model directory."""
+    path = Path(src)
+    reader = open_gguf(path)
+    cfg = hf_config_from_gguf(reader, path)
+    arch = hf.get_architecture(cfg["architectures"][0], str(path))
+    source = GGUFSource(
+        path, reader, cfg["model_type"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    )
+    extra_files: Mapping[str, Any] = tokenizer_files_from_gguf(reader, path)
+    extra_config = {
+        "source_format": "gguf",
+        "gguf": {"file": path.name, "name": field(reader, "general.name", "")},
+    }
+    return hf.convert_source(
+        arch,
+        cfg,
+        source,
+        out,
+        dtype=dtype,
+        extra_files=extra_files,
+        extra_config=extra_config,
+        progress=progress,
+        overwrite=overwrite,
+        where=str(path),
+    )
+
+
+def gguf_summary(path: str | os.PathLike) -> str:
+    """JSON text of a GGUF's architecture and tensor types (for debugging)."""
+    reader = open_gguf(Path(path))
+    types: dict[str, int] = {}
+    for t in reader.tensors:
+        types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
+    return json.dumps({"architecture": field(reader, "general.architecture", None), "tensor_types": types})

