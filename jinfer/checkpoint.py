@@ -360,8 +360,8 @@ def load_config(path: str | os.PathLike) -> tuple[ModelSpec, Any, dict[str, Any]
 
 def load_model(path: str | os.PathLike) -> FlaxModel:
     """The FlaxModel described by DIR/config.json (no parameters loaded)."""
-    spec, config, _ = load_config(path)
-    return FlaxModel(spec, config)
+    spec, config, meta = load_config(path)
+    return FlaxModel(spec, config, meta.get("quantization"))
 
 
 def _load_integrity(path: Path) -> dict[str, Any]:
@@ -529,7 +529,7 @@ def load_model_dir(
 ) -> tuple[FlaxModel, Any, dict[str, Any]]:
     """`load_config` + `restore_params`: returns (FlaxModel, params, config.json dict)."""
     spec, config, meta = load_config(path)
-    model = FlaxModel(spec, config)
+    model = FlaxModel(spec, config, meta.get("quantization"))
     return model, restore_params(path, model, mesh, rules, dtype, verify), meta
 
 
@@ -637,7 +637,7 @@ def describe_model_dir(
     path = Path(path).absolute()
     spec, config, meta = load_config(path)
     arrays = _load_integrity(path)["arrays"]
-    axes_by_path = flatten_params_axes(FlaxModel(spec, config).logical_axes())
+    axes_by_path = flatten_params_axes(FlaxModel(spec, config, meta.get("quantization")).logical_axes())
     rules = rules or ShardingRules()
     mesh = None if mesh_spec is None else _abstract_mesh(mesh_spec)
     infos = []

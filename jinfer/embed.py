@@ -70,7 +70,7 @@ class Embedder:
         if self.pooling not in POOLINGS:
             raise ConfigError(f"pooling={self.pooling!r} is not one of {POOLINGS}")
         mesh = make_mesh(mesh) if isinstance(mesh, str) else mesh
-        flax_model = FlaxModel(spec, config)
+        flax_model = FlaxModel(spec, config, meta.get("quantization"))
         params = checkpoint.restore_params(path, flax_model, mesh=mesh, rules=rules, dtype=dtype)
         self.tokenizer = Tokenizer.from_dir(path) if (path / "tokenizer.json").is_file() else None
         max_len = min(512, getattr(config, "max_position_embeddings", 512))

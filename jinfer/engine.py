@@ -159,8 +159,7 @@ class Engine:
         """Engine for a registered model saved in a jinfer model directory (restored onto `mesh`)."""
         from jinfer import checkpoint
 
-        spec, config, _meta = checkpoint.load_config(path)
-        model = FlaxModel(spec, config)
+        model = checkpoint.load_model(path)
         params = checkpoint.restore_params(path, model, mesh=mesh, rules=rules, dtype=dtype)
         return cls(model, params, buckets=buckets, mesh=mesh, rules=rules, **engine_kwargs)
 

@@ -88,6 +88,8 @@ class LLM:
       max_batch: decode slots. max_len: tokens per slot (prompt + generation).
       buckets: prompt-length buckets compiled for prefill.
       decode_steps: decode steps per host round trip.
+      quantize: "int8" quantizes a float checkpoint's weights at load time (weight-only,
+        per-channel; see `jinfer.quant`). Checkpoints converted with `--quantize int8` load as is.
     """
 
     def __init__(
@@ -100,15 +102,17 @@ class LLM:
         buckets: Sequence[int] | None = None,
         decode_steps: int = 8,
         rules: ShardingRules | None = None,
+        quantize: str | None = None,
         **engine_options: Any,
     ):
         from jinfer import checkpoint
 
         path = _resolve(model)
-        spec, config, _ = checkpoint.load_config(path)
-        flax_model = FlaxModel(spec, config)
+        flax_model = checkpoint.load_model(path)
         mesh = make_mesh(mesh) if isinstance(mesh, str) else mesh
         params = checkpoint.restore_params(path, flax_model, mesh=mesh, rules=rules, dtype=dtype)
+        if quantize and flax_model.quantization is None:
+            flax_model, params = _quantize_loaded(flax_model, params, quantize, mesh, rules)
         tokenizer = Tokenizer.from_dir(path) if (path / "tokenizer.json").is_file() else None
         gen_defaults = _read_json(path / "generation_config.json")
         gen_config = _generation_config(max_batch, max_len, buckets, decode_steps, engine_options)
@@ -354,6 +358,20 @@ def _as_prompt_list(prompts) -> list[Prompt]:
     if isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], (int, np.integer)):
         return [prompts]  # one list of token ids
     return list(prompts)
+
+
+def _quantize_loaded(model: FlaxModel, params: Any, method: str, mesh, rules):
+    """Quantizes restored float params on device, straight into the quantized shardings."""
+    import jax
+
+    from jinfer import quant
+    from jinfer.sharding import single_device_mesh
+
+    qmodel = model.quantized(method)
+    axes = model.float_logical_axes()
+    shardings = qmodel.shardings(mesh or single_device_mesh(), rules)
+    qparams = jax.jit(lambda p: quant.quantize_params(p, axes), out_shardings=shardings)(params)
+    return qmodel, qparams
 
 
 def _resolve(model: str | Path | None) -> Path:

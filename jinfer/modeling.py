@@ -16,8 +16,10 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
+from jinfer import quant
+from jinfer.errors import ConfigError
 from jinfer.models.registry import ModelSpec, get_spec
-from jinfer.sharding import PathRules, ShardingRules, tree_logical_axes, tree_shardings, unbox_tree
+from jinfer.sharding import PathRules, ShardingRules, path_str, tree_logical_axes, unbox_tree
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,10 +28,19 @@ class FlaxModel:
 
     spec: ModelSpec
     config: Any
+    quantization: str | None = None  # None or "int8" (weight-only, see jinfer.quant)
+
+    def __post_init__(self):
+        if self.quantization is not None and self.quantization not in quant.METHODS:
+            raise ConfigError(f"quantization={self.quantization!r} is not one of {quant.METHODS} or None")
 
     @classmethod
-    def from_name(cls, name: str, config: Any) -> FlaxModel:
-        return cls(get_spec(name), config)
+    def from_name(cls, name: str, config: Any, quantization: str | None = None) -> FlaxModel:
+        return cls(get_spec(name), config, quantization)
+
+    def quantized(self, method: str | None = "int8") -> FlaxModel:
+        """The same model with weight-only quantized params (`init_params`/checkpoints change)."""
+        return dataclasses.replace(self, quantization=method)
 
     # -- structure -------------------------------------------------------------------------
     def _nnx_abstract(self) -> tuple[nnx.GraphDef, nnx.State]:
@@ -48,21 +59,32 @@ class FlaxModel:
             return self._nnx_abstract()[1]
         return self._linen_abstract()
 
-    def abstract_params(self) -> Any:
-        """Nested dict of ShapeDtypeStruct, the structure every checkpoint of this model has."""
+    def float_abstract_params(self) -> Any:
+        """Abstract params of the unquantized model (nested dict of ShapeDtypeStruct)."""
         boxed = self._boxed_abstract()
         raw = unbox_tree(boxed)
         if self.spec.framework == "nnx":
             raw = nnx.to_pure_dict(raw)
         return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), raw)
 
-    def logical_axes(self) -> Any:
-        """Nested dict (same structure as abstract_params) of logical-axis tuples."""
+    def float_logical_axes(self) -> Any:
         boxed = self._boxed_abstract()
         axes = tree_logical_axes(boxed, self.path_rules)
         if self.spec.framework == "nnx":
             axes = nnx.to_pure_dict(axes)
         return axes
+
+    def abstract_params(self) -> Any:
+        """Nested dict of ShapeDtypeStruct, the structure every checkpoint of this model has."""
+        abstract = self.float_abstract_params()
+        if self.quantization:
+            abstract = quant.quantize_abstract(abstract, self.float_logical_axes())
+        return abstract
+
+    def logical_axes(self) -> Any:
+        """Nested dict (same structure as abstract_params) of logical-axis tuples."""
+        axes = self.float_logical_axes()
+        return quant.quantize_logical_axes(axes) if self.quantization else axes
 
     @property
     def path_rules(self) -> PathRules:
@@ -70,11 +92,15 @@ class FlaxModel:
 
     def shardings(self, mesh: Mesh, rules: ShardingRules | None = None) -> Any:
         """NamedShardings (same structure as abstract_params) on `mesh`."""
-        boxed = self._boxed_abstract()
-        shard = tree_shardings(boxed, mesh, rules, self.path_rules)
-        if self.spec.framework == "nnx":
-            shard = nnx.to_pure_dict(shard)
-        return shard
+        rules = rules or ShardingRules()
+        axes = self.logical_axes()
+        abstract = self.abstract_params()
+        leaves, treedef = jax.tree.flatten(abstract)
+        axes_leaves = treedef.flatten_up_to(axes)
+        paths = [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(abstract)[0]]
+        return treedef.unflatten([
+            rules.sharding(mesh, tuple(a), x.shape, name=n) for x, a, n in zip(leaves, axes_leaves, paths, strict=True)
+        ])
 
     # -- values ----------------------------------------------------------------------------
     def init_params(self, seed: int = 0, dtype: Any = None) -> Any:
@@ -89,14 +115,19 @@ class FlaxModel:
             params = params["params"]
         if dtype is not None:
             params = cast_floating(params, dtype)
+        if self.quantization:
+            params = quant.quantize_params(params, self.float_logical_axes())
         return params
 
     def apply_fn(self, method: str | None = None) -> Callable[..., Any]:
         """Pure `fn(params, *inputs) -> outputs` calling the module (or `module.method`)."""
+        quantized = self.quantization is not None
         if self.spec.framework == "nnx":
             graphdef, _ = self._nnx_abstract()
 
             def nnx_apply(params, *args, **kwargs):
+                if quantized:  # int8 weights are dequantized inside the traced forward
+                    params = quant.dequantize_params(params, quant.compute_dtype(params))
                 # nnx.merge at the jit boundary: the module is rebuilt from pure arrays each trace.
                 module = nnx.merge(graphdef, params)
                 fn = module if method is None else getattr(module, method)
@@ -107,6 +138,8 @@ class FlaxModel:
         module = self.spec.module_cls(self.config)
 
         def linen_apply(params, *args, **kwargs):
+            if quantized:
+                params = quant.dequantize_params(params, quant.compute_dtype(params))
             return module.apply({"params": params}, *args, method=method, **kwargs)
 
         return linen_apply

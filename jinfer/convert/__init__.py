@@ -58,7 +58,7 @@ def convert(
         model.safetensors.index.json, or a sentence-transformers directory) or a .gguf file.
       out: the model directory to write (atomically; see `checkpoint.save_model_dir`).
       dtype: "float32" or "bfloat16" for the saved floating params.
-      quantize: weight-only quantization; None (no model supports quantized weights yet).
+      quantize: None, or "int8" for per-channel int8 weight-only quantization (jinfer.quant).
       progress: show a progress bar over tensors.
       overwrite: replace `out` if it exists.
 
@@ -67,14 +67,15 @@ def convert(
     """
     from jinfer.convert import gguf, hf
 
-    if quantize not in (None, "none"):
-        raise ConversionError(
-            f"quantize={quantize!r} is not supported yet (no jinfer model has quantized weights); "
-            f"convert with dtype='bfloat16' to halve the size"
-        )
+    from jinfer import quant
+
+    if quantize in ("none", ""):
+        quantize = None
+    if quantize is not None and quantize not in quant.METHODS:
+        raise ConversionError(f"quantize={quantize!r} is not supported; use one of {quant.METHODS} or None")
     kind = detect_format(src)
     start = time.perf_counter()
     fn = gguf.convert_gguf if kind == "gguf" else hf.convert_hf
-    result = fn(src, out, dtype=dtype, progress=progress, overwrite=overwrite)
+    result = fn(src, out, dtype=dtype, progress=progress, overwrite=overwrite, quantize=quantize)
     hf.log.info("converted %s -> %s in %.1f s", src, result, time.perf_counter() - start)
     return result

@@ -299,6 +299,7 @@ def convert_gguf(
     dtype: str = "float32",
     progress: bool = True,
     overwrite: bool = False,
+    quantize: str | None = None,
 ) -> Path:
     """Converts a .gguf file (llama or qwen2, byte-level BPE tokenizer) to a jinfer model directory."""
     path = Path(src)

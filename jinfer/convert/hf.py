@@ -317,6 +317,7 @@ def convert_source(
     extra_config: Mapping[str, Any] | None = None,
     progress: bool = True,
     overwrite: bool = False,
+    quantize: str | None = None,
     where: str = "config.json",
 ) -> Path:
     """HF config dict + tensor source -> a jinfer model directory at `out` (atomic)."""
@@ -334,6 +335,11 @@ def convert_source(
     np_dtype = _np_dtype(dtype)
     params = convert_tensors(model, param_map, source, arch, np_dtype, progress)
     meta = {"source": {"architecture": arch.hf_name}, **dict(extra_config or {})}
+    if quantize:
+        from jinfer import quant
+
+        params = quant.quantize_params(params, model.float_logical_axes())
+        meta["quantization"] = quantize
     return save_model_dir(
         out, spec.name, config, params, extra_files=extra_files, extra_config=meta, overwrite=overwrite
     )
@@ -433,6 +439,7 @@ def convert_hf(
     dtype: str = "float32",
     progress: bool = True,
     overwrite: bool = False,
+    quantize: str | None = None,
 ) -> Path:
     """Converts a Hugging Face directory (config.json + *.safetensors, single or sharded, or a
     sentence-transformers directory) to a jinfer model directory; returns its path."""
