@@ -324,6 +324,7 @@ def convert_gguf(
         extra_config=extra_config,
         progress=progress,
         overwrite=overwrite,
+        quantize=quantize,
         where=str(path),
     )
 

@@ -459,5 +459,6 @@ def convert_hf(
         extra_config=extra_config,
         progress=progress,
         overwrite=overwrite,
+        quantize=quantize,
         where=str(weights_dir / "config.json"),
     )
