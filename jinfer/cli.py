@@ -15,6 +15,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="model directory or known name (default: smollm2-135m-instruct)")
     p.add_argument("--mesh", default=None, help='device mesh, e.g. "data=2,model=4" (default: one device)')
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="parameter dtype")
+    p.add_argument("--quantize", default=None, choices=["int8"], help="weight-only quantization at load time")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -35,7 +36,8 @@ def _sampling_overrides(args: argparse.Namespace) -> dict:
 def cmd_generate(args: argparse.Namespace) -> int:
     from jinfer.llm import LLM
 
-    llm = LLM(args.model, mesh=args.mesh, dtype=args.dtype, max_batch=args.max_batch, max_len=args.max_len)
+    llm = LLM(args.model, mesh=args.mesh, dtype=args.dtype, max_batch=args.max_batch, max_len=args.max_len,
+              quantize=args.quantize)
     defaults = llm.default_params()
     overrides = {"max_tokens": 128, **_sampling_overrides(args)} if "max_new_tokens" not in llm.generation_defaults \
         else _sampling_overrides(args)
@@ -78,8 +80,16 @@ def cmd_embed(args: argparse.Namespace) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     from jinfer.convert import convert
 
-    out = convert(args.src, args.out, dtype=args.dtype or "float32", quantize=args.quantize)
+    out = convert(args.src, args.out, dtype=args.dtype or "float32", quantize=args.quantize,
+                  overwrite=args.overwrite)
     print(f"wrote {out}")
+    return 0
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    from jinfer.hub import resolve_model
+
+    print(resolve_model(args.name))
     return 0
 
 
@@ -132,7 +142,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--quantize", default=None, choices=["int8"], help="weight-only quantization")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("pull", help="fetch and convert a known model into the cache (default: smollm2-135m-instruct)")
+    p.add_argument("name", nargs="?", default=None)
+    p.set_defaults(func=cmd_pull)
 
     p = sub.add_parser("inspect", help="print a model directory's parameters without loading them")
     p.add_argument("dir")

@@ -1,0 +1,82 @@
+"""Embedder: converted BERT fixture against transformers' pooled embeddings; buckets; CLI."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from jinfer.convert import convert
+from jinfer.embed import Embedder
+from jinfer.errors import ConfigError, EmptyInputError
+
+FIXTURE = Path(__file__).parent / "fixtures" / "hf" / "bert"
+
+
+@pytest.fixture(scope="module")
+def bert_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bert") / "model"
+    convert(FIXTURE, out, progress=False)
+    # A word-level tokenizer with ids inside the fixture's 256-entry vocabulary, for text input.
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"[UNK]": 100, **{w: 200 + i for i, w in enumerate("the cat sat on a mat dog ran".split())}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(out / "tokenizer.json"))
+    return out
+
+
+def cosine(a, b):
+    return float(np.dot(a, b) / np.linalg.norm(a) / np.linalg.norm(b))
+
+
+def golden_rows():
+    g = np.load(FIXTURE / "golden.npz")
+    return [ids[mask.astype(bool)].tolist() for ids, mask in zip(g["input_ids"], g["attention_mask"], strict=True)], g
+
+
+@pytest.mark.parametrize("pooling,key", [("mean", "mean_pooled_normalized"), ("cls", "cls_embedding")])
+def test_embeddings_match_transformers(bert_dir, pooling, key):
+    rows, g = golden_rows()
+    emb = Embedder(bert_dir, pooling=pooling, normalize=pooling == "mean")
+    out = emb.embed(rows)
+    assert out.shape == (2, 64) and out.dtype == np.float32
+    for got, want in zip(out, g[key], strict=True):
+        assert cosine(got, want) >= 0.9999
+    if pooling == "mean":
+        np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, rtol=1e-5)
+
+
+def test_many_inputs_use_buckets_and_keep_order(bert_dir):
+    rows, _ = golden_rows()
+    emb = Embedder(bert_dir)
+    inputs = [rows[i % 2][: 1 + (i % len(rows[i % 2]))] for i in range(37)]
+    batched = emb.embed(inputs)
+    singles = np.stack([emb.embed([x])[0] for x in inputs[:5]])
+    np.testing.assert_allclose(batched[:5], singles, atol=1e-5)
+    assert emb.stats.compiles <= len(emb.engine.buckets.keys())
+
+
+def test_bad_inputs(bert_dir, tmp_path):
+    emb = Embedder(bert_dir)
+    with pytest.raises(EmptyInputError, match="input 1"):
+        emb.embed([[5, 6], []])
+    llm_like = tmp_path / "not_encoder"
+    from jinfer.testing import make_tiny_llm_dir
+
+    with pytest.raises(ConfigError, match="needs an encoder"):
+        Embedder(make_tiny_llm_dir(llm_like))
+
+
+def test_cli_embed(bert_dir):
+    r = subprocess.run([sys.executable, "-m", "jinfer.cli", "--compilation-cache", "off", "embed", "--model",
+                        str(bert_dir), "the cat sat", "a dog ran"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [row["text"] for row in rows] == ["the cat sat", "a dog ran"]
+    direct = Embedder(bert_dir).embed(["the cat sat", "a dog ran"])
+    np.testing.assert_allclose([row["embedding"] for row in rows], direct, atol=1e-6)
