@@ -1,0 +1,114 @@
+"""LLM API on a complete tiny model directory: text and chat prompts, stop strings, streaming,
+UTF-8 safety, generation_config defaults, CLI `generate` and `inspect`."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from jinfer import errors
+from jinfer.llm import LLM
+from jinfer.sampling import SamplingParams
+from jinfer.testing import make_tiny_llm_dir
+from jinfer.tokenizer import IncrementalDecoder, Tokenizer
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return make_tiny_llm_dir(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="module")
+def llm(model_dir):
+    return LLM(model_dir, max_batch=4, max_len=128, buckets=(16, 32, 64))
+
+
+def test_string_chat_and_id_prompts(llm):
+    chat = [{"role": "user", "content": "Paris is"}]
+    rendered = llm.tokenizer.render_chat(chat)
+    assert rendered == "<|im_start|>user\nParis is<|im_end|>\n<|im_start|>assistant\n"
+    ids = llm.tokenizer.encode_chat(chat)
+    p = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    by_chat, by_ids, by_text = llm.generate([chat, ids, rendered], p)
+    assert by_chat.token_ids == by_ids.token_ids
+    assert by_chat.prompt_token_ids == ids
+    assert by_text.prompt_token_ids == llm.tokenizer.encode(rendered)
+    assert by_chat.text == llm.tokenizer.decode(by_chat.token_ids)
+
+
+def test_generation_config_defaults_and_eos(llm, model_dir):
+    defaults = llm.default_params()
+    assert defaults.temperature == 0.0 and defaults.max_tokens == 16
+    eos = json.loads((model_dir / "generation_config.json").read_text())["eos_token_id"]
+    assert llm.eos_token_ids == (eos,)
+    out = llm.generate("Paris", SamplingParams(max_tokens=40, temperature=1.0, seed=3))[0]
+    if eos in out.token_ids:
+        assert out.token_ids[-1] == eos and out.finish_reason == "stop"
+    ignored = llm.generate("Paris", SamplingParams(max_tokens=40, temperature=1.0, seed=3, ignore_eos=True))[0]
+    assert len(ignored.token_ids) == 40 and ignored.finish_reason == "length"
+
+
+def test_stop_string_cuts_text_and_frees_slot(llm):
+    p = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    full = llm.generate("The quick", p)[0]
+    assert len(full.text) > 4
+    stop = full.text[2:4]
+    cut = llm.generate("The quick", p.replace(stop=(stop,)))[0]
+    assert cut.finish_reason == "stop"
+    assert cut.text == full.text[: full.text.find(stop)]
+    assert stop not in cut.text
+    assert len(cut.token_ids) < len(full.token_ids)
+
+
+def test_stream_concatenation_equals_generate(llm):
+    for seed in range(4):
+        p = SamplingParams(max_tokens=20, temperature=1.0, seed=seed, stop=("e ",))
+        pieces = list(llm.stream("Café 日本語 🙂", p))
+        assert "".join(pieces) == llm.generate("Café 日本語 🙂", p)[0].text
+        for piece in pieces:
+            piece.encode("utf-8")  # every piece is a valid str (no lone surrogates)
+
+
+def test_incremental_decoder_never_splits_multibyte_characters(model_dir):
+    tok = Tokenizer.from_dir(model_dir)
+    text = "日本語のテキスト 🙂🚀 naïve €"
+    ids = tok.encode(text, add_special_tokens=False)
+    # Byte-level BPE: several characters take more than one token (bytes); feed one at a time.
+    assert len(ids) > len(text.split())
+    dec = IncrementalDecoder(tok)
+    pieces = [dec.push([t]) for t in ids]
+    assert "".join(pieces) == text
+    assert all("\ufffd" not in p for p in pieces)
+
+
+def test_bad_chat_messages_and_engine_keeps_serving(llm):
+    with pytest.raises(errors.InputError, match="message 0"):
+        llm.generate([[{"content": "no role"}]], SamplingParams(max_tokens=2))
+    with pytest.raises(errors.InputError, match="empty"):
+        llm.generate([""], SamplingParams(max_tokens=2))
+    assert len(llm.generate("ok", SamplingParams(max_tokens=2, temperature=0.0))[0].token_ids) == 2
+
+
+def _cli(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "jinfer.cli", "--compilation-cache", "off", *args],
+                          capture_output=True, text=True, timeout=300, env=env)
+
+
+def test_cli_generate_json_and_inspect(model_dir, llm):
+    r = _cli("generate", "--model", str(model_dir), "--max-tokens", "5", "--temperature", "0", "--json",
+             "--max-len", "128", "Paris is")
+    assert r.returncode == 0, r.stderr
+    row = json.loads(r.stdout.strip().splitlines()[-1])
+    expected = llm.generate([[{"role": "user", "content": "Paris is"}]],
+                            SamplingParams(max_tokens=5, temperature=0.0))[0]
+    assert row["token_ids"] == expected.token_ids
+    assert row["text"] == expected.text
+    assert row["usage"] == expected.usage
+
+    r = _cli("inspect", str(model_dir), "--mesh", "data=2,model=4")
+    assert r.returncode == 0, r.stderr
+    assert "layers/0/mlp/up" in r.stdout and "per device" in r.stdout.lower()
+
+    r = _cli("generate", "--model", str(model_dir / "missing"), "hi")
+    assert r.returncode == 2 and "error" in r.stderr
