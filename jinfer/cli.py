@@ -11,15 +11,18 @@ from jinfer.errors import JinferError
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None,
-                   help="model directory or known name (default: smollm2-135m-instruct)")
+    p.add_argument(
+        "--model", default=None, help="model directory or known name (default: smollm2-135m-instruct)"
+    )
     p.add_argument("--mesh", default=None, help='device mesh, e.g. "data=2,model=4" (default: one device)')
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="parameter dtype")
     p.add_argument("--quantize", default=None, choices=["int8"], help="weight-only quantization at load time")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-tokens", type=int, default=None, help="tokens to generate (default: model's config)")
+    p.add_argument(
+        "--max-tokens", type=int, default=None, help="tokens to generate (default: model's config)"
+    )
     p.add_argument("--temperature", type=float, default=None, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
@@ -36,11 +39,20 @@ def _sampling_overrides(args: argparse.Namespace) -> dict:
 def cmd_generate(args: argparse.Namespace) -> int:
     from jinfer.llm import LLM
 
-    llm = LLM(args.model, mesh=args.mesh, dtype=args.dtype, max_batch=args.max_batch, max_len=args.max_len,
-              quantize=args.quantize)
+    llm = LLM(
+        args.model,
+        mesh=args.mesh,
+        dtype=args.dtype,
+        max_batch=args.max_batch,
+        max_len=args.max_len,
+        quantize=args.quantize,
+    )
     defaults = llm.default_params()
-    overrides = {"max_tokens": 128, **_sampling_overrides(args)} if "max_new_tokens" not in llm.generation_defaults \
+    overrides = (
+        {"max_tokens": 128, **_sampling_overrides(args)}
+        if "max_new_tokens" not in llm.generation_defaults
         else _sampling_overrides(args)
+    )
     params = defaults.replace(**overrides, logprobs=args.logprobs)
     prompts = args.prompt or [line.rstrip("\n") for line in sys.stdin if line.strip()]
     inputs = prompts if args.raw else [[{"role": "user", "content": p}] for p in prompts]
@@ -49,10 +61,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.json or len(prompts) > 1:
         for prompt, out in zip(prompts, llm.generate(inputs, params), strict=True):
             if args.json:
-                print(json.dumps({"prompt": prompt, "text": out.text, "token_ids": out.token_ids,
-                                  "finish_reason": out.finish_reason, "usage": out.usage,
-                                  **({"logprobs": _jsonable_logprobs(out.logprobs)} if out.logprobs else {})},
-                                 ensure_ascii=False))
+                print(
+                    json.dumps(
+                        {
+                            "prompt": prompt,
+                            "text": out.text,
+                            "token_ids": out.token_ids,
+                            "finish_reason": out.finish_reason,
+                            "usage": out.usage,
+                            **({"logprobs": _jsonable_logprobs(out.logprobs)} if out.logprobs else {}),
+                        },
+                        ensure_ascii=False,
+                    )
+                )
             else:
                 print(out.text)
         return 0
@@ -80,8 +101,9 @@ def cmd_embed(args: argparse.Namespace) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     from jinfer.convert import convert
 
-    out = convert(args.src, args.out, dtype=args.dtype or "float32", quantize=args.quantize,
-                  overwrite=args.overwrite)
+    out = convert(
+        args.src, args.out, dtype=args.dtype or "float32", quantize=args.quantize, overwrite=args.overwrite
+    )
     print(f"wrote {out}")
     return 0
 
@@ -116,9 +138,12 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jinfer", description="JAX/XLA inference for Flax models.")
-    parser.add_argument("--compilation-cache", default=None,
-                        help="persistent XLA compilation cache directory (default: $JINFER_COMPILATION_CACHE "
-                             "or the user cache dir; 'off' disables)")
+    parser.add_argument(
+        "--compilation-cache",
+        default=None,
+        help="persistent XLA compilation cache directory (default: $JINFER_COMPILATION_CACHE "
+        "or the user cache dir; 'off' disables)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("generate", help="generate text from a prompt (chat template applied)")
@@ -137,7 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.set_defaults(func=cmd_embed)
 
-    p = sub.add_parser("convert", help="convert a Hugging Face directory or a .gguf file to a jinfer model dir")
+    p = sub.add_parser(
+        "convert", help="convert a Hugging Face directory or a .gguf file to a jinfer model dir"
+    )
     p.add_argument("src")
     p.add_argument("out")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
@@ -145,7 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.set_defaults(func=cmd_convert)
 
-    p = sub.add_parser("pull", help="fetch and convert a known model into the cache (default: smollm2-135m-instruct)")
+    p = sub.add_parser(
+        "pull", help="fetch and convert a known model into the cache (default: smollm2-135m-instruct)"
+    )
     p.add_argument("name", nargs="?", default=None)
     p.set_defaults(func=cmd_pull)
 

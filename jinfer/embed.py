@@ -64,7 +64,9 @@ class Embedder:
         path = Path(model)
         spec, config, meta = checkpoint.load_config(path)
         if spec.task != "encoder":
-            raise ConfigError(f"{path}: model class {spec.name!r} is a {spec.task!r} model; Embedder needs an encoder")
+            raise ConfigError(
+                f"{path}: model class {spec.name!r} is a {spec.task!r} model; Embedder needs an encoder"
+            )
         self.pooling = pooling or meta.get("pooling", "mean")
         self.normalize = meta.get("normalize", True) if normalize is None else normalize
         if self.pooling not in POOLINGS:
@@ -84,8 +86,13 @@ class Embedder:
             return pool(apply(p, tokens, mask), mask, pooling_, normalize_)
 
         self.engine = Engine(
-            forward, params, buckets=buckets, mesh=mesh, rules=rules,
-            param_shardings=flax_model.shardings(mesh or _default_mesh(), rules), truncate=truncate,
+            forward,
+            params,
+            buckets=buckets,
+            mesh=mesh,
+            rules=rules,
+            param_shardings=flax_model.shardings(mesh or _default_mesh(), rules),
+            truncate=truncate,
         )
 
     @property
@@ -103,7 +110,9 @@ class Embedder:
     def _encode(self, text: str | Sequence[int], index: int) -> list[int]:
         if isinstance(text, str):
             if self.tokenizer is None:
-                raise ConfigError("text input needs a tokenizer, and this model directory has no tokenizer.json")
+                raise ConfigError(
+                    "text input needs a tokenizer, and this model directory has no tokenizer.json"
+                )
             ids = self.tokenizer.encode(text)
         else:
             ids = [int(t) for t in text]

@@ -191,7 +191,9 @@ class GenerationEngine:
         rules: ShardingRules | None = None,
     ):
         if model.spec.task != "causal_lm":
-            raise ConfigError(f"model class {model.spec.name!r} is a {model.spec.task!r} model, not causal_lm")
+            raise ConfigError(
+                f"model class {model.spec.name!r} is a {model.spec.task!r} model, not causal_lm"
+            )
         mc = model.config
         if config.max_len > getattr(mc, "max_position_embeddings", config.max_len):
             raise ConfigError(
@@ -235,7 +237,9 @@ class GenerationEngine:
         return exe
 
     def _abstract_params(self) -> Any:
-        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), self.params)
+        return jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), self.params
+        )
 
     def _scalar(self, dtype=jnp.int32) -> jax.ShapeDtypeStruct:
         return jax.ShapeDtypeStruct((), dtype, sharding=self._replicated)
@@ -256,10 +260,13 @@ class GenerationEngine:
             return cache, self._logits(params, last)
 
         def build():
-            fn = jax.jit(prefill, donate_argnums=(1,), out_shardings=(self._cache_shardings(), self._replicated))
+            fn = jax.jit(
+                prefill, donate_argnums=(1,), out_shardings=(self._cache_shardings(), self._replicated)
+            )
             s = self._scalar()
-            return fn.lower(self._abstract_params(), self._abstract_cache, s,
-                            self._spec((1, bucket), jnp.int32), s, s).compile()
+            return fn.lower(
+                self._abstract_params(), self._abstract_cache, s, self._spec((1, bucket), jnp.int32), s, s
+            ).compile()
 
         return self._executable(("prefill", bucket), build)
 
@@ -275,9 +282,11 @@ class GenerationEngine:
 
         def build():
             sampler = jax.tree.map(lambda x: self._spec(x.shape, x.dtype), SamplerState.empty(1))
-            return jax.jit(first).lower(
-                self._spec((1, self.vocab_size), jnp.float32), sampler, self._spec((1,), jnp.int32)
-            ).compile()
+            return (
+                jax.jit(first)
+                .lower(self._spec((1, self.vocab_size), jnp.float32), sampler, self._spec((1,), jnp.int32))
+                .compile()
+            )
 
         return self._executable(("first_token",), build)
 
@@ -329,8 +338,11 @@ class GenerationEngine:
 
         def build():
             abstract_state = jax.tree.map(lambda x: self._spec(x.shape, x.dtype), self.state)
-            fn = jax.jit(decode, donate_argnums=(1,),
-                         out_shardings=(self._cache_shardings(), self._replicated, self._replicated))
+            fn = jax.jit(
+                decode,
+                donate_argnums=(1,),
+                out_shardings=(self._cache_shardings(), self._replicated, self._replicated),
+            )
             return fn.lower(self._abstract_params(), self._abstract_cache, abstract_state).compile()
 
         return self._executable(("decode",), build)
@@ -345,9 +357,11 @@ class GenerationEngine:
             return jnp.take_along_axis(logp, nxt[..., None], axis=-1)[..., 0]
 
         def build():
-            return jax.jit(score, out_shardings=self._replicated).lower(
-                self._abstract_params(), self._spec((1, bucket), jnp.int32), self._scalar()
-            ).compile()
+            return (
+                jax.jit(score, out_shardings=self._replicated)
+                .lower(self._abstract_params(), self._spec((1, bucket), jnp.int32), self._scalar())
+                .compile()
+            )
 
         return self._executable(("score", bucket), build)
 
@@ -382,12 +396,13 @@ class GenerationEngine:
         if n + params.max_tokens > cfg.max_len:
             raise SequenceTooLongError(
                 f"prompt {index} has {n:,} tokens and asks for max_tokens={params.max_tokens:,}, but "
-                f"max_len is {cfg.max_len:,}: the prompt may have at most {cfg.max_len - params.max_tokens:,} "
-                "tokens (lower max_tokens or raise max_len)"
+                f"max_len is {cfg.max_len:,}: the prompt may have at most "
+                f"{cfg.max_len - params.max_tokens:,} tokens (lower max_tokens or raise max_len)"
             )
         if params.n > cfg.max_batch:
             raise InvalidSamplingParamsError(
-                f"request {index} asks for n={params.n} samples but the engine has {cfg.max_batch} decode slots"
+                f"request {index} asks for n={params.n} samples but the engine has "
+                f"{cfg.max_batch} decode slots"
             )
         if params.logprobs is not None and params.logprobs > cfg.max_logprobs:
             raise InvalidSamplingParamsError(
@@ -450,8 +465,9 @@ class GenerationEngine:
             tokens = np.zeros((1, bucket), np.int32)
             tokens[0, : len(piece)] = piece
             exe = self._prefill_exe(bucket)
-            self.cache, logits = exe(self.params, self.cache, np.int32(slot), tokens,
-                                     np.int32(start), np.int32(len(piece)))
+            self.cache, logits = exe(
+                self.params, self.cache, np.int32(slot), tokens, np.int32(start), np.int32(len(piece))
+            )
         self.stats.record_padding(len(prompt), _padded_len(len(prompt), cfg))
         return logits
 
@@ -467,8 +483,14 @@ class GenerationEngine:
             token, lp, top_ids, top_lp = self._first_token_exe()(logits, sampler, np.array([pos], np.int32))
             token = int(token[0])
             result = SampleResult(request=idx, sample=k)
-            self._record(result, req.params, [token], np.asarray(lp)[0:1], np.asarray(top_ids)[0:1],
-                         np.asarray(top_lp)[0:1])
+            self._record(
+                result,
+                req.params,
+                [token],
+                np.asarray(lp)[0:1],
+                np.asarray(top_ids)[0:1],
+                np.asarray(top_lp)[0:1],
+            )
             stopped = token in req.stop_token_ids
             done = stopped or req.params.max_tokens == 1
             if done:
@@ -537,10 +559,13 @@ class GenerationEngine:
         """Log-probabilities of ids[start:] given the preceding tokens (f32[len(ids) - start])."""
         n = len(ids)
         if not 1 <= start < n:
-            raise EmptyInputError(f"score needs a non-empty prompt and continuation (got {start} and {n - start})")
+            raise EmptyInputError(
+                f"score needs a non-empty prompt and continuation (got {start} and {n - start})"
+            )
         if n > self.config.prefill_buckets[-1]:
             raise SequenceTooLongError(
-                f"prompt + continuation has {n:,} tokens; the largest bucket is {self.config.prefill_buckets[-1]:,}"
+                f"prompt + continuation has {n:,} tokens; the largest bucket is "
+                f"{self.config.prefill_buckets[-1]:,}"
             )
         bad = [t for t in ids if not 0 <= int(t) < self.vocab_size]
         if bad:

@@ -29,8 +29,9 @@ class KVCache:
     v: tuple[jax.Array, ...]
 
     @classmethod
-    def zeros(cls, num_layers: int, batch: int, max_len: int, kv_heads: int, head_dim: int,
-              dtype: Any = jnp.float32) -> KVCache:
+    def zeros(
+        cls, num_layers: int, batch: int, max_len: int, kv_heads: int, head_dim: int, dtype: Any = jnp.float32
+    ) -> KVCache:
         shape = (batch, max_len, kv_heads, head_dim)
         return cls(
             k=tuple(jnp.zeros(shape, dtype) for _ in range(num_layers)),
@@ -38,8 +39,16 @@ class KVCache:
         )
 
     @classmethod
-    def abstract(cls, num_layers: int, batch: int, max_len: int, kv_heads: int, head_dim: int,
-                 dtype: Any = jnp.float32, sharding: Any = None) -> KVCache:
+    def abstract(
+        cls,
+        num_layers: int,
+        batch: int,
+        max_len: int,
+        kv_heads: int,
+        head_dim: int,
+        dtype: Any = jnp.float32,
+        sharding: Any = None,
+    ) -> KVCache:
         spec = jax.ShapeDtypeStruct((batch, max_len, kv_heads, head_dim), dtype, sharding=sharding)
         return cls(k=(spec,) * num_layers, v=(spec,) * num_layers)
 

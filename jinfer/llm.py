@@ -125,14 +125,16 @@ class LLM:
         model: FlaxModel,
         params: Any,
         tokenizer: Tokenizer | None = None,
-        config: GenerationConfig = GenerationConfig(),
+        config: GenerationConfig | None = None,
         mesh: Mesh | None = None,
         rules: ShardingRules | None = None,
         generation_defaults: dict[str, Any] | None = None,
     ) -> LLM:
         """Builds an LLM from a model and params already in hand (e.g. for research code)."""
         self = cls.__new__(cls)
-        self._setup(model, params, tokenizer, config, mesh, rules, generation_defaults or {})
+        self._setup(
+            model, params, tokenizer, config or GenerationConfig(), mesh, rules, generation_defaults or {}
+        )
         self.path = None
         return self
 
@@ -238,8 +240,15 @@ class LLM:
         for k in range(params.n):
             r = st["done"][k]
             dec = decoders.pop((index, k), None)
-            samples.append(CompletionOutput(k, dec.text if dec else "", r.token_ids, r.finish_reason or "length",
-                                            r.logprobs if params.logprobs is not None else None))
+            samples.append(
+                CompletionOutput(
+                    k,
+                    dec.text if dec else "",
+                    r.token_ids,
+                    r.finish_reason or "length",
+                    r.logprobs if params.logprobs is not None else None,
+                )
+            )
         return RequestOutput(st["prompt"], st["ids"], samples)
 
     def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[str]:
@@ -261,14 +270,20 @@ class LLM:
                 yield text[emitted:end]
                 emitted = end
 
-    def score(self, prompts: Sequence[Prompt], continuations: Sequence[str | Sequence[int]]) -> list[ScoreOutput]:
+    def score(
+        self, prompts: Sequence[Prompt], continuations: Sequence[str | Sequence[int]]
+    ) -> list[ScoreOutput]:
         """Per-token log-probabilities of each continuation given its prompt, and their sum."""
         if len(prompts) != len(continuations):
             raise InputError(f"score got {len(prompts)} prompts but {len(continuations)} continuations")
         out = []
         for i, (p, c) in enumerate(zip(prompts, continuations, strict=True)):
             p_ids = self._encode(p, i)
-            c_ids = self.tokenizer.encode(c, add_special_tokens=False) if isinstance(c, str) else [int(t) for t in c]
+            c_ids = (
+                self.tokenizer.encode(c, add_special_tokens=False)
+                if isinstance(c, str)
+                else [int(t) for t in c]
+            )
             lp = self.engine.score(p_ids + c_ids, len(p_ids))
             out.append(ScoreOutput(c_ids, [float(x) for x in lp]))
         return out
@@ -326,7 +341,7 @@ class LLM:
             tail = self.tokenizer.decode(dec.ids[dec.prefix_offset :])
             prefix = self.tokenizer.decode(dec.ids[dec.prefix_offset : dec.read_offset])
             if len(tail) > len(prefix):
-                dec.text += tail[len(prefix):]
+                dec.text += tail[len(prefix) :]
                 dec.prefix_offset = dec.read_offset = len(dec.ids)
         for stop in params.stop or ():
             # Search only where a new match can start, so text before `before` is never re-cut.

@@ -98,9 +98,12 @@ class FlaxModel:
         leaves, treedef = jax.tree.flatten(abstract)
         axes_leaves = treedef.flatten_up_to(axes)
         paths = [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(abstract)[0]]
-        return treedef.unflatten([
-            rules.sharding(mesh, tuple(a), x.shape, name=n) for x, a, n in zip(leaves, axes_leaves, paths, strict=True)
-        ])
+        return treedef.unflatten(
+            [
+                rules.sharding(mesh, tuple(a), x.shape, name=n)
+                for x, a, n in zip(leaves, axes_leaves, paths, strict=True)
+            ]
+        )
 
     # -- values ----------------------------------------------------------------------------
     def init_params(self, seed: int = 0, dtype: Any = None) -> Any:

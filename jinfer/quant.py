@@ -80,7 +80,10 @@ def quantize_abstract(abstract: Any, logical_axes: Any) -> Any:
 
     def abstract_q(x, axes):
         scale_shape = tuple(1 if i in axes else d for i, d in enumerate(x.shape))
-        return {QKEY: jax.ShapeDtypeStruct(x.shape, jnp.int8), SKEY: jax.ShapeDtypeStruct(scale_shape, jnp.float32)}
+        return {
+            QKEY: jax.ShapeDtypeStruct(x.shape, jnp.int8),
+            SKEY: jax.ShapeDtypeStruct(scale_shape, jnp.float32),
+        }
 
     return _map_weights(abstract, logical_axes, abstract_q)
 

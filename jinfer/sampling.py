@@ -61,6 +61,7 @@ class SamplingParams:
 
     def validate(self) -> None:
         """Raises InvalidSamplingParamsError naming the field, the value and the accepted range."""
+
         def bad(field: str, accepted: str) -> InvalidSamplingParamsError:
             return InvalidSamplingParamsError(
                 f"SamplingParams.{field}={getattr(self, field)!r} is invalid; accepted: {accepted}"
@@ -216,7 +217,9 @@ def sample(logits: jax.Array, state: SamplerState, positions: jax.Array) -> jax.
     return jax.lax.cond(jnp.any(state.temperature > 0), draw, lambda: greedy)
 
 
-def token_logprobs(logits: jax.Array, tokens: jax.Array, top_n: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+def token_logprobs(
+    logits: jax.Array, tokens: jax.Array, top_n: int
+) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Model log-probabilities (before temperature/filters) of `tokens`, plus the top-n.
 
     Returns (logprob f32[b], top_ids i32[b, n], top_logprobs f32[b, n]); n may be 0.

@@ -74,7 +74,7 @@ def make_mesh(spec: str | Mapping[str, int] = "data=-1", devices: Sequence[Any] 
     shape = tuple(axes.values())
     try:
         device_grid = jax.experimental.mesh_utils.create_device_mesh(shape, devices=devices)
-    except Exception:  # noqa: BLE001 - topology-aware layout is an optimisation only
+    except Exception:
         device_grid = np.asarray(devices, dtype=object).reshape(shape)
     return Mesh(device_grid, names, axis_types=(AxisType.Auto,) * len(names))
 

@@ -51,8 +51,15 @@ def tiny_llama_config(vocab_size: int, **overrides):
     from jinfer.models.llama import LlamaConfig
 
     base = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
-        num_kv_heads=2, head_dim=16, max_position_embeddings=1024, tie_word_embeddings=False,
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=16,
+        max_position_embeddings=1024,
+        tie_word_embeddings=False,
     )
     return dataclasses.replace(base, **overrides)
 

@@ -27,8 +27,15 @@ from jinfer.models.llama import LlamaConfig
 from jinfer.sampling import SamplingParams
 
 CONFIG_30M = LlamaConfig(
-    vocab_size=16000, hidden_size=512, intermediate_size=1408, num_layers=8, num_heads=8, num_kv_heads=4,
-    head_dim=64, tie_word_embeddings=True, max_position_embeddings=2048,
+    vocab_size=16000,
+    hidden_size=512,
+    intermediate_size=1408,
+    num_layers=8,
+    num_heads=8,
+    num_kv_heads=4,
+    head_dim=64,
+    tie_word_embeddings=True,
+    max_position_embeddings=2048,
 )
 
 
@@ -97,8 +104,9 @@ def main() -> None:
     params = jax.device_put(model.init_params(0))
     weight_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
     bandwidth = copy_bandwidth()
-    gen = GenerationConfig(max_batch=args.slots, max_len=512, prefill_buckets=(64, 128),
-                           decode_steps=args.decode_steps)
+    gen = GenerationConfig(
+        max_batch=args.slots, max_len=512, prefill_buckets=(64, 128), decode_steps=args.decode_steps
+    )
     llm = LLM.from_params(model, params, config=gen)
     t0 = time.perf_counter()
     llm.warmup()

@@ -1,7 +1,6 @@
 """Embedder: converted BERT fixture against transformers' pooled embeddings; buckets; CLI."""
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -23,7 +22,8 @@ def bert_dir(tmp_path_factory):
     # A word-level tokenizer with ids inside the fixture's 256-entry vocabulary, for text input.
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    vocab = {"[UNK]": 100, **{w: 200 + i for i, w in enumerate("the cat sat on a mat dog ran".split())}}
+    words = ["the", "cat", "sat", "on", "a", "mat", "dog", "ran"]
+    vocab = {"[UNK]": 100, **{w: 200 + i for i, w in enumerate(words)}}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.save(str(out / "tokenizer.json"))
@@ -36,7 +36,9 @@ def cosine(a, b):
 
 def golden_rows():
     g = np.load(FIXTURE / "golden.npz")
-    return [ids[mask.astype(bool)].tolist() for ids, mask in zip(g["input_ids"], g["attention_mask"], strict=True)], g
+    return [
+        ids[mask.astype(bool)].tolist() for ids, mask in zip(g["input_ids"], g["attention_mask"], strict=True)
+    ], g
 
 
 @pytest.mark.parametrize("pooling,key", [("mean", "mean_pooled_normalized"), ("cls", "cls_embedding")])
@@ -73,8 +75,23 @@ def test_bad_inputs(bert_dir, tmp_path):
 
 
 def test_cli_embed(bert_dir):
-    r = subprocess.run([sys.executable, "-m", "jinfer.cli", "--compilation-cache", "off", "embed", "--model",
-                        str(bert_dir), "the cat sat", "a dog ran"], capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "jinfer.cli",
+            "--compilation-cache",
+            "off",
+            "embed",
+            "--model",
+            str(bert_dir),
+            "the cat sat",
+            "a dog ran",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     rows = [json.loads(line) for line in r.stdout.splitlines()]
     assert [row["text"] for row in rows] == ["the cat sat", "a dog ran"]

@@ -15,21 +15,20 @@ from jinfer.modeling import FlaxModel
 from jinfer.models.llama import LlamaConfig
 from jinfer.sampling import SamplingParams
 from jinfer.sharding import make_mesh
+from jinfer.testing import perturbed_params
 
 CFG = LlamaConfig(
-    vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
-    head_dim=16, max_position_embeddings=512, tie_word_embeddings=False,
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=128,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=16,
+    max_position_embeddings=512,
+    tie_word_embeddings=False,
 )
 GEN = GenerationConfig(max_batch=4, max_len=96, prefill_buckets=(8, 16, 32), decode_steps=4, max_logprobs=3)
-
-
-def random_params(model: FlaxModel, seed: int = 0):
-    """Random params with a scale that makes greedy decoding non-trivial (not one repeated token)."""
-    params = model.init_params(seed)
-    leaves, tree = jax.tree.flatten(params)
-    rng = np.random.default_rng(seed)
-    leaves = [np.asarray(x) + rng.normal(0, 0.15, x.shape).astype(np.float32) for x in leaves]
-    return jax.tree.unflatten(tree, leaves)
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +38,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def params(model):
-    return random_params(model)
+    return perturbed_params(model)
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +66,7 @@ def recompute_greedy(model, params, prompt, n):
         tokens[0, : len(ids)] = ids
         logits = _full_forward_logits(params, tokens, len(ids))
         ids.append(int(np.argmax(logits[len(ids) - 1])))
-    return ids[len(prompt):]
+    return ids[len(prompt) :]
 
 
 def test_greedy_equals_recomputation_without_cache(llm, model, params):
@@ -85,10 +84,15 @@ def test_sharded_greedy_equals_unsharded(llm, model, params):
     mesh = make_mesh("data=2,model=4")
     sharded = LLM.from_params(model, params, config=GEN, mesh=mesh)
     leaf = sharded.engine.params["layers"][0]["mlp"]["up"]
-    assert len({s.data.shape for s in leaf.addressable_shards}) == 1 and leaf.addressable_shards[0].data.shape != leaf.shape
+    assert (
+        len({s.data.shape for s in leaf.addressable_shards}) == 1
+        and leaf.addressable_shards[0].data.shape != leaf.shape
+    )
     prompts = [[5, 6, 7, 8], [100, 101, 102, 103, 104, 105], [9] * 17]
     p = SamplingParams(max_tokens=10, temperature=0.0)
-    assert [o.token_ids for o in sharded.generate(prompts, p)] == [o.token_ids for o in llm.generate(prompts, p)]
+    assert [o.token_ids for o in sharded.generate(prompts, p)] == [
+        o.token_ids for o in llm.generate(prompts, p)
+    ]
 
 
 def test_seeds_reproducible_and_distinct(llm):
@@ -109,13 +113,17 @@ def test_bitwise_identical_alone_and_in_random_batches(llm):
         companions = []
         for _ in range(15):
             prompt = [rng.randrange(256) for _ in range(rng.randint(1, 30))]
-            sp = SamplingParams(max_tokens=rng.randint(1, 20), temperature=rng.choice([0.0, 0.7, 1.2]),
-                                top_k=rng.choice([0, 5]), seed=rng.randrange(1000))
+            sp = SamplingParams(
+                max_tokens=rng.randint(1, 20),
+                temperature=rng.choice([0.0, 0.7, 1.2]),
+                top_k=rng.choice([0, 5]),
+                seed=rng.randrange(1000),
+            )
             companions.append((prompt, sp))
         batch = [*companions, (target_prompt, target)]
         rng.shuffle(batch)
         outs = llm.generate([p for p, _ in batch], [s for _, s in batch])
-        mine = outs[[i for i, (p, s) in enumerate(batch) if s is target][0]]
+        mine = outs[next(i for i, (_, s) in enumerate(batch) if s is target)]
         assert mine.token_ids == alone.token_ids, f"trial {trial}"
         assert mine.logprobs == alone.logprobs, f"trial {trial}: logprobs must be bitwise equal"
 
@@ -133,7 +141,9 @@ def test_stop_token_ids_and_logprobs(llm, model, params):
     prompt = [3, 1, 4, 1, 5, 9, 2, 6, 5]
     greedy = recompute_greedy(model, params, prompt, 8)
     stop_at = greedy[4]
-    out = llm.generate(prompt, SamplingParams(max_tokens=8, temperature=0.0, stop_token_ids=(stop_at,), logprobs=2))[0]
+    out = llm.generate(
+        prompt, SamplingParams(max_tokens=8, temperature=0.0, stop_token_ids=(stop_at,), logprobs=2)
+    )[0]
     first = greedy.index(stop_at)
     assert out.token_ids == greedy[: first + 1]
     assert out.finish_reason == "stop"
@@ -148,8 +158,10 @@ def test_compile_count_bounded_and_zero_on_second_pass(model, params):
     llm = LLM.from_params(model, params, config=cfg)
     rng = random.Random(1)
     prompts = [[rng.randrange(256) for _ in range(rng.randint(1, 32))] for _ in range(300)]
-    sps = [SamplingParams(max_tokens=rng.randint(1, 24), temperature=rng.choice([0.0, 1.0]), seed=i)
-           for i in range(300)]
+    sps = [
+        SamplingParams(max_tokens=rng.randint(1, 24), temperature=rng.choice([0.0, 1.0]), seed=i)
+        for i in range(300)
+    ]
     with count_compiles() as first:
         outs = llm.generate(prompts, sps)
     # prefill per bucket (3) + decode + first-token sampler; plus a small constant (4) for
@@ -168,7 +180,12 @@ def test_compile_count_bounded_and_zero_on_second_pass(model, params):
     "prompt,sp,error,match",
     [
         ([], SamplingParams(), errors.EmptyInputError, "empty"),
-        (list(range(33)), SamplingParams(max_tokens=2), errors.SequenceTooLongError, "largest prefill bucket"),
+        (
+            list(range(33)),
+            SamplingParams(max_tokens=2),
+            errors.SequenceTooLongError,
+            "largest prefill bucket",
+        ),
         (list(range(30)), SamplingParams(max_tokens=80), errors.SequenceTooLongError, "max_len"),
         ([1, 2, 256], SamplingParams(), errors.InvalidTokenError, "256"),
         ([1, -1], SamplingParams(), errors.InvalidTokenError, "-1"),
@@ -185,9 +202,13 @@ def test_bad_input_rejected_and_engine_keeps_serving(llm, prompt, sp, error, mat
 
 
 def test_chunked_prefill_matches_single_prefill(model, params):
-    one = LLM.from_params(model, params, config=GenerationConfig(max_batch=2, max_len=96, prefill_buckets=(8, 64)))
+    one = LLM.from_params(
+        model, params, config=GenerationConfig(max_batch=2, max_len=96, prefill_buckets=(8, 64))
+    )
     chunked = LLM.from_params(
-        model, params, config=GenerationConfig(max_batch=2, max_len=96, prefill_buckets=(8, 16), prefill_chunk=16)
+        model,
+        params,
+        config=GenerationConfig(max_batch=2, max_len=96, prefill_buckets=(8, 16), prefill_chunk=16),
     )
     prompt = list(range(40, 90))
     p = SamplingParams(max_tokens=8, temperature=0.0)

@@ -45,7 +45,9 @@ def test_generation_config_defaults_and_eos(llm, model_dir):
     out = llm.generate("Paris", SamplingParams(max_tokens=40, temperature=1.0, seed=3))[0]
     if eos in out.token_ids:
         assert out.token_ids[-1] == eos and out.finish_reason == "stop"
-    ignored = llm.generate("Paris", SamplingParams(max_tokens=40, temperature=1.0, seed=3, ignore_eos=True))[0]
+    ignored = llm.generate("Paris", SamplingParams(max_tokens=40, temperature=1.0, seed=3, ignore_eos=True))[
+        0
+    ]
     assert len(ignored.token_ids) == 40 and ignored.finish_reason == "length"
 
 
@@ -91,17 +93,34 @@ def test_bad_chat_messages_and_engine_keeps_serving(llm):
 
 
 def _cli(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "jinfer.cli", "--compilation-cache", "off", *args],
-                          capture_output=True, text=True, timeout=300, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "jinfer.cli", "--compilation-cache", "off", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
 
 
 def test_cli_generate_json_and_inspect(model_dir, llm):
-    r = _cli("generate", "--model", str(model_dir), "--max-tokens", "5", "--temperature", "0", "--json",
-             "--max-len", "128", "Paris is")
+    r = _cli(
+        "generate",
+        "--model",
+        str(model_dir),
+        "--max-tokens",
+        "5",
+        "--temperature",
+        "0",
+        "--json",
+        "--max-len",
+        "128",
+        "Paris is",
+    )
     assert r.returncode == 0, r.stderr
     row = json.loads(r.stdout.strip().splitlines()[-1])
-    expected = llm.generate([[{"role": "user", "content": "Paris is"}]],
-                            SamplingParams(max_tokens=5, temperature=0.0))[0]
+    expected = llm.generate(
+        [[{"role": "user", "content": "Paris is"}]], SamplingParams(max_tokens=5, temperature=0.0)
+    )[0]
     assert row["token_ids"] == expected.token_ids
     assert row["text"] == expected.text
     assert row["usage"] == expected.usage

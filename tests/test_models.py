@@ -24,17 +24,43 @@ from jinfer.sharding import make_mesh
 TOL = dict(atol=1e-5, rtol=1e-5)
 
 TINY_LLAMA = dataclasses.replace(
-    llama.LlamaConfig(), vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
-    num_kv_heads=2, head_dim=16, rope_theta=10000.0, tie_word_embeddings=False, max_position_embeddings=64,
+    llama.LlamaConfig(),
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=128,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=16,
+    rope_theta=10000.0,
+    tie_word_embeddings=False,
+    max_position_embeddings=64,
 )
-LLAMA3_SCALING = llama.normalize_rope_scaling({
-    "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-    "original_max_position_embeddings": 16,
-})
-TINY_GPT2 = gpt2.GPT2Config(vocab_size=128, hidden_size=64, num_layers=2, num_heads=4,
-                            max_position_embeddings=64, intermediate_size=128)
-TINY_BERT = bert.BertConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
-                            max_position_embeddings=64)
+LLAMA3_SCALING = llama.normalize_rope_scaling(
+    {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 16,
+    }
+)
+TINY_GPT2 = gpt2.GPT2Config(
+    vocab_size=128,
+    hidden_size=64,
+    num_layers=2,
+    num_heads=4,
+    max_position_embeddings=64,
+    intermediate_size=128,
+)
+TINY_BERT = bert.BertConfig(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=128,
+    num_layers=2,
+    num_heads=4,
+    max_position_embeddings=64,
+)
 
 DECODERS = {
     "llama": ("Llama", TINY_LLAMA),
@@ -99,7 +125,7 @@ def test_prefill_then_decode_equals_full_forward(case):
     logits, cache = step(params, tokens[:, :5], _positions(2, 0, 5), _cache(config))
     outs = [logits]
     for p in range(5, 8):
-        logits, cache = step(params, tokens[:, p:p + 1], _positions(2, p, p + 1), cache)
+        logits, cache = step(params, tokens[:, p : p + 1], _positions(2, p, p + 1), cache)
         outs.append(logits)
     np.testing.assert_allclose(jnp.concatenate(outs, axis=1), full, **TOL)
     assert float(jnp.abs(full[:, 1:] - full[:, :-1]).max()) > 1e-2  # logits are not trivially equal
@@ -156,12 +182,15 @@ def test_sharded_equals_unsharded():
     np.testing.assert_allclose(cache.k[1], ref_cache.k[1], **TOL)
 
 
-@pytest.mark.parametrize("name,config,count", [
-    ("Llama", llama.SMOLLM2_135M, 134_515_008),
-    ("Llama", llama.LLAMA3_8B, 8_030_261_248),
-    ("GPT2", gpt2.GPT2Config(), 124_439_808),
-    ("Bert", bert.BertConfig(), 108_891_648),  # bert-base-uncased without the pooler
-])
+@pytest.mark.parametrize(
+    "name,config,count",
+    [
+        ("Llama", llama.SMOLLM2_135M, 134_515_008),
+        ("Llama", llama.LLAMA3_8B, 8_030_261_248),
+        ("GPT2", gpt2.GPT2Config(), 124_439_808),
+        ("Bert", bert.BertConfig(), 108_891_648),  # bert-base-uncased without the pooler
+    ],
+)
 def test_full_size_param_counts(name, config, count):
     model = FlaxModel.from_name(name, config)  # jax.eval_shape only: nothing is allocated
     assert model.param_count() == count
@@ -186,20 +215,40 @@ def test_bert_hidden_shape_and_mask_invariance():
 
 def test_from_hf_config_and_json_round_trip():
     hf_llama3 = {
-        "model_type": "llama", "vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 14336,
-        "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8, "rms_norm_eps": 1e-5,
-        "rope_theta": 500000.0, "max_position_embeddings": 131072, "tie_word_embeddings": False,
+        "model_type": "llama",
+        "vocab_size": 128256,
+        "hidden_size": 4096,
+        "intermediate_size": 14336,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 500000.0,
+        "max_position_embeddings": 131072,
+        "tie_word_embeddings": False,
         "hidden_act": "silu",
-        "rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                         "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+        "rope_scaling": {
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+            "rope_type": "llama3",
+        },
     }
     cfg = llama.LlamaConfig.from_hf_config(hf_llama3)
     assert cfg.head_dim == 128 and cfg.rope_scaling_dict["factor"] == 8.0 and not cfg.attention_bias
     again = config_from_dict(llama.LlamaConfig, json.loads(json.dumps(config_to_dict(cfg))))
     assert again == cfg and hash(again) == hash(cfg)
 
-    qwen = llama.LlamaConfig.from_hf_config({**hf_llama3, "model_type": "qwen2", "rope_scaling": None,
-                                             "use_sliding_window": False, "sliding_window": 4096})
+    qwen = llama.LlamaConfig.from_hf_config(
+        {
+            **hf_llama3,
+            "model_type": "qwen2",
+            "rope_scaling": None,
+            "use_sliding_window": False,
+            "sliding_window": 4096,
+        }
+    )
     assert qwen.attention_bias and qwen.rope_scaling is None and qwen.sliding_window is None
     mistral = {**hf_llama3, "model_type": "mistral", "rope_scaling": None, "max_position_embeddings": 32768}
     assert llama.LlamaConfig.from_hf_config({**mistral, "sliding_window": 4096}).sliding_window == 4096
@@ -207,27 +256,47 @@ def test_from_hf_config_and_json_round_trip():
     with pytest.raises(ValueError, match="rope_scaling type 'yarn'"):
         llama.LlamaConfig.from_hf_config({**hf_llama3, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
 
-    g = gpt2.GPT2Config.from_hf_config({"model_type": "gpt2", "vocab_size": 50257, "n_embd": 768,
-                                        "n_layer": 12, "n_head": 12, "n_positions": 1024,
-                                        "layer_norm_epsilon": 1e-5})
+    g = gpt2.GPT2Config.from_hf_config(
+        {
+            "model_type": "gpt2",
+            "vocab_size": 50257,
+            "n_embd": 768,
+            "n_layer": 12,
+            "n_head": 12,
+            "n_positions": 1024,
+            "layer_norm_epsilon": 1e-5,
+        }
+    )
     assert g == gpt2.GPT2Config()
-    b = bert.BertConfig.from_hf_config({"model_type": "bert", "vocab_size": 30522, "hidden_size": 768,
-                                        "intermediate_size": 3072, "num_hidden_layers": 12,
-                                        "num_attention_heads": 12, "hidden_act": "gelu"})
+    b = bert.BertConfig.from_hf_config(
+        {
+            "model_type": "bert",
+            "vocab_size": 30522,
+            "hidden_size": 768,
+            "intermediate_size": 3072,
+            "num_hidden_layers": 12,
+            "num_attention_heads": 12,
+            "hidden_act": "gelu",
+        }
+    )
     assert b == bert.BertConfig()
 
 
-@pytest.mark.parametrize("name,module,config", [
-    ("Llama", llama, dataclasses.replace(TINY_LLAMA, attention_bias=True)),
-    ("Llama", llama, dataclasses.replace(TINY_LLAMA, tie_word_embeddings=True)),
-    ("GPT2", gpt2, TINY_GPT2),
-    ("Bert", bert, TINY_BERT),
-])
+@pytest.mark.parametrize(
+    "name,module,config",
+    [
+        ("Llama", llama, dataclasses.replace(TINY_LLAMA, attention_bias=True)),
+        ("Llama", llama, dataclasses.replace(TINY_LLAMA, tie_word_embeddings=True)),
+        ("GPT2", gpt2, TINY_GPT2),
+        ("Bert", bert, TINY_BERT),
+    ],
+)
 def test_hf_param_map_covers_every_param(name, module, config):
     shapes = {}
     jax.tree_util.tree_map_with_path(
         lambda p, x: shapes.setdefault("/".join(str(k.key) for k in p), x.shape),
-        FlaxModel.from_name(name, config).abstract_params())
+        FlaxModel.from_name(name, config).abstract_params(),
+    )
     mapping = module.hf_param_map(config)
     assert set(mapping) == set(shapes)
     assert {t for _, t in mapping.values()} <= set(layers.HF_TRANSFORMS)
@@ -246,5 +315,6 @@ def test_hf_transforms_match_torch_linear_semantics():
     np.testing.assert_allclose(np.einsum("tnh,nhd->td", a, o), a.reshape(3, -1) @ w_o.T, atol=1e-5)
     c_attn = rng.normal(size=(d, 3 * d)).astype(np.float32)  # GPT-2 Conv1D: y = x @ W, columns [q|k|v]
     k = layers.apply_hf_transform("split3_1", c_attn, (d, 2, 4))
-    np.testing.assert_allclose(np.einsum("td,dnh->tnh", x, k), (x @ c_attn)[:, d:2 * d].reshape(3, 2, 4),
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        np.einsum("td,dnh->tnh", x, k), (x @ c_attn)[:, d : 2 * d].reshape(3, 2, 4), atol=1e-5
+    )

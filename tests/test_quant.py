@@ -40,7 +40,8 @@ def test_quantized_model_structure_sharding_and_agreement(tiny):
     qmodel = model.quantized()
     qparams = quant.quantize_params(params, model.float_logical_axes())
     assert jax.tree.map(lambda x: (x.shape, x.dtype), qmodel.abstract_params()) == jax.tree.map(
-        lambda x: (x.shape, x.dtype), qparams)
+        lambda x: (x.shape, x.dtype), qparams
+    )
     shard = qmodel.shardings(make_mesh("data=2,model=4"))
     up = shard["layers"][0]["mlp"]["up"]
     assert up["q8"].spec == shard["layers"][0]["mlp"]["up"]["scale"].spec  # both split on "mlp"
@@ -59,12 +60,18 @@ def test_quantized_model_structure_sharding_and_agreement(tiny):
 def test_int8_checkpoint_round_trip_and_load_time_quantization(tmp_path):
     src = make_tiny_llm_dir(tmp_path / "f32")
     model, params, _ = checkpoint.load_model_dir(src)
-    qmodel = model.quantized()
     qparams = quant.quantize_params(jax.tree.map(np.asarray, params), model.float_logical_axes())
-    qdir = checkpoint.save_model_dir(tmp_path / "int8", "Llama", model.config, qparams,
-                                     extra_config={"quantization": "int8"},
-                                     extra_files={f: (src / f).read_text() for f in
-                                                  ("tokenizer.json", "tokenizer_config.json", "generation_config.json")})
+    qdir = checkpoint.save_model_dir(
+        tmp_path / "int8",
+        "Llama",
+        model.config,
+        qparams,
+        extra_config={"quantization": "int8"},
+        extra_files={
+            f: (src / f).read_text()
+            for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
+        },
+    )
     loaded, restored, meta = checkpoint.load_model_dir(qdir)
     assert loaded.quantization == "int8" and meta["quantization"] == "int8"
     assert restored["layers"][0]["attn"]["q"]["q8"].dtype == np.int8

@@ -49,18 +49,25 @@ def test_filter_matches_sorting_reference(temperature, top_k, top_p, min_p):
 def test_sample_greedy_and_seeded_draws():
     rng = np.random.default_rng(1)
     logits = jnp.asarray(rng.normal(size=(3, 50)).astype(np.float32))
-    params = [SamplingParams(temperature=0.0), SamplingParams(temperature=1.0), SamplingParams(temperature=1.0)]
+    params = [
+        SamplingParams(temperature=0.0),
+        SamplingParams(temperature=1.0),
+        SamplingParams(temperature=1.0),
+    ]
     keys = [sampling.request_key(7, 0), sampling.request_key(7, 0), sampling.request_key(8, 0)]
     state = SamplerState.from_params(params, keys)
     pos = jnp.array([5, 5, 5], jnp.int32)
     out = np.asarray(jax.jit(sampling.sample)(logits, state, pos))
     assert out[0] == int(np.argmax(logits[0]))
     # Same key, same position -> same draw regardless of the row's logits being in another row.
-    again = np.asarray(jax.jit(sampling.sample)(logits[1:2], SamplerState.from_params([params[1]], [keys[1]]), pos[:1]))
+    again = np.asarray(
+        jax.jit(sampling.sample)(logits[1:2], SamplerState.from_params([params[1]], [keys[1]]), pos[:1])
+    )
     assert again[0] == out[1]
     # Draws follow the distribution: 2,000 draws of one row, frequency of the mode.
-    many = SamplerState.from_params([SamplingParams(temperature=1.0)] * 2000,
-                                    [sampling.request_key(s, 0) for s in range(2000)])
+    many = SamplerState.from_params(
+        [SamplingParams(temperature=1.0)] * 2000, [sampling.request_key(s, 0) for s in range(2000)]
+    )
     rows = jnp.broadcast_to(logits[1], (2000, 50))
     draws = np.asarray(jax.jit(sampling.sample)(rows, many, jnp.zeros(2000, jnp.int32)))
     probs = np.asarray(jax.nn.softmax(logits[1]))
@@ -70,8 +77,9 @@ def test_sample_greedy_and_seeded_draws():
 
 def test_top_k_one_is_greedy_even_when_sampling():
     logits = jnp.asarray(np.random.default_rng(2).normal(size=(8, 40)).astype(np.float32))
-    state = SamplerState.from_params([SamplingParams(temperature=1.0, top_k=1)] * 8,
-                                     [sampling.request_key(s, 0) for s in range(8)])
+    state = SamplerState.from_params(
+        [SamplingParams(temperature=1.0, top_k=1)] * 8, [sampling.request_key(s, 0) for s in range(8)]
+    )
     out = np.asarray(sampling.sample(logits, state, jnp.zeros(8, jnp.int32)))
     np.testing.assert_array_equal(out, np.argmax(np.asarray(logits), -1))
 

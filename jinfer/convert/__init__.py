@@ -65,9 +65,8 @@ def convert(
     Raises UnsupportedArchitectureError, MissingTensorError, CheckpointNotFoundError or
     ConversionError (corrupt/truncated files), each naming the file or tensor involved.
     """
-    from jinfer.convert import gguf, hf
-
     from jinfer import quant
+    from jinfer.convert import gguf, hf
 
     if quantize in ("none", ""):
         quantize = None

@@ -34,20 +34,36 @@ class TextClassifier(nnx.Module):
     def __init__(self, config: TextClassifierConfig, *, rngs: nnx.Rngs):
         init = nnx.initializers.normal(0.02)
         self.config = config
-        self.embed = nnx.Param(nnx.with_partitioning(init, ("vocab", "embed"))(
-            rngs.params(), (config.vocab_size, config.embed_dim)))
-        self.up = nnx.List([
-            nnx.Param(nnx.with_partitioning(init, ("embed", "mlp"))(
-                rngs.params(), (config.embed_dim, config.hidden_dim)))
-            for _ in range(config.num_layers)
-        ])
-        self.down = nnx.List([
-            nnx.Param(nnx.with_partitioning(init, ("mlp", "embed"))(
-                rngs.params(), (config.hidden_dim, config.embed_dim)))
-            for _ in range(config.num_layers)
-        ])
-        self.head = nnx.Param(nnx.with_partitioning(init, ("embed", "classes"))(
-            rngs.params(), (config.embed_dim, config.num_classes)))
+        self.embed = nnx.Param(
+            nnx.with_partitioning(init, ("vocab", "embed"))(
+                rngs.params(), (config.vocab_size, config.embed_dim)
+            )
+        )
+        self.up = nnx.List(
+            [
+                nnx.Param(
+                    nnx.with_partitioning(init, ("embed", "mlp"))(
+                        rngs.params(), (config.embed_dim, config.hidden_dim)
+                    )
+                )
+                for _ in range(config.num_layers)
+            ]
+        )
+        self.down = nnx.List(
+            [
+                nnx.Param(
+                    nnx.with_partitioning(init, ("mlp", "embed"))(
+                        rngs.params(), (config.hidden_dim, config.embed_dim)
+                    )
+                )
+                for _ in range(config.num_layers)
+            ]
+        )
+        self.head = nnx.Param(
+            nnx.with_partitioning(init, ("embed", "classes"))(
+                rngs.params(), (config.embed_dim, config.num_classes)
+            )
+        )
 
     def __call__(self, tokens: jax.Array, mask: jax.Array) -> jax.Array:
         """tokens [b, t] int32, mask [b, t] bool -> logits [b, c] float32."""
@@ -83,7 +99,8 @@ class ImageClassifier(nn.Module):
             cfg.features,
             (3, 3),
             kernel_init=nn.with_logical_partitioning(
-                nn.initializers.lecun_normal(), (None, None, "channels", "features")),
+                nn.initializers.lecun_normal(), (None, None, "channels", "features")
+            ),
             bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("features",)),
         )(images)
         x = nn.relu(x).mean(axis=(1, 2))
@@ -95,13 +112,18 @@ class ImageClassifier(nn.Module):
         return x.astype(jnp.float32)
 
 
-register(ModelSpec(name="TextClassifier", config_cls=TextClassifierConfig, module_cls=TextClassifier,
-                   task="classifier"))
-register(ModelSpec(
-    name="ImageClassifier",
-    config_cls=ImageClassifierConfig,
-    module_cls=ImageClassifier,
-    task="classifier",
-    framework="linen",
-    example_inputs=lambda c: (jnp.zeros((1, c.height, c.width, c.channels), jnp.float32),),
-))
+register(
+    ModelSpec(
+        name="TextClassifier", config_cls=TextClassifierConfig, module_cls=TextClassifier, task="classifier"
+    )
+)
+register(
+    ModelSpec(
+        name="ImageClassifier",
+        config_cls=ImageClassifierConfig,
+        module_cls=ImageClassifier,
+        task="classifier",
+        framework="linen",
+        example_inputs=lambda c: (jnp.zeros((1, c.height, c.width, c.channels), jnp.float32),),
+    )
+)

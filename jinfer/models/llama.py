@@ -54,7 +54,11 @@ from jinfer.models.registry import ModelSpec, register
 
 RopeScaling = tuple[tuple[str, Any], ...]
 _ROPE_KEYS = (
-    "rope_type", "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings",
+    "rope_type",
+    "factor",
+    "low_freq_factor",
+    "high_freq_factor",
+    "original_max_position_embeddings",
 )
 
 
@@ -234,8 +238,16 @@ def hf_param_map(config: LlamaConfig) -> L.HFParamMap:
 
 SMOLLM2_135M = LlamaConfig()
 LLAMA3_8B = LlamaConfig(
-    vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32,
-    num_kv_heads=8, head_dim=128, rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=False,
+    vocab_size=128256,
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_layers=32,
+    num_heads=32,
+    num_kv_heads=8,
+    head_dim=128,
+    rope_theta=500000.0,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=False,
     max_position_embeddings=8192,
 )
 
