@@ -36,6 +36,7 @@ from jinfer.errors import (
 )
 from jinfer.kvcache import CACHE_AXES, KVCache
 from jinfer.modeling import FlaxModel
+from jinfer.models.layers import DECODE_BLOCK
 from jinfer.sampling import SamplerState, SamplingParams
 from jinfer.sharding import ShardingRules, single_device_mesh
 
@@ -210,7 +211,9 @@ class GenerationEngine:
         self._logits = model.apply_fn("logits")
         dtype = config.cache_dtype or _params_dtype(params)
         self._replicated = NamedSharding(self.mesh, PartitionSpec())
-        cache_shape = (config.max_batch, config.max_len, mc.num_kv_heads, mc.head_dim)
+        # Cache rows are rounded up to whole decode-attention blocks; positions >= max_len are never used.
+        cache_len = -(-config.max_len // DECODE_BLOCK) * DECODE_BLOCK
+        cache_shape = (config.max_batch, cache_len, mc.num_kv_heads, mc.head_dim)
         self._cache_sharding = self.rules.sharding(self.mesh, CACHE_AXES, cache_shape, name="kv_cache")
         self._abstract_cache = KVCache.abstract(
             mc.num_layers, *cache_shape, dtype=dtype, sharding=self._cache_sharding

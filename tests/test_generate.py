@@ -222,3 +222,21 @@ def test_score_matches_generation_logprobs(llm):
     generated_lp = [entry[t] for t, entry in zip(out.token_ids, out.logprobs, strict=True)]
     np.testing.assert_allclose(scored.logprobs, generated_lp, atol=2e-5)
     assert scored.total == pytest.approx(sum(scored.logprobs))
+
+
+def test_bitwise_identical_when_companions_need_more_cache_blocks(model, params):
+    """Decode attention reads cache blocks up to the longest live sequence; a short request's
+    output must not change when long companions make it read more (fully masked) blocks."""
+    from jinfer.models.layers import DECODE_BLOCK
+
+    cfg = GenerationConfig(
+        max_batch=4, max_len=3 * DECODE_BLOCK, prefill_buckets=(8, 32, 256), decode_steps=4
+    )
+    llm = LLM.from_params(model, params, config=cfg)
+    target = ([5, 4, 3, 2, 1], SamplingParams(max_tokens=12, temperature=0.8, seed=11, logprobs=2))
+    alone = llm.generate([target[0]], target[1])[0]
+    long_prompts = [[(7 * i + j) % 256 for j in range(DECODE_BLOCK + 60 + i)] for i in range(3)]
+    p_long = SamplingParams(max_tokens=20, temperature=0.0)
+    outs = llm.generate([long_prompts[0], target[0], *long_prompts[1:]], [p_long, target[1], p_long, p_long])
+    assert outs[1].token_ids == alone.token_ids
+    assert outs[1].logprobs == alone.logprobs

@@ -189,8 +189,6 @@ def dot_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> 
     b, t, n, h = q.shape
     kv_heads = k.shape[2]
     qg = q.reshape(b, t, kv_heads, n // kv_heads, h)
-    if t == 1:
-        return _decode_attention(qg, k, v, mask).reshape(b, t, n, h).astype(q.dtype)
     scores = jnp.einsum("btkgh,bskh->bkgts", qg, k.astype(q.dtype), preferred_element_type=jnp.float32)
     scores = jnp.where(mask[:, None, None], scores * (1.0 / math.sqrt(h)), MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
@@ -198,17 +196,60 @@ def dot_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> 
     return out.reshape(b, t, n, h).astype(q.dtype)
 
 
-def _decode_attention(qg: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    # One query token: broadcast-multiply-reduce instead of einsum. XLA:CPU lowers the einsum to a
-    # batched dot with (b, k) as batch dims, which copies (transposes) the whole [b, s, k, h] cache
-    # every layer and step; the fused multiply-reduce reads the cache once in its own layout
-    # (measured ~25% faster at s=4096). The intermediate is never materialised since t = 1.
-    scale = 1.0 / math.sqrt(qg.shape[-1])
-    q32 = qg[:, :, None].astype(jnp.float32)  # [b, t, 1, k, g, h]
-    scores = jnp.sum(q32 * k[:, None, :, :, None, :].astype(jnp.float32), axis=-1)  # [b, t, s, k, g]
-    scores = jnp.where(mask[:, :, :, None, None], scores * scale, MASK_VALUE)
-    probs = jax.nn.softmax(scores, axis=2)
-    return jnp.sum(probs[..., None] * v[:, None, :, :, None, :].astype(jnp.float32), axis=2)  # b t k g h
+# Decode attention walks the cache in blocks of this many positions (when the cache length is a
+# multiple of it; else in one block), and only as far as the furthest position in the batch. The
+# per-block multiply-reduce reads keys/values in their cache layout: an einsum would lower to a
+# batched dot over (b, k) that copies (transposes) the cache every layer and step on XLA:CPU.
+DECODE_BLOCK = 128
+
+
+def blocked_decode_attention(
+    q: jax.Array,
+    cache_k: jax.Array,
+    cache_v: jax.Array,
+    q_pos: jax.Array,
+    sliding_window: int | None = None,
+    block: int = DECODE_BLOCK,
+) -> jax.Array:
+    """One query token per row against the cache, reading only the blocks that can be attended.
+
+    q [b, 1, n, h], cache_k/v [b, s, k, h], q_pos [b] (negative = padding) -> [b, 1, n, h].
+
+    An online softmax runs over cache blocks [0, (max(q_pos) // block) + 1): attention costs what
+    the longest live sequence needs, not the cache length. Blocks past a row's own position are
+    fully masked and leave its running max, sum and output bitwise unchanged (exp(0) = 1 and
+    exp(MASK - m) = 0), so a row's result does not depend on how long its batch companions are.
+    """
+    b, _, n, h = q.shape
+    s, kv = cache_k.shape[1], cache_k.shape[2]
+    g = n // kv
+    qg = q.reshape(b, kv, g, h).astype(jnp.float32) * (1.0 / math.sqrt(h))
+    n_blocks = jnp.clip(jnp.max(q_pos) // block + 1, 1, s // block)
+
+    def body(j, carry):
+        m, l, acc = carry  # [b, k, g], [b, k, g], [b, k, g, h]
+        kb = jax.lax.dynamic_slice_in_dim(cache_k, j * block, block, axis=1).astype(jnp.float32)
+        vb = jax.lax.dynamic_slice_in_dim(cache_v, j * block, block, axis=1).astype(jnp.float32)
+        scores = jnp.sum(qg[:, None] * kb[:, :, :, None, :], axis=-1)  # [b, block, k, g]
+        k_pos = j * block + jnp.arange(block)
+        valid = (k_pos[None, :] <= q_pos[:, None]) & (q_pos[:, None] >= 0)
+        if sliding_window is not None:
+            valid &= (q_pos[:, None] - k_pos[None, :]) < sliding_window
+        scores = jnp.where(valid[:, :, None, None], scores, MASK_VALUE)
+        m_new = jnp.maximum(m, scores.max(axis=1))
+        correction = jnp.exp(m - m_new)
+        p = jnp.exp(scores - m_new[:, None])
+        l = l * correction + p.sum(axis=1)
+        acc = acc * correction[..., None] + jnp.sum(p[..., None] * vb[:, :, :, None, :], axis=1)
+        return m_new, l, acc
+
+    init = (
+        jnp.full((b, kv, g), MASK_VALUE, jnp.float32),
+        jnp.zeros((b, kv, g), jnp.float32),
+        jnp.zeros((b, kv, g, h), jnp.float32),
+    )
+    _, l, acc = jax.lax.fori_loop(0, n_blocks, body, init)
+    return (acc / l[..., None]).reshape(b, 1, n, h).astype(q.dtype)
 
 
 def causal_attention(
@@ -231,6 +272,11 @@ def causal_attention(
     else:
         keys = kvcache.write(layer_cache[0], k, positions)
         values = kvcache.write(layer_cache[1], v, positions)
+        if q.shape[1] == 1:
+            s = keys.shape[1]
+            block = DECODE_BLOCK if s % DECODE_BLOCK == 0 else s
+            out = blocked_decode_attention(q, keys, values, positions[:, 0], sliding_window, block)
+            return out, (keys, values)
         b, s = keys.shape[:2]
         k_positions = jnp.broadcast_to(jnp.arange(s, dtype=positions.dtype)[None], (b, s))
         new_cache = (keys, values)
