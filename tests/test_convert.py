@@ -113,9 +113,10 @@ def test_garbage_and_truncated_gguf(tmp_path):
         convert(truncated, tmp_path / "out", progress=False)
 
 
-def test_quantize_option_is_rejected_clearly(llama_copy, tmp_path):
-    with pytest.raises(ConversionError, match="quantize='int8' is not supported"):
-        convert(llama_copy, tmp_path / "out", quantize="int8", progress=False)
+def test_unknown_quantize_option_is_rejected_clearly(llama_copy, tmp_path):
+    with pytest.raises(ConversionError, match="quantize='int4' is not supported; use one of"):
+        convert(llama_copy, tmp_path / "out", quantize="int4", progress=False)
+    assert not (tmp_path / "out").exists()
 
 
 # -- GGUF dequantization against hand-built blocks ------------------------------------------------
