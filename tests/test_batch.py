@@ -210,26 +210,6 @@ def test_score_task(llm, tmp_path):
     assert got["bad"]["error"]["code"] == "invalid_request"
 
 
-def test_embed_task(tmp_path):
-    embed = pytest.importorskip("jinfer.embed", reason="jinfer.embed (Embedder) is being written by the lead")
-
-    class FakeEmbedder:  # the interface only: Embedder(model).embed(texts) -> np.ndarray[n, d]
-        path = None
-
-        def embed(self, texts):
-            import numpy as np
-
-            return np.array([[len(t), 1.0] for t in texts], np.float32)
-
-    assert hasattr(embed, "Embedder")
-    inp = write_jsonl(
-        tmp_path / "in.jsonl", [{"custom_id": "a", "text": "abc"}, {"custom_id": "b", "input": ""}]
-    )
-    run_batch(FakeEmbedder(), inp, tmp_path / "out.jsonl", task="embed", progress=False)
-    got = by_id(tmp_path / "out.jsonl")
-    assert got["a"]["embedding"] == [3.0, 1.0] and got["b"]["error"]["code"] == "empty_prompt"
-
-
 def test_prepass_and_resume_scan_memory_is_bounded(tmp_path):
     n = 100_000
     inp = tmp_path / "big.jsonl"

@@ -97,3 +97,22 @@ def test_cli_embed(bert_dir):
     assert [row["text"] for row in rows] == ["the cat sat", "a dog ran"]
     direct = Embedder(bert_dir).embed(["the cat sat", "a dog ran"])
     np.testing.assert_allclose([row["embedding"] for row in rows], direct, atol=1e-6)
+
+
+def test_run_batch_embed_task_with_real_embedder(bert_dir, tmp_path):
+    from jinfer.batch import run_batch
+
+    lines = [
+        {"custom_id": "a", "text": "the cat sat"},
+        {"custom_id": "b", "input": "a dog ran on the mat"},
+        {"custom_id": "c", "text": ""},
+    ]
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    summary = run_batch(str(bert_dir), inp, tmp_path / "out.jsonl", task="embed", progress=False)
+    rows = {r["custom_id"]: r for r in map(json.loads, (tmp_path / "out.jsonl").read_text().splitlines())}
+    expected = Embedder(bert_dir).embed(["the cat sat", "a dog ran on the mat"])
+    np.testing.assert_allclose(rows["a"]["embedding"], expected[0], atol=1e-6)
+    np.testing.assert_allclose(rows["b"]["embedding"], expected[1], atol=1e-6)
+    assert rows["c"]["error"]["code"] == "empty_prompt"
+    assert summary.ok == 2 and summary.failed == 1
