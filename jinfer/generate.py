@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jinfer import sampling
+from jinfer import kvcache, sampling
 from jinfer.errors import (
     ConfigError,
     EmptyInputError,
@@ -34,9 +34,8 @@ from jinfer.errors import (
     InvalidTokenError,
     SequenceTooLongError,
 )
-from jinfer.kvcache import CACHE_AXES, KVCache
+from jinfer.kvcache import KVCache
 from jinfer.modeling import FlaxModel
-from jinfer.models.layers import DECODE_BLOCK
 from jinfer.sampling import SamplerState, SamplingParams
 from jinfer.sharding import ShardingRules, single_device_mesh
 
@@ -211,16 +210,17 @@ class GenerationEngine:
         self._logits = model.apply_fn("logits")
         dtype = config.cache_dtype or _params_dtype(params)
         self._replicated = NamedSharding(self.mesh, PartitionSpec())
-        # Cache rows are rounded up to whole decode-attention blocks; positions >= max_len are never used.
-        cache_len = -(-config.max_len // DECODE_BLOCK) * DECODE_BLOCK
-        cache_shape = (config.max_batch, cache_len, mc.num_kv_heads, mc.head_dim)
-        self._cache_sharding = self.rules.sharding(self.mesh, CACHE_AXES, cache_shape, name="kv_cache")
+        cache_dims = (config.max_batch, config.max_len, mc.num_kv_heads, mc.head_dim)
+        cache_shardings = (
+            self.rules.sharding(self.mesh, kvcache.K_AXES, kvcache.k_shape(*cache_dims), name="kv_cache.k"),
+            self.rules.sharding(self.mesh, kvcache.V_AXES, kvcache.v_shape(*cache_dims), name="kv_cache.v"),
+        )
         self._abstract_cache = KVCache.abstract(
-            mc.num_layers, *cache_shape, dtype=dtype, sharding=self._cache_sharding
+            mc.num_layers, *cache_dims, dtype=dtype, shardings=cache_shardings
         )
         self._param_shardings = jax.tree.map(lambda x: x.sharding, params)
         self.cache = jax.jit(
-            lambda: KVCache.zeros(mc.num_layers, *cache_shape, dtype=dtype),
+            lambda: KVCache.zeros(mc.num_layers, *cache_dims, dtype=dtype),
             out_shardings=jax.tree.map(lambda x: x.sharding, self._abstract_cache),
         )()
         self.state = DecodeState.empty(config.max_batch)

@@ -224,11 +224,9 @@ def test_score_matches_generation_logprobs(llm):
     assert scored.total == pytest.approx(sum(scored.logprobs))
 
 
-def test_bitwise_identical_when_companions_need_more_cache_blocks(model, params):
-    """Decode attention reads cache blocks up to the longest live sequence; a short request's
-    output must not change when long companions make it read more (fully masked) blocks."""
-    from jinfer.models.layers import DECODE_BLOCK
-
+def test_bitwise_identical_next_to_long_companions(model, params):
+    """A short request's output does not change when companions fill far more of the cache."""
+    DECODE_BLOCK = 128
     cfg = GenerationConfig(
         max_batch=4, max_len=3 * DECODE_BLOCK, prefill_buckets=(8, 32, 256), decode_steps=4
     )

@@ -174,82 +174,52 @@ class Attention(nnx.Module):
 
     def output(self, o: jax.Array) -> jax.Array:
         """o [b, t, n, h] -> [b, t, d]."""
-        y = jnp.einsum("btnh,nhd->btd", o, self.o[...])
+        # Explicit [n*h] contraction: the einsum form lets XLA pick an (h, n) contraction order,
+        # which transposes (copies) the whole o weight on every call.
+        b, t, n, h = o.shape
+        w = self.o[...]
+        y = jnp.dot(o.reshape(b, t, n * h), w.reshape(n * h, w.shape[-1]))
         if self.dims.out_bias:
             y = y + self.o_bias[...]
         return y
 
 
-def dot_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """Grouped-query attention: q [b, t, n, h], k/v [b, s, k, h], mask [b, t, s] -> [b, t, n, h].
+def cached_attention(q: jax.Array, keys_t: jax.Array, values: jax.Array, mask: jax.Array) -> jax.Array:
+    """Grouped-query attention over keys/values in the cache layout (see jinfer.kvcache).
 
-    The query is grouped as [b, t, k, g, h] so keys/values are used in their cache layout (no
-    repeat of kv heads). Scale 1/sqrt(h); scores and softmax in f32.
+    q [b, t, n, h], keys_t [b, k, h, s], values [b, k, s, h], mask [b, t, s] -> [b, t, n, h].
+    The query is grouped as [b, t, k, g, h], so kv heads are never repeated. Scale 1/sqrt(h);
+    scores and softmax in f32. Masked keys get a finite minimum, so their weight is exactly 0
+    and a fully masked (padding) query averages instead of producing NaN.
     """
     b, t, n, h = q.shape
-    kv_heads = k.shape[2]
-    qg = q.reshape(b, t, kv_heads, n // kv_heads, h)
-    scores = jnp.einsum("btkgh,bskh->bkgts", qg, k.astype(q.dtype), preferred_element_type=jnp.float32)
-    scores = jnp.where(mask[:, None, None], scores * (1.0 / math.sqrt(h)), MASK_VALUE)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskh->btkgh", probs, v)
+    kv_heads = keys_t.shape[1]
+    qg = (q * (1.0 / math.sqrt(h))).reshape(b, t, kv_heads, n // kv_heads, h)
+    if t == 1:
+        return _decode_attention(qg, keys_t, values, mask).reshape(b, t, n, h).astype(q.dtype)
+    scores = jnp.einsum("btkgh,bkhs->bkgts", qg, keys_t.astype(q.dtype), preferred_element_type=jnp.float32)
+    scores = jnp.where(mask[:, None, None], scores, MASK_VALUE)
+    probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
+    out = jnp.einsum("bkgts,bksh->btkgh", probs, values)
     return out.reshape(b, t, n, h).astype(q.dtype)
 
 
-# Decode attention walks the cache in blocks of this many positions (when the cache length is a
-# multiple of it; else in one block), and only as far as the furthest position in the batch. The
-# per-block multiply-reduce reads keys/values in their cache layout: an einsum would lower to a
-# batched dot over (b, k) that copies (transposes) the cache every layer and step on XLA:CPU.
-DECODE_BLOCK = 128
+def _decode_attention(qg: jax.Array, keys_t: jax.Array, values: jax.Array, mask: jax.Array) -> jax.Array:
+    # One query token: broadcast-multiply-reduce over the cache in its own layout. XLA:CPU lowers
+    # the einsum form to batched dots whose operand/result layouts force copies of the cache and
+    # of the attention output projection every step; the reductions below read each cache entry
+    # once and produce [b, k, g, h] in row-major order, so the reshape to heads is free.
+    q32 = qg[:, 0].astype(jnp.float32)  # [b, k, g, h]
+    scores = jnp.sum(q32[..., None] * keys_t[:, :, None].astype(jnp.float32), axis=3)  # [b, k, g, s]
+    scores = jnp.where(mask[:, 0][:, None, None], scores, MASK_VALUE)
+    probs = jax.nn.softmax(scores, axis=-1)
+    out = jnp.sum(probs[..., None] * values[:, :, None].astype(jnp.float32), axis=3)  # [b, k, g, h]
+    return out[:, None]
 
 
-def blocked_decode_attention(
-    q: jax.Array,
-    cache_k: jax.Array,
-    cache_v: jax.Array,
-    q_pos: jax.Array,
-    sliding_window: int | None = None,
-    block: int = DECODE_BLOCK,
-) -> jax.Array:
-    """One query token per row against the cache, reading only the blocks that can be attended.
-
-    q [b, 1, n, h], cache_k/v [b, s, k, h], q_pos [b] (negative = padding) -> [b, 1, n, h].
-
-    An online softmax runs over cache blocks [0, (max(q_pos) // block) + 1): attention costs what
-    the longest live sequence needs, not the cache length. Blocks past a row's own position are
-    fully masked and leave its running max, sum and output bitwise unchanged (exp(0) = 1 and
-    exp(MASK - m) = 0), so a row's result does not depend on how long its batch companions are.
-    """
-    b, _, n, h = q.shape
-    s, kv = cache_k.shape[1], cache_k.shape[2]
-    g = n // kv
-    qg = q.reshape(b, kv, g, h).astype(jnp.float32) * (1.0 / math.sqrt(h))
-    n_blocks = jnp.clip(jnp.max(q_pos) // block + 1, 1, s // block)
-
-    def body(j, carry):
-        m, l, acc = carry  # [b, k, g], [b, k, g], [b, k, g, h]
-        kb = jax.lax.dynamic_slice_in_dim(cache_k, j * block, block, axis=1).astype(jnp.float32)
-        vb = jax.lax.dynamic_slice_in_dim(cache_v, j * block, block, axis=1).astype(jnp.float32)
-        scores = jnp.sum(qg[:, None] * kb[:, :, :, None, :], axis=-1)  # [b, block, k, g]
-        k_pos = j * block + jnp.arange(block)
-        valid = (k_pos[None, :] <= q_pos[:, None]) & (q_pos[:, None] >= 0)
-        if sliding_window is not None:
-            valid &= (q_pos[:, None] - k_pos[None, :]) < sliding_window
-        scores = jnp.where(valid[:, :, None, None], scores, MASK_VALUE)
-        m_new = jnp.maximum(m, scores.max(axis=1))
-        correction = jnp.exp(m - m_new)
-        p = jnp.exp(scores - m_new[:, None])
-        l = l * correction + p.sum(axis=1)
-        acc = acc * correction[..., None] + jnp.sum(p[..., None] * vb[:, :, :, None, :], axis=1)
-        return m_new, l, acc
-
-    init = (
-        jnp.full((b, kv, g), MASK_VALUE, jnp.float32),
-        jnp.zeros((b, kv, g), jnp.float32),
-        jnp.zeros((b, kv, g, h), jnp.float32),
-    )
-    _, l, acc = jax.lax.fori_loop(0, n_blocks, body, init)
-    return (acc / l[..., None]).reshape(b, 1, n, h).astype(q.dtype)
+def dot_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """Attention over fresh keys/values: q [b, t, n, h], k/v [b, s, k, h], mask [b, t, s]."""
+    return cached_attention(q, jnp.transpose(k, (0, 2, 3, 1)), jnp.transpose(v, (0, 2, 1, 3)), mask)
 
 
 def causal_attention(
@@ -263,27 +233,23 @@ def causal_attention(
     """Causal self-attention by absolute position, through the KV cache when one is given.
 
     q [b, t, n, h], k/v [b, t, k, h], positions [b, t] (negative = padding). Without a cache the
-    queries attend within the call; with (cache_k, cache_v) [b, s, k, h] the new keys/values are
-    written at their positions and the query at p attends to cache slots j <= p. A sliding window
-    w additionally restricts attention to keys with p - j < w (Mistral).
+    queries attend within the call; with (cache_k [b, k, h, s], cache_v [b, k, s, h]) the new
+    keys/values are written at their positions and the query at p attends to cache positions
+    j <= p. A sliding window w additionally restricts attention to keys with p - j < w (Mistral).
     """
     if layer_cache is None:
-        keys, values, k_positions, new_cache = k, v, positions, None
+        keys_t, values = jnp.transpose(k, (0, 2, 3, 1)), jnp.transpose(v, (0, 2, 1, 3))
+        k_positions, new_cache = positions, None
     else:
-        keys = kvcache.write(layer_cache[0], k, positions)
-        values = kvcache.write(layer_cache[1], v, positions)
-        if q.shape[1] == 1:
-            s = keys.shape[1]
-            block = DECODE_BLOCK if s % DECODE_BLOCK == 0 else s
-            out = blocked_decode_attention(q, keys, values, positions[:, 0], sliding_window, block)
-            return out, (keys, values)
-        b, s = keys.shape[:2]
+        keys_t = kvcache.write_keys(layer_cache[0], k, positions)
+        values = kvcache.write_values(layer_cache[1], v, positions)
+        b, s = keys_t.shape[0], keys_t.shape[-1]
         k_positions = jnp.broadcast_to(jnp.arange(s, dtype=positions.dtype)[None], (b, s))
-        new_cache = (keys, values)
+        new_cache = (keys_t, values)
     mask = kvcache.attention_mask(positions, k_positions)
     if sliding_window is not None:
         mask &= (positions[:, :, None] - k_positions[:, None, :]) < sliding_window
-    return dot_attention(q, keys, values, mask), new_cache
+    return cached_attention(q, keys_t, values, mask), new_cache
 
 
 # -- MLPs -----------------------------------------------------------------------------------------
