@@ -104,3 +104,15 @@ def test_convert_with_int8_matches_load_time_quantization(tmp_path):
         assert np.abs(a["q8"].astype(int) - b["q8"].astype(int)).max() <= 1
     with pytest.raises(Exception, match="quantize='int4'"):
         convert(src, tmp_path / "bad", quantize="int4", progress=False)
+
+
+def test_grouped_scales_bound_the_error_per_group():
+    rng = np.random.default_rng(1)
+    w = rng.normal(size=(256, 8)).astype(np.float32)
+    w[:64] *= 50  # one loud group must not coarsen the others
+    q = quant.quantize_array(w, (0,))
+    assert q["scale"].shape == (256 // quant.GROUP_SIZE, 8)
+    deq = np.asarray(quant.dequantize_array(q, np.float32))
+    step = np.repeat(q["scale"], quant.GROUP_SIZE, axis=0)
+    assert (np.abs(deq - w) <= step / 2 + 1e-6).all()
+    assert np.abs(deq[64:] - w[64:]).max() < 0.05
