@@ -23,7 +23,7 @@ def test_reduced_axes_follow_logical_names():
 def test_quantize_error_is_bounded_per_channel():
     rng = np.random.default_rng(0)
     w = rng.normal(size=(64, 32)).astype(np.float32) * rng.uniform(0.1, 3, size=(1, 32)).astype(np.float32)
-    q = quant.quantize_array(w, (0,))
+    q = quant.quantize_array(w, (0,), group=0)  # per output channel only
     assert q["q8"].dtype == np.int8 and q["scale"].shape == (1, 32)
     err = np.abs(np.asarray(quant.dequantize_array(q, np.float32)) - w)
     assert (err <= q["scale"] / 2 + 1e-7).all()  # round-to-nearest: at most half a step
@@ -109,10 +109,10 @@ def test_convert_with_int8_matches_load_time_quantization(tmp_path):
 def test_grouped_scales_bound_the_error_per_group():
     rng = np.random.default_rng(1)
     w = rng.normal(size=(256, 8)).astype(np.float32)
-    w[:64] *= 50  # one loud group must not coarsen the others
+    w[: quant.GROUP_SIZE] *= 50  # one loud group must not coarsen the others
     q = quant.quantize_array(w, (0,))
     assert q["scale"].shape == (256 // quant.GROUP_SIZE, 8)
     deq = np.asarray(quant.dequantize_array(q, np.float32))
     step = np.repeat(q["scale"], quant.GROUP_SIZE, axis=0)
     assert (np.abs(deq - w) <= step / 2 + 1e-6).all()
-    assert np.abs(deq[64:] - w[64:]).max() < 0.05
+    assert np.abs(deq[quant.GROUP_SIZE :] - w[quant.GROUP_SIZE :]).max() < 0.05
