@@ -39,11 +39,14 @@ def _sampling_overrides(args: argparse.Namespace) -> dict:
 def cmd_generate(args: argparse.Namespace) -> int:
     from jinfer.llm import LLM
 
+    prompts = args.prompt or [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    # Decode runs every slot each step: one prompt needs one slot.
+    max_batch = args.max_batch or max(1, min(8, len(prompts)))
     llm = LLM(
         args.model,
         mesh=args.mesh,
         dtype=args.dtype,
-        max_batch=args.max_batch,
+        max_batch=max_batch,
         max_len=args.max_len,
         quantize=args.quantize,
     )
@@ -54,7 +57,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
         else _sampling_overrides(args)
     )
     params = defaults.replace(**overrides, logprobs=args.logprobs)
-    prompts = args.prompt or [line.rstrip("\n") for line in sys.stdin if line.strip()]
     inputs = prompts if args.raw else [[{"role": "user", "content": p}] for p in prompts]
     if llm.tokenizer is None or not llm.tokenizer.chat_template:
         inputs = prompts
@@ -153,8 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--logprobs", type=int, default=None, help="top-N log-probabilities per token")
     p.add_argument("--raw", action="store_true", help="do not apply the chat template")
     p.add_argument("--json", action="store_true", help="print one JSON object per output, with token ids")
-    p.add_argument("--max-batch", type=int, default=8)
-    p.add_argument("--max-len", type=int, default=1024)
+    p.add_argument("--max-batch", type=int, default=None, help="decode slots (default: prompts, at most 8)")
+    p.add_argument("--max-len", type=int, default=512, help="prompt + generated tokens per slot")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("embed", help="embed texts with an encoder model; prints JSON lines")
