@@ -484,7 +484,7 @@ class GenerationEngine:
             sampler = SamplerState.from_params([req.params], [key])
             pos = len(req.prompt_ids)
             token, lp, top_ids, top_lp = self._first_token_exe()(logits, sampler, np.array([pos], np.int32))
-            token = int(token[0])
+            token = int(np.asarray(token)[0])
             result = SampleResult(request=idx, sample=k)
             self._record(
                 result,

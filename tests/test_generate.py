@@ -238,3 +238,13 @@ def test_bitwise_identical_next_to_long_companions(model, params):
     outs = llm.generate([long_prompts[0], target[0], *long_prompts[1:]], [p_long, target[1], p_long, p_long])
     assert outs[1].token_ids == alone.token_ids
     assert outs[1].logprobs == alone.logprobs
+
+
+def test_zero_compilations_after_warmup(model, params):
+    cfg = GenerationConfig(max_batch=2, max_len=64, prefill_buckets=(8, 32), decode_steps=4)
+    llm = LLM.from_params(model, params, config=cfg)
+    llm.warmup()
+    sps = [SamplingParams(max_tokens=6, temperature=0), SamplingParams(max_tokens=9, temperature=1, seed=1)]
+    with count_compiles() as c:
+        llm.generate([[1, 2, 3], list(range(20))], sps)
+    assert c.count == 0
