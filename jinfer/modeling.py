@@ -7,6 +7,7 @@ Parameters are always a plain nested dict of arrays (NNX: `nnx.to_pure_dict(stat
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -44,15 +45,10 @@ class FlaxModel:
 
     # -- structure -------------------------------------------------------------------------
     def _nnx_abstract(self) -> tuple[nnx.GraphDef, nnx.State]:
-        # Eager sharding is off: logical names are not mesh axes; jinfer maps them itself.
-        with nnx.use_eager_sharding(False):
-            module = nnx.eval_shape(lambda: self.spec.module_cls(self.config, rngs=nnx.Rngs(0)))
-        return nnx.split(module)
+        return _abstract_module(self.spec, self.config)
 
     def _linen_abstract(self) -> Any:
-        module = self.spec.module_cls(self.config)
-        inputs = self.spec.example_inputs(self.config)
-        return jax.eval_shape(module.init, jax.random.key(0), *inputs)["params"]
+        return _abstract_module(self.spec, self.config)
 
     def _boxed_abstract(self) -> Any:
         if self.spec.framework == "nnx":
@@ -149,6 +145,22 @@ class FlaxModel:
 
     def param_count(self) -> int:
         return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.abstract_params()))
+
+
+@functools.lru_cache(maxsize=32)
+def _abstract_module(spec: ModelSpec, config: Any) -> Any:
+    """Traces a model's construction once per (class, config): NNX (graphdef, state) or Linen params.
+
+    Tracing builds every parameter abstractly (seconds for a 30-layer model), and structure,
+    logical axes and shardings all derive from it, so it is cached.
+    """
+    if spec.framework == "nnx":
+        # Eager sharding is off: logical names are not mesh axes; jinfer maps them itself.
+        with nnx.use_eager_sharding(False):
+            module = nnx.eval_shape(lambda: spec.module_cls(config, rngs=nnx.Rngs(0)))
+        return nnx.split(module)
+    module = spec.module_cls(config)
+    return jax.eval_shape(module.init, jax.random.key(0), *spec.example_inputs(config))["params"]
 
 
 def cast_floating(tree: Any, dtype: Any) -> Any:
