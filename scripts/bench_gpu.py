@@ -54,7 +54,8 @@ def decode_step_time(llm: LLM, batch: int, new_tokens: int, prompt_len: int = 64
     params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
     rates = []
     for _ in range(3):
-        requests = [Request([(7 * i + j) % 1000 + 1 for j in range(prompt_len)], params, 0, ()) for i in range(batch)]
+        prompts = [[(7 * i + j) % 1000 + 1 for j in range(prompt_len)] for i in range(batch)]
+        requests = [Request(p, params, 0, ()) for p in prompts]
         events = llm.engine.run(requests)
         for _ in range(batch):  # admissions
             next(events)
@@ -69,17 +70,21 @@ def main() -> None:
     ap.add_argument("--batches", default="1,64")
     ap.add_argument("--max-len", type=int, default=1024)
     ap.add_argument("--new-tokens", type=int, default=256)
+    ap.add_argument("--bw-gb", type=float, default=4.0, help="array size for the bandwidth probe")
+    ap.add_argument("--matmul-n", type=int, default=8192, help="matrix size for the matmul-rate probe")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     print("devices:", jax.devices())
-    bw, flops = copy_bandwidth(), matmul_rate()
+    bw, flops = copy_bandwidth(args.bw_gb), matmul_rate(args.matmul_n)
     model = FlaxModel.from_name("Llama", SMOLLM2_135M)
     params = jax.jit(lambda: cast_floating(model.init_params(0), jnp.bfloat16))()
     weight_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
     n_params = model.param_count()
     result = {"device": str(jax.devices()[0]), "copy_bandwidth_gb_s": bw / 1e9, "bf16_tflops": flops / 1e12}
     for batch in (int(b) for b in args.batches.split(",")):
-        config = GenerationConfig(max_batch=batch, max_len=args.max_len, prefill_buckets=(64,), decode_steps=16)
+        config = GenerationConfig(
+            max_batch=batch, max_len=args.max_len, prefill_buckets=(64,), decode_steps=16
+        )
         llm = LLM.from_params(model, params, config=config)
         t0 = time.perf_counter()
         llm.warmup()
