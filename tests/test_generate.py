@@ -12,22 +12,11 @@ from jinfer.compile import count_compiles
 from jinfer.generate import GenerationConfig
 from jinfer.llm import LLM
 from jinfer.modeling import FlaxModel
-from jinfer.models.llama import LlamaConfig
 from jinfer.sampling import SamplingParams
 from jinfer.sharding import make_mesh
-from jinfer.testing import perturbed_params
+from jinfer.testing import perturbed_params, tiny_llama_config
 
-CFG = LlamaConfig(
-    vocab_size=256,
-    hidden_size=64,
-    intermediate_size=128,
-    num_layers=2,
-    num_heads=4,
-    num_kv_heads=2,
-    head_dim=16,
-    max_position_embeddings=512,
-    tie_word_embeddings=False,
-)
+CFG = tiny_llama_config(256, max_position_embeddings=512)
 GEN = GenerationConfig(max_batch=4, max_len=96, prefill_buckets=(8, 16, 32), decode_steps=4, max_logprobs=3)
 
 

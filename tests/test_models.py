@@ -20,22 +20,11 @@ from jinfer.modeling import FlaxModel
 from jinfer.models import bert, gpt2, layers, llama
 from jinfer.models.registry import config_from_dict, config_to_dict
 from jinfer.sharding import make_mesh
+from jinfer.testing import tiny_llama_config
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 
-TINY_LLAMA = dataclasses.replace(
-    llama.LlamaConfig(),
-    vocab_size=128,
-    hidden_size=64,
-    intermediate_size=128,
-    num_layers=2,
-    num_heads=4,
-    num_kv_heads=2,
-    head_dim=16,
-    rope_theta=10000.0,
-    tie_word_embeddings=False,
-    max_position_embeddings=64,
-)
+TINY_LLAMA = tiny_llama_config(128, rope_theta=10000.0, max_position_embeddings=64)
 LLAMA3_SCALING = llama.normalize_rope_scaling(
     {
         "rope_type": "llama3",
