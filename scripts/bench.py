@@ -182,10 +182,9 @@ def jinfer_llm(system: str, max_batch: int, max_len: int):
 def jinfer_bytes(llm, positions: range | None = None) -> tuple[int, int, float]:
     """(weight bytes, whole KV cache bytes, mean KV bytes read per decode step).
 
-    Decode attention reads every slot's cache in blocks of DECODE_BLOCK positions up to the block
-    holding the furthest live position (jinfer.models.layers.blocked_decode_attention), so a
-    step at max position p reads min(cache_len, (p // block + 1) * block) positions of all slots.
-    `positions` are the max positions of the decode steps (None: assume the whole cache).
+    Decode attention reads every slot's whole cache each step (the fixed-shape decode step), so
+    the KV bytes read equal the cache size; `positions` is kept for engines that read only the
+    blocks up to the furthest live position (then counted block by block).
     """
     import jax
 
