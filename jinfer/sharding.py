@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -291,20 +291,3 @@ def _annotated_names(x: Any) -> tuple[str | None, ...] | None:
     if isinstance(x, meta.Partitioned):
         return tuple(x.names)
     return None
-
-
-def shard_like(tree: Any, shardings: Any) -> Any:
-    """device_put a tree of arrays onto a matching tree of shardings."""
-    return jax.device_put(tree, shardings)
-
-
-def constrain(x: jax.Array, mesh: Mesh | None, rules: ShardingRules, axes: LogicalAxes) -> jax.Array:
-    """with_sharding_constraint by logical axes inside jit (no-op without a mesh)."""
-    if mesh is None:
-        return x
-    return jax.lax.with_sharding_constraint(x, rules.sharding(mesh, axes, x.shape))
-
-
-def map_tree(fn: Callable[[str, Any], Any], tree: Any) -> Any:
-    """tree_map with 'a/b/c' path strings."""
-    return jax.tree_util.tree_map_with_path(lambda p, x: fn(path_str(p), x), tree)

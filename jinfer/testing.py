@@ -8,7 +8,6 @@ included), a chat template and a generation config.
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import jax
@@ -94,8 +93,3 @@ def make_tiny_llm_dir(path: str | Path, seed: int = 0, **config_overrides) -> Pa
         "generation_config.json": {"eos_token_id": eos, "do_sample": False, "max_new_tokens": 16},
     }
     return save_model_dir(path, "Llama", config, params, extra_files=extra, overwrite=True)
-
-
-def tiny_llm_params_json(path: str | Path) -> dict:
-    """The config.json of a tiny model directory (for assertions)."""
-    return json.loads((Path(path) / "config.json").read_text())
