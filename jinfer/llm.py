@@ -90,6 +90,9 @@ class LLM:
       decode_steps: decode steps per host round trip.
       quantize: "int8" quantizes a float checkpoint's weights at load time (weight-only,
         per-channel; see `jinfer.quant`). Checkpoints converted with `--quantize int8` load as is.
+      layout: in-memory weight layout: "canonical" (as saved), "out_major" (weights transposed to
+        [out, in] at load time: XLA:CPU's matrix-vector products read them 1.5-3x faster, batched
+        matmuls slower), or "auto" (out_major for one-slot engines on CPU, canonical otherwise).
     """
 
     def __init__(
@@ -103,6 +106,7 @@ class LLM:
         decode_steps: int = 8,
         rules: ShardingRules | None = None,
         quantize: str | None = None,
+        layout: str = "auto",
         **engine_options: Any,
     ):
         from jinfer import checkpoint
@@ -116,7 +120,8 @@ class LLM:
         tokenizer = Tokenizer.from_dir(path) if (path / "tokenizer.json").is_file() else None
         gen_defaults = _read_json(path / "generation_config.json")
         gen_config = _generation_config(max_batch, max_len, buckets, decode_steps, engine_options)
-        self._setup(flax_model, params, tokenizer, gen_config, mesh, rules, gen_defaults)
+        del model
+        self._setup(flax_model, params, tokenizer, gen_config, mesh, rules, gen_defaults, layout, owned=True)
         self.path = path
 
     @classmethod
@@ -129,22 +134,28 @@ class LLM:
         mesh: Mesh | None = None,
         rules: ShardingRules | None = None,
         generation_defaults: dict[str, Any] | None = None,
+        layout: str = "auto",
     ) -> LLM:
-        """Builds an LLM from a model and params already in hand (e.g. for research code)."""
+        """Builds an LLM from a model and params already in hand (e.g. for research code).
+
+        The caller's arrays are never donated: with layout "out_major" (or "auto" on a one-slot
+        CPU engine) the engine holds a transposed copy of the weights.
+        """
         self = cls.__new__(cls)
-        self._setup(
-            model, params, tokenizer, config or GenerationConfig(), mesh, rules, generation_defaults or {}
-        )
+        config = config or GenerationConfig()
+        self._setup(model, params, tokenizer, config, mesh, rules, generation_defaults or {}, layout)
         self.path = None
         return self
 
-    def _setup(self, model, params, tokenizer, config, mesh, rules, gen_defaults) -> None:
+    def _setup(self, model, params, tokenizer, config, mesh, rules, gen_defaults, layout, owned=False):
         import jax
 
-        if mesh is not None or not all(hasattr(x, "sharding") for x in jax.tree.leaves(params)):
-            from jinfer.sharding import single_device_mesh
+        from jinfer.sharding import single_device_mesh
 
+        if mesh is not None or not all(hasattr(x, "sharding") for x in jax.tree.leaves(params)):
             params = jax.device_put(params, model.shardings(mesh or single_device_mesh(), rules))
+        if _wants_out_major(layout, config) and not model.transposed:
+            model, params = _to_out_major(model, params, mesh or single_device_mesh(), rules, owned)
         self.model = model
         self.tokenizer = tokenizer
         self.engine = GenerationEngine(model, params, config, mesh=mesh, rules=rules)
@@ -387,6 +398,38 @@ def _quantize_loaded(model: FlaxModel, params: Any, method: str, mesh, rules):
     shardings = qmodel.shardings(mesh or single_device_mesh(), rules)
     qparams = jax.jit(lambda p: quant.quantize_params(p, axes), out_shardings=shardings)(params)
     return qmodel, qparams
+
+
+LAYOUTS = ("auto", "canonical", "out_major")
+
+
+def _wants_out_major(layout: str, config: GenerationConfig) -> bool:
+    import jax
+
+    if layout not in LAYOUTS:
+        raise ConfigError(f"layout={layout!r} is not one of {LAYOUTS}")
+    if layout == "auto":
+        return jax.default_backend() == "cpu" and config.max_batch == 1
+    return layout == "out_major"
+
+
+def _to_out_major(model: FlaxModel, params: Any, mesh, rules, owned: bool):
+    """Params in the output-major runtime layout (see jinfer.quant.transpose_params).
+
+    Done on the host weight by weight (no compilation); when the LLM owns `params` each original is
+    released as soon as its transposed copy exists, so loading never holds the model twice.
+    """
+    from jinfer import quant
+
+    tmodel = model.out_major()
+    if not owned:  # new dicts, same arrays: the caller's tree is left as it was
+        params = _copy_dicts(params)
+    shardings = tmodel.shardings(mesh, rules)
+    return tmodel, quant.transpose_params_inplace(params, model.float_logical_axes(), shardings)
+
+
+def _copy_dicts(tree: Any) -> Any:
+    return {k: _copy_dicts(v) for k, v in tree.items()} if isinstance(tree, dict) else tree
 
 
 def _resolve(model: str | Path | None) -> Path:

@@ -19,6 +19,7 @@ from jax.sharding import Mesh
 
 from jinfer import quant
 from jinfer.errors import ConfigError
+from jinfer.models import layers
 from jinfer.models.registry import ModelSpec, get_spec
 from jinfer.sharding import PathRules, ShardingRules, path_str, tree_logical_axes, unbox_tree
 
@@ -30,6 +31,9 @@ class FlaxModel:
     spec: ModelSpec
     config: Any
     quantization: str | None = None  # None or "int8" (weight-only, see jinfer.quant)
+    # Weights kept output-major in memory (a runtime layout for CPU matrix-vector decode, see
+    # jinfer.quant.transpose_params); checkpoints always hold the canonical layout.
+    transposed: bool = False
 
     def __post_init__(self):
         if self.quantization is not None and self.quantization not in quant.METHODS:
@@ -42,6 +46,14 @@ class FlaxModel:
     def quantized(self, method: str | None = "int8") -> FlaxModel:
         """The same model with weight-only quantized params (`init_params`/checkpoints change)."""
         return dataclasses.replace(self, quantization=method)
+
+    def out_major(self, transposed: bool = True) -> FlaxModel:
+        """The same model with its weights in the output-major runtime layout (or back)."""
+        return dataclasses.replace(self, transposed=transposed)
+
+    def canonical(self) -> FlaxModel:
+        """The model as its checkpoints store it (canonical layout)."""
+        return self.out_major(False)
 
     # -- structure -------------------------------------------------------------------------
     def _nnx_abstract(self) -> tuple[nnx.GraphDef, nnx.State]:
@@ -75,12 +87,15 @@ class FlaxModel:
         abstract = self.float_abstract_params()
         if self.quantization:
             abstract = quant.quantize_abstract(abstract, self.float_logical_axes())
+        if self.transposed:
+            abstract = quant.transpose_abstract(abstract, self.float_logical_axes())
         return abstract
 
     def logical_axes(self) -> Any:
         """Nested dict (same structure as abstract_params) of logical-axis tuples."""
-        axes = self.float_logical_axes()
-        return quant.quantize_logical_axes(axes) if self.quantization else axes
+        float_axes = self.float_logical_axes()
+        axes = quant.quantize_logical_axes(float_axes) if self.quantization else float_axes
+        return quant.transpose_logical_axes(axes, float_axes) if self.transposed else axes
 
     @property
     def path_rules(self) -> PathRules:
@@ -116,30 +131,46 @@ class FlaxModel:
             params = cast_floating(params, dtype)
         if self.quantization:
             params = quant.quantize_params(params, self.float_logical_axes())
+        if self.transposed:
+            params = quant.transpose_params(params, self.float_logical_axes())
         return params
 
     def apply_fn(self, method: str | None = None) -> Callable[..., Any]:
         """Pure `fn(params, *inputs) -> outputs` calling the module (or `module.method`)."""
         quantized = self.quantization is not None
+        packed = quantized or self.transposed
+        transposed = self.transposed
+
+        def unpack(params, args):
+            # int8 weights are dequantized inside the traced forward; output-major ones stay so.
+            # The barrier makes the dequantization depend on this call's inputs: otherwise XLA
+            # hoists it out of the decode loop and every step reads float32 weights again.
+            if quantized and args:
+                params, first = jax.lax.optimization_barrier((params, args[0]))
+                args = (first, *args[1:])
+            return quant.unpack_params(params, quant.compute_dtype(params)), args
+
         if self.spec.framework == "nnx":
             graphdef, _ = self._nnx_abstract()
 
             def nnx_apply(params, *args, **kwargs):
-                if quantized:  # int8 weights are dequantized inside the traced forward
-                    params = quant.dequantize_params(params, quant.compute_dtype(params))
+                if packed:
+                    params, args = unpack(params, args)
                 # nnx.merge at the jit boundary: the module is rebuilt from pure arrays each trace.
                 module = nnx.merge(graphdef, params)
                 fn = module if method is None else getattr(module, method)
-                return fn(*args, **kwargs)
+                with layers.out_major_weights(transposed, quantized):
+                    return fn(*args, **kwargs)
 
             return nnx_apply
 
         module = self.spec.module_cls(self.config)
 
         def linen_apply(params, *args, **kwargs):
-            if quantized:
-                params = quant.dequantize_params(params, quant.compute_dtype(params))
-            return module.apply({"params": params}, *args, method=method, **kwargs)
+            if packed:
+                params, args = unpack(params, args)
+            with layers.out_major_weights(transposed, quantized):
+                return module.apply({"params": params}, *args, method=method, **kwargs)
 
         return linen_apply
 

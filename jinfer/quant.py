@@ -131,13 +131,130 @@ def quantize_logical_axes(logical_axes: Any) -> Any:
     return _map_weights(logical_axes, logical_axes, axes_q)
 
 
-def dequantize_params(params: Any, dtype: Any = jnp.float32) -> Any:
-    """Float params from a (possibly partly) quantized tree; used inside the jitted forward."""
-    if is_quantized(params):
-        return dequantize_array(params, dtype)
-    if isinstance(params, dict):
-        return {k: dequantize_params(v, dtype) for k, v in params.items()}
+# -- output-major ("transposed") runtime layout ---------------------------------------------------
+# XLA:CPU's fastest matrix-vector product is a loop over the rows of a weight stored [out, in]
+# (contracting its last axis), which it also fuses with the weight's producer, so int8 weights are
+# dequantized inside that loop and never written out as float32 (see
+# jinfer.models.layers.out_major_matmul). Batched matmuls (8+ rows) prefer [in, out]. So one-slot
+# CPU decode keeps its weights output-major in memory: every weight `reduced_axes` selects is
+# stored as transpose(w, kept axes + contracted axes) with the contracted axes merged into one
+# (a merged axis that the loop would have to split again costs ~5x), under the key TKEY (float) or
+# QTKEY/STKEY (int8). Checkpoints always hold the canonical layout.
+TKEY, QTKEY, STKEY = "wt", "q8t", "scalet"
+
+
+def _out_major_layout(names: tuple[str | None, ...]) -> tuple[tuple[int, ...], int] | None:
+    """(perm, number of kept axes) for a canonical weight with these logical axes, or None when it
+    keeps its layout (1-D leaves, tables already [vocab, d], lookup tables with an unnamed axis such
+    as GPT-2's positions)."""
+    axes = reduced_axes(names)
+    if axes is None or None in names:
+        return None
+    perm = tuple(i for i in range(len(names)) if i not in axes) + tuple(axes)
+    if perm == tuple(range(len(names))):
+        return None
+    return perm, len(names) - len(axes)
+
+
+def _merge(x: Any, n_kept: int) -> Any:
+    return x.reshape(*x.shape[:n_kept], -1) if x.ndim - n_kept > 1 else x
+
+
+def _out_major_scale(scale: Any, q_shape: tuple[int, ...], perm, n_kept: int, xp) -> Any:
+    """A scale transposed like its weight; before merging contracted axes it is broadcast over the
+    contracted axes in front of the grouped one, so groups stay contiguous in the merged axis."""
+    t = xp.transpose(scale, perm)
+    full = [q_shape[i] for i in perm]
+    grouped = [i for i in range(n_kept, t.ndim) if t.shape[i] != 1]
+    if t.ndim - n_kept > 1 and grouped:
+        target = [full[i] if n_kept <= i < grouped[0] else t.shape[i] for i in range(t.ndim)]
+        t = xp.broadcast_to(t, tuple(target))
+    return _merge(t, n_kept)
+
+
+def _out_major_leaf(leaf: Any, names: tuple[str | None, ...], xp) -> Any:
+    layout = _out_major_layout(names)
+    if layout is None:
+        return leaf
+    perm, n_kept = layout
+    if is_quantized(leaf):
+        q8 = leaf[QKEY]
+        return {
+            QTKEY: _merge(xp.transpose(q8, perm), n_kept),
+            STKEY: _out_major_scale(leaf[SKEY], q8.shape, perm, n_kept, xp),
+        }
+    return {TKEY: _merge(xp.transpose(leaf, perm), n_kept)}
+
+
+def _map_float_leaves(tree: Any, float_axes: Any, fn) -> Any:
+    """fn(leaf, canonical logical axes) on every leaf of `tree`, a quantized {q8, scale} dict
+    counting as one leaf; `float_axes` is the logical-axes tree of the unquantized model."""
+    if isinstance(tree, dict) and not is_quantized(tree):
+        return {k: _map_float_leaves(v, float_axes[k], fn) for k, v in tree.items()}
+    return fn(tree, tuple(float_axes))
+
+
+def transpose_params(params: Any, float_axes: Any) -> Any:
+    """Canonical params (float or int8) -> the output-major runtime layout (jax arrays)."""
+    return _map_float_leaves(params, float_axes, lambda x, n: _out_major_leaf(x, n, jnp))
+
+
+def transpose_params_inplace(params: dict, float_axes: Any, shardings: Any) -> dict:
+    """`transpose_params` on the host, one weight at a time, placed with `shardings` (the
+    transposed model's). Each weight replaces its original in `params` (nested dicts this function
+    modifies), so memory grows by one weight at a time, not by the model; no compilation."""
+    for key in list(params):
+        value, axes, sharding = params[key], float_axes[key], shardings[key]
+        if isinstance(value, dict) and not is_quantized(value):
+            transpose_params_inplace(value, axes, sharding)
+            continue
+        host = jax.tree.map(np.asarray, value)
+        new = _out_major_leaf(host, tuple(axes), np)
+        del value, host
+        if new is not None and _out_major_layout(tuple(axes)) is not None:
+            new = jax.tree.map(lambda x, s: jax.device_put(np.ascontiguousarray(x), s), new, sharding)
+            params[key] = new
     return params
+
+
+def transpose_abstract(abstract: Any, float_axes: Any) -> Any:
+    return jax.eval_shape(lambda p: transpose_params(p, float_axes), abstract)
+
+
+def transpose_logical_axes(axes: Any, float_axes: Any) -> Any:
+    """Logical axes of the output-major leaves: permuted, a merged axis named by its first axis."""
+
+    def names(x, perm, n_kept):
+        t = tuple(x[i] for i in perm)
+        return t[: n_kept + 1]
+
+    def fn(leaf, float_names):
+        layout = _out_major_layout(float_names)
+        if layout is None:
+            return leaf
+        if is_quantized(leaf):
+            return {QTKEY: names(leaf[QKEY], *layout), STKEY: names(leaf[SKEY], *layout)}
+        return {TKEY: names(leaf, *layout)}
+
+    return _map_float_leaves(axes, float_axes, fn)
+
+
+def unpack_params(params: Any, dtype: Any) -> Any:
+    """Plain float arrays from any storage format, inside the traced forward. Output-major weights
+    stay output-major (the model contracts them in place, see jinfer.models.layers.linear)."""
+
+    def walk(tree):
+        if isinstance(tree, dict) and set(tree) == {TKEY}:
+            return tree[TKEY]
+        if isinstance(tree, dict) and set(tree) == {QTKEY, STKEY}:
+            return dequantize_array({QKEY: tree[QTKEY], SKEY: tree[STKEY]}, dtype)
+        if is_quantized(tree):
+            return dequantize_array(tree, dtype)
+        if isinstance(tree, dict):
+            return {k: walk(v) for k, v in tree.items()}
+        return tree
+
+    return walk(params)
 
 
 def compute_dtype(params: Any) -> Any:

@@ -63,6 +63,20 @@ def tiny_llama_config(vocab_size: int, **overrides):
     return dataclasses.replace(base, **overrides)
 
 
+def tiny_gpt2_config(vocab_size: int = 128, **overrides):
+    from jinfer.models.gpt2 import GPT2Config
+
+    base = GPT2Config(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        num_layers=2,
+        num_heads=4,
+        max_position_embeddings=64,
+        intermediate_size=128,
+    )
+    return dataclasses.replace(base, **overrides)
+
+
 def perturbed_params(model, seed: int = 0, scale: float = 0.15):
     """Random params with enough spread that greedy decoding is not one repeated token."""
     params = model.init_params(seed)

@@ -20,7 +20,7 @@ from jinfer.modeling import FlaxModel
 from jinfer.models import bert, gpt2, layers, llama
 from jinfer.models.registry import config_from_dict, config_to_dict
 from jinfer.sharding import make_mesh
-from jinfer.testing import tiny_llama_config
+from jinfer.testing import tiny_gpt2_config, tiny_llama_config
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 
@@ -34,14 +34,7 @@ LLAMA3_SCALING = llama.normalize_rope_scaling(
         "original_max_position_embeddings": 16,
     }
 )
-TINY_GPT2 = gpt2.GPT2Config(
-    vocab_size=128,
-    hidden_size=64,
-    num_layers=2,
-    num_heads=4,
-    max_position_embeddings=64,
-    intermediate_size=128,
-)
+TINY_GPT2 = tiny_gpt2_config()
 TINY_BERT = bert.BertConfig(
     vocab_size=128,
     hidden_size=64,
