@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jinfer import compile as compile_lib
 from jinfer import kvcache, sampling
 from jinfer.errors import (
     ConfigError,
@@ -104,6 +105,7 @@ class SampleResult:
     finish_reason: str | None = None
 
 
+@compile_lib.export_serializable
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class DecodeState:
@@ -201,6 +203,7 @@ class GenerationEngine:
                 f"max_len={config.max_len} exceeds the model's max_position_embeddings="
                 f"{mc.max_position_embeddings}"
             )
+        compile_lib.maybe_enable_from_env()
         self.model = model
         self.config = config
         self.mesh = mesh or single_device_mesh()
@@ -264,15 +267,29 @@ class GenerationEngine:
             return cache, self._logits(params, last)
 
         def build():
-            fn = jax.jit(
-                prefill, donate_argnums=(1,), out_shardings=(self._cache_shardings(), self._replicated)
-            )
             s = self._scalar()
-            return fn.lower(
-                self._abstract_params(), self._abstract_cache, s, self._spec((1, bucket), jnp.int32), s, s
+            args = (
+                self._abstract_params(),
+                self._abstract_cache,
+                s,
+                self._spec((1, bucket), jnp.int32),
+                s,
+                s,
+            )
+            return self._lower(
+                "prefill",
+                prefill,
+                args,
+                donate_argnums=(1,),
+                out_shardings=(self._cache_shardings(), self._replicated),
             ).compile()
 
         return self._executable(("prefill", bucket), build)
+
+    def _lower(self, name: str, fn: Callable, args: tuple, **jit_kwargs: Any) -> Any:
+        """jax.jit(fn, **jit_kwargs).lower(*args), via jinfer.compile's traced-program cache."""
+        identity = repr((name, self.model, self.config, self.rules))
+        return compile_lib.lower(fn, args, identity=identity, **jit_kwargs)
 
     def _cache_shardings(self) -> Any:
         return jax.tree.map(lambda x: x.sharding, self._abstract_cache)
@@ -286,11 +303,8 @@ class GenerationEngine:
 
         def build():
             sampler = jax.tree.map(lambda x: self._spec(x.shape, x.dtype), SamplerState.empty(1))
-            return (
-                jax.jit(first)
-                .lower(self._spec((1, self.vocab_size), jnp.float32), sampler, self._spec((1,), jnp.int32))
-                .compile()
-            )
+            args = (self._spec((1, self.vocab_size), jnp.float32), sampler, self._spec((1,), jnp.int32))
+            return self._lower("first_token", first, args).compile()
 
         return self._executable(("first_token",), build)
 
@@ -303,8 +317,10 @@ class GenerationEngine:
             return jax.tree.map(one, cache)
 
         def build():
-            fn = jax.jit(copy, donate_argnums=(0,), out_shardings=self._cache_shardings())
-            return fn.lower(self._abstract_cache, self._scalar(), self._scalar()).compile()
+            args = (self._abstract_cache, self._scalar(), self._scalar())
+            return self._lower(
+                "copy_slot", copy, args, donate_argnums=(0,), out_shardings=self._cache_shardings()
+            ).compile()
 
         return self._executable(("copy_slot",), build)
 
@@ -342,12 +358,13 @@ class GenerationEngine:
 
         def build():
             abstract_state = jax.tree.map(lambda x: self._spec(x.shape, x.dtype), self.state)
-            fn = jax.jit(
+            lowered = self._lower(
+                "decode",
                 decode,
+                (self._abstract_params(), self._abstract_cache, abstract_state),
                 donate_argnums=(1,),
                 out_shardings=(self._cache_shardings(), self._replicated, self._replicated),
             )
-            lowered = fn.lower(self._abstract_params(), self._abstract_cache, abstract_state)
             return _compile(lowered, self._decode_compiler_options())
 
         return self._executable(("decode",), build)

@@ -23,6 +23,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jinfer import compile as compile_lib
+
 K_AXES = ("batch", "kv_heads", "head_dim", "cache_length")
 V_AXES = ("batch", "kv_heads", "cache_length", "head_dim")
 
@@ -35,6 +37,7 @@ def v_shape(batch: int, max_len: int, kv_heads: int, head_dim: int) -> tuple[int
     return (batch, kv_heads, max_len, head_dim)
 
 
+@compile_lib.export_serializable
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class KVCache:

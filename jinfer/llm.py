@@ -197,12 +197,19 @@ class LLM:
         A prompt is a string, a list of token ids, or a list of chat messages. `params` is one
         SamplingParams for all prompts or one per prompt. Invalid input raises an InputError
         subclass before any device work.
+
+        With more prompts than decode slots, requests are admitted longest `max_tokens` first
+        (each output is independent of its companions, so only the schedule changes): the long
+        ones no longer run alone at the end while the other slots sit idle.
         """
         prompts = _as_prompt_list(prompts)
         params_list = self._params_list(params, len(prompts))
         self._requests(prompts, params_list)  # validate everything before any device work
         results: list[RequestOutput | None] = [None] * len(prompts)
-        for index, out in self.generate_iter(zip(range(len(prompts)), prompts, params_list, strict=True)):
+        order = range(len(prompts))
+        if len(prompts) > self.engine.config.max_batch:
+            order = sorted(order, key=lambda i: -params_list[i].max_tokens)
+        for index, out in self.generate_iter((i, prompts[i], params_list[i]) for i in order):
             if isinstance(out, Exception):  # pragma: no cover - validated above
                 raise out
             results[index] = out

@@ -143,9 +143,11 @@ class FlaxModel:
 
         def unpack(params, args):
             # int8 weights are dequantized inside the traced forward; output-major ones stay so.
-            # The barrier makes the dequantization depend on this call's inputs: otherwise XLA
-            # hoists it out of the decode loop and every step reads float32 weights again.
-            if quantized and args:
+            # Output-major int8 is dequantized inside each matrix-vector loop; the barrier makes
+            # that depend on this call's inputs, otherwise XLA hoists the dequantization out of
+            # the decode loop and every step reads float32 weights again. (Batched canonical
+            # int8 keeps the hoisting: once per decode call beats once per step there.)
+            if quantized and transposed and args:
                 params, first = jax.lax.optimization_barrier((params, args[0]))
                 args = (first, *args[1:])
             return quant.unpack_params(params, quant.compute_dtype(params)), args
@@ -187,7 +189,7 @@ def _abstract_module(spec: ModelSpec, config: Any) -> Any:
     """
     if spec.framework == "nnx":
         # Eager sharding is off: logical names are not mesh axes; jinfer maps them itself.
-        with nnx.use_eager_sharding(False):
+        with nnx.use_eager_sharding(False), layers.shapes_only():
             module = nnx.eval_shape(lambda: spec.module_cls(config, rngs=nnx.Rngs(0)))
         return nnx.split(module)
     module = spec.module_cls(config)

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jinfer import compile as compile_lib
 from jinfer.errors import InvalidSamplingParamsError
 
 MAX_STOP_TOKEN_IDS = 8
@@ -115,6 +116,7 @@ def request_key(seed: int, sample_index: int) -> np.ndarray:
     return np.frombuffer(digest, dtype="<u4").astype(np.uint32)
 
 
+@compile_lib.export_serializable
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class SamplerState:

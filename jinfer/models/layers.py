@@ -66,26 +66,32 @@ def out_major_spec(spec: str) -> str:
 
 
 def linear(spec: str, x: jax.Array, w: jax.Array, **kwargs: Any) -> jax.Array:
-    """einsum(spec, x, w) with w in whichever layout the model is traced for.
+    """einsum(spec, x, w) for a projection, as one rank-2 matrix product.
 
-    Output-major weights are contracted as one 2-D [out, in] matrix: XLA:CPU transposes a
-    higher-rank dot operand into a copy on every call, a rank-2 one it reads in place. So the
-    contracted letters must end x's subscripts and the output must be x's other letters followed by
-    w's kept ones (true of every projection in jinfer's models).
+    `spec` names the weight in its canonical layout, [contracted..., kept...] (e.g.
+    "btd,dnh->btnh"); x's contracted letters must end its subscripts and the output must be x's
+    other letters followed by w's kept ones (true of every projection in jinfer's models). Traced
+    inside `out_major_weights()`, w arrives [kept..., contracted] instead. Rank-2 on purpose:
+    XLA:CPU runs a [b, 1, d] operand ~2x slower than [b, d], and copies a transposed
+    higher-rank weight on every call where it reads a rank-2 one in place.
     """
-    if not _OUT_MAJOR.get():
-        return jnp.einsum(spec, x, w, **kwargs)
     inputs, out = spec.split("->")
     xs, ws = inputs.split(",")
     kept = "".join(c for c in ws if c in out)
     contracted = "".join(c for c in ws if c not in out)
     lead = xs[: len(xs) - len(contracted)]
-    if not xs.endswith(contracted) or out != lead + kept:
-        raise ConfigError(f"linear({spec!r}): not expressible as a [.., in] x [out, in] product")
+    if not xs.endswith(contracted) or out != lead + kept or ws != contracted + kept:
+        raise ConfigError(f"linear({spec!r}): not expressible as an [m, in] x [in, out] product")
     n_lead = x.ndim - len(contracted)
-    w2 = w.reshape(math.prod(w.shape[: len(kept)]), -1)  # [out..., in] (in already merged)
-    y = out_major_matmul(x.reshape(*x.shape[:n_lead], -1), w2, **kwargs)
-    return y.reshape(*x.shape[:n_lead], *w.shape[: len(kept)])
+    lead_shape = x.shape[:n_lead]
+    x2 = x.reshape(math.prod(lead_shape), -1)
+    if _OUT_MAJOR.get():
+        kept_shape = w.shape[: len(kept)]
+        y = out_major_matmul(x2, w.reshape(math.prod(kept_shape), -1), **kwargs)  # [out..., in]
+    else:
+        kept_shape = w.shape[len(contracted) :]
+        y = jnp.dot(x2, w.reshape(-1, math.prod(kept_shape)), **kwargs)
+    return y.reshape(*lead_shape, *kept_shape)
 
 
 def out_major_matmul(x: jax.Array, w: jax.Array, **kwargs: Any) -> jax.Array:
@@ -100,8 +106,25 @@ def out_major_matmul(x: jax.Array, w: jax.Array, **kwargs: Any) -> jax.Array:
     return jnp.einsum("...c,kc->...k", x, w, **kwargs)
 
 
+_SHAPES_ONLY = contextvars.ContextVar("jinfer_shapes_only", default=False)
+
+
+@contextlib.contextmanager
+def shapes_only():
+    """Builds modules for their structure only (under nnx.eval_shape): parameters are created
+    with a constant initializer, whose trace is ~50x cheaper than a random one's (SmolLM2's
+    structure: 1.6 s -> tens of ms, paid at every model load)."""
+    token = _SHAPES_ONLY.set(True)
+    try:
+        yield
+    finally:
+        _SHAPES_ONLY.reset(token)
+
+
 def make_param(rngs: nnx.Rngs, shape: Sequence[int], axes: Axes, init: Callable = DEFAULT_INIT) -> nnx.Param:
     """An nnx.Param of `shape` annotated with logical axes (float32 unless cast later)."""
+    if _SHAPES_ONLY.get():
+        return nnx.Param(nnx.with_partitioning(nnx.initializers.zeros, axes)(None, tuple(shape)))
     return nnx.Param(nnx.with_partitioning(init, axes)(rngs.params(), tuple(shape)))
 
 
@@ -238,19 +261,18 @@ class Attention(nnx.Module):
 
     def output(self, o: jax.Array) -> jax.Array:
         """o [b, t, n, h] -> [b, t, d]."""
-        # Explicit [n*h] contraction: the einsum form lets XLA pick an (h, n) contraction order,
-        # which transposes (copies) the whole o weight on every call.
+        # An explicit [n*h] contraction (`linear`): the einsum form lets XLA pick an (h, n)
+        # contraction order, which transposes (copies) the whole o weight on every call.
         b, t, n, h = o.shape
         w = self.o[...]
-        if _OUT_MAJOR.get():  # w [d, n * h]: the runtime layout merges the contracted axes
-            o2 = o.reshape(b, t, n * h)
-            # int8: the fused matrix-vector loop, which dequantizes in place. float: a library dot;
-            # the fused loop reads an input that is a reshaped [k, g, h] buffer (the attention
-            # output) with per-element index arithmetic (SmolLM2 f32: 43.5 vs 38.2 tokens/s).
-            quantized = _OUT_MAJOR.get() == "int8"
-            y = out_major_matmul(o2, w) if quantized else jnp.einsum("btm,dm->btd", o2, w)
+        if _OUT_MAJOR.get() == "float":  # w [d, n * h]: the runtime layout merges the contracted axes
+            # A library dot: the fused loop of `out_major_matmul` (used by `linear`) reads an input
+            # that is a reshaped [k, g, h] buffer (the attention output) with per-element index
+            # arithmetic (SmolLM2 f32: 43.5 vs 38.2 tokens/s). int8 keeps the fused loop, which
+            # dequantizes in place.
+            y = jnp.einsum("btm,dm->btd", o.reshape(b, t, n * h), w)
         else:
-            y = jnp.dot(o.reshape(b, t, n * h), w.reshape(n * h, w.shape[-1]))
+            y = linear("btnh,nhd->btd", o, w)
         if self.dims.out_bias:
             y = y + self.o_bias[...]
         return y
@@ -282,7 +304,10 @@ def _decode_attention(qg: jax.Array, keys_t: jax.Array, values: jax.Array, mask:
     # of the attention output projection every step; the reductions below read each cache entry
     # once and produce [b, k, g, h] in row-major order, so the reshape to heads is free.
     q32 = qg[:, 0].astype(jnp.float32)  # [b, k, g, h]
-    scores = jnp.sum(q32[..., None] * keys_t[:, :, None].astype(jnp.float32), axis=3)  # [b, k, g, s]
+    if q32.shape[0] == 1:
+        scores = jnp.sum(q32[..., None] * keys_t[:, :, None].astype(jnp.float32), axis=3)  # [b, k, g, s]
+    else:  # batched [g, h] x [h, s] products over (b, k), straight from the cache layout
+        scores = jnp.einsum("bkgh,bkhs->bkgs", q32, keys_t.astype(jnp.float32))
     scores = jnp.where(mask[:, 0][:, None, None], scores, MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1)
     out = jnp.sum(probs[..., None] * values[:, :, None].astype(jnp.float32), axis=3)  # [b, k, g, h]

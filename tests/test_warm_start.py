@@ -1,0 +1,57 @@
+"""Warm start: the traced-program cache (jinfer.compile.lower) next to the compilation cache."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+from jinfer.testing import make_tiny_llm_dir
+
+SCRIPT = textwrap.dedent("""
+    import json, sys
+    from jax import export
+    calls = {"export": 0}
+    original = export.export
+    def counting(*a, **k):
+        calls["export"] += 1
+        return original(*a, **k)
+    export.export = counting
+    from jinfer.compile import COMPILES
+    from jinfer.llm import LLM
+    from jinfer.sampling import SamplingParams
+    llm = LLM(sys.argv[1], max_batch=1, max_len=64, buckets=(16, 32))
+    llm.warmup()
+    greedy = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    out = llm.generate([[5, 9, 17, 3], [7, 1]], greedy)
+    print("RESULT", json.dumps({"tokens": [o.outputs[0].token_ids for o in out], "exports": calls["export"],
+                                "hits": COMPILES.cache_hits}))
+""")
+
+
+def _run(model_dir: Path, cache: Path) -> dict:
+    env = {**os.environ, "JINFER_COMPILATION_CACHE": str(cache), "JAX_PLATFORMS": "cpu"}
+    env.pop("XLA_FLAGS", None)
+    r = subprocess.run(
+        [sys.executable, "-c", SCRIPT, str(model_dir)], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.split("RESULT", 1)[1])
+
+
+def test_second_process_reuses_traced_programs_and_survives_corrupt_ones(tmp_path):
+    model_dir = make_tiny_llm_dir(tmp_path / "model")
+    cache = tmp_path / "cache"
+    cold = _run(model_dir, cache)
+    programs = sorted((cache / "jinfer-exports").glob("*.jaxexport"))
+    # prefill x2 buckets, first token, slot copy, decode: each traced once and stored
+    assert cold["exports"] == len(programs) == 5
+    warm = _run(model_dir, cache)
+    assert warm["exports"] == 0  # nothing traced: every program came from disk
+    assert warm["hits"] >= 5  # and every executable from the compilation cache
+    assert warm["tokens"] == cold["tokens"]
+    for path in programs:  # a corrupt (e.g. truncated) program is traced again, never trusted
+        path.write_bytes(path.read_bytes()[:100])
+    again = _run(model_dir, cache)
+    assert again["tokens"] == cold["tokens"] and again["exports"] == 5
