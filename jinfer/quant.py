@@ -18,8 +18,10 @@ Which axes a scale spans follows from the logical axis names:
 Other leaves (norms, biases, anything 1-D) stay in floating point.
 
 The dequantization (`q8 * scale`) runs inside the jitted forward, right before the matmul; XLA
-fuses it into the consumer where the backend can (GPU/TPU). On XLA:CPU the converted weight is
-materialised, so int8 saves memory but not decode time there (see BENCHMARKS.md).
+fuses it into the consumer where the backend can (GPU/TPU). On XLA:CPU, one-slot decode keeps the
+weights output-major (see below) and the dequantization happens inside the matrix-vector loop
+(~3x faster than float32-dequantized weights on SmolLM2); batched matmuls read a dequantized copy
+made once per decode call (see BENCHMARKS.md).
 """
 
 from __future__ import annotations
