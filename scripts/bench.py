@@ -173,10 +173,10 @@ def offline_summary(walls: list[float], tokens: int, n_prompts: int) -> dict:
 
 
 # -- jinfer worker ---------------------------------------------------------------------------------
-def jinfer_llm(system: str, max_batch: int, max_len: int):
+def jinfer_llm(system: str, max_batch: int, max_len: int, buckets=None):
     from jinfer.llm import LLM
 
-    return LLM(MODEL_NAME, max_batch=max_batch, max_len=max_len, **JINFER_OPTIONS[system])
+    return LLM(MODEL_NAME, max_batch=max_batch, max_len=max_len, buckets=buckets, **JINFER_OPTIONS[system])
 
 
 def jinfer_bytes(llm, positions: range | None = None) -> tuple[int, int, float]:
@@ -242,14 +242,18 @@ def jinfer_batch1(cfg: dict) -> dict:
 
 
 def jinfer_offline(cfg: dict) -> dict:
+    from jinfer.buckets import choose_buckets
     from jinfer.compile import COMPILES
     from jinfer.sampling import SamplingParams
 
-    llm = jinfer_llm(cfg["system"], cfg["slots"], OFFLINE_MAX_LEN)
+    prompts = cfg["prompts"]
+    # Prefill buckets chosen for the workload's prompt lengths (exact DP, 6 buckets), as a user of
+    # jinfer.choose_buckets would; the report also gives the powers-of-two padding for comparison.
+    buckets, bucket_report = choose_buckets([len(p) for p in prompts], max_buckets=6)
+    llm = jinfer_llm(cfg["system"], cfg["slots"], OFFLINE_MAX_LEN, buckets=buckets)
     t0 = time.perf_counter()
     llm.warmup()
     warmup_s = time.perf_counter() - t0
-    prompts = cfg["prompts"]
     params = [SamplingParams(max_tokens=m, temperature=0.0) for m in cfg["max_tokens"]]
     start = COMPILES.snapshot()
     walls, tokens = [], 0
@@ -269,6 +273,8 @@ def jinfer_offline(cfg: dict) -> dict:
         compiles_after_warmup=after[0] - start[0],
         compile_s_after_warmup=after[1] - start[1],
         padding_efficiency=llm.stats.padding_efficiency,
+        prefill_buckets=list(buckets),
+        bucket_report=str(bucket_report),
         weight_bytes=weights,
         kv_bytes=kv,
         first_output_ids=outs[0].token_ids[:16],
