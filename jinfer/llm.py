@@ -415,8 +415,8 @@ def _wants_out_major(layout: str, config: GenerationConfig) -> bool:
 
     if layout not in LAYOUTS:
         raise ConfigError(f"layout={layout!r} is not one of {LAYOUTS}")
-    if layout == "auto":
-        return jax.default_backend() == "cpu" and config.max_batch == 1
+    if layout == "auto":  # (the host-side transpose needs every shard addressable: one process)
+        return jax.default_backend() == "cpu" and config.max_batch == 1 and jax.process_count() == 1
     return layout == "out_major"
 
 

@@ -210,12 +210,12 @@ def transpose_params_inplace(params: dict, float_axes: Any, shardings: Any) -> d
         if isinstance(value, dict) and not is_quantized(value):
             transpose_params_inplace(value, axes, sharding)
             continue
-        host = jax.tree.map(np.asarray, value)
-        new = _out_major_leaf(host, tuple(axes), np)
-        del value, host
-        if new is not None and _out_major_layout(tuple(axes)) is not None:
-            new = jax.tree.map(lambda x, s: jax.device_put(np.ascontiguousarray(x), s), new, sharding)
-            params[key] = new
+        if _out_major_layout(tuple(axes)) is None:
+            continue  # keeps its layout (and its device buffer)
+        host = _out_major_leaf(jax.tree.map(np.asarray, value), tuple(axes), np)
+        del value
+        # Assigning drops the last reference to the original, which frees it before the next weight.
+        params[key] = jax.tree.map(lambda x, s: jax.device_put(np.ascontiguousarray(x), s), host, sharding)
     return params
 
 
