@@ -173,26 +173,24 @@ def _register_serializable() -> None:
         )
 
 
+def _map_keys(tree: Any, key_fn) -> Any:
+    """`tree` with every dict key replaced by key_fn(key) (dicts inside tuples/lists too)."""
+    if isinstance(tree, dict):
+        return {key_fn(k): _map_keys(v, key_fn) for k, v in tree.items()}
+    if isinstance(tree, (tuple, list)) and not hasattr(tree, "_fields"):
+        return type(tree)(_map_keys(v, key_fn) for v in tree)
+    return tree
+
+
 def _keys_to_str(tree: Any) -> Any:
     """jax.export serializes only string dict keys; params use ints for layer indices."""
-    if isinstance(tree, dict):
-        return {(f"{_INT_KEY}{k}" if isinstance(k, int) else k): _keys_to_str(v) for k, v in tree.items()}
-    if isinstance(tree, (tuple, list)) and not hasattr(tree, "_fields"):
-        return type(tree)(_keys_to_str(v) for v in tree)
-    return tree
+    return _map_keys(tree, lambda k: f"{_INT_KEY}{k}" if isinstance(k, int) else k)
 
 
 def _keys_from_str(tree: Any) -> Any:
-    if isinstance(tree, dict):
-        return {
-            (int(k[len(_INT_KEY) :]) if isinstance(k, str) and k.startswith(_INT_KEY) else k): _keys_from_str(
-                v
-            )
-            for k, v in tree.items()
-        }
-    if isinstance(tree, (tuple, list)) and not hasattr(tree, "_fields"):
-        return type(tree)(_keys_from_str(v) for v in tree)
-    return tree
+    return _map_keys(
+        tree, lambda k: int(k[len(_INT_KEY) :]) if isinstance(k, str) and k.startswith(_INT_KEY) else k
+    )
 
 
 def lower(

@@ -99,10 +99,12 @@ def dequantize_array(leaf: dict[str, Any], dtype: Any) -> jax.Array:
 
 def _map_weights(params: Any, axes_tree: Any, fn) -> Any:
     """Applies fn(leaf, reduced_axes) to every quantizable leaf of a nested dict."""
-    if isinstance(params, dict):
-        return {k: _map_weights(v, axes_tree[k], fn) for k, v in params.items()}
-    axes = reduced_axes(tuple(axes_tree))
-    return params if axes is None else fn(params, axes)
+
+    def apply(leaf, names):
+        axes = reduced_axes(names)
+        return leaf if axes is None else fn(leaf, axes)
+
+    return _map_float_leaves(params, axes_tree, apply)
 
 
 def quantize_params(params: Any, logical_axes: Any) -> Any:

@@ -57,14 +57,6 @@ def out_major_weights(enabled: bool = True, quantized: bool = False):
         _OUT_MAJOR.reset(token)
 
 
-def out_major_spec(spec: str) -> str:
-    """The einsum spec for the output-major weight: "btd,dnh->btnh" -> "btd,nhd->btnh"."""
-    inputs, out = spec.split("->")
-    x, w = inputs.split(",")
-    kept = "".join(c for c in w if c in out)
-    return f"{x},{kept}{''.join(c for c in w if c not in out)}->{out}"
-
-
 def linear(spec: str, x: jax.Array, w: jax.Array, **kwargs: Any) -> jax.Array:
     """einsum(spec, x, w) for a projection, as one rank-2 matrix product.
 
