@@ -38,6 +38,7 @@ from jinfer.errors import (
 )
 from jinfer.kvcache import KVCache
 from jinfer.modeling import FlaxModel
+from jinfer.models import layers
 from jinfer.sampling import SamplerState, SamplingParams
 from jinfer.sharding import ShardingRules, single_device_mesh
 
@@ -55,6 +56,11 @@ class GenerationConfig:
       prefill_chunk: when set, prompts longer than the largest bucket are prefilled in chunks of
         this size (must be a bucket); when None they are rejected.
       cache_dtype: dtype of the KV cache; None = the params' dtype.
+      cache_block: positions per KV-cache block (decode skips the blocks no slot has reached; see
+        jinfer.kvcache); None = automatic: one block for a one-slot engine (little to skip),
+        else 64 positions (measured on SmolLM2-135M, 32 slots, max_len 512: blocks of 64 or
+        128 decode 1.2-1.3x faster than one block). The cache holds max_len rounded up to
+        whole blocks.
     """
 
     max_batch: int = 8
@@ -64,6 +70,7 @@ class GenerationConfig:
     max_logprobs: int = 5
     prefill_chunk: int | None = None
     cache_dtype: str | None = None
+    cache_block: int | None = None
 
     def __post_init__(self):
         buckets = tuple(sorted(set(int(b) for b in self.prefill_buckets)))
@@ -78,6 +85,17 @@ class GenerationConfig:
             raise ConfigError(f"prefill buckets {buckets} must lie in [1, max_len={self.max_len}]")
         if self.prefill_chunk is not None and self.prefill_chunk not in buckets:
             raise ConfigError(f"prefill_chunk={self.prefill_chunk} must be one of the buckets {buckets}")
+        if self.cache_block is not None and not 1 <= self.cache_block <= self.max_len:
+            raise ConfigError(f"cache_block={self.cache_block} must lie in [1, max_len={self.max_len}]")
+
+    @property
+    def block(self) -> int:
+        """Positions per KV-cache block (`cache_block`, or the automatic choice)."""
+        if self.cache_block is not None:
+            return self.cache_block
+        if self.max_batch == 1:
+            return self.max_len
+        return min(self.max_len, 64)
 
     @property
     def max_prompt_len(self) -> int:
@@ -214,17 +232,17 @@ class GenerationEngine:
         self._logits = model.apply_fn("logits")
         dtype = config.cache_dtype or _params_dtype(params)
         self._replicated = NamedSharding(self.mesh, PartitionSpec())
-        cache_dims = (config.max_batch, config.max_len, mc.num_kv_heads, mc.head_dim)
+        cache_dims = (config.max_batch, config.max_len, mc.num_kv_heads, mc.head_dim, config.block)
         cache_shardings = (
             self.rules.sharding(self.mesh, kvcache.K_AXES, kvcache.k_shape(*cache_dims), name="kv_cache.k"),
             self.rules.sharding(self.mesh, kvcache.V_AXES, kvcache.v_shape(*cache_dims), name="kv_cache.v"),
         )
         self._abstract_cache = KVCache.abstract(
-            mc.num_layers, *cache_dims, dtype=dtype, shardings=cache_shardings
+            mc.num_layers, *cache_dims[:4], dtype=dtype, shardings=cache_shardings, block=config.block
         )
         self._param_shardings = jax.tree.map(lambda x: x.sharding, params)
         self.cache = jax.jit(
-            lambda: KVCache.zeros(mc.num_layers, *cache_dims, dtype=dtype),
+            lambda: KVCache.zeros(mc.num_layers, *cache_dims[:4], dtype=dtype, block=config.block),
             out_shardings=jax.tree.map(lambda x: x.sharding, self._abstract_cache),
         )()
         self.state = DecodeState.empty(config.max_batch)
@@ -254,14 +272,23 @@ class GenerationEngine:
     def _spec(self, shape, dtype) -> jax.ShapeDtypeStruct:
         return jax.ShapeDtypeStruct(shape, dtype, sharding=self._replicated)
 
-    def _prefill_exe(self, bucket: int) -> Any:
+    def _prefill_exe(self, bucket: int, continuation: bool = False) -> Any:
+        """Prefill of one slot at `bucket` tokens. The default (a prompt's first piece, start 0)
+        attends within the call; a `continuation` (a later chunk of a long prompt) attends to the
+        slot's cached prefix as well."""
+
         def prefill(params, cache, slot, tokens, start, n_valid):
             idx = jnp.arange(tokens.shape[1], dtype=jnp.int32)
             positions = jnp.where(idx < n_valid, start + idx, -1)[None, :]
-            row = jax.tree.map(lambda c: jax.lax.dynamic_slice_in_dim(c, slot, 1, axis=0), cache)
-            hidden, row = self._forward(params, tokens, positions, row)
+            row = jax.tree.map(
+                lambda c: jax.lax.dynamic_slice_in_dim(c, slot, 1, axis=kvcache.BATCH_AXIS), cache
+            )
+            with contextlib.nullcontext() if continuation else layers.prompt_is_whole_prefix():
+                hidden, row = self._forward(params, tokens, positions, row)
             cache = jax.tree.map(
-                lambda c, r: jax.lax.dynamic_update_slice_in_dim(c, r, slot, axis=0), cache, row
+                lambda c, r: jax.lax.dynamic_update_slice_in_dim(c, r, slot, axis=kvcache.BATCH_AXIS),
+                cache,
+                row,
             )
             last = jax.lax.dynamic_slice_in_dim(hidden, n_valid - 1, 1, axis=1)[:, 0]
             return cache, self._logits(params, last)
@@ -277,14 +304,14 @@ class GenerationEngine:
                 s,
             )
             return self._lower(
-                "prefill",
+                "prefill_continuation" if continuation else "prefill",
                 prefill,
                 args,
                 donate_argnums=(1,),
                 out_shardings=(self._cache_shardings(), self._replicated),
             ).compile()
 
-        return self._executable(("prefill", bucket), build)
+        return self._executable(("prefill_continuation" if continuation else "prefill", bucket), build)
 
     def _lower(self, name: str, fn: Callable, args: tuple, **jit_kwargs: Any) -> Any:
         """jax.jit(fn, **jit_kwargs).lower(*args), via jinfer.compile's traced-program cache."""
@@ -311,8 +338,8 @@ class GenerationEngine:
     def _copy_slot_exe(self) -> Any:
         def copy(cache, src, dst):
             def one(c):
-                row = jax.lax.dynamic_slice_in_dim(c, src, 1, axis=0)
-                return jax.lax.dynamic_update_slice_in_dim(c, row, dst, axis=0)
+                row = jax.lax.dynamic_slice_in_dim(c, src, 1, axis=kvcache.BATCH_AXIS)
+                return jax.lax.dynamic_update_slice_in_dim(c, row, dst, axis=kvcache.BATCH_AXIS)
 
             return jax.tree.map(one, cache)
 
@@ -402,6 +429,8 @@ class GenerationEngine:
         """Compiles every executable up front; returns seconds per executable key."""
         for b in self.config.prefill_buckets:
             self._prefill_exe(b)
+            if self.config.prefill_chunk and b <= self.config.prefill_chunk:
+                self._prefill_exe(b, continuation=True)
             if score:
                 self._score_exe(b)
         self._first_token_exe()
@@ -497,7 +526,7 @@ class GenerationEngine:
             bucket = next(b for b in cfg.prefill_buckets if b >= len(piece))
             tokens = np.zeros((1, bucket), np.int32)
             tokens[0, : len(piece)] = piece
-            exe = self._prefill_exe(bucket)
+            exe = self._prefill_exe(bucket, continuation=start > 0)
             self.cache, logits = exe(
                 self.params, self.cache, np.int32(slot), tokens, np.int32(start), np.int32(len(piece))
             )

@@ -96,6 +96,7 @@ DEFAULT_RULES: tuple[tuple[str, MeshAxes], ...] = (
     ("vocab", "model"),
     ("length", None),
     ("cache_length", None),
+    ("cache_blocks", None),
     ("layers", None),
     ("classes", None),
     ("channels", None),

@@ -182,9 +182,8 @@ def jinfer_llm(system: str, max_batch: int, max_len: int, buckets=None):
 def jinfer_bytes(llm, positions: range | None = None) -> tuple[int, int, float]:
     """(weight bytes, whole KV cache bytes, mean KV bytes read per decode step).
 
-    Decode attention reads every slot's whole cache each step (the fixed-shape decode step), so
-    the KV bytes read equal the cache size; `positions` is kept for engines that read only the
-    blocks up to the furthest live position (then counted block by block).
+    Decode attention reads the cache blocks up to the furthest live position (jinfer.kvcache);
+    `positions` are the decode positions of a one-request run (None: count the whole cache).
     """
     import jax
 
@@ -193,14 +192,8 @@ def jinfer_bytes(llm, positions: range | None = None) -> tuple[int, int, float]:
     full = cache.nbytes()
     if positions is None:
         return weights, full, float(full)
-    try:
-        from jinfer.models.layers import DECODE_BLOCK as block
-    except ImportError:  # older engine: whole cache every step
-        return weights, full, float(full)
-    s = cache.max_len
-    block = block if s % block == 0 else s
-    read = [min(s, (p // block + 1) * block) for p in positions]
-    return weights, full, full * statistics.mean(read) / s
+    read = [(p // cache.block + 1) * cache.block for p in positions]
+    return weights, full, full * statistics.mean(read) / cache.max_len
 
 
 def jinfer_batch1(cfg: dict) -> dict:
@@ -673,7 +666,7 @@ def main() -> None:
         "--repeats", type=int, default=None, help="timed repetitions, median reported (default 3)"
     )
     ap.add_argument("--offline-repeats", type=int, default=None, help="repetitions of the offline run")
-    ap.add_argument("--slots", default="16,32", help="jinfer decode slots to try offline (f32); best is used")
+    ap.add_argument("--slots", default="32,64", help="jinfer decode slots to try offline (f32); best is used")
     ap.add_argument("--timeout", type=float, default=3600.0, help="seconds per subprocess")
     ap.add_argument("--json", default=None, help="write all results here")
     args = ap.parse_args()

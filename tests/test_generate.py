@@ -215,9 +215,13 @@ def test_score_matches_generation_logprobs(llm):
 
 def test_bitwise_identical_next_to_long_companions(model, params):
     """A short request's output does not change when companions fill far more of the cache."""
-    DECODE_BLOCK = 128
+    DECODE_BLOCK = 128  # the companions reach the second block, the short request does not
     cfg = GenerationConfig(
-        max_batch=4, max_len=3 * DECODE_BLOCK, prefill_buckets=(8, 32, 256), decode_steps=4
+        max_batch=4,
+        max_len=3 * DECODE_BLOCK,
+        prefill_buckets=(8, 32, 256),
+        decode_steps=4,
+        cache_block=DECODE_BLOCK,
     )
     llm = LLM.from_params(model, params, config=cfg)
     target = ([5, 4, 3, 2, 1], SamplingParams(max_tokens=12, temperature=0.8, seed=11, logprobs=2))

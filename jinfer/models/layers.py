@@ -30,7 +30,7 @@ from jinfer.errors import ConfigError
 from jinfer.kvcache import KVCache
 
 Axes = tuple[str | None, ...]
-LayerCache = tuple[jax.Array, jax.Array]
+LayerCache = tuple[jax.Array, jax.Array]  # (keys, values) in the blocked layout of jinfer.kvcache
 
 DEFAULT_INIT = nnx.initializers.normal(0.02)
 # Finite "minus infinity": a fully masked row (a padding query) softmaxes to a uniform average
@@ -99,6 +99,23 @@ def out_major_matmul(x: jax.Array, w: jax.Array, **kwargs: Any) -> jax.Array:
 
 
 _SHAPES_ONLY = contextvars.ContextVar("jinfer_shapes_only", default=False)
+
+
+# -- prefill without a cached prefix ---------------------------------------------------------------
+# A model traced inside `prompt_is_whole_prefix()` still writes its keys/values into the KV cache,
+# but attends only within the call: correct when the call's tokens start the sequence (a fresh
+# prefill), and it spares reading (and re-laying out) the rest of the cache row.
+_WHOLE_PREFIX = contextvars.ContextVar("jinfer_whole_prefix", default=False)
+
+
+@contextlib.contextmanager
+def prompt_is_whole_prefix():
+    """Traces model code for calls whose tokens are a whole sequence prefix (start at position 0)."""
+    token = _WHOLE_PREFIX.set(True)
+    try:
+        yield
+    finally:
+        _WHOLE_PREFIX.reset(token)
 
 
 @contextlib.contextmanager
@@ -281,8 +298,6 @@ def cached_attention(q: jax.Array, keys_t: jax.Array, values: jax.Array, mask: j
     b, t, n, h = q.shape
     kv_heads = keys_t.shape[1]
     qg = (q * (1.0 / math.sqrt(h))).reshape(b, t, kv_heads, n // kv_heads, h)
-    if t == 1:
-        return _decode_attention(qg, keys_t, values, mask).reshape(b, t, n, h).astype(q.dtype)
     scores = jnp.einsum("btkgh,bkhs->bkgts", qg, keys_t.astype(q.dtype), preferred_element_type=jnp.float32)
     scores = jnp.where(mask[:, None, None], scores, MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
@@ -290,20 +305,66 @@ def cached_attention(q: jax.Array, keys_t: jax.Array, values: jax.Array, mask: j
     return out.reshape(b, t, n, h).astype(q.dtype)
 
 
-def _decode_attention(qg: jax.Array, keys_t: jax.Array, values: jax.Array, mask: jax.Array) -> jax.Array:
-    # One query token: broadcast-multiply-reduce over the cache in its own layout. XLA:CPU lowers
-    # the einsum form to batched dots whose operand/result layouts force copies of the cache and
-    # of the attention output projection every step; the reductions below read each cache entry
-    # once and produce [b, k, g, h] in row-major order, so the reshape to heads is free.
-    q32 = qg[:, 0].astype(jnp.float32)  # [b, k, g, h]
+def _decode_scores(q32: jax.Array, keys_t: jax.Array) -> jax.Array:
+    # One query token: q32 [b, k, g, h] x keys_t [b, k, h, s] -> [b, k, g, s], straight from the
+    # cache layout. XLA:CPU lowers the einsum form of one slot to batched dots whose
+    # operand/result layouts force copies of the cache; a multiply-reduce reads it once.
     if q32.shape[0] == 1:
-        scores = jnp.sum(q32[..., None] * keys_t[:, :, None].astype(jnp.float32), axis=3)  # [b, k, g, s]
-    else:  # batched [g, h] x [h, s] products over (b, k), straight from the cache layout
-        scores = jnp.einsum("bkgh,bkhs->bkgs", q32, keys_t.astype(jnp.float32))
-    scores = jnp.where(mask[:, 0][:, None, None], scores, MASK_VALUE)
-    probs = jax.nn.softmax(scores, axis=-1)
-    out = jnp.sum(probs[..., None] * values[:, :, None].astype(jnp.float32), axis=3)  # [b, k, g, h]
-    return out[:, None]
+        return jnp.sum(q32[..., None] * keys_t[:, :, None].astype(jnp.float32), axis=3)
+    return jnp.einsum("bkgh,bkhs->bkgs", q32, keys_t.astype(jnp.float32))
+
+
+def blocked_decode_attention(
+    q: jax.Array,
+    cache_k: jax.Array,
+    cache_v: jax.Array,
+    positions: jax.Array,
+    sliding_window: int | None = None,
+) -> jax.Array:
+    """Attention of one query token per row over the blocked cache (see jinfer.kvcache).
+
+    q [b, 1, n, h], cache_k [nb, b, k, h, l], cache_v [nb, b, k, l, h], positions [b, 1] ->
+    [b, 1, n, h]. Loops over blocks 0 .. max(positions) // l only (a runtime trip count) with an
+    online softmax. For a row, a block past its own position changes nothing, bit for bit: its
+    scores are all masked, so the running max stays, the rescale factor is exp(0) = 1 and the
+    added sums are exact zeros. So a row's result does not depend on how far its companions reach.
+    """
+    b, _, n, h = q.shape
+    blocks, _, kv_heads, _, block = cache_k.shape
+    q32 = (q[:, 0] * (1.0 / math.sqrt(h))).astype(jnp.float32).reshape(b, kv_heads, n // kv_heads, h)
+
+    def visit(i, carry):
+        top, total, out = carry  # running max [b, k, g, 1], sum [b, k, g, 1], numerator [b, k, g, h]
+        keys = jax.lax.dynamic_index_in_dim(cache_k, i, 0, keepdims=False)
+        values = jax.lax.dynamic_index_in_dim(cache_v, i, 0, keepdims=False)
+        k_positions = jnp.broadcast_to(i * block + jnp.arange(block, dtype=positions.dtype), (b, block))
+        mask = _attention_mask(positions, k_positions, sliding_window)[:, 0]
+        scores = jnp.where(mask[:, None, None], _decode_scores(q32, keys), MASK_VALUE)
+        new_top = jnp.maximum(top, scores.max(axis=-1, keepdims=True))
+        rescale = jnp.exp(top - new_top)
+        p = jnp.exp(scores - new_top)
+        total = total * rescale + p.sum(axis=-1, keepdims=True)
+        out = out * rescale + jnp.sum(p[..., None] * values[:, :, None].astype(jnp.float32), axis=3)
+        return new_top, total, out
+
+    init = (
+        jnp.full((*q32.shape[:3], 1), MASK_VALUE, jnp.float32),
+        jnp.zeros((*q32.shape[:3], 1), jnp.float32),
+        jnp.zeros(q32.shape, jnp.float32),
+    )
+    if blocks == 1:
+        _, total, out = visit(0, init)
+    else:
+        reached = jnp.clip(jnp.max(positions) // block + 1, 1, blocks)
+        _, total, out = jax.lax.fori_loop(0, reached, visit, init)
+    return (out / total).reshape(b, 1, n, h).astype(q.dtype)
+
+
+def _attention_mask(positions: jax.Array, k_positions: jax.Array, sliding_window: int | None) -> jax.Array:
+    mask = kvcache.attention_mask(positions, k_positions)
+    if sliding_window is not None:
+        mask &= (positions[:, :, None] - k_positions[:, None, :]) < sliding_window
+    return mask
 
 
 def dot_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
@@ -322,22 +383,28 @@ def causal_attention(
     """Causal self-attention by absolute position, through the KV cache when one is given.
 
     q [b, t, n, h], k/v [b, t, k, h], positions [b, t] (negative = padding). Without a cache the
-    queries attend within the call; with (cache_k [b, k, h, s], cache_v [b, k, s, h]) the new
-    keys/values are written at their positions and the query at p attends to cache positions
-    j <= p. A sliding window w additionally restricts attention to keys with p - j < w (Mistral).
+    queries attend within the call; with (cache_k, cache_v) in the blocked layout of
+    jinfer.kvcache the new keys/values are written at their positions and the query at p attends
+    to cache positions j <= p (within the call only, when traced inside
+    `prompt_is_whole_prefix()`). A sliding window w additionally restricts attention to keys with
+    p - j < w (Mistral).
     """
-    if layer_cache is None:
+    new_cache = None
+    if layer_cache is not None:
+        new_cache = (
+            kvcache.write_keys(layer_cache[0], k, positions),
+            kvcache.write_values(layer_cache[1], v, positions),
+        )
+    if new_cache is None or _WHOLE_PREFIX.get():  # attend within the call
         keys_t, values = jnp.transpose(k, (0, 2, 3, 1)), jnp.transpose(v, (0, 2, 1, 3))
-        k_positions, new_cache = positions, None
+        k_positions = positions
+    elif q.shape[1] == 1:
+        return blocked_decode_attention(q, *new_cache, positions, sliding_window), new_cache
     else:
-        keys_t = kvcache.write_keys(layer_cache[0], k, positions)
-        values = kvcache.write_values(layer_cache[1], v, positions)
+        keys_t, values = kvcache.contiguous_keys(new_cache[0]), kvcache.contiguous_values(new_cache[1])
         b, s = keys_t.shape[0], keys_t.shape[-1]
         k_positions = jnp.broadcast_to(jnp.arange(s, dtype=positions.dtype)[None], (b, s))
-        new_cache = (keys_t, values)
-    mask = kvcache.attention_mask(positions, k_positions)
-    if sliding_window is not None:
-        mask &= (positions[:, :, None] - k_positions[:, None, :]) < sliding_window
+    mask = _attention_mask(positions, k_positions, sliding_window)
     return cached_attention(q, keys_t, values, mask), new_cache
 
 

@@ -1,0 +1,141 @@
+"""The blocked KV cache: layout and writes, decode attention over blocks (visiting only the blocks
+some query has reached) against a dense reference, and engines with different block sizes agreeing."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jinfer import errors, kvcache
+from jinfer.generate import GenerationConfig
+from jinfer.llm import LLM
+from jinfer.modeling import FlaxModel
+from jinfer.models.layers import blocked_decode_attention
+from jinfer.sampling import SamplingParams
+from jinfer.testing import perturbed_params, tiny_llama_config
+
+
+def test_cache_shapes_round_up_to_whole_blocks():
+    cache = kvcache.KVCache.zeros(2, batch=3, max_len=10, kv_heads=2, head_dim=4, block=4)
+    assert cache.k[1].shape == (3, 3, 2, 4, 4)  # [blocks, b, k, h, block]: 12 positions >= 10
+    assert cache.v[0].shape == (3, 3, 2, 4, 4)
+    assert (cache.batch, cache.block, cache.max_len) == (3, 4, 12)
+    assert cache.nbytes() == 2 * 2 * 3 * 2 * 12 * 4 * 4
+    one = kvcache.KVCache.zeros(1, batch=2, max_len=10, kv_heads=2, head_dim=4)
+    assert (one.k[0].shape, one.max_len) == ((1, 2, 2, 4, 10), 10)
+
+
+def test_writes_land_at_their_positions():
+    cache = kvcache.KVCache.zeros(1, batch=2, max_len=10, kv_heads=1, head_dim=2, block=4)
+    new = jnp.arange(1, 13, dtype=jnp.float32).reshape(2, 3, 1, 2)  # [b, t, k, h]
+    positions = jnp.array([[3, 4, -1], [8, 9, 0]])
+    keys = np.asarray(kvcache.contiguous_keys(kvcache.write_keys(cache.k[0], new, positions)))
+    values = np.asarray(kvcache.contiguous_values(kvcache.write_values(cache.v[0], new, positions)))
+    assert keys.shape == (2, 1, 2, 12) and values.shape == (2, 1, 12, 2)
+    expected = np.zeros((2, 12, 2), np.float32)
+    expected[0, 3], expected[0, 4] = new[0, 0, 0], new[0, 1, 0]
+    expected[1, 8], expected[1, 9], expected[1, 0] = new[1, 0, 0], new[1, 1, 0], new[1, 2, 0]
+    np.testing.assert_array_equal(values[:, 0], expected)
+    np.testing.assert_array_equal(np.swapaxes(keys[:, 0], 1, 2), expected)
+
+
+def _dense_reference(q, keys, values, positions, window=None):
+    """q [b, n, h], keys/values [b, s, k, h], positions [b] -> [b, n, h] in float64."""
+    b, n, h = q.shape
+    g = n // keys.shape[2]
+    out = np.zeros((b, n, h))
+    for i in range(b):
+        j = np.arange(keys.shape[1])
+        ok = (j <= positions[i]) & ((positions[i] - j < window) if window else True)
+        for head in range(n):
+            s = keys[i, :, head // g] @ q[i, head] / np.sqrt(h)
+            s = np.where(ok, s, -np.inf)
+            p = np.exp(s - s.max())
+            out[i, head] = (p / p.sum()) @ values[i, :, head // g]
+    return out
+
+
+@pytest.mark.parametrize("window", [None, 5])
+def test_blocked_decode_attention_matches_dense_and_skips_exactly(window):
+    rng = np.random.default_rng(0)
+    b, s, kv, g, h, block = 4, 22, 2, 3, 8, 6
+    q = rng.standard_normal((b, kv * g, h)).astype(np.float32)
+    keys = rng.standard_normal((b, s, kv, h)).astype(np.float32)
+    values = rng.standard_normal((b, s, kv, h)).astype(np.float32)
+    blocks = kvcache.num_blocks(s, block)
+    pad = np.zeros((b, blocks * block - s, kv, h), np.float32)  # the capacity is whole blocks
+    keys_p, values_p = np.concatenate([keys, pad], 1), np.concatenate([values, pad], 1)
+    cache_k = np.transpose(keys_p.reshape(b, blocks, block, kv, h), (1, 0, 3, 4, 2))
+    cache_v = np.transpose(values_p.reshape(b, blocks, block, kv, h), (1, 0, 3, 2, 4))
+    np.testing.assert_array_equal(
+        np.asarray(kvcache.contiguous_keys(cache_k))[..., :s], np.transpose(keys, (0, 2, 3, 1))
+    )
+    attend = jax.jit(lambda q, k, v, pos: blocked_decode_attention(q, k, v, pos, window))
+
+    near = np.array([0, 3, 7, 2], np.int32)  # reach 7: the loop visits blocks 0-1 of 0-3
+    far = near.copy()
+    far[3] = 21  # another row reaches the last block: every block runs
+    out_near = np.asarray(attend(q[:, None], cache_k, cache_v, near[:, None]))[:, 0]
+    out_far = np.asarray(attend(q[:, None], cache_k, cache_v, far[:, None]))[:, 0]
+    for out, pos in ((out_near, near), (out_far, far)):
+        np.testing.assert_allclose(out, _dense_reference(q, keys, values, pos, window), atol=2e-6)
+    # Rows 0-2 did not change their positions: skipping blocks left them bitwise equal.
+    np.testing.assert_array_equal(out_near[:3], out_far[:3])
+
+    idle = near.copy()
+    idle[1] = -1  # an inactive slot attends to nothing: finite output, no NaN
+    assert np.isfinite(np.asarray(attend(q[:, None], cache_k, cache_v, idle[:, None]))).all()
+
+
+def test_block_config_automatic_and_checked():
+    assert GenerationConfig(max_batch=1, max_len=512).block == 512
+    assert GenerationConfig(max_batch=8, max_len=512).block == 64
+    assert GenerationConfig(max_batch=8, max_len=40, prefill_buckets=(8,)).block == 40
+    assert GenerationConfig(max_batch=1, max_len=512, cache_block=100).block == 100
+    with pytest.raises(errors.ConfigError, match="cache_block=0"):
+        GenerationConfig(max_len=512, cache_block=0)
+
+
+def test_engines_with_different_blocks_agree():
+    config = tiny_llama_config(256, max_position_embeddings=256)
+    model = FlaxModel.from_name("Llama", config)
+    params = perturbed_params(model)
+    prompts = [[3, 1, 4, 1, 5], list(range(20, 45)), [9] * 12]  # the 25-token prompt crosses blocks
+    p = SamplingParams(max_tokens=20, temperature=0.0, logprobs=1)
+    outs = {}
+    for block in (7, 16, 64):
+        gen = GenerationConfig(
+            max_batch=3, max_len=64, prefill_buckets=(8, 32), decode_steps=4, cache_block=block
+        )
+        llm = LLM.from_params(model, params, config=gen)
+        assert llm.engine.cache.k[0].shape[0] == -(-64 // block)
+        outs[block] = llm.generate(prompts, p)
+    for block in (7, 16):
+        for got, ref in zip(outs[block], outs[64], strict=True):
+            assert got.token_ids == ref.token_ids
+            lp = [e[t] for t, e in zip(got.token_ids, got.logprobs, strict=True)]
+            lp_ref = [e[t] for t, e in zip(ref.token_ids, ref.logprobs, strict=True)]
+            np.testing.assert_allclose(lp, lp_ref, atol=2e-5)
+
+
+def test_fresh_prefill_equals_prefill_through_the_cache():
+    """A prompt's first piece attends within the call; the same piece through the (empty) cached
+    prefix gives the same cache contents and logits."""
+    config = tiny_llama_config(256, max_position_embeddings=128)
+    model = FlaxModel.from_name("Llama", config)
+    gen = GenerationConfig(max_batch=2, max_len=64, prefill_buckets=(16,), cache_block=16)
+    llm = LLM.from_params(model, perturbed_params(model), config=gen)
+    engine = llm.engine
+    tokens = np.arange(3, 19, dtype=np.int32)[None]
+    results = []
+    for continuation in (False, True):
+        exe = engine._prefill_exe(16, continuation=continuation)
+        cache = jax.tree.map(jnp.zeros_like, engine.cache)
+        cache, logits = exe(engine.params, cache, np.int32(1), tokens, np.int32(0), np.int32(13))
+        results.append((cache, np.asarray(logits)))
+    (fresh, fresh_logits), (through, through_logits) = results
+    np.testing.assert_allclose(fresh_logits, through_logits, atol=1e-5)
+    for a, b in zip(jax.tree.leaves(fresh), jax.tree.leaves(through), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+    keys = np.asarray(kvcache.contiguous_keys(fresh.k[0]))  # [b, k, h, s]
+    assert np.abs(keys[1, ..., :13]).sum() > 0 and not keys[1, ..., 13:].any() and not keys[0].any()
