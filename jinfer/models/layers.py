@@ -5,7 +5,8 @@ KV-cache mask), MLPs, the decoder layer loop and the Hugging Face tensor transfo
 no model file copies them from another.
 
 Einsum letters: b batch, t query length, s key length, d model dim, n query heads, k kv heads,
-g query heads per kv head (n = k * g), h head dim, f mlp hidden, v vocab.
+g query heads per kv head (n = k * g), h head dim, f mlp hidden, v vocab; in the blocked KV cache
+(jinfer.kvcache) nb blocks of l positions each.
 
 Numerics: matmuls run in the params' dtype; norms, RoPE and softmax in float32.
 """
