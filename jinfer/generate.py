@@ -58,9 +58,9 @@ class GenerationConfig:
       cache_dtype: dtype of the KV cache; None = the params' dtype.
       cache_block: positions per KV-cache block (decode skips the blocks no slot has reached; see
         jinfer.kvcache); None = automatic: one block for a one-slot engine (little to skip),
-        else 64 positions (measured on SmolLM2-135M, 32 slots, max_len 512: blocks of 64 or
-        128 decode 1.2-1.3x faster than one block). The cache holds max_len rounded up to
-        whole blocks.
+        else 64 positions (measured on SmolLM2-135M, 32 slots, max_len 512: blocks of 64 decode
+        1.3-1.5x faster than one block, see BENCHMARKS.md). The cache holds max_len rounded up
+        to whole blocks.
     """
 
     max_batch: int = 8
