@@ -2,7 +2,8 @@
 
 Texts are tokenized, padded to length buckets and batched by the core `Engine`; pooling (mean over
 real tokens, or the first/CLS token) and L2 normalisation follow the model directory's config
-(`pooling`, `normalize`, recorded at conversion from the sentence-transformers settings).
+(`pooling`, `normalize`, recorded at conversion from the sentence-transformers settings, as are
+`max_seq_length`, to which texts are truncated, and `do_lower_case`).
 """
 
 from __future__ import annotations
@@ -44,8 +45,10 @@ class Embedder:
     Args:
       model: a jinfer model directory of an encoder model (task "encoder").
       mesh, dtype, rules: as for `LLM`.
-      buckets: length/batch buckets (default: batch 1..32, lengths 16..512).
+      buckets: length/batch buckets (default: batch 1..32, lengths 16 up to the model's positions,
+        at most 512, or up to a sentence-transformers max_seq_length).
       pooling / normalize: override the directory's settings.
+      truncate: cut token-id inputs longer than the largest bucket (else SequenceTooLongError).
     """
 
     def __init__(
@@ -74,11 +77,13 @@ class Embedder:
         mesh = make_mesh(mesh) if isinstance(mesh, str) else mesh
         flax_model = FlaxModel(spec, config, meta.get("quantization"))
         params = checkpoint.restore_params(path, flax_model, mesh=mesh, rules=rules, dtype=dtype)
-        self.tokenizer = Tokenizer.from_dir(path) if (path / "tokenizer.json").is_file() else None
-        max_len = min(512, getattr(config, "max_position_embeddings", 512))
-        buckets = buckets or Buckets(
-            batch_sizes=(1, 4, 16, 32), seq_lens=tuple(b for b in (16, 32, 64, 128, 256, 512) if b <= max_len)
-        )
+        # The tokenizer truncates only to a sentence-transformers max_seq_length (keeping [SEP]);
+        # `truncate` is the engine's cut of token inputs longer than the largest bucket.
+        self.max_seq_length = meta.get("max_seq_length")
+        self.lowercase = bool(meta.get("do_lower_case", False))
+        has_tokenizer = (path / "tokenizer.json").is_file()
+        self.tokenizer = Tokenizer.from_dir(path, self.max_seq_length) if has_tokenizer else None
+        buckets = buckets or Buckets(batch_sizes=(1, 4, 16, 32), seq_lens=default_seq_lens(config, meta))
         apply = flax_model.apply_fn()
         pooling_, normalize_ = self.pooling, self.normalize
 
@@ -113,12 +118,22 @@ class Embedder:
                 raise ConfigError(
                     "text input needs a tokenizer, and this model directory has no tokenizer.json"
                 )
-            ids = self.tokenizer.encode(text)
+            ids = self.tokenizer.encode(text.lower() if self.lowercase else text)
         else:
             ids = [int(t) for t in text]
         if not ids:
             raise EmptyInputError(f"input {index} is empty")
         return ids
+
+
+def default_seq_lens(config: Any, meta: dict[str, Any]) -> tuple[int, ...]:
+    """Length buckets 16, 32, ... up to the longest input: the model's positions, at most 512, or
+    the sentence-transformers max_seq_length (which is then a bucket itself)."""
+    longest = min(512, int(getattr(config, "max_position_embeddings", 512)))
+    if meta.get("max_seq_length"):
+        longest = min(longest, int(meta["max_seq_length"]))
+    lens = [b for b in (16, 32, 64, 128, 256, 512) if b < longest]
+    return (*lens, longest)
 
 
 def _default_mesh() -> Mesh:

@@ -32,8 +32,14 @@ class Tokenizer:
         self._template: jinja2.Template | None = None
 
     @classmethod
-    def from_dir(cls, path: str | Path) -> Tokenizer:
-        """Loads DIR/tokenizer.json (+ DIR/tokenizer_config.json when present)."""
+    def from_dir(cls, path: str | Path, max_length: int | None = None) -> Tokenizer:
+        """Loads DIR/tokenizer.json (+ DIR/tokenizer_config.json when present).
+
+        The tokenizer.json's own padding and truncation settings are switched off (jinfer pads to
+        its buckets; a file's fixed padding would otherwise count pad tokens as text). `max_length`
+        truncates encodings to that many tokens, special tokens included (sentence-transformers'
+        `max_seq_length`); None never truncates.
+        """
         from tokenizers import Tokenizer as HFTokenizer
 
         path = Path(path)
@@ -41,6 +47,10 @@ class Tokenizer:
         if not tok_file.is_file():
             raise CheckpointNotFoundError(f"{tok_file} not found: the model directory has no tokenizer")
         backend = HFTokenizer.from_file(str(tok_file))
+        backend.no_padding()
+        backend.no_truncation()
+        if max_length is not None:
+            backend.enable_truncation(int(max_length))
         config = {}
         cfg_file = path / "tokenizer_config.json"
         if cfg_file.is_file():

@@ -370,19 +370,23 @@ def read_hf_config(model_dir: Path) -> tuple[dict[str, Any], Architecture]:
 
 
 def sentence_transformers_layout(root: Path) -> tuple[Path, dict[str, Any]]:
-    """(directory holding the transformer weights, {"pooling": "mean"|"cls", "normalize": bool}).
+    """(directory holding the transformer weights, embedding settings for the model directory).
 
-    Reads modules.json (Transformer, Pooling, Normalize modules); without modules.json the
-    directory is a plain model and gets CLS pooling without normalization.
+    Reads modules.json (Transformer, Pooling, Normalize modules) into {"pooling": "mean"|"cls",
+    "normalize": bool}, plus the Transformer module's sentence_bert_config.json `max_seq_length`
+    (encodings are truncated to it, as sentence-transformers does) and `do_lower_case` when set.
+    Without modules.json the directory is a plain model: CLS pooling, no normalization, and no
+    truncation.
     """
     modules_file = root / "modules.json"
     if not modules_file.is_file():
         return root, {"pooling": "cls", "normalize": False}
-    weights_dir, pooling, normalize = root, "cls", False
+    weights_dir, pooling, normalize, extra = root, "cls", False, {}
     for module in json.loads(modules_file.read_text()):
         kind, sub = str(module.get("type", "")), root / module.get("path", "")
         if kind.endswith("models.Transformer"):
             weights_dir = sub if (sub / "config.json").is_file() else root
+            extra = _sentence_bert_config(sub if (sub / "sentence_bert_config.json").is_file() else root)
         elif kind.endswith("models.Pooling"):
             pooling = _pooling_mode(sub / "config.json")
         elif kind.endswith("models.Normalize"):
@@ -392,7 +396,22 @@ def sentence_transformers_layout(root: Path) -> tuple[Path, dict[str, Any]]:
                 f"{modules_file}: sentence-transformers module {kind!r} is not supported "
                 "(supported: Transformer, Pooling (mean or cls), Normalize)"
             )
-    return weights_dir, {"pooling": pooling, "normalize": normalize}
+    return weights_dir, {"pooling": pooling, "normalize": normalize, **extra}
+
+
+def _sentence_bert_config(model_dir: Path) -> dict[str, Any]:
+    """{"max_seq_length": n, "do_lower_case": True} as far as sentence_bert_config.json sets them."""
+    path = model_dir / "sentence_bert_config.json"
+    try:
+        cfg = json.loads(path.read_text()) if path.is_file() else {}
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConversionError(f"{path}: not valid JSON: {e}") from e
+    out: dict[str, Any] = {}
+    if cfg.get("max_seq_length") is not None:
+        out["max_seq_length"] = int(cfg["max_seq_length"])
+    if cfg.get("do_lower_case"):
+        out["do_lower_case"] = True
+    return out
 
 
 def _pooling_mode(path: Path) -> str:
