@@ -156,7 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--raw", action="store_true", help="do not apply the chat template")
     p.add_argument("--json", action="store_true", help="print one JSON object per output, with token ids")
     p.add_argument("--max-batch", type=int, default=None, help="decode slots (default: prompts, at most 8)")
-    p.add_argument("--max-len", type=int, default=512, help="prompt + generated tokens per slot")
+    p.add_argument(
+        "--max-len", type=int, default=None, help="prompt + generated tokens per slot (default: the model's)"
+    )
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("embed", help="embed texts with an encoder model; prints JSON lines")

@@ -85,8 +85,10 @@ class LLM:
       model: a jinfer model directory, or a known model name (see `jinfer.hub`).
       mesh: a Mesh, a spec such as "data=2,model=4", or None (one device).
       dtype: parameter dtype on restore ("float32", "bfloat16"); None keeps the saved dtype.
-      max_batch: decode slots. max_len: tokens per slot (prompt + generation).
-      buckets: prompt-length buckets compiled for prefill.
+      max_batch: decode slots. max_len: tokens per slot (prompt + generation); None: the
+        model's context length within a KV-cache budget (see `jinfer.defaults`).
+      buckets: prompt-length buckets compiled for prefill (default: 16, 32, ... up to
+        min(max_len, 512)).
       decode_steps: decode steps per host round trip.
       quantize: "int8" quantizes a float checkpoint's weights at load time (weight-only,
         per-channel; see `jinfer.quant`). Checkpoints converted with `--quantize int8` load as is.
@@ -101,7 +103,7 @@ class LLM:
         mesh: Mesh | str | None = None,
         dtype: str | None = None,
         max_batch: int = 8,
-        max_len: int = 1024,
+        max_len: int | None = None,
         buckets: Sequence[int] | None = None,
         decode_steps: int = 8,
         rules: ShardingRules | None = None,
@@ -109,7 +111,7 @@ class LLM:
         layout: str = "auto",
         **engine_options: Any,
     ):
-        from jinfer import checkpoint
+        from jinfer import checkpoint, defaults
 
         path = _resolve(model)
         flax_model = checkpoint.load_model(path)
@@ -119,6 +121,9 @@ class LLM:
             flax_model, params = _quantize_loaded(flax_model, params, quantize, mesh, rules)
         tokenizer = Tokenizer.from_dir(path) if (path / "tokenizer.json").is_file() else None
         gen_defaults = _read_json(path / "generation_config.json")
+        if max_len is None:  # the model's context length within a KV-cache budget (jinfer.defaults)
+            itemsize = defaults.cache_itemsize(params, engine_options.get("cache_dtype"))
+            max_len = defaults.default_max_len(flax_model.config, max_batch, itemsize)
         gen_config = _generation_config(max_batch, max_len, buckets, decode_steps, engine_options)
         del model
         self._setup(flax_model, params, tokenizer, gen_config, mesh, rules, gen_defaults, layout, owned=True)
@@ -453,9 +458,11 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def _generation_config(max_batch, max_len, buckets, decode_steps, options) -> GenerationConfig:
+    from jinfer import defaults
+
     kw = dict(max_batch=max_batch, max_len=max_len, decode_steps=decode_steps, **options)
     if buckets is not None:
         kw["prefill_buckets"] = tuple(buckets)
     else:
-        kw["prefill_buckets"] = tuple(b for b in GenerationConfig().prefill_buckets if b <= max_len)
+        kw["prefill_buckets"] = defaults.default_prefill_buckets(max_len)
     return GenerationConfig(**kw)

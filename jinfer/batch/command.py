@@ -47,7 +47,9 @@ def add_run_batch_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--logprobs", type=int, default=None, help="top-N log-probabilities per generated token")
     p.add_argument("--return-token-ids", action="store_true", help="add token_ids to every row")
     p.add_argument("--max-batch", type=int, default=8, help="decode slots")
-    p.add_argument("--max-len", type=int, default=1024, help="tokens per slot (prompt + generation)")
+    p.add_argument(
+        "--max-len", type=int, default=None, help="tokens per slot (prompt + generation; default: model's)"
+    )
     p.add_argument("--buckets", default=None, help="prefill buckets, e.g. 16,32,64,128 (default: engine's)")
     p.add_argument("--decode-steps", type=int, default=8, help="decode steps per host round trip")
     p.add_argument("--flush-every", type=int, default=64, help="fsync the output every N rows")
