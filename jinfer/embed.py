@@ -43,7 +43,8 @@ class Embedder:
     """Embeds texts (or token-id lists) into float32 vectors, one row per input.
 
     Args:
-      model: a jinfer model directory of an encoder model (task "encoder").
+      model: a jinfer model directory of an encoder model (task "encoder"), or a Hugging Face
+        id of one ("sentence-transformers/all-MiniLM-L6-v2"), fetched and converted once.
       mesh, dtype, rules: as for `LLM`.
       buckets: length/batch buckets (default: batch 1..32, lengths 16 up to the model's positions,
         at most 512, or up to a sentence-transformers max_seq_length).
@@ -65,6 +66,10 @@ class Embedder:
         from jinfer import checkpoint
 
         path = Path(model)
+        if not path.exists():  # a known name or a Hugging Face id ("org/name"), converted once
+            from jinfer import hub
+
+            path = hub.resolve_model(str(model), dtype=dtype)
         spec, config, meta = checkpoint.load_config(path)
         if spec.task != "encoder":
             raise ConfigError(

@@ -70,11 +70,15 @@ def jinfer_home() -> Path:
     return Path(platformdirs.user_cache_dir("jinfer")).absolute()
 
 
-def resolve_model(name_or_path: str | os.PathLike | None = None, progress: bool = True) -> Path:
-    """A jinfer model directory for a path or a known model name (None: DEFAULT_MODEL).
+def resolve_model(
+    name_or_path: str | os.PathLike | None = None, progress: bool = True, dtype: str | None = None
+) -> Path:
+    """A jinfer model directory for a path, a known model name (None: DEFAULT_MODEL) or a Hugging
+    Face model id ("org/name" or "org/name@revision", converted once in `dtype`; see jinfer.hf_hub).
 
     Raises ConfigError for a Hugging Face directory or a .gguf file (convert them first),
-    CheckpointNotFoundError for a missing path, UnknownModelError for an unknown name.
+    CheckpointNotFoundError for a missing path, UnknownModelError for an unknown name,
+    hf_hub.HubDownloadError when a hub id cannot be fetched.
     """
     if name_or_path is None:
         name_or_path = DEFAULT_MODEL
@@ -84,11 +88,16 @@ def resolve_model(name_or_path: str | os.PathLike | None = None, progress: bool 
     key = str(name_or_path).lower()
     if key in KNOWN_MODELS:
         return ensure_known_model(key, progress=progress)
+    from jinfer import hf_hub
+
+    if not isinstance(name_or_path, Path) and hf_hub.is_repo_id(str(name_or_path)):
+        return hf_hub.ensure_hub_model(str(name_or_path), dtype=dtype, progress=progress)
     if isinstance(name_or_path, Path) or os.sep in str(name_or_path) or str(name_or_path).startswith("."):
         raise CheckpointNotFoundError(f"model path {str(name_or_path)!r} does not exist")
     raise UnknownModelError(
-        f"unknown model {str(name_or_path)!r}: not a directory and not a known name; known names: "
-        f"{sorted(KNOWN_MODELS)} (or convert a checkpoint with `jinfer convert SRC OUT` and pass OUT)"
+        f"unknown model {str(name_or_path)!r}: not a directory, a Hugging Face id (org/name) or a known "
+        f"name; known names: {sorted(KNOWN_MODELS)} (or convert a checkpoint with `jinfer convert SRC OUT` "
+        "and pass OUT)"
     )
 
 

@@ -82,7 +82,8 @@ class LLM:
     """A decoder language model ready to generate.
 
     Args:
-      model: a jinfer model directory, or a known model name (see `jinfer.hub`).
+      model: a jinfer model directory, a known model name (see `jinfer.hub`), or a Hugging Face
+        model id ("org/name[@revision]"), fetched with huggingface_hub and converted once.
       mesh: a Mesh, a spec such as "data=2,model=4", or None (one device).
       dtype: parameter dtype on restore ("float32", "bfloat16"); None keeps the saved dtype.
       max_batch: decode slots. max_len: tokens per slot (prompt + generation); None: the
@@ -113,7 +114,7 @@ class LLM:
     ):
         from jinfer import checkpoint, defaults
 
-        path = _resolve(model)
+        path = _resolve(model, dtype)
         flax_model = checkpoint.load_model(path)
         mesh = make_mesh(mesh) if isinstance(mesh, str) else mesh
         params = checkpoint.restore_params(path, flax_model, mesh=mesh, rules=rules, dtype=dtype)
@@ -444,13 +445,13 @@ def _copy_dicts(tree: Any) -> Any:
     return {k: _copy_dicts(v) for k, v in tree.items()} if isinstance(tree, dict) else tree
 
 
-def _resolve(model: str | Path | None) -> Path:
-    """A jinfer model directory as is; anything else (a known name, None) through jinfer.hub."""
+def _resolve(model: str | Path | None, dtype: str | None = None) -> Path:
+    """A jinfer model directory as is; anything else (a known name, a hub id, None) through jinfer.hub."""
     if model is not None and (Path(model) / "config.json").is_file():
         return Path(model)
     from jinfer import hub
 
-    return hub.resolve_model(model)
+    return hub.resolve_model(model, dtype=dtype)
 
 
 def _read_json(path: Path) -> dict[str, Any]:

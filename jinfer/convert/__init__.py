@@ -55,7 +55,8 @@ def convert(
 
     Args:
       src: a Hugging Face directory (config.json + *.safetensors, single file or sharded with
-        model.safetensors.index.json, or a sentence-transformers directory) or a .gguf file.
+        model.safetensors.index.json, or a sentence-transformers directory), a .gguf file, or a
+        Hugging Face model id ("org/name[@revision]", fetched with huggingface_hub).
       out: the model directory to write (atomically; see `checkpoint.save_model_dir`).
       dtype: "float32" or "bfloat16" for the saved floating params.
       quantize: None, or "int8" for per-channel int8 weight-only quantization (jinfer.quant).
@@ -72,6 +73,11 @@ def convert(
         quantize = None
     if quantize is not None and quantize not in quant.METHODS:
         raise ConversionError(f"quantize={quantize!r} is not supported; use one of {quant.METHODS} or None")
+    if isinstance(src, str) and not Path(src).exists():
+        from jinfer import hf_hub
+
+        if hf_hub.is_repo_id(src):  # "org/name[@revision]": the snapshot in the HF cache
+            src = hf_hub.download_snapshot(src)
     kind = detect_format(src)
     start = time.perf_counter()
     fn = gguf.convert_gguf if kind == "gguf" else hf.convert_hf

@@ -1,0 +1,99 @@
+"""Hugging Face model ids ("org/name", "org/name@revision") -> converted jinfer model directories.
+
+Files come through `huggingface_hub.snapshot_download`, so its cache (HF_HOME / HF_HUB_CACHE), its
+token (HF_TOKEN or `hf auth login`), revisions and HF_HUB_OFFLINE behave as in every other HF
+library. The snapshot is converted once into
+`$JINFER_HOME/models/hf/<org>--<name>/<commit>-<dtype>` (keyed by repo id, resolved commit and
+dtype) and reused afterwards; conversion is atomic and guarded by a lock file, so concurrent
+processes convert once.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+from jinfer.errors import ConfigError, JinferError
+
+log = logging.getLogger("jinfer.hub")
+
+# Hub repo ids: "org/name", names of letters, digits, "-", "_", "."; optional "@revision".
+_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*/[A-Za-z0-9][A-Za-z0-9_.\-]*(@[A-Za-z0-9_.\-/]+)?$")
+# What a conversion reads: configs, weights, tokenizer and sentence-transformers module files.
+ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model"]  # fnmatch: * spans "/"
+
+
+class HubDownloadError(JinferError):
+    """A Hugging Face model id could not be resolved (offline and not cached, unknown or gated repo)."""
+
+
+def is_repo_id(name: str) -> bool:
+    """True for strings shaped like a hub id ("org/name" or "org/name@revision")."""
+    return bool(_REPO_ID.match(name)) and not name.startswith((".", "/")) and ".." not in name
+
+
+def split_revision(name: str) -> tuple[str, str | None]:
+    """ "org/name@rev" -> ("org/name", "rev"); "org/name" -> ("org/name", None)."""
+    repo, _, revision = name.partition("@")
+    return repo, revision or None
+
+
+def download_snapshot(name: str, revision: str | None = None) -> Path:
+    """The local snapshot directory of a hub model, downloaded unless cached (or HF_HUB_OFFLINE)."""
+    import huggingface_hub
+    from huggingface_hub import errors
+
+    repo, rev = split_revision(name)
+    revision = revision or rev
+    try:
+        return Path(huggingface_hub.snapshot_download(repo, revision=revision, allow_patterns=ALLOW_PATTERNS))
+    except (errors.RepositoryNotFoundError, errors.GatedRepoError, errors.RevisionNotFoundError) as e:
+        raise HubDownloadError(
+            f"Hugging Face model {repo!r} (revision {revision or 'main'}) is not available: "
+            f"{type(e).__name__}: {_first_line(e)}. Check the id, and for gated or private repos "
+            "log in (`hf auth login`) or set HF_TOKEN"
+        ) from e
+    except Exception as e:  # LocalEntryNotFoundError (offline, not cached), network errors
+        raise HubDownloadError(
+            f"could not download Hugging Face model {repo!r} (revision {revision or 'main'}): "
+            f"{type(e).__name__}: {_first_line(e)}. To work offline, fetch it once with network "
+            f"(`hf download {repo}` or `jinfer convert {repo} OUT`) and then set HF_HUB_OFFLINE=1 "
+            "(files are found in the HF cache, HF_HOME / HF_HUB_CACHE), or pass a local directory "
+            "converted with `jinfer convert SRC OUT`"
+        ) from e
+
+
+def cached_model_dir(repo: str, commit: str, dtype: str) -> Path:
+    """Where the conversion of `repo` at `commit` in `dtype` lives in jinfer's cache."""
+    from jinfer.hub import jinfer_home
+
+    return jinfer_home() / "models" / "hf" / repo.replace("/", "--") / f"{commit}-{dtype}"
+
+
+def ensure_hub_model(name: str, dtype: str | None = None, progress: bool = True) -> Path:
+    """A jinfer model directory for hub id `name`, converted from the HF snapshot on first use."""
+    from jinfer.checkpoint import COMPLETE_MARKER
+    from jinfer.convert import convert
+    from jinfer.hub import _file_lock, _say
+
+    dtype = dtype or "float32"
+    if dtype not in ("float32", "bfloat16"):
+        raise ConfigError(f"dtype={dtype!r} is not supported for conversion; use 'float32' or 'bfloat16'")
+    repo, _ = split_revision(name)
+    snapshot = download_snapshot(name)
+    dest = cached_model_dir(repo, snapshot.name, dtype)
+    if (dest / COMPLETE_MARKER).is_file():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with _file_lock(dest.parent / f".{dest.name}.lock"):
+        if (dest / COMPLETE_MARKER).is_file():  # another process finished while we waited
+            return dest
+        _say(progress, f"jinfer: converting {repo}@{snapshot.name[:12]} to {dest} ({dtype}), once")
+        convert(snapshot, dest, dtype=dtype, progress=progress, overwrite=dest.exists())
+    return dest
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0].rstrip(".") if text else "no details"

@@ -1,0 +1,148 @@
+"""Hugging Face model ids through huggingface_hub, from a pre-populated local hub cache (no network).
+
+The cache is laid out as huggingface_hub writes it (models--org--name/{blobs,snapshots/<commit>,
+refs/main}) from the tiny llama_gqa fixture plus a word-level tokenizer, and HF_HUB_OFFLINE is on.
+"""
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from jinfer import hf_hub
+from jinfer.errors import JinferError
+
+FIXTURE = Path(__file__).parent / "fixtures" / "hf" / "llama_gqa"
+REPO = "tiny-org/tiny-llama"
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+WORDS = ["the", "cat", "sat", "on", "a", "mat", "dog", "ran"]
+
+
+def _tokenizer_json() -> str:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<unk>": 0, **{w: 10 + i for i, w in enumerate(WORDS)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return tok.to_str()
+
+
+def _write_hub_cache(hub_cache: Path) -> Path:
+    """models--tiny-org--tiny-llama with content-addressed blobs and snapshot symlinks."""
+    repo_dir = hub_cache / f"models--{REPO.replace('/', '--')}"
+    snapshot = repo_dir / "snapshots" / COMMIT
+    (repo_dir / "blobs").mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    files = {p.name: p.read_bytes() for p in FIXTURE.iterdir() if p.name != "golden.npz"}
+    files["tokenizer.json"] = _tokenizer_json().encode()
+    for name, data in files.items():
+        blob = repo_dir / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.write_bytes(data)
+        (snapshot / name).symlink_to(os.path.relpath(blob, snapshot))
+    (repo_dir / "refs").mkdir()
+    (repo_dir / "refs" / "main").write_text(COMMIT)
+    return snapshot
+
+
+@pytest.fixture
+def offline_hub(tmp_path, monkeypatch):
+    """A local HF cache and an empty JINFER_HOME; huggingface_hub offline (in this process too)."""
+    import huggingface_hub.constants as hf_constants
+
+    hf_home = tmp_path / "hf"
+    _write_hub_cache(hf_home / "hub")
+    env = {"HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1", "JINFER_HOME": str(tmp_path / "jinfer")}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    # huggingface_hub reads its environment at import: point the loaded module at the same cache.
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(hf_home / "hub"))
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
+    return env
+
+
+def _count_conversions(monkeypatch) -> list:
+    import jinfer.convert
+
+    calls = []
+    real = jinfer.convert.convert
+
+    def counting(src, out, **kw):
+        calls.append((Path(src), Path(out)))
+        return real(src, out, **kw)
+
+    monkeypatch.setattr(jinfer.convert, "convert", counting)
+    return calls
+
+
+def test_hub_id_converts_once_then_loads_from_jinfer_cache(offline_hub, monkeypatch):
+    from jinfer.checkpoint import COMPLETE_MARKER
+    from jinfer.llm import LLM
+    from jinfer.sampling import SamplingParams
+
+    calls = _count_conversions(monkeypatch)
+    golden = np.load(FIXTURE / "golden.npz")
+    prompt = [int(t) for t in golden["input_ids_0"]]
+    greedy = SamplingParams(temperature=0.0, max_tokens=8)
+
+    llm = LLM(REPO, max_batch=1, buckets=(16,))
+    expected_dir = Path(offline_hub["JINFER_HOME"]) / "models" / "hf" / "tiny-org--tiny-llama"
+    assert llm.path == expected_dir / f"{COMMIT}-float32"
+    assert len(calls) == 1 and calls[0][0].name == COMMIT  # converted from the hub snapshot
+    assert llm.engine.config.max_len == 128  # the model's context (defaults from the model)
+    assert llm.generate([prompt], greedy)[0].token_ids == [int(t) for t in golden["generated_0"]]
+    marker = llm.path / COMPLETE_MARKER
+    stamp = marker.stat().st_mtime_ns
+
+    again = LLM(REPO, max_batch=1, buckets=(16,))
+    assert len(calls) == 1, "second load converted again"
+    assert again.path == llm.path and marker.stat().st_mtime_ns == stamp
+    # The same id at an explicit revision and dtype is its own cache entry.
+    from jinfer.hub import resolve_model
+
+    bf16 = resolve_model(f"{REPO}@main", dtype="bfloat16", progress=False)
+    assert bf16 == expected_dir / f"{COMMIT}-bfloat16" and len(calls) == 2
+    assert json.loads((bf16 / "config.json").read_text())["dtype"] == "bfloat16"
+
+
+def test_cli_convert_and_generate_with_a_hub_id(offline_hub, tmp_path):
+    env = {**os.environ, **offline_hub, "PYTHONPATH": str(Path(__file__).parent.parent)}
+    cli = [sys.executable, "-m", "jinfer.cli", "--compilation-cache", "off"]
+    out = tmp_path / "converted"
+    run = dict(env=env, capture_output=True, text=True, timeout=300)
+    r = subprocess.run([*cli, "convert", REPO, str(out)], **run)
+    assert r.returncode == 0, r.stderr
+    assert json.loads((out / "config.json").read_text())["model_class"] == "Llama"
+    assert (out / "tokenizer.json").is_file()
+
+    gen = [*cli, "generate", "--model", REPO, "--raw", "--json", "--max-tokens", "3", "the cat sat"]
+    r = subprocess.run(gen, **run)
+    assert r.returncode == 0, r.stderr
+    row = json.loads(r.stdout.splitlines()[-1])
+    assert row["usage"] == {"prompt_tokens": 3, "completion_tokens": 3}
+    assert "converting" in r.stderr  # first use through the id: converted into jinfer's cache
+    assert (Path(offline_hub["JINFER_HOME"]) / "models" / "hf" / "tiny-org--tiny-llama").is_dir()
+
+
+def test_offline_and_not_cached_gives_a_clear_error(offline_hub, tmp_path):
+    from jinfer.convert import convert
+    from jinfer.llm import LLM
+
+    missing = "tiny-org/not-cached"
+    for attempt in (lambda: LLM(missing), lambda: convert(missing, tmp_path / "o")):
+        with pytest.raises(hf_hub.HubDownloadError, match="HF_HUB_OFFLINE=1") as info:
+            attempt()
+        assert "'tiny-org/not-cached'" in str(info.value) and isinstance(info.value, JinferError)
+    assert not (tmp_path / "o").exists()
+
+
+def test_repo_id_shapes():
+    assert hf_hub.is_repo_id("Qwen/Qwen3-0.6B") and hf_hub.is_repo_id("google/gemma-3-1b-it@main")
+    assert hf_hub.split_revision("org/name@v1.0") == ("org/name", "v1.0")
+    for not_an_id in ("./org/name", "/abs/path", "org/../x", "a/b/c", "smollm2-135m-instruct", "org/"):
+        assert not hf_hub.is_repo_id(not_an_id), not_an_id
