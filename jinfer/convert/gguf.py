@@ -33,6 +33,7 @@ from jinfer.errors import ConversionError, UnsupportedArchitectureError
 log = logging.getLogger("jinfer.convert")
 
 GGUF_MAGIC = b"GGUF"
+ROPE_FREQS = "rope_freqs.weight"
 _GGUF_TO_HF_ARCH = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 _LAYER_TENSORS = {
     "attn_q": "self_attn.q_proj",
@@ -47,8 +48,13 @@ _LAYER_TENSORS = {
 }
 _GLOBAL_TENSORS = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 _BLOCK = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
+TOKEN_TYPE_NORMAL = 1
+TOKEN_TYPE_UNKNOWN = 2
 TOKEN_TYPE_CONTROL = 3
 TOKEN_TYPE_USER_DEFINED = 4
+TOKEN_TYPE_BYTE = 6
+# tokenizer.ggml.model values: byte-level BPE ("gpt2") and SentencePiece ("llama").
+TOKENIZER_MODELS = ("gpt2", "llama")
 
 # Pre-tokenizer split patterns of llama.cpp's `tokenizer.ggml.pre` values (before byte-level mapping).
 _LLAMA3_SPLIT = (
@@ -129,10 +135,10 @@ class GGUFSource:
         self._tensors = {}
         for t in reader.tensors:
             hf_name = gguf_tensor_to_hf(t.name)
+            if t.name == ROPE_FREQS:  # read into the config's rope_scaling (hf_config_from_gguf)
+                continue
             if hf_name is None:
-                raise UnsupportedArchitectureError(
-                    f"{path}: GGUF tensor {t.name!r} is not supported (e.g. rope_freqs = llama3 RoPE scaling)"
-                )
+                raise UnsupportedArchitectureError(f"{path}: GGUF tensor {t.name!r} is not supported")
             self._tensors[hf_name] = t
 
     def names(self) -> list[str]:
@@ -192,9 +198,92 @@ def hf_config_from_gguf(reader: Any, path: Path) -> dict[str, Any]:
         }
     elif scaling not in ("none", None):
         raise UnsupportedArchitectureError(
-            f"{path}: GGUF rope scaling {scaling!r} is not supported (only linear)"
+            f"{path}: GGUF rope scaling {scaling!r} is not supported (only linear, and llama3 via rope_freqs)"
         )
+    if ROPE_FREQS in names:  # Llama 3.1+: per-frequency divisors instead of scaling metadata
+        t = names[ROPE_FREQS]
+        factors = dequantize_tensor(t.data, t.tensor_type).reshape(-1)
+        try:
+            rope = llama3_rope_from_factors(factors, cfg["head_dim"], cfg["rope_theta"])
+        except UnsupportedArchitectureError as e:
+            raise UnsupportedArchitectureError(f"{path}: {e}") from e
+        if rope is not None:
+            cfg["rope_scaling"] = rope
     return cfg
+
+
+# -- Llama 3.1 rope_freqs ------------------------------------------------------------------------------
+def llama3_rope_from_factors(factors: np.ndarray, head_dim: int, theta: float) -> dict[str, Any] | None:
+    """HF llama3 rope_scaling reproducing llama.cpp's `rope_freqs` divisors ([head_dim // 2]).
+
+    Frequency i is divided by 1 (short wavelengths), by `factor` (long ones), or in between by
+    1 / ((1 - s) / factor + s) with s linear in 1 / wavelength. The divisors fix `factor` and the
+    band edges only as ratios to original_max_position_embeddings, so low_freq_factor is taken as
+    1 (Meta's value) and the rest solved from the band; with fewer than two points inside the band
+    any edges between the neighbouring frequencies give the same RoPE, and the midpoints are used.
+    The result is checked by recomputing the divisors. None when every divisor is 1 (no scaling);
+    UnsupportedArchitectureError when the divisors are not of the llama3 form.
+    """
+    f = np.asarray(factors, np.float64).reshape(-1)
+    u = 1.0 / (2 * np.pi * theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+    if f.shape != u.shape or not np.all(np.isfinite(f)) or f.min() <= 0:
+        raise UnsupportedArchitectureError(
+            f"rope_freqs has shape {f.shape} / values that are not positive divisors for head_dim {head_dim}"
+        )
+    factor = float(f.max())
+    if np.allclose(f, 1.0, rtol=1e-6):
+        return None
+    one, full = np.isclose(f, 1.0, rtol=1e-6), np.isclose(f, factor, rtol=1e-6)
+    band = ~(one | full)
+    s = (1 / f[band] - 1 / factor) / (1 - 1 / factor)
+    lo, hi = _llama3_band(u, s, band, one, full)
+    old_len = 1.0 / lo
+    if abs(old_len - round(old_len)) < 1e-3 * old_len:
+        old_len = float(round(old_len))
+    rope = {  # 7 significant digits: float32 divisors carry no more, and 4.000000018 reads as 4
+        "rope_type": "llama3",
+        "factor": _round7(factor),
+        "low_freq_factor": _round7(lo * old_len),
+        "high_freq_factor": _round7(hi * old_len),
+        "original_max_position_embeddings": _round7(old_len),
+    }
+    if old_len.is_integer():
+        rope["original_max_position_embeddings"] = int(old_len)
+    if not np.allclose(_llama3_divisors(u, rope), f, rtol=1e-4):
+        raise UnsupportedArchitectureError(
+            "rope_freqs divisors do not follow Llama 3.1's llama3 RoPE scaling (1, factor, and a smooth "
+            "band between); this RoPE variant is not supported"
+        )
+    return rope
+
+
+def _round7(x: float) -> float:
+    return float(f"{float(x):.7g}")
+
+
+def _llama3_band(u: np.ndarray, s: np.ndarray, band: np.ndarray, one: np.ndarray, full: np.ndarray):
+    """(lo, hi): the band's edges in inverse wavelength, per unit original context length."""
+    if band.sum() >= 2:
+        slope, intercept = np.polyfit(u[band], s, 1)
+        lo = -intercept / slope
+        return lo, lo + 1 / slope
+    below = u[full].max() if full.any() else 0.0  # slowed by `factor`: inverse wavelength < lo
+    above = u[one].min() if one.any() else 2 * u.max()  # kept: inverse wavelength > hi
+    if band.sum() == 1:
+        u1, s1 = float(u[band][0]), float(s[0])
+        width = 0.5 * min((u1 - below) / max(s1, 1e-12), (above - u1) / max(1 - s1, 1e-12))
+        return u1 - s1 * width, u1 + (1 - s1) * width
+    gap = above - below
+    return below + gap / 3, below + 2 * gap / 3
+
+
+def _llama3_divisors(u: np.ndarray, rope: dict[str, Any]) -> np.ndarray:
+    old, factor = rope["original_max_position_embeddings"], rope["factor"]
+    low, high = rope["low_freq_factor"], rope["high_freq_factor"]
+    wavelen = 1 / u
+    smooth = (old / wavelen - low) / (high - low)
+    mid = 1 / ((1 - smooth) / factor + smooth)
+    return np.where(wavelen < old / high, 1.0, np.where(wavelen > old / low, factor, mid))
 
 
 # -- tokenizer ---------------------------------------------------------------------------------------
@@ -204,25 +293,40 @@ def tokenizer_files_from_gguf(reader: Any, path: Path) -> dict[str, Any]:
     if model is None:
         log.warning("%s has no tokenizer metadata: the converted model will accept token ids only", path)
         return {}
-    if model != "gpt2":
+    if model not in TOKENIZER_MODELS:
         raise ConversionError(
-            f"{path}: GGUF tokenizer model {model!r} is not supported yet (only byte-level BPE, 'gpt2'); "
-            "convert the original Hugging Face checkpoint instead"
+            f"{path}: GGUF tokenizer model {model!r} is not supported; supported: {sorted(TOKENIZER_MODELS)} "
+            "(byte-level BPE, SentencePiece); convert the original Hugging Face checkpoint instead"
         )
     tokens = list(field(reader, "tokenizer.ggml.tokens"))
     types = list(field(reader, "tokenizer.ggml.token_type", [1] * len(tokens)))
-    tok = build_bpe_tokenizer(
-        tokens,
-        list(field(reader, "tokenizer.ggml.merges", [])),
-        types,
-        field(reader, "tokenizer.ggml.pre", "default"),
-    )
+    if model == "llama":
+        tok = build_spm_tokenizer(
+            tokens,
+            list(field(reader, "tokenizer.ggml.scores", [0.0] * len(tokens))),
+            types,
+            add_space_prefix=bool(field(reader, "tokenizer.ggml.add_space_prefix", True)),
+            remove_extra_whitespaces=bool(field(reader, "tokenizer.ggml.remove_extra_whitespaces", False)),
+        )
+    else:
+        tok = build_bpe_tokenizer(
+            tokens,
+            list(field(reader, "tokenizer.ggml.merges", [])),
+            types,
+            field(reader, "tokenizer.ggml.pre", "default"),
+        )
     special = {
         k: field(reader, f"tokenizer.ggml.{k}_token_id", None) for k in ("bos", "eos", "padding", "unknown")
     }
-    if field(reader, "tokenizer.ggml.add_bos_token", False) and special["bos"] is not None:
-        _add_bos_processor(tok, tokens[special["bos"]], int(special["bos"]))
-    tok_cfg: dict[str, Any] = {"add_bos_token": bool(field(reader, "tokenizer.ggml.add_bos_token", False))}
+    # SentencePiece models add <s> unless told otherwise (llama.cpp's default for "llama" vocabs).
+    add_bos = bool(field(reader, "tokenizer.ggml.add_bos_token", model == "llama"))
+    add_eos = bool(field(reader, "tokenizer.ggml.add_eos_token", False))
+    _add_special_processor(
+        tok,
+        (tokens[special["bos"]], int(special["bos"])) if add_bos and special["bos"] is not None else None,
+        (tokens[special["eos"]], int(special["eos"])) if add_eos and special["eos"] is not None else None,
+    )
+    tok_cfg: dict[str, Any] = {"add_bos_token": add_bos}
     for key, hf_key in (
         ("bos", "bos_token"),
         ("eos", "eos_token"),
@@ -283,11 +387,82 @@ def build_bpe_tokenizer(tokens: list[str], merges: list[str], token_types: list[
     return tok
 
 
-def _add_bos_processor(tok: Any, bos: str, bos_id: int) -> None:
+def build_spm_tokenizer(
+    tokens: list[str],
+    scores: list[float],
+    token_types: list[int],
+    add_space_prefix: bool = True,
+    remove_extra_whitespaces: bool = False,
+) -> Any:
+    """A `tokenizers` BPE equivalent to a SentencePiece (BPE) vocabulary, as llama.cpp reads it.
+
+    SentencePiece merges the adjacent pair whose joined piece has the highest score; the BPE merge
+    list therefore holds every split (a, b) of each normal piece into two vocabulary pieces, ranked
+    by the joined piece's score. Spaces become `▁` and, with `add_space_prefix`, each text segment
+    gets a leading `▁` (llama.cpp adds it at the start and after every special token). Characters
+    outside the vocabulary fall back to `<0xXX>` byte tokens when the vocabulary has them, else to
+    the unknown token. Control and unknown tokens become special added tokens, user-defined ones
+    plain added tokens (matched whole, before segmentation).
+    """
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers
+
+    if len(scores) != len(tokens) or len(token_types) != len(tokens):
+        raise ConversionError(
+            f"SentencePiece vocabulary: {len(tokens)} tokens but {len(scores)} scores and "
+            f"{len(token_types)} token types"
+        )
+    vocab: dict[str, int] = {}
+    for i, t in enumerate(tokens):
+        vocab.setdefault(t, i)  # a duplicated piece keeps its first id, as SentencePiece does
+    normal = {t for t, ty in zip(tokens, token_types, strict=True) if ty == TOKEN_TYPE_NORMAL}
+    ranked = sorted(
+        (i for i, t in enumerate(tokens) if token_types[i] == TOKEN_TYPE_NORMAL and len(t) > 1),
+        key=lambda i: (-scores[i], i),
+    )
+    merges = [
+        (t[:k], t[k:])
+        for t in (tokens[i] for i in ranked)
+        for k in range(1, len(t))
+        if t[:k] in normal and t[k:] in normal
+    ]
+    unk = next((tokens[i] for i, ty in enumerate(token_types) if ty == TOKEN_TYPE_UNKNOWN), None)
+    byte_fallback = any(ty == TOKEN_TYPE_BYTE for ty in token_types)
+    tok = Tokenizer(
+        models.BPE(vocab=vocab, merges=merges, unk_token=unk, fuse_unk=True, byte_fallback=byte_fallback)
+    )
+    steps = []
+    if remove_extra_whitespaces:
+        steps += [normalizers.Strip(left=True, right=True), normalizers.Replace(Regex(" {2,}"), " ")]
+    if add_space_prefix:
+        steps.append(normalizers.Prepend("\u2581"))
+    steps.append(normalizers.Replace(" ", "\u2581"))
+    tok.normalizer = normalizers.Sequence(steps)
+    decode = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+    if add_space_prefix:
+        decode.append(decoders.Strip(content=" ", left=1, right=0))
+    tok.decoder = decoders.Sequence(decode)
+    added = (TOKEN_TYPE_CONTROL, TOKEN_TYPE_UNKNOWN, TOKEN_TYPE_USER_DEFINED)
+    tok.add_special_tokens(
+        [
+            AddedToken(t, special=ty != TOKEN_TYPE_USER_DEFINED, normalized=False)
+            for t, ty in zip(tokens, token_types, strict=True)
+            if ty in added
+        ]
+    )
+    return tok
+
+
+def _add_special_processor(tok: Any, bos: tuple[str, int] | None, eos: tuple[str, int] | None) -> None:
+    """Adds `bos` before and `eos` after every encoding (when given)."""
     from tokenizers import processors
 
+    if bos is None and eos is None:
+        return
+    pre, post = (f"{bos[0]} " if bos else ""), (f" {eos[0]}" if eos else "")
     tok.post_processor = processors.TemplateProcessing(
-        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, bos_id)]
+        single=f"{pre}$A{post}",
+        pair=f"{pre}$A{post} {pre}$B{post}",
+        special_tokens=sorted({x for x in (bos, eos) if x is not None}, key=lambda x: x[1]),
     )
 
 
