@@ -562,6 +562,7 @@ class ModelDirInfo:
     dtype: str
     params: tuple[ParamInfo, ...]
     mesh: dict[str, int] | None = None
+    source: str | None = None  # the checkpoint's family, e.g. "Qwen2ForCausalLM (qwen2, from gguf)"
 
     @property
     def param_count(self) -> int:
@@ -583,6 +584,8 @@ class ModelDirInfo:
             f"model dir: {self.path}",
             f"model_class: {self.model_class} ({self.framework}, {self.task})  dtype: {self.dtype}",
         ]
+        if self.source:
+            lines.append(f"converted from: {self.source}")
         mesh_text = None
         if self.mesh is not None:
             mesh_text = ",".join(f"{k}={v}" for k, v in self.mesh.items())
@@ -659,7 +662,19 @@ def describe_model_dir(
         dtype=str(meta.get("dtype")),
         params=tuple(infos),
         mesh=None if mesh is None else dict(mesh.shape),
+        source=_source_text(meta),
     )
+
+
+def _source_text(meta: Mapping[str, Any]) -> str | None:
+    """ "Qwen2ForCausalLM (qwen2, from gguf)" from config.json's conversion record, if any."""
+    source = meta.get("source")
+    if not isinstance(source, Mapping) or not source.get("architecture"):
+        return None
+    detail = [str(source["model_type"])] if source.get("model_type") else []
+    if meta.get("source_format"):
+        detail.append(f"from {meta['source_format']}")
+    return f"{source['architecture']} ({', '.join(detail)})" if detail else str(source["architecture"])
 
 
 def flatten_params_axes(axes_tree: Any) -> dict[str, tuple[str | None, ...]]:

@@ -262,6 +262,8 @@ def test_llama31_rope_freqs_gguf_matches_hf_golden_logits(tmp_path):
     out = convert(_write_llama31_gguf(tmp_path / "llama31.gguf"), tmp_path / "out", progress=False)
     scaling = dict(json.loads((out / "config.json").read_text())["config"]["rope_scaling"])
     assert scaling["rope_type"] == "llama3" and scaling["factor"] == pytest.approx(8.0)
+    info = checkpoint.inspect_model_dir(out)
+    assert "converted from: LlamaForCausalLM (llama, from gguf)" in info
     for i in (0, 1):
         expected = golden[f"logits_{i}"]
         diff = np.abs(_logits(out, golden[f"input_ids_{i}"]) - expected).max()

@@ -138,7 +138,9 @@ class GGUFSource:
             if t.name == ROPE_FREQS:  # read into the config's rope_scaling (hf_config_from_gguf)
                 continue
             if hf_name is None:
-                raise UnsupportedArchitectureError(f"{path}: GGUF tensor {t.name!r} is not supported")
+                raise UnsupportedArchitectureError(
+                    f"{path}: GGUF tensor {t.name!r} is not supported for architecture {arch!r}"
+                )
             self._tensors[hf_name] = t
 
     def names(self) -> list[str]:

@@ -334,7 +334,8 @@ def convert_source(
     model = FlaxModel(spec, config)
     np_dtype = _np_dtype(dtype)
     params = convert_tensors(model, param_map, source, arch, np_dtype, progress)
-    meta = {"source": {"architecture": arch.hf_name}, **dict(extra_config or {})}
+    source = {"architecture": arch.hf_name, "model_type": hf_config.get("model_type")}
+    meta = {"source": source, **dict(extra_config or {})}
     if quantize:
         from jinfer import quant
 
