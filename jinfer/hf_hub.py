@@ -22,6 +22,8 @@ log = logging.getLogger("jinfer.hub")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*/[A-Za-z0-9][A-Za-z0-9_.\-]*(@[A-Za-z0-9_.\-/]+)?$")
 # What a conversion reads: configs, weights, tokenizer and sentence-transformers module files.
 ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model"]  # fnmatch: * spans "/"
+# Second copies of the weights some repos carry next to the transformers ones (Mistral, Llama 3).
+IGNORE_PATTERNS = ["consolidated*", "original/*"]
 
 
 class HubDownloadError(JinferError):
@@ -47,7 +49,11 @@ def download_snapshot(name: str, revision: str | None = None) -> Path:
     repo, rev = split_revision(name)
     revision = revision or rev
     try:
-        return Path(huggingface_hub.snapshot_download(repo, revision=revision, allow_patterns=ALLOW_PATTERNS))
+        return Path(
+            huggingface_hub.snapshot_download(
+                repo, revision=revision, allow_patterns=ALLOW_PATTERNS, ignore_patterns=IGNORE_PATTERNS
+            )
+        )
     except (errors.RepositoryNotFoundError, errors.GatedRepoError, errors.RevisionNotFoundError) as e:
         raise HubDownloadError(
             f"Hugging Face model {repo!r} (revision {revision or 'main'}) is not available: "

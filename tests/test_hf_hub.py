@@ -32,21 +32,39 @@ def _tokenizer_json() -> str:
     return tok.to_str()
 
 
-def _write_hub_cache(hub_cache: Path) -> Path:
-    """models--tiny-org--tiny-llama with content-addressed blobs and snapshot symlinks."""
-    repo_dir = hub_cache / f"models--{REPO.replace('/', '--')}"
+def _write_hub_repo(hub_cache: Path, repo: str, files: dict[str, bytes]) -> Path:
+    """models--org--name with content-addressed blobs, snapshot symlinks and refs/main."""
+    repo_dir = hub_cache / f"models--{repo.replace('/', '--')}"
     snapshot = repo_dir / "snapshots" / COMMIT
     (repo_dir / "blobs").mkdir(parents=True)
-    snapshot.mkdir(parents=True)
-    files = {p.name: p.read_bytes() for p in FIXTURE.iterdir() if p.name != "golden.npz"}
-    files["tokenizer.json"] = _tokenizer_json().encode()
     for name, data in files.items():
         blob = repo_dir / "blobs" / hashlib.sha256(data).hexdigest()
         blob.write_bytes(data)
-        (snapshot / name).symlink_to(os.path.relpath(blob, snapshot))
+        (snapshot / name).parent.mkdir(parents=True, exist_ok=True)
+        (snapshot / name).symlink_to(os.path.relpath(blob, (snapshot / name).parent))
     (repo_dir / "refs").mkdir()
     (repo_dir / "refs" / "main").write_text(COMMIT)
     return snapshot
+
+
+def _write_hub_cache(hub_cache: Path) -> None:
+    files = {p.name: p.read_bytes() for p in FIXTURE.iterdir() if p.name != "golden.npz"}
+    files["tokenizer.json"] = _tokenizer_json().encode()
+    _write_hub_repo(hub_cache, REPO, files)
+    # A sentence-transformers repo: the tiny BERT fixture with mean pooling and normalization.
+    bert = FIXTURE.parent / "bert"
+    st_files = {p.name: p.read_bytes() for p in bert.iterdir() if p.name != "golden.npz"}
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
+    ]
+    st_files["modules.json"] = json.dumps(modules).encode()
+    st_files["1_Pooling/config.json"] = json.dumps(
+        {"word_embedding_dimension": 64, "pooling_mode_mean_tokens": True, "pooling_mode_cls_token": False}
+    ).encode()
+    st_files["sentence_bert_config.json"] = json.dumps({"max_seq_length": 48}).encode()
+    _write_hub_repo(hub_cache, "tiny-org/tiny-st", st_files)
 
 
 @pytest.fixture
@@ -146,3 +164,16 @@ def test_repo_id_shapes():
     assert hf_hub.split_revision("org/name@v1.0") == ("org/name", "v1.0")
     for not_an_id in ("./org/name", "/abs/path", "org/../x", "a/b/c", "smollm2-135m-instruct", "org/"):
         assert not hf_hub.is_repo_id(not_an_id), not_an_id
+
+
+def test_embedder_with_a_sentence_transformers_hub_id(offline_hub):
+    from jinfer.embed import Embedder
+
+    golden = np.load(FIXTURE.parent / "bert" / "golden.npz")
+    pairs = zip(golden["input_ids"], golden["attention_mask"], strict=True)
+    rows = [ids[mask.astype(bool)].tolist() for ids, mask in pairs]
+    emb = Embedder("tiny-org/tiny-st")
+    assert (emb.pooling, emb.normalize, emb.max_seq_length) == ("mean", True, 48)
+    assert emb.engine.buckets.max_seq_len == 48  # buckets follow max_seq_length
+    got = emb.embed(rows)
+    np.testing.assert_allclose(got, golden["mean_pooled_normalized"], atol=1e-5)
