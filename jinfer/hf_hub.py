@@ -62,7 +62,8 @@ def download_snapshot(name: str, revision: str | None = None) -> Path:
         ) from e
     except Exception as e:  # LocalEntryNotFoundError (offline, not cached), network errors
         raise HubDownloadError(
-            f"could not download Hugging Face model {repo!r} (revision {revision or 'main'}): "
+            f"{name!r} is no local directory, and the Hugging Face model {repo!r} "
+            f"(revision {revision or 'main'}) could not be downloaded: "
             f"{type(e).__name__}: {_first_line(e)}. To work offline, fetch it once with network "
             f"(`hf download {repo}` or `jinfer convert {repo} OUT`) and then set HF_HUB_OFFLINE=1 "
             "(files are found in the HF cache, HF_HOME / HF_HUB_CACHE), or pass a local directory "
