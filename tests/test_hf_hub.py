@@ -63,7 +63,8 @@ def _write_hub_cache(hub_cache: Path) -> None:
     st_files["1_Pooling/config.json"] = json.dumps(
         {"word_embedding_dimension": 64, "pooling_mode_mean_tokens": True, "pooling_mode_cls_token": False}
     ).encode()
-    st_files["sentence_bert_config.json"] = json.dumps({"max_seq_length": 48}).encode()
+    st_files["sentence_bert_config.json"] = json.dumps({"max_seq_length": 48, "do_lower_case": True}).encode()
+    st_files["tokenizer.json"] = _tokenizer_json().encode()  # case-sensitive word level
     _write_hub_repo(hub_cache, "tiny-org/tiny-st", st_files)
 
 
@@ -177,3 +178,9 @@ def test_embedder_with_a_sentence_transformers_hub_id(offline_hub):
     assert emb.engine.buckets.max_seq_len == 48  # buckets follow max_seq_length
     got = emb.embed(rows)
     np.testing.assert_allclose(got, golden["mean_pooled_normalized"], atol=1e-5)
+    # do_lower_case: text is lowercased before the (case-sensitive) tokenizer, as sentence-transformers does.
+    upper, lower, ids = emb.embed(["THE Cat sat", "the cat sat", [10, 11, 12]])
+    np.testing.assert_allclose(upper, ids, atol=1e-6)
+    np.testing.assert_allclose(lower, ids, atol=1e-6)
+    long = emb.embed([" ".join(["the cat"] * 40)])  # 80 words, truncated to max_seq_length = 48
+    np.testing.assert_allclose(long[0], emb.embed([[10, 11] * 24])[0], atol=1e-6)
