@@ -23,7 +23,7 @@ import torch
 from transformers import MixtralConfig, MixtralForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import make_golden as G  # noqa: E402
+import make_golden as G
 
 
 def mixtral_config() -> MixtralConfig:

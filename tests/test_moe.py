@@ -233,3 +233,15 @@ def test_zero_compiles_after_warmup_with_random_prompts(converted):
         outs = llm.generate(prompts, params)
     assert c.count == 0
     assert [len(o.token_ids) for o in outs] == [p.max_tokens for p in params]
+
+
+def test_inspect_shows_per_device_expert_bytes(converted):
+    from jinfer.checkpoint import describe_model_dir
+
+    info = describe_model_dir(converted["mixtral"], "data=2,expert=4")
+    experts = [p for p in info.params if p.logical_axes and p.logical_axes[0] == "expert"]
+    assert len(experts) == 2 * 3  # gate, up, down in both layers
+    total = sum(p.nbytes for p in experts)
+    assert all(p.per_device_bytes * 4 == p.nbytes for p in experts)
+    assert f"expert weights: 6 arrays, {total} bytes" in info.render()
+    assert f"per device on mesh data=2,expert=4: {total // 4} bytes" in info.render()

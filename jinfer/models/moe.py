@@ -22,15 +22,16 @@ Call contract: as jinfer.models.llama (`(tokens, positions, cache) -> (normed hi
 Einsum letters: as jinfer.models.llama, plus e experts, m tokens (b * t flattened), a assignments
 (m * top_k), f expert hidden size (moe_intermediate_size).
 
-Parameters beyond Llama's (L = layer, E = num_experts; HF names of Mixtral / Qwen3-MoE):
+Parameters beyond Llama's (HF names: Mixtral `model.layers.{i}.block_sparse_moe.` + X, Qwen3-MoE
+`model.layers.{i}.mlp.` + Y; one HF tensor per expert j, stacked on the leading axis):
 
-| jinfer path                   | shape     | Mixtral tensor                              | Qwen3-MoE tensor                 |
-|-------------------------------|-----------|---------------------------------------------|----------------------------------|
-| layers/{i}/moe/router         | [d, e]    | ...block_sparse_moe.gate.weight             | ...mlp.gate.weight               |
-| layers/{i}/moe/gate           | [e, d, f] | ...block_sparse_moe.experts.{j}.w1.weight   | ...mlp.experts.{j}.gate_proj.weight |
-| layers/{i}/moe/up             | [e, d, f] | ...block_sparse_moe.experts.{j}.w3.weight   | ...mlp.experts.{j}.up_proj.weight   |
-| layers/{i}/moe/down           | [e, f, d] | ...block_sparse_moe.experts.{j}.w2.weight   | ...mlp.experts.{j}.down_proj.weight |
-| layers/{i}/attn/q_norm, k_norm| [h]       | -                                           | ...self_attn.{q,k}_norm.weight   |
+| jinfer path                    | shape     | X (Mixtral)                 | Y (Qwen3-MoE)                  |
+|--------------------------------|-----------|-----------------------------|--------------------------------|
+| layers/{i}/moe/router          | [d, e]    | gate.weight                 | gate.weight                    |
+| layers/{i}/moe/gate            | [e, d, f] | experts.{j}.w1.weight       | experts.{j}.gate_proj.weight   |
+| layers/{i}/moe/up              | [e, d, f] | experts.{j}.w3.weight       | experts.{j}.up_proj.weight     |
+| layers/{i}/moe/down            | [e, f, d] | experts.{j}.w2.weight       | experts.{j}.down_proj.weight   |
+| layers/{i}/{q,k}_norm (Qwen3)  | [h]       | -                           | (self_attn.{q,k}_norm.weight)  |
 
 Expert weights carry the logical axis "expert" (default rule: the mesh axis "expert", e.g.
 `make_mesh("data=2,expert=4")`: each device holds num_experts / 4 whole experts; on a mesh without
@@ -182,7 +183,7 @@ def grouped_experts(
     (`jax.lax.ragged_dot`, group sizes = assignments per expert); results are scattered back and
     summed per token in expert order.
     """
-    m, k = experts.shape
+    k = experts.shape[1]
     flat = experts.reshape(-1)  # [a]
     order = jnp.argsort(flat, stable=True)
     token = order // k
