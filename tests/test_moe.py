@@ -128,9 +128,11 @@ def test_grouped_dispatch_equals_dense_and_a_loop_over_chosen_experts():
     down = jnp.asarray(rng.standard_normal((e, f, d), np.float32))
     weights, experts = moe.route(x, router, k, normalize=True)
     np.testing.assert_allclose(weights.sum(-1), 1.0, rtol=1e-6)
-    grouped = moe.grouped_experts(x, gate, up, down, weights, experts)
     dense = moe.dense_experts(x, gate, up, down, weights, experts)
+    grouped = moe.grouped_experts(x, gate, up, down, weights, experts)
     np.testing.assert_allclose(grouped, dense, rtol=1e-5, atol=1e-5)
+    tiled = moe.tiled_experts(x, gate, up, down, weights, experts)
+    np.testing.assert_allclose(tiled, dense, rtol=1e-5, atol=1e-5)
     xs, ws, es = np.asarray(x), np.asarray(weights), np.asarray(experts)
     loop = np.zeros((m, d), np.float32)
     for t in range(m):
@@ -149,9 +151,9 @@ def test_router_ties_pick_lower_expert_index_and_stay_per_token():
     np.testing.assert_allclose(weights, 1 / 6, rtol=1e-6)
 
 
-def test_prefill_then_decode_equals_full_forward_both_dispatches():
-    for dispatch in moe.DISPATCHES:
-        config = dataclasses.replace(TINY, dispatch=dispatch, qk_norm=dispatch == "dense", sparse_step=1)
+def test_prefill_then_decode_equals_full_forward_every_dispatch():
+    for dispatch in ("tiled", "ragged", "dense"):
+        config = dataclasses.replace(TINY, dispatch=dispatch, qk_norm=dispatch == "dense")
         _, params, step = _tiny(config)
         tokens = jnp.asarray(np.random.default_rng(2).integers(0, 128, (2, 8), dtype=np.int32))
         full, _ = step(params, tokens, _positions(2, 0, 8))

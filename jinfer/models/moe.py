@@ -7,10 +7,11 @@ all or some layers, a sparse mixture of SwiGLU experts:
            expert index first), renormalised to sum to 1 when `norm_topk_prob` (always for Mixtral);
   experts: y = sum_j probs_j * down_e(silu(x @ gate_e) * (x @ up_e)) over the token's chosen experts.
 
-Only the chosen experts are computed (`grouped_experts`): the (token, expert) assignments are
-sorted by expert and each expert's rows run through one grouped matmul (`jax.lax.ragged_dot`).
-`dense_experts` computes every expert for every token and is kept as the measured baseline
-(scripts/bench_moe.py) and as a cross-check in the tests.
+Only the chosen experts are computed: the (token, expert) assignments are sorted by expert, then
+either each expert's rows run through one grouped matmul (`grouped_experts`, `jax.lax.ragged_dot`:
+TPU/GPU) or fixed-size tiles of rows run one expert each (`tiled_experts`: CPU, where ragged_dot
+is expanded into a dense product). `dense_experts` computes every expert for every token and is
+kept as the measured baseline (scripts/bench_moe.py) and as a cross-check in the tests.
 
 Qwen3-MoE adds a per-head RMSNorm on q and k (before RoPE) and places experts on the layers with
 (i + 1) % decoder_sparse_step == 0 that are not in `mlp_only_layers` (the others keep a dense SwiGLU
@@ -53,7 +54,7 @@ from jinfer.models import layers as L
 from jinfer.models.llama import RopeScaling, normalize_rope_scaling
 from jinfer.models.registry import ModelSpec, register
 
-DISPATCHES = ("grouped", "dense")
+DISPATCHES = ("auto", "tiled", "ragged", "dense")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,8 +65,10 @@ class MoEConfig:
       in mlp_only_layers (Qwen3-MoE's decoder_sparse_step; Mixtral: every layer).
     norm_topk_prob: renormalise the top-k router probabilities to sum to 1.
     qk_norm: per-head RMSNorm of q and k before RoPE (Qwen3).
-    dispatch: "grouped" (only the chosen experts, grouped matmuls) or "dense" (every expert, the
-      baseline); both give the same values up to float rounding.
+    dispatch: how tokens reach their experts (same values up to float rounding): "tiled" (only the
+      chosen experts, sorted into fixed-size tiles: `tiled_experts`), "ragged" (only the chosen
+      experts, `jax.lax.ragged_dot`: `grouped_experts`), "dense" (every expert on every token, the
+      baseline), "auto" (ragged on TPU/GPU, tiled on CPU).
     """
 
     vocab_size: int = 32000
@@ -88,7 +91,7 @@ class MoEConfig:
     tie_word_embeddings: bool = False
     max_position_embeddings: int = 4096
     sliding_window: int | None = None
-    dispatch: str = "grouped"
+    dispatch: str = "auto"
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
@@ -175,24 +178,76 @@ def route(x: jax.Array, router: jax.Array, top_k: int, normalize: bool) -> tuple
 def grouped_experts(
     x: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array, weights: jax.Array, experts: jax.Array
 ) -> jax.Array:
-    """Computes only the chosen experts: x [m, d], gate/up [e, d, f], down [e, f, d], weights and
-    experts [m, k] -> [m, d].
+    """Computes only the chosen experts with `jax.lax.ragged_dot`: x [m, d], gate/up [e, d, f],
+    down [e, f, d], weights and experts [m, k] -> [m, d].
 
-    The m * k assignments are sorted by expert (stable, so a token's rows keep their order) and
-    each expert's contiguous rows are multiplied by that expert's weights in one grouped matmul
-    (`jax.lax.ragged_dot`, group sizes = assignments per expert); results are scattered back and
-    summed per token in expert order.
+    The m * k assignments are sorted by expert (stable) so each expert's rows are contiguous, and
+    one grouped matmul per projection runs them (group sizes = assignments per expert). TPU and GPU
+    lower ragged_dot to grouped kernels; XLA:CPU expands it into a masked dense product over all
+    experts plus a copy of the weights (measured slower than `dense_experts`), so the CPU default
+    is `tiled_experts`.
     """
     k = experts.shape[1]
     flat = experts.reshape(-1)  # [a]
     order = jnp.argsort(flat, stable=True)
-    token = order // k
     sizes = jnp.bincount(flat, length=gate.shape[0]).astype(jnp.int32)
-    rows = x[token]  # [a, d], grouped by expert
+    rows = x[order // k]  # [a, d], grouped by expert
     hidden = jax.nn.silu(jax.lax.ragged_dot(rows, gate, sizes)) * jax.lax.ragged_dot(rows, up, sizes)
-    out = jax.lax.ragged_dot(hidden, down, sizes)  # [a, d]
-    out = out * weights.reshape(-1)[order][:, None]
-    return jnp.zeros_like(x).at[token].add(out)
+    out = (
+        jnp.zeros((flat.shape[0], x.shape[-1]), x.dtype)
+        .at[order]
+        .set(jax.lax.ragged_dot(hidden, down, sizes))
+    )
+    return _mix(out.reshape(*experts.shape, -1), weights)
+
+
+def tiled_experts(
+    x: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array, weights: jax.Array, experts: jax.Array
+) -> jax.Array:
+    """Computes only the chosen experts in fixed-size tiles: same contract as `grouped_experts`.
+
+    The assignments are sorted by expert and each expert's rows padded to whole tiles of `T` rows
+    (T = assignments per expert on average, at most 8: one row per tile at batch 1). A loop runs
+    over the tiles in use; each tile multiplies its [T, d] rows by its one expert's weights, read
+    in place (`dynamic_index`), so a step reads the chosen experts only (batch-1 decode: top_k of
+    num_experts weights). Every tile has the same shape whatever the routing, so a row's bits do
+    not depend on which rows share its tile (tested).
+    """
+    m, k = experts.shape
+    e, d = gate.shape[0], x.shape[-1]
+    a = m * k
+    tile = max(1, min(8, a // e))
+    n_tiles = (a + min(e, a) * (tile - 1)) // tile  # bound: each non-empty group wastes < 1 tile
+    flat = experts.reshape(-1)
+    order = jnp.argsort(flat, stable=True)  # sorted position -> assignment
+    sorted_expert = flat[order]
+    sizes = jnp.bincount(flat, length=e)
+    tiles = (sizes + tile - 1) // tile
+    tile_end = jnp.cumsum(tiles)
+    rank = jnp.arange(a) - (jnp.cumsum(sizes) - sizes)[sorted_expert]
+    slot = (tile_end - tiles)[sorted_expert] * tile + rank  # sorted position -> padded row
+    token = jnp.full((n_tiles * tile,), m, jnp.int32).at[slot].set(order // k)  # padded rows: token m
+    tile_expert = jnp.minimum(jnp.searchsorted(tile_end, jnp.arange(n_tiles), side="right"), e - 1)
+    rows = jnp.concatenate([x, jnp.zeros((1, d), x.dtype)])[token].reshape(n_tiles, tile, d)
+
+    def run_tile(i, out):
+        w_gate, w_up, w_down = (
+            jax.lax.dynamic_index_in_dim(w, tile_expert[i], 0, False) for w in (gate, up, down)
+        )
+        h = jax.nn.silu(jnp.dot(rows[i], w_gate)) * jnp.dot(rows[i], w_up)
+        return jax.lax.dynamic_update_index_in_dim(out, jnp.dot(h, w_down), i, 0)
+
+    out = jax.lax.fori_loop(0, tile_end[-1], run_tile, jnp.zeros((n_tiles, tile, d), x.dtype))
+    per_assignment = out.reshape(n_tiles * tile, d)[jnp.zeros(a, jnp.int32).at[order].set(slot)]
+    return _mix(per_assignment.reshape(m, k, d), weights)
+
+
+def _mix(outputs: jax.Array, weights: jax.Array) -> jax.Array:
+    """outputs [m, k, d], weights [m, k] -> [m, d], summed in top-k order (per token, fixed)."""
+    total = outputs[:, 0] * weights[:, :1]
+    for j in range(1, outputs.shape[1]):
+        total = total + outputs[:, j] * weights[:, j : j + 1]
+    return total
 
 
 def dense_experts(
@@ -201,8 +256,16 @@ def dense_experts(
     """The baseline: every expert on every token, then the chosen ones weighted and summed."""
     hidden = jax.nn.silu(jnp.einsum("md,edf->mef", x, gate)) * jnp.einsum("md,edf->mef", x, up)
     out = jnp.einsum("mef,efd->med", hidden, down)  # [m, e, d]
-    mix = jnp.zeros(out.shape[:2], x.dtype).at[jnp.arange(x.shape[0])[:, None], experts].add(weights)
-    return jnp.einsum("med,me->md", out, mix)
+    return _mix(jnp.take_along_axis(out, experts[:, :, None], axis=1), weights)
+
+
+_DISPATCH = {"tiled": tiled_experts, "ragged": grouped_experts, "dense": dense_experts}
+
+
+def _resolve_dispatch(dispatch: str) -> str:
+    if dispatch != "auto":
+        return dispatch
+    return "tiled" if jax.default_backend() == "cpu" else "ragged"
 
 
 class MoE(nnx.Module):
@@ -223,8 +286,9 @@ class MoE(nnx.Module):
         c = self.config
         flat = x.reshape(-1, x.shape[-1])
         weights, experts = route(flat, self.router[...], c.num_experts_per_tok, c.norm_topk_prob)
-        run = grouped_experts if c.dispatch == "grouped" else dense_experts
-        y = run(flat, self.gate[...], self.up[...], self.down[...], weights, experts)
+        y = _DISPATCH[_resolve_dispatch(c.dispatch)](
+            flat, self.gate[...], self.up[...], self.down[...], weights, experts
+        )
         return y.reshape(x.shape)
 
 
