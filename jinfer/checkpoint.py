@@ -610,6 +610,14 @@ class ModelDirInfo:
         if self.mesh is not None:
             per_device = self.per_device_bytes
             lines.append(f"per device on mesh {mesh_text}: {per_device} bytes ({_human(per_device)})")
+        experts = [p for p in self.params if p.logical_axes and p.logical_axes[0] == "expert"]
+        if experts:
+            total = sum(p.nbytes for p in experts)
+            text = f"expert weights: {len(experts)} arrays, {total} bytes ({_human(total)})"
+            if self.mesh is not None:
+                mine = sum(p.per_device_bytes or 0 for p in experts)
+                text += f"; per device on mesh {mesh_text}: {mine} bytes ({_human(mine)})"
+            lines.append(text)
         return "\n".join(lines)
 
 

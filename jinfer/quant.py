@@ -41,6 +41,9 @@ def reduced_axes(logical_axes: tuple[str | None, ...]) -> tuple[int, ...] | None
     """Axes a weight's scale is reduced over, or None when the leaf is not quantized."""
     if len(logical_axes) < 2:
         return None
+    if logical_axes[0] == "expert":  # stacked experts: each expert's weight like a dense one
+        inner = reduced_axes(logical_axes[1:])
+        return None if inner is None else tuple(i + 1 for i in inner)
     if "vocab" in logical_axes:
         keep = logical_axes.index("vocab")
         return tuple(i for i in range(len(logical_axes)) if i != keep)
@@ -152,7 +155,7 @@ def _out_major_layout(names: tuple[str | None, ...]) -> tuple[tuple[int, ...], i
     keeps its layout (1-D leaves, tables already [vocab, d], lookup tables with an unnamed axis such
     as GPT-2's positions)."""
     axes = reduced_axes(names)
-    if axes is None or None in names:
+    if axes is None or None in names or names[0] == "expert":  # experts feed grouped matmuls as stored
         return None
     perm = tuple(i for i in range(len(names)) if i not in axes) + tuple(axes)
     if perm == tuple(range(len(names))):

@@ -90,6 +90,7 @@ DEFAULT_RULES: tuple[tuple[str, MeshAxes], ...] = (
     ("batch", "data"),
     ("embed", None),
     ("mlp", "model"),
+    ("expert", "expert"),
     ("heads", "model"),
     ("kv_heads", "model"),
     ("head_dim", None),

@@ -63,6 +63,8 @@ ARCHITECTURES: dict[str, Architecture] = {
         Architecture("LlamaForCausalLM", "Llama", _LLAMA),
         Architecture("MistralForCausalLM", "Llama", _LLAMA),
         Architecture("Qwen2ForCausalLM", "Llama", _LLAMA),
+        Architecture("MixtralForCausalLM", "MoE", "jinfer.models.moe"),
+        Architecture("Qwen3MoeForCausalLM", "MoE", "jinfer.models.moe"),
         Architecture("GPT2LMHeadModel", "GPT2", "jinfer.models.gpt2", (("transformer.", ""),)),
         Architecture("GPT2Model", "GPT2", "jinfer.models.gpt2", (("transformer.", ""),)),
         Architecture("BertModel", "Bert", "jinfer.models.bert", (("", "bert."),)),
@@ -73,6 +75,8 @@ _MODEL_TYPE_DEFAULT = {
     "llama": "LlamaForCausalLM",
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
+    "mixtral": "MixtralForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
     "gpt2": "GPT2LMHeadModel",
     "bert": "BertModel",
 }
@@ -240,6 +244,8 @@ def _check_shape(
     jpath: str, hf_name: str, transform: str, tensor: np.ndarray, shape: tuple[int, ...]
 ) -> None:
     src = tensor.shape[::-1] if transform == "transpose" else tensor.shape
+    if transform == "expert_transpose":
+        src = (*tensor.shape[:-2], tensor.shape[-1], tensor.shape[-2])
     if transform.startswith("split3_") and src:
         src = (*src[:-1], src[-1] // 3)
     ok = math.prod(src) == math.prod(shape) and (
@@ -278,14 +284,10 @@ def convert_tensors(
     for p, x in _progress(leaves, progress, f"converting {model.spec.name}"):
         jpath = path_str(p)
         hf_name, transform = param_map[jpath]
-        name = _resolve_name(hf_name, available, arch)
-        if name is None:
-            raise MissingTensorError(
-                f"tensor {hf_name!r} (for jinfer param {jpath!r} of {arch.hf_name}) not found; searched "
-                f"{source.describe()} ({len(available)} tensors)"
-            )
-        used.add(name)
-        tensor = source.read(name)
+        names = [_find_tensor(n, jpath, available, source, arch) for n in _stacked_names(hf_name, x.shape)]
+        used.update(names)
+        name = names[0]
+        tensor = source.read(name) if len(names) == 1 else np.stack([source.read(n) for n in names])
         _check_shape(jpath, name, transform, tensor, tuple(x.shape))
         converted = np.asarray(apply_hf_transform(transform, tensor, x.shape)).astype(dtype, copy=False)
         # Hand Orbax jax arrays: it would otherwise copy every numpy leaf to a device at save time,
@@ -296,6 +298,25 @@ def convert_tensors(
     if unused:
         log.info("ignored %d source tensors not used by %s: %s", len(unused), model.spec.name, unused[:8])
     return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def _stacked_names(hf_name: str, shape: tuple[int, ...]) -> list[str]:
+    """One tensor name, or for a name with "{expert}" one per expert (the param's leading axis)."""
+    if "{expert}" not in hf_name:
+        return [hf_name]
+    return [hf_name.format(expert=j) for j in range(shape[0])]
+
+
+def _find_tensor(
+    hf_name: str, jpath: str, available: set[str], source: TensorSource, arch: Architecture
+) -> str:
+    name = _resolve_name(hf_name, available, arch)
+    if name is None:
+        raise MissingTensorError(
+            f"tensor {hf_name!r} (for jinfer param {jpath!r} of {arch.hf_name}) not found; searched "
+            f"{source.describe()} ({len(available)} tensors)"
+        )
+    return name
 
 
 def _progress(items: list, enabled: bool, desc: str) -> Iterable:

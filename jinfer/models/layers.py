@@ -471,7 +471,7 @@ def vocab_logits(hidden: jax.Array, table: jax.Array, tied: bool) -> jax.Array:
 # -- Hugging Face tensor transforms ---------------------------------------------------------------
 # hf_param_map(config) in each model module returns {jinfer_path: (hf_name, transform)}; the
 # transform names below are the whole vocabulary, applied by `apply_hf_transform`.
-HF_TRANSFORMS = ("reshape", "transpose", "split3_0", "split3_1", "split3_2")
+HF_TRANSFORMS = ("reshape", "transpose", "split3_0", "split3_1", "split3_2", "expert_transpose")
 HFParamMap = dict[str, tuple[str, str]]
 
 
@@ -479,12 +479,15 @@ def apply_hf_transform(transform: str, tensor: np.ndarray, shape: Sequence[int])
     """Turns a Hugging Face tensor into the jinfer param of `shape`.
 
     "reshape": reshape only (identity when shapes match). "transpose": torch nn.Linear weight
-    [out, in] -> [in, out], then reshape. "split3_i": the i-th third of the last axis (GPT-2's fused
+    [out, in] -> [in, out], then reshape. "expert_transpose": the same for each expert of a stack
+    [e, out, in]. "split3_i": the i-th third of the last axis (GPT-2's fused
     c_attn = [q | k | v]), then reshape.
     """
     tensor = np.asarray(tensor)
     if transform == "transpose":
         tensor = tensor.T
+    elif transform == "expert_transpose":  # stacked per-expert Linear weights [e, out, in] -> [e, in, out]
+        tensor = np.swapaxes(tensor, -1, -2)
     elif transform.startswith("split3_"):
         tensor = np.split(tensor, 3, axis=-1)[int(transform[-1])]
     elif transform != "reshape":
