@@ -1,0 +1,235 @@
+"""Hostile and careless inputs: every poison line is one error row, bad flags and paths are one-line
+errors with the documented exit codes, and the engine keeps its reference output afterwards."""
+
+import errno
+import io
+import json
+
+import pytest
+
+from jinfer import cli
+from jinfer.batch import records, run_batch
+from jinfer.errors import InvalidSamplingParamsError
+from jinfer.sampling import SamplingParams
+from jinfer.testing import make_tiny_llm_dir
+
+GREEDY = SamplingParams(max_tokens=4, temperature=0.0)
+ENGINE = ["--max-batch", "4", "--max-len", "64", "--buckets", "16,32", "--no-progress"]
+
+# Each poison line (a raw line of the input) and the error code of its row.
+POISON = {
+    "overflow_stop_id": (
+        '{"custom_id": "p1", "prompt": "hi", "stop_token_ids": [1000000000000]}',
+        "invalid_sampling_params",
+    ),
+    "deep_json": (
+        '{"custom_id": "p2", "prompt": "hi", "x": ' + "[" * 1000 + "]" * 1000 + "}",
+        "invalid_json",
+    ),
+    "deep_json_no_id": ("[" * 100000 + "]" * 100000, "invalid_json"),
+    "stop_id_outside_vocab": (
+        '{"custom_id": "p3", "prompt": "hi", "stop_token_ids": [100000]}',
+        "invalid_token",
+    ),
+    "huge_max_tokens": (
+        '{"custom_id": "p4", "prompt": "hi", "max_tokens": 1e400}',
+        "invalid_sampling_params",
+    ),
+    "huge_int_max_tokens": (
+        '{"custom_id": "p5", "prompt": "hi", "max_tokens": ' + "9" * 40 + "}",
+        "invalid_sampling_params",
+    ),
+    "huge_top_k": ('{"custom_id": "p6", "prompt": "hi", "top_k": 1000000000000}', "invalid_sampling_params"),
+    "huge_n": ('{"custom_id": "p7", "prompt": "hi", "n": 1000000000}', "invalid_sampling_params"),
+    "stop_not_list": ('{"custom_id": "p8", "prompt": "hi", "stop": 5}', "invalid_sampling_params"),
+    "stop_ids_string": (
+        '{"custom_id": "p9", "prompt": "hi", "stop_token_ids": "12"}',
+        "invalid_sampling_params",
+    ),
+    "float_stop_id": (
+        '{"custom_id": "p10", "prompt": "hi", "stop_token_ids": [1.5]}',
+        "invalid_sampling_params",
+    ),
+    "prompt_id_too_big": ('{"custom_id": "p11", "prompt": [1, 100000000000000000000]}', "invalid_token"),
+    "negative_prompt_id": ('{"custom_id": "p12", "prompt": [1, -3]}', "invalid_token"),
+    "float_prompt_id": ('{"custom_id": "p13", "prompt": [1, 2.5]}', "invalid_request"),
+    "nan_temperature": (
+        '{"custom_id": "p14", "prompt": "hi", "temperature": NaN}',
+        "invalid_sampling_params",
+    ),
+    "negative_seed": ('{"custom_id": "p15", "prompt": "hi", "seed": -5}', "invalid_sampling_params"),
+    "messages_not_list": ('{"custom_id": "p16", "messages": "hello"}', "invalid_request"),
+    "bad_utf8": (b'{"custom_id": "p17", "prompt": "\xff\xfe"}', "invalid_json"),
+    "ignore_eos_string": (
+        '{"custom_id": "p18", "prompt": "hi", "ignore_eos": "yes"}',
+        "invalid_sampling_params",
+    ),
+    "huge_number_literal": (
+        '{"custom_id": "p19", "prompt": "hi", "seed": ' + "1" * 5000 + "}",
+        "invalid_json",
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return make_tiny_llm_dir(tmp_path_factory.mktemp("model") / "tiny")
+
+
+def _write(path, lines):
+    with open(path, "wb") as f:
+        for line in lines:
+            f.write((line if isinstance(line, bytes) else line.encode()) + b"\n")
+    return path
+
+
+def _valid(n):
+    return [json.dumps({"custom_id": f"ok{i}", "prompt": "The quick brown fox " * (1 + i)}) for i in range(n)]
+
+
+def _rows(path):
+    return [json.loads(x) for x in path.read_bytes().splitlines()]
+
+
+def _main(capsys, *argv):
+    code = cli.main(["--compilation-cache", "off", *argv])
+    return code, capsys.readouterr().err
+
+
+def test_run_batch_poison_lines_each_give_one_error_row_and_rerun_changes_nothing(
+    model_dir, tmp_path, capsys
+):
+    valid = _valid(3)
+    lines = [valid[0], *(p[0] for p in POISON.values()), valid[1], valid[2]]
+    inp = _write(tmp_path / "in.jsonl", lines)
+    out = tmp_path / "out.jsonl"
+    argv = ["run-batch", "--model", str(model_dir), "--input", str(inp), "--output", str(out), *ENGINE]
+    code, err = _main(capsys, *argv, "--max-tokens", "4", "--temperature", "0")
+    assert code == 0, err
+    rows = _rows(out)
+    assert len(rows) == len(lines)
+    ok = {r["custom_id"]: r for r in rows if r["error"] is None}
+    assert sorted(ok) == ["ok0", "ok1", "ok2"] and all(
+        r["usage"]["completion_tokens"] >= 1 for r in ok.values()
+    )
+    codes = {r["error"]["line"]: r["error"]["code"] for r in rows if r["error"] is not None}
+    expected = {i + 2: code for i, (_, code) in enumerate(POISON.values())}
+    assert codes == expected
+    assert all(len(r["error"]["message"]) < 700 for r in rows if r["error"])
+    before = out.read_bytes()
+    code, err = _main(capsys, *argv, "--max-tokens", "4", "--temperature", "0")
+    assert code == 0 and out.read_bytes() == before, err
+
+
+def test_overlong_line_is_skipped_with_bounded_memory(model_dir, tmp_path, monkeypatch):
+    from jinfer.batch import files
+    from jinfer.llm import LLM
+
+    monkeypatch.setattr(records, "MAX_LINE_BYTES", 1000)
+    monkeypatch.setattr(files, "MAX_LINE_BYTES", 1000)
+    long_line = json.dumps({"custom_id": "long", "prompt": "x" * 5000})
+    inp = _write(tmp_path / "in.jsonl", [_valid(1)[0], long_line, _valid(2)[1]])
+    got = list(files.iter_lines(inp))
+    assert (
+        [n for n, _ in got] == [1, 2, 3]
+        and len(got[1][1]) == 1001
+        and got[2][1].startswith(b'{"custom_id": "ok1"')
+    )
+    llm = LLM(model_dir, max_batch=2, max_len=64, buckets=(16, 32))
+    summary = run_batch(llm, inp, tmp_path / "out.jsonl", GREEDY, progress=False)
+    rows = _rows(tmp_path / "out.jsonl")
+    assert summary.ok == 2 and summary.failed == 1
+    (bad,) = [r for r in rows if r["error"]]
+    assert bad["error"] == {"code": "line_too_long", "message": bad["error"]["message"], "line": 2}
+
+
+def test_sampling_params_reject_out_of_range_values_with_their_error():
+    for bad in (
+        {"stop_token_ids": [10**12]},
+        {"stop_token_ids": [-1]},
+        {"stop_token_ids": ["a"]},
+        {"stop_token_ids": 7},
+        {"max_tokens": 10**9},
+        {"top_k": 2**40},
+        {"n": 10**6},
+        {"temperature": float("inf")},
+        {"temperature": float("nan")},
+        {"logprobs": 10**12},
+        {"stop": 3},
+        {"stop": ["x"] * 1000},
+        {"ignore_eos": "no"},
+    ):
+        with pytest.raises(InvalidSamplingParamsError, match=next(iter(bad))):
+            SamplingParams(**bad)
+    assert SamplingParams(stop_token_ids=[2**31 - 1], top_k=-1).stop_token_ids == (2**31 - 1,)
+
+
+def test_cli_usage_errors_are_one_line_with_exit_2(model_dir, tmp_path, capsys, monkeypatch):
+    inp = _write(tmp_path / "in.jsonl", _valid(2))
+    base = ["run-batch", "--model", str(model_dir), "--input", str(inp)]
+    for flags, needle in (
+        (["--max-batch", "0"], "--max-batch"),
+        (["--window", "-1"], "--window"),
+        (["--max-len", "x"], "--max-len"),
+        (["--buckets", "16,x"], "--buckets"),
+        (["--flush-seconds", "nan"], "--flush-seconds"),
+    ):
+        code, err = _main(capsys, *base, "--output", str(tmp_path / "o.jsonl"), *flags)
+        assert code == 2 and err.startswith("jinfer: error:") and needle in err, (flags, err)
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    # Output paths are checked before the model loads (a bad model path would fail later).
+    for output, needle in (
+        (tmp_path / "missing" / "o.jsonl", "does not exist"),
+        (tmp_path, "is a directory"),
+        ("/sys/jinfer-hostile.jsonl", "not writable"),
+        (inp, "is the input file"),
+    ):
+        argv = [
+            "run-batch",
+            "--model",
+            str(tmp_path / "no-model"),
+            "--input",
+            str(inp),
+            "--output",
+            str(output),
+        ]
+        code, err = _main(capsys, *argv, "--force")
+        assert code == 2 and needle in err and len(err.strip().splitlines()) == 1, err
+    assert inp.read_bytes().count(b"\n") == 2
+    monkeypatch.setattr("sys.stdin", io.StringIO("\n  \n"))
+    code, err = _main(capsys, "generate", "--model", str(tmp_path / "no-model"))
+    assert code == 2 and "no prompt" in err
+    code, err = _main(capsys, "generate", "--model", str(model_dir), "--max-batch", "0", "hi")
+    assert code == 2 and "--max-batch" in err
+
+
+def test_cli_runtime_errors_exit_1_and_debug_shows_traceback(tmp_path, capsys):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / ".jinfer_complete").write_text("{}")
+    (bad / "config.json").write_text("{not json")
+    code, err = _main(capsys, "generate", "--model", str(bad), "hi")
+    assert code == 1 and err.startswith("jinfer: error:") and "config.json" in err and "Traceback" not in err
+    with pytest.raises(Exception, match="not valid JSON"):
+        cli.main(["--compilation-cache", "off", "generate", "--model", str(bad), "hi", "--debug"])
+
+
+def test_disk_full_says_how_to_resume(model_dir, tmp_path, capsys, monkeypatch):
+    from jinfer.batch import files
+
+    def full(self):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "out.jsonl"))
+
+    monkeypatch.setattr(files.RowWriter, "flush", full)
+    inp = _write(tmp_path / "in.jsonl", _valid(2))
+    argv = [
+        "run-batch",
+        "--model",
+        str(model_dir),
+        "--input",
+        str(inp),
+        "--output",
+        str(tmp_path / "out.jsonl"),
+    ]
+    code, err = _main(capsys, *argv, *ENGINE, "--max-tokens", "2")
+    assert code == 3 and "no space left on device" in err and "rerun the same command to resume" in err
