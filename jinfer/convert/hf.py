@@ -184,6 +184,8 @@ def read_safetensors_header(path: Path) -> dict[str, _TensorRecord]:
 def _tensor_record(path: Path, name: str, info: Any, data_start: int, size: int) -> _TensorRecord:
     try:
         dtype, shape, (begin, end) = info["dtype"], tuple(int(d) for d in info["shape"]), info["data_offsets"]
+        if min(shape, default=0) < 0 or not isinstance(begin, int) or not isinstance(end, int):
+            raise ValueError("negative dimension or non-integer offsets")
     except (KeyError, TypeError, ValueError) as e:
         raise ConversionError(f"{path}: corrupt safetensors header entry for {name!r}: {info!r}") from e
     if dtype not in _SAFETENSORS_DTYPES:
@@ -203,6 +205,17 @@ def _tensor_record(path: Path, name: str, info: Any, data_start: int, size: int)
     return _TensorRecord(path, np_dtype, shape, data_start + begin)
 
 
+def _shard_path(index: Path, model_dir: Path, name: Any) -> Path:
+    """A shard named by the index, refused unless it is a file name inside `model_dir`."""
+    from jinfer.errors import CheckpointError
+    from jinfer.integrity import inside
+
+    try:
+        return inside(model_dir, name)
+    except CheckpointError as e:
+        raise ConversionError(f"{index}: shard {name!r} is not a file inside {model_dir}; refused") from e
+
+
 def safetensors_files(model_dir: Path) -> list[Path]:
     """The weight files of a HF directory: the sharded index's files, else every *.safetensors."""
     index = model_dir / "model.safetensors.index.json"
@@ -211,7 +224,7 @@ def safetensors_files(model_dir: Path) -> list[Path]:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise ConversionError(f"{index}: corrupt sharded-checkpoint index: {e}") from e
-        files = [model_dir / f for f in dict.fromkeys(weight_map.values())]
+        files = [_shard_path(index, model_dir, f) for f in dict.fromkeys(weight_map.values())]
         missing = [str(f) for f in files if not f.is_file()]
         if missing:
             raise CheckpointNotFoundError(f"{index} lists shard(s) that do not exist: {', '.join(missing)}")
