@@ -110,16 +110,18 @@ class LLM:
         **engine_options: Any,
     ):
         from jinfer import checkpoint
+        from jinfer.memory import plan_llm_memory
 
         path = _resolve(model)
         flax_model = checkpoint.load_model(path)
         mesh = make_mesh(mesh) if isinstance(mesh, str) else mesh
+        gen_config = _generation_config(max_batch, max_len, buckets, decode_steps, engine_options)
+        plan_llm_memory(flax_model, gen_config, mesh, dtype)  # before anything is allocated
         params = checkpoint.restore_params(path, flax_model, mesh=mesh, rules=rules, dtype=dtype)
         if quantize and flax_model.quantization is None:
             flax_model, params = _quantize_loaded(flax_model, params, quantize, mesh, rules)
         tokenizer = Tokenizer.from_dir(path) if (path / "tokenizer.json").is_file() else None
         gen_defaults = _read_json(path / "generation_config.json")
-        gen_config = _generation_config(max_batch, max_len, buckets, decode_steps, engine_options)
         del model
         self._setup(flax_model, params, tokenizer, gen_config, mesh, rules, gen_defaults, layout, owned=True)
         self.path = path

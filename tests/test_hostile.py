@@ -515,3 +515,62 @@ def test_hostile_chat_templates_fail_fast_with_template_error(model_dir, tmp_pat
     tok = Tokenizer.from_dir(model_dir)
     ok = tok.render_chat([{"role": "user", "content": "hi"}])
     assert "hi" in ok and issubclass(TemplateError, ValueError)
+
+
+# -- wrong results without an error: Engine inputs ------------------------------------------------
+def test_engine_rejects_ids_outside_the_table_wide_ints_bool_and_complex():
+    import numpy as np
+
+    from jinfer.buckets import Buckets
+    from jinfer.engine import Engine
+    from jinfer.errors import InputError
+    from jinfer.modeling import FlaxModel
+    from jinfer.models.classifiers import TextClassifierConfig
+
+    cfg = TextClassifierConfig(vocab_size=64, embed_dim=16, hidden_dim=32, num_layers=1, num_classes=4)
+    model = FlaxModel.from_name("TextClassifier", cfg)
+    engine = Engine(model, model.init_params(seed=0), buckets=Buckets(batch_sizes=(1, 2), seq_lens=(8,)))
+    good = np.array([1, 2, 3])
+    reference = engine.predict([good])[0]
+    cases = {
+        "beyond the table": (np.array([1, 64]), r"token id 64; accepted: ids in \[0, 64\)"),
+        "negative": (np.array([-1, 3]), r"token id -1"),
+        "int64 above 2**31": (np.array([1, 2**31 + 2], np.int64), r"token id 2147483650"),
+        "bool": (np.array([True, False]), "dtype bool"),
+        "complex": (np.array([1 + 2j, 3]), "dtype complex128"),
+        "strings": (np.array(["a", "b"]), "dtype <U1"),
+    }
+    for name, (example, needle) in cases.items():
+        with pytest.raises(InputError, match=needle):
+            engine.predict([example])
+        with pytest.raises(InputError, match=needle):
+            engine.submit(example)
+        assert np.array_equal(engine.predict([good])[0], reference), name
+    assert np.array_equal(engine.submit(good).result(timeout=60), reference)
+    engine.close()
+
+
+# -- memory planned before it is used -------------------------------------------------------------
+def test_engine_that_does_not_fit_says_the_largest_max_batch(model_dir, monkeypatch):
+    import re as re_
+
+    from jinfer import memory
+    from jinfer.llm import LLM
+
+    monkeypatch.setattr(memory, "host_available_bytes", lambda: 10 << 20)
+    allocated = []
+    monkeypatch.setattr(checkpoint, "restore_params", lambda *a, **k: allocated.append(1))
+    with pytest.raises(
+        memory.MemoryPlanError, match=r"largest max_batch that fits with max_len=1024 is (\d+)"
+    ) as e:
+        LLM(model_dir, max_batch=256, max_len=1024)
+    assert not allocated  # refused before any parameter was restored
+    largest = int(re_.search(r"is (\d+)$", str(e.value)).group(1))
+    assert 1 <= largest < 256 and "host RAM" in str(e.value)
+    monkeypatch.undo()
+    monkeypatch.setattr(memory, "host_available_bytes", lambda: 10 << 20)
+    llm = LLM(model_dir, max_batch=largest, max_len=1024, buckets=(16,))
+    out = llm.generate("hi", SamplingParams(max_tokens=2, temperature=0.0))[0]
+    assert len(out.token_ids) == 2
+    with pytest.raises(memory.MemoryPlanError, match="even max_batch=1 does not fit"):
+        LLM(model_dir, max_batch=1, max_len=1 << 20, buckets=(16,))
