@@ -327,6 +327,8 @@ class LLM:
             self._need_tokenizer("chat messages")
             return self.tokenizer.encode_chat(prompt)
         try:
+            if any(isinstance(t, (bool, np.bool_)) or not isinstance(t, (int, np.integer)) for t in prompt):
+                raise TypeError("token ids must be integers")  # 1.5 or True would pass int()
             return [int(t) for t in prompt]
         except (TypeError, ValueError) as e:
             raise InputError(
@@ -392,6 +394,11 @@ def _as_prompt_list(prompts) -> list[Prompt]:
         return [prompts]  # one chat conversation
     if isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], (int, np.integer)):
         return [prompts]  # one list of token ids
+    if not isinstance(prompts, Sequence):
+        raise InputError(
+            f"prompts is a {type(prompts).__name__}; expected a string, a list of token ids, chat messages, "
+            "or a list of those"
+        )
     return list(prompts)
 
 
