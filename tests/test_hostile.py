@@ -591,3 +591,16 @@ def test_engine_that_does_not_fit_says_the_largest_max_batch(model_dir, monkeypa
     assert len(out.token_ids) == 2
     with pytest.raises(memory.MemoryPlanError, match="even max_batch=1 does not fit"):
         LLM(model_dir, max_batch=1, max_len=1 << 20, buckets=(16,))
+
+
+def test_bad_safetensors_shape_is_one_line_error(tmp_path, capsys):
+    import shutil
+    import struct
+
+    src = Path(__file__).parent / "fixtures" / "hf" / "llama_gqa"
+    hf_dir = Path(shutil.copytree(src, tmp_path / "hf"))
+    header = json.dumps({"w": {"dtype": "F32", "shape": [-2, -2], "data_offsets": [0, 16]}}).encode()
+    (hf_dir / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 16)
+    code, err = _main(capsys, "convert", str(hf_dir), str(tmp_path / "out"))
+    assert code == 1 and "corrupt safetensors header entry for 'w'" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
