@@ -224,8 +224,8 @@ def safetensors_files(model_dir: Path) -> list[Path]:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise ConversionError(f"{index}: corrupt sharded-checkpoint index: {e}") from e
-        if not isinstance(weight_map, dict):
-            raise ConversionError(f"{index}: 'weight_map' is a {type(weight_map).__name__}, not an object")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise ConversionError(f"{index}: 'weight_map' must be an object of tensor name -> file name")
         files = [_shard_path(index, model_dir, f) for f in dict.fromkeys(weight_map.values())]
         missing = [str(f) for f in files if not f.is_file()]
         if missing:
