@@ -134,14 +134,14 @@ def ensure_known_model(name: str, progress: bool = True) -> Path:
 def _usable(dest: Path) -> bool:
     """A finished conversion whose manifest this jinfer accepts. A cache converted by an older
     jinfer (its integrity.json does not cover config/tokenizer files) is converted again."""
+    import json
+
     from jinfer.checkpoint import COMPLETE_MARKER
     from jinfer.integrity import UnverifiedCheckpointError, check_manifest
 
     if not (dest / COMPLETE_MARKER).is_file():
         return False
     try:
-        import json
-
         check_manifest(dest, json.loads((dest / "integrity.json").read_text()))
     except UnverifiedCheckpointError:
         log.warning("jinfer: %s was converted by an older jinfer; converting it again", dest)

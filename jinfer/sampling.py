@@ -108,7 +108,7 @@ class SamplingParams:
             raise bad("seed", "None or an integer in [0, 2**63)")
         logprobs = self.logprobs
         if logprobs is not None and (not _is_int(logprobs) or not 0 <= logprobs <= MAX_TOKEN_ID):
-            raise bad("logprobs", "None or an integer >= 0")
+            raise bad("logprobs", f"None or an integer in [0, {MAX_TOKEN_ID}]")
         if self.stop is not None and (
             len(self.stop) > MAX_STOP_STRINGS
             or not all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in self.stop)
