@@ -376,9 +376,14 @@ def test_safetensors_index_cannot_leave_the_model_directory(tmp_path):
     shutil.copy(hf_dir / "model.safetensors", secret)  # a real safetensors file outside the dir
     weight_map = {"model.embed_tokens.weight": "../../x"}
     (hf_dir / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
-    with pytest.raises(ConversionError, match=r"shard '\.\./\.\./x' is not a file inside"):
+    with pytest.raises(ConversionError, match=r"'\.\./\.\./x' is not a path inside"):
         convert(hf_dir, tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
+    (hf_dir / "model.safetensors.index.json").unlink()
+    modules = [{"type": "sentence_transformers.models.Transformer", "path": "/etc"}]
+    (hf_dir / "modules.json").write_text(json.dumps(modules))
+    with pytest.raises(ConversionError, match=r"modules\.json: '/etc' is not a path inside"):
+        convert(hf_dir, tmp_path / "out", progress=False)
 
 
 def test_pull_pins_the_package_version_and_the_file_hash(tmp_path):

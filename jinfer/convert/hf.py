@@ -206,14 +206,14 @@ def _tensor_record(path: Path, name: str, info: Any, data_start: int, size: int)
 
 
 def _shard_path(index: Path, model_dir: Path, name: Any) -> Path:
-    """A shard named by the index, refused unless it is a file name inside `model_dir`."""
+    """A file named by `index` (a metadata file), refused unless it stays inside `model_dir`."""
     from jinfer.errors import CheckpointError
     from jinfer.integrity import inside
 
     try:
         return inside(model_dir, name)
     except CheckpointError as e:
-        raise ConversionError(f"{index}: shard {name!r} is not a file inside {model_dir}; refused") from e
+        raise ConversionError(f"{index}: {name!r} is not a path inside {model_dir}; refused") from e
 
 
 def safetensors_files(model_dir: Path) -> list[Path]:
@@ -399,7 +399,9 @@ def sentence_transformers_layout(root: Path) -> tuple[Path, dict[str, Any]]:
         return root, {"pooling": "cls", "normalize": False}
     weights_dir, pooling, normalize = root, "cls", False
     for module in json.loads(modules_file.read_text()):
-        kind, sub = str(module.get("type", "")), root / module.get("path", "")
+        rel = module.get("path", "") if isinstance(module, dict) else None
+        kind = str(module.get("type", "")) if isinstance(module, dict) else ""
+        sub = _shard_path(modules_file, root, rel) if rel else root  # metadata paths stay inside
         if kind.endswith("models.Transformer"):
             weights_dir = sub if (sub / "config.json").is_file() else root
         elif kind.endswith("models.Pooling"):
