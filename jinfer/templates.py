@@ -6,16 +6,18 @@ attribute escapes; on top of it `BoundedSandbox` bounds what a template can make
     MAX_OBJECT_CHARS characters/items (or 4096-bit integers) -> refused before computing;
   - any call with an integer argument above MAX_OBJECT_CHARS (`"x".center(10**9)`) or whose
     result is larger than MAX_OBJECT_CHARS -> refused;
-  - at most MAX_STEPS executed template lines (loops included) and MAX_OUTPUT_CHARS of output.
+  - at most MAX_RENDER_SECONDS of rendering (a timer interrupts loops of any shape, at no cost per
+    step) and MAX_OUTPUT_CHARS of output.
 Every violation, and every other failure of the template, is a `TemplateError` naming the limit.
 """
 
 from __future__ import annotations
 
+import ctypes
 import datetime
 import json
 import operator
-import sys
+import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -26,7 +28,7 @@ from jinfer.errors import InputError
 
 MAX_OUTPUT_CHARS = 2 << 20
 MAX_OBJECT_CHARS = 4 << 20
-MAX_STEPS = 1_000_000
+MAX_RENDER_SECONDS = 2.0
 MAX_EXPONENT = 256
 MAX_INT_BITS = 4096
 
@@ -90,40 +92,62 @@ def compile_chat_template(
         raise TemplateError(f"chat template does not compile: {e}") from e
 
 
-class _StepBudget:
-    """A per-thread trace function that stops a render after MAX_STEPS lines of template code."""
+class _RenderTimeout(Exception):
+    """Raised asynchronously in the rendering thread when its time budget is spent."""
 
-    def __init__(self, limit: int):
-        self.left = limit
 
-    def __call__(self, frame, event, arg):
-        if frame.f_code.co_filename != "<template>":
-            return None  # trace only the template's own compiled code
-        if event == "line":
-            self.left -= 1
-            if self.left < 0:
-                raise TemplateError(f"chat template ran more than {MAX_STEPS:,} steps (a runaway loop?)")
+class _Deadline:
+    """Interrupts the current thread with _RenderTimeout after `seconds` (a timer thread sets an
+    asynchronous exception, delivered between two bytecodes: a loop of any shape stops, at no cost
+    per step). Leaving the block in time cancels it, and clears an exception set but not yet
+    delivered, so nothing fires outside the block."""
+
+    def __init__(self, seconds: float):
+        self.seconds, self.lock, self.active, self.fired = seconds, threading.Lock(), False, False
+        self.thread_id = threading.get_ident()
+
+    def _fire(self) -> None:
+        with self.lock:
+            if self.active:
+                self.fired = True
+                ctypes.pythonapi.PyThreadState_SetAsyncExc(
+                    ctypes.c_ulong(self.thread_id), ctypes.py_object(_RenderTimeout)
+                )
+
+    def __enter__(self) -> _Deadline:
+        self.active = True
+        self.timer = threading.Timer(self.seconds, self._fire)
+        self.timer.daemon = True
+        self.timer.start()
         return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.timer.cancel()
+        with self.lock:
+            self.active = False
+            if self.fired:  # set but maybe not delivered yet: clear it
+                ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(self.thread_id), None)
 
 
 def render_chat_template(template: jinja2.Template, **context: Any) -> str:
     """Renders with the step and output bounds; every failure is a TemplateError (InputError
     subclasses raised by the template itself, e.g. raise_exception, pass through)."""
     parts, total = [], 0
-    previous = sys.gettrace()
-    sys.settrace(_StepBudget(MAX_STEPS))
     try:
-        for piece in template.generate(**context):
-            total += len(piece)
-            if total > MAX_OUTPUT_CHARS:
-                raise TemplateError(f"chat template output exceeds {MAX_OUTPUT_CHARS:,} chars")
-            parts.append(piece)
+        with _Deadline(MAX_RENDER_SECONDS):
+            for piece in template.generate(**context):
+                total += len(piece)
+                if total > MAX_OUTPUT_CHARS:
+                    raise TemplateError(f"chat template output exceeds {MAX_OUTPUT_CHARS:,} chars")
+                parts.append(piece)
+    except _RenderTimeout:
+        raise TemplateError(
+            f"chat template ran longer than {MAX_RENDER_SECONDS:g} s (a runaway loop?)"
+        ) from None
     except InputError:
         raise
     except jinja2.sandbox.SecurityError as e:
         raise TemplateError(f"chat template tried an unsafe operation: {e}") from e
     except (jinja2.TemplateError, ArithmeticError, TypeError, ValueError, MemoryError, RecursionError) as e:
         raise TemplateError(f"chat template failed: {type(e).__name__}: {e}") from e
-    finally:
-        sys.settrace(previous)
     return "".join(parts)

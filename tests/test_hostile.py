@@ -518,6 +518,7 @@ def test_hostile_chat_templates_fail_fast_with_template_error(model_dir, tmp_pat
         "{{ 'a' * 1000000000 }}",
         "{{ 'a'.center(1000000000) }}",
         "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+        "{% set l = range(100000)|list %}{% for a in l %}{% for b in l %}{% endfor %}{% endfor %}",
         "{% set ns = namespace(s='ab') %}{% for i in range(64) %}{% set ns.s = ns.s + ns.s %}{% endfor %}",
         "{% for i in range(100000) %}{{ 'x' * 100 }}{% endfor %}",
         "{{ ''.__class__.__mro__[1].__subclasses__() }}",
