@@ -40,6 +40,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jinfer import integrity as integrity_lib
+from jinfer import limits
 from jinfer.errors import (
     CheckpointError,
     CheckpointNotFoundError,
@@ -54,6 +56,7 @@ from jinfer.models.registry import ModelSpec, config_from_dict, config_to_dict, 
 from jinfer.sharding import ShardingRules, parse_mesh_spec, path_str, single_device_mesh
 
 FORMAT_VERSION = 1
+INTEGRITY_VERSION = integrity_lib.INTEGRITY_VERSION
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
 INTEGRITY_FILE = "integrity.json"
@@ -202,13 +205,6 @@ def _write_contents(tmp: Path, flat: dict[str, Any], meta: dict, extra_files: Ma
         name: {"shape": list(x.shape), "dtype": jnp.dtype(x.dtype).name, "sha256": _sha256_array(x)}
         for name, x in flat.items()
     }
-    integrity = {
-        "format_version": FORMAT_VERSION,
-        "algorithm": "sha256",
-        "arrays": arrays,
-        "files": _file_manifest(params_dir, list(flat)),
-    }
-    _write_json(tmp / INTEGRITY_FILE, integrity)
     _write_json(tmp / CONFIG_FILE, meta)
     for name, content in extra_files.items():
         if isinstance(content, Mapping):
@@ -216,6 +212,14 @@ def _write_contents(tmp: Path, flat: dict[str, Any], meta: dict, extra_files: Ma
         else:
             data = content.encode() if isinstance(content, str) else bytes(content)
             (tmp / name).write_bytes(data)
+    integrity = {
+        "format_version": INTEGRITY_VERSION,
+        "algorithm": "sha256",
+        "arrays": arrays,
+        "files": _file_manifest(params_dir, list(flat)),
+        "model_files": integrity_lib.model_file_manifest(tmp),
+    }
+    _write_json(tmp / INTEGRITY_FILE, integrity)
     # The marker goes last and is fsynced: its presence means every other file is complete.
     with open(tmp / COMPLETE_MARKER, "w") as f:
         json.dump({"format_version": FORMAT_VERSION, "saved_at": time.time()}, f)
@@ -337,6 +341,7 @@ def load_config(path: str | os.PathLike) -> tuple[ModelSpec, Any, dict[str, Any]
     path = Path(path).absolute()
     _check_complete(path)
     meta = _read_json(path / CONFIG_FILE, "model config")
+    integrity_lib.verify_model_files(path, _load_integrity(path))
     if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
         raise CorruptCheckpointError(f"{path / CONFIG_FILE}: expected an object with a 'config' object")
     if meta.get("format_version") != FORMAT_VERSION:
@@ -355,6 +360,7 @@ def load_config(path: str | os.PathLike) -> tuple[ModelSpec, Any, dict[str, Any]
         config = config_from_dict(spec.config_cls, meta["config"])
     except ConfigError as e:
         raise CorruptCheckpointError(f"{path / CONFIG_FILE}: {e}") from e
+    limits.check_hyperparameters(config, str(path / CONFIG_FILE), CorruptCheckpointError)
     return spec, config, meta
 
 
@@ -366,8 +372,7 @@ def load_model(path: str | os.PathLike) -> FlaxModel:
 
 def _load_integrity(path: Path) -> dict[str, Any]:
     integrity = _read_json(path / INTEGRITY_FILE, "integrity manifest")
-    if not isinstance(integrity, dict) or not isinstance(integrity.get("arrays"), dict):
-        raise CorruptCheckpointError(f"{path / INTEGRITY_FILE}: expected an object with an 'arrays' object")
+    integrity_lib.check_manifest(path, integrity)
     return integrity
 
 
@@ -381,6 +386,7 @@ def verify_files(path: str | os.PathLike, integrity: Mapping[str, Any] | None = 
     integrity = _load_integrity(path) if integrity is None else integrity
     files: dict[str, dict] = integrity.get("files") or {}
     params_dir = path / PARAMS_DIR
+    integrity_lib.check_params_coverage(path, params_dir, files)
     missing = [rel for rel in files if not (params_dir / rel).is_file()]
     if missing:
         raise CheckpointNotFoundError(

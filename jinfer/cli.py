@@ -7,7 +7,46 @@ import json
 import sys
 from collections.abc import Sequence
 
-from jinfer.errors import JinferError
+from jinfer.errors import CheckpointNotFoundError, ConfigError, InputError, JinferError
+
+# Exit codes (README "Errors and exit codes"): 0 done; 1 runtime error (bad model files, --max-errors
+# reached, an internal error); 2 usage error (flags, config, input that cannot run); 3 I/O failure
+# (disk full, output not writable mid-run); 130 interrupted.
+EXIT_RUNTIME, EXIT_USAGE, EXIT_IO, EXIT_INTERRUPTED = 1, 2, 3, 130
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error on one line (`jinfer: error: ...`, exit 2)."""
+
+    def error(self, message: str):
+        print(f"jinfer: error: {self.prog.removeprefix('jinfer ')}: {message}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+
+
+def int_at_least(low: int):
+    """An argparse type: an integer >= low (e.g. --max-batch 0 is refused)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} is too small; accepted: an integer >= {low}")
+        return value
+
+    return parse
+
+
+def positive_float(text: str) -> float:
+    """An argparse type: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} is invalid; accepted: a finite number > 0")
+    return value
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -21,13 +60,16 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--max-tokens", type=int, default=None, help="tokens to generate (default: model's config)"
+        "--max-tokens",
+        type=int_at_least(1),
+        default=None,
+        help="tokens to generate (default: model's config)",
     )
     p.add_argument("--temperature", type=float, default=None, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-k", type=int_at_least(-1), default=None)
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--min-p", type=float, default=None)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--seed", type=int_at_least(0), default=None)
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
 
 
@@ -40,6 +82,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from jinfer.llm import LLM
 
     prompts = args.prompt or [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    if not prompts:
+        raise ConfigError("no prompt: give PROMPT arguments, or one prompt per line on stdin")
     # Decode runs every slot each step: one prompt needs one slot.
     max_batch = args.max_batch or max(1, min(8, len(prompts)))
     llm = LLM(
@@ -95,6 +139,8 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
     embedder = Embedder(args.model, mesh=args.mesh, dtype=args.dtype)
     texts = args.text or [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    if not texts:
+        raise ConfigError("no text: give TEXT arguments, or one text per line on stdin")
     for text, vec in zip(texts, embedder.embed(texts), strict=True):
         print(json.dumps({"text": text, "embedding": [round(float(x), 7) for x in vec]}, ensure_ascii=False))
     return 0
@@ -103,11 +149,25 @@ def cmd_embed(args: argparse.Namespace) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     from jinfer.convert import convert
 
+    _check_convert_output(args.out, args.overwrite)
     out = convert(
         args.src, args.out, dtype=args.dtype or "float32", quantize=args.quantize, overwrite=args.overwrite
     )
     print(f"wrote {out}")
     return 0
+
+
+def _check_convert_output(out: str, overwrite: bool) -> None:
+    """Refuses an output that cannot be written before any conversion work."""
+    import os
+    from pathlib import Path
+
+    path = Path(out).absolute()
+    if path.exists() and not overwrite:
+        raise ConfigError(f"{path} already exists; pass --overwrite to replace it")
+    parent = next((p for p in (path.parent, *path.parent.parents) if p.exists()), None)
+    if parent is None or not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise ConfigError(f"cannot create {path}: {parent} is not a writable directory")
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
@@ -121,6 +181,18 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from jinfer.checkpoint import inspect_model_dir
 
     print(inspect_model_dir(args.dir, mesh_spec=args.mesh))
+    return 0
+
+
+def cmd_rehash(args: argparse.Namespace) -> int:
+    from jinfer.integrity import rehash_model_dir
+
+    changes = rehash_model_dir(args.dir)
+    for change in changes:
+        print(f"jinfer rehash: {change} (now trusted)", file=sys.stderr)
+    print(
+        f"rehashed {args.dir}: {len(changes)} file(s) changed" if changes else f"{args.dir}: no file changed"
+    )
     return 0
 
 
@@ -139,7 +211,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="jinfer", description="JAX/XLA inference for Flax models.")
+    parser = _Parser(prog="jinfer", description="JAX/XLA inference for Flax models.")
+    parser.add_argument("--debug", action="store_true", help="print the traceback of an error")
     parser.add_argument(
         "--compilation-cache",
         default=None,
@@ -152,12 +225,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("prompt", nargs="*", help="prompt(s); read from stdin (one per line) when absent")
     _add_model_args(p)
     _add_sampling_args(p)
-    p.add_argument("--logprobs", type=int, default=None, help="top-N log-probabilities per token")
+    p.add_argument("--logprobs", type=int_at_least(0), default=None, help="top-N log-probabilities per token")
     p.add_argument("--raw", action="store_true", help="do not apply the chat template")
     p.add_argument("--json", action="store_true", help="print one JSON object per output, with token ids")
-    p.add_argument("--max-batch", type=int, default=None, help="decode slots (default: prompts, at most 8)")
     p.add_argument(
-        "--max-len", type=int, default=None, help="prompt + generated tokens per slot (default: the model's)"
+        "--max-batch", type=int_at_least(1), default=None, help="decode slots (default: prompts, at most 8)"
+    )
+    p.add_argument(
+        "--max-len",
+        type=int_at_least(2),
+        default=None,
+        help="prompt + generated tokens per slot (default: the model's)",
     )
     p.set_defaults(func=cmd_generate)
 
@@ -186,6 +264,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir")
     p.add_argument("--mesh", default=None, help='show per-device bytes for this mesh, e.g. "data=2,model=4"')
     p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser(
+        "rehash",
+        help="trust a model directory's edited config/tokenizer files: re-record their hashes "
+        "(the parameter files must still match)",
+    )
+    p.add_argument("dir")
+    p.set_defaults(func=cmd_rehash)
 
     p = sub.add_parser("run-batch", help="offline generation over a JSONL file, resumable")
     from jinfer.batch import add_run_batch_args
@@ -217,15 +303,47 @@ def _setup_compilation_cache(value: str | None) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Runs the command line; returns the exit code (see EXIT_* above). `--debug` re-raises."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv  # accepted anywhere on the line, not only before the command
+    try:
+        args = build_parser().parse_args([a for a in argv if a != "--debug"])
+    except SystemExit as e:  # usage errors (already printed) and --help, as a return value
+        return e.code if isinstance(e.code, int) else EXIT_USAGE
+    args.debug = debug
     try:
         _setup_compilation_cache(args.compilation_cache)
         return args.func(args) or 0
-    except JinferError as e:
-        print(f"jinfer: error: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
+    except Exception as e:
+        if args.debug:
+            raise
+        code, message = _error_report(e, args)
+        print(f"jinfer: error: {message}", file=sys.stderr)
+        return code
+
+
+def _error_report(e: Exception, args: argparse.Namespace) -> tuple[int, str]:
+    """(exit code, one-line message) for an error that ends a command."""
+    import errno
+
+    text = " ".join(str(e).split()) or type(e).__name__
+    if isinstance(e, (ConfigError, InputError, CheckpointNotFoundError)):
+        return EXIT_USAGE, text
+    if isinstance(e, JinferError):
+        return EXIT_RUNTIME, text
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        where = f" writing {e.filename}" if e.filename else ""
+        resume = (
+            "rows written so far are kept; free space and rerun the same command to resume"
+            if args.command == "run-batch"
+            else "free space and rerun the command"
+        )
+        return EXIT_IO, f"no space left on device{where}: {resume}"
+    if isinstance(e, OSError):
+        return EXIT_IO, f"{type(e).__name__}: {text}"
+    return EXIT_RUNTIME, f"internal error {type(e).__name__}: {text} (rerun with --debug for the traceback)"
 
 
 if __name__ == "__main__":

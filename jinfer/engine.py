@@ -6,7 +6,8 @@ smallest bucket that fits (see `jinfer.buckets`), so the set of shapes the devic
 fixed by config, compiled once (`warmup()`), and counted (`stats`). The engine never calls jit on
 a raw request shape.
 
-Input dtype: integer and bool examples become int32 (token ids), floating examples become the
+Input dtype: integer examples become int32 (token ids, checked against the vocabulary: bool,
+complex and out-of-range ids are an InputError), floating examples become the
 engine's float input dtype, which is the dtype of the first floating parameter (the compute
 dtype: bf16 params => bf16 inputs) or float32 when there is none. `input_dtype=` overrides.
 
@@ -66,6 +67,23 @@ class EngineStats:
     padding_efficiency: float
     examples_served: int
     calls: int
+
+
+def _check_values(x: np.ndarray, index: int | str, input_dtype: np.dtype, vocab_size: int | None) -> None:
+    """InputError for examples that would compute garbage silently: bool/complex/object data, ids
+    outside the embedding table (NaN outputs) or beyond int32 (wrapped on conversion)."""
+    if x.dtype.kind not in "iuf":
+        raise InputError(
+            f"example {index} has dtype {x.dtype}; accepted: integer token ids or real numbers (not bool, "
+            "complex, strings or objects)"
+        )
+    if not jnp.issubdtype(input_dtype, jnp.integer) or x.size == 0:
+        return
+    low, high = int(x.min()), int(x.max())
+    limit = vocab_size if vocab_size is not None else int(np.iinfo(input_dtype).max) + 1
+    if low < 0 or high >= limit:
+        bad = low if low < 0 else high
+        raise InputError(f"example {index} has token id {bad}; accepted: ids in [0, {limit})")
 
 
 @dataclasses.dataclass
@@ -137,6 +155,7 @@ class Engine:
         self.param_shardings = shardings
         self.params = jax.device_put(params, shardings)
         self.input_dtype, self.example_shape = self._resolve_inputs(model, input_dtype, example_shape)
+        self.vocab_size = getattr(model.config, "vocab_size", None) if model is not None else None
         self._executables: dict[BucketKey, Any] = {}
         self._lock = threading.Lock()
         self._compile_lock = threading.Lock()
@@ -201,6 +220,7 @@ class Engine:
                 f"example {index} has dtype {x.dtype} but the model input is {self.input_dtype}; "
                 "pass integer ids"
             )
+        _check_values(x, index, self.input_dtype, self.vocab_size)
         x = fit_example(x, self.buckets, index, self.truncate if truncate is None else truncate)
         return x.astype(self.input_dtype, copy=False)
 

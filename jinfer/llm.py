@@ -113,19 +113,23 @@ class LLM:
         **engine_options: Any,
     ):
         from jinfer import checkpoint, defaults
+        from jinfer.memory import plan_llm_memory
 
         path = _resolve(model, dtype)
         flax_model = checkpoint.load_model(path)
         mesh = make_mesh(mesh) if isinstance(mesh, str) else mesh
+        if max_len is None:  # the model's context length within a KV-cache budget (jinfer.defaults)
+            itemsize = defaults.cache_itemsize(
+                flax_model.abstract_params(), engine_options.get("cache_dtype") or dtype
+            )
+            max_len = defaults.default_max_len(flax_model.config, max_batch, itemsize)
+        gen_config = _generation_config(max_batch, max_len, buckets, decode_steps, engine_options)
+        plan_llm_memory(flax_model, gen_config, mesh, dtype)  # before anything is allocated
         params = checkpoint.restore_params(path, flax_model, mesh=mesh, rules=rules, dtype=dtype)
         if quantize and flax_model.quantization is None:
             flax_model, params = _quantize_loaded(flax_model, params, quantize, mesh, rules)
         tokenizer = Tokenizer.from_dir(path) if (path / "tokenizer.json").is_file() else None
         gen_defaults = _read_json(path / "generation_config.json")
-        if max_len is None:  # the model's context length within a KV-cache budget (jinfer.defaults)
-            itemsize = defaults.cache_itemsize(params, engine_options.get("cache_dtype"))
-            max_len = defaults.default_max_len(flax_model.config, max_batch, itemsize)
-        gen_config = _generation_config(max_batch, max_len, buckets, decode_steps, engine_options)
         del model
         self._setup(flax_model, params, tokenizer, gen_config, mesh, rules, gen_defaults, layout, owned=True)
         self.path = path
@@ -331,6 +335,8 @@ class LLM:
             self._need_tokenizer("chat messages")
             return self.tokenizer.encode_chat(prompt)
         try:
+            if any(isinstance(t, (bool, np.bool_)) or not isinstance(t, (int, np.integer)) for t in prompt):
+                raise TypeError("token ids must be integers")  # 1.5 or True would pass int()
             return [int(t) for t in prompt]
         except (TypeError, ValueError) as e:
             raise InputError(
@@ -396,6 +402,11 @@ def _as_prompt_list(prompts) -> list[Prompt]:
         return [prompts]  # one chat conversation
     if isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], (int, np.integer)):
         return [prompts]  # one list of token ids
+    if not isinstance(prompts, Sequence):
+        raise InputError(
+            f"prompts is a {type(prompts).__name__}; expected a string, a list of token ids, chat messages, "
+            "or a list of those"
+        )
     return list(prompts)
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -28,6 +27,13 @@ from jinfer import compile as compile_lib
 from jinfer.errors import InvalidSamplingParamsError
 
 MAX_STOP_TOKEN_IDS = 8
+# Sane upper bounds: every value below fits the int32/float32 device arrays it ends up in.
+MAX_TOKENS_LIMIT = 1 << 24
+MAX_SAMPLES = 1 << 12
+MAX_TOKEN_ID = (1 << 31) - 1
+MAX_TEMPERATURE = 1e6
+MAX_STOP_STRINGS = 64
+MAX_STOP_CHARS = 4096
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,9 +62,26 @@ class SamplingParams:
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
         elif self.stop is not None:
+            if not isinstance(self.stop, (list, tuple)):
+                raise InvalidSamplingParamsError(
+                    f"SamplingParams.stop={_short_repr(self.stop)} is invalid; accepted: a string or a list "
+                    "of strings"
+                )
             object.__setattr__(self, "stop", tuple(self.stop))
         if self.stop_token_ids is not None:
-            object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+            ids = self.stop_token_ids
+            if isinstance(ids, (str, bytes)) or not hasattr(ids, "__iter__"):
+                raise InvalidSamplingParamsError(
+                    f"SamplingParams.stop_token_ids={_short_repr(ids)} is invalid; accepted: a list of "
+                    f"integer token ids in [0, {MAX_TOKEN_ID}]"
+                )
+            ids = tuple(ids)
+            if not all(_is_int(t) and 0 <= t <= MAX_TOKEN_ID for t in ids[: MAX_STOP_TOKEN_IDS + 1]):
+                raise InvalidSamplingParamsError(
+                    f"SamplingParams.stop_token_ids={_short_repr(ids)} is invalid; accepted: integer "
+                    f"token ids in [0, {MAX_TOKEN_ID}]"
+                )
+            object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in ids))
         self.validate()
 
     def validate(self) -> None:
@@ -66,27 +89,33 @@ class SamplingParams:
 
         def bad(field: str, accepted: str) -> InvalidSamplingParamsError:
             return InvalidSamplingParamsError(
-                f"SamplingParams.{field}={getattr(self, field)!r} is invalid; accepted: {accepted}"
+                f"SamplingParams.{field}={_short_repr(getattr(self, field))} is invalid; accepted: {accepted}"
             )
 
-        if not _is_int(self.max_tokens) or self.max_tokens < 1:
-            raise bad("max_tokens", "an integer >= 1")
-        if not _is_real(self.temperature) or not math.isfinite(self.temperature) or self.temperature < 0:
-            raise bad("temperature", "a finite number >= 0 (0 = greedy)")
-        if not _is_int(self.top_k) or self.top_k < -1:
-            raise bad("top_k", "an integer >= 0 (0 or -1 = disabled)")
+        if not _is_int(self.max_tokens) or not 1 <= self.max_tokens <= MAX_TOKENS_LIMIT:
+            raise bad("max_tokens", f"an integer in [1, {MAX_TOKENS_LIMIT}]")
+        if not _is_real(self.temperature) or not 0 <= self.temperature <= MAX_TEMPERATURE:
+            raise bad("temperature", f"a finite number in [0, {MAX_TEMPERATURE:g}] (0 = greedy)")
+        if not _is_int(self.top_k) or not -1 <= self.top_k <= MAX_TOKEN_ID:
+            raise bad("top_k", f"an integer in [0, {MAX_TOKEN_ID}] (0 or -1 = disabled)")
         if not _is_real(self.top_p) or not (0.0 < self.top_p <= 1.0):
             raise bad("top_p", "a number in (0, 1]")
         if not _is_real(self.min_p) or not (0.0 <= self.min_p <= 1.0):
             raise bad("min_p", "a number in [0, 1]")
-        if not _is_int(self.n) or self.n < 1:
-            raise bad("n", "an integer >= 1")
+        if not _is_int(self.n) or not 1 <= self.n <= MAX_SAMPLES:
+            raise bad("n", f"an integer in [1, {MAX_SAMPLES}]")
         if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < 2**63):
             raise bad("seed", "None or an integer in [0, 2**63)")
-        if self.logprobs is not None and (not _is_int(self.logprobs) or self.logprobs < 0):
-            raise bad("logprobs", "None or an integer >= 0")
-        if self.stop is not None and not all(isinstance(s, str) and s for s in self.stop):
-            raise bad("stop", "non-empty strings")
+        logprobs = self.logprobs
+        if logprobs is not None and (not _is_int(logprobs) or not 0 <= logprobs <= MAX_TOKEN_ID):
+            raise bad("logprobs", f"None or an integer in [0, {MAX_TOKEN_ID}]")
+        if self.stop is not None and (
+            len(self.stop) > MAX_STOP_STRINGS
+            or not all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in self.stop)
+        ):
+            raise bad("stop", f"at most {MAX_STOP_STRINGS} non-empty strings of <= {MAX_STOP_CHARS} chars")
+        if not isinstance(self.ignore_eos, (bool, np.bool_)):
+            raise bad("ignore_eos", "true or false")
         if self.stop_token_ids is not None and len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
             raise bad("stop_token_ids", f"at most {MAX_STOP_TOKEN_IDS} ids")
 
@@ -96,6 +125,11 @@ class SamplingParams:
 
     def replace(self, **changes: Any) -> SamplingParams:
         return dataclasses.replace(self, **changes)
+
+
+def _short_repr(x: Any, limit: int = 80) -> str:
+    text = repr(x)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _is_int(x: Any) -> bool:

@@ -6,7 +6,6 @@ Never downloads anything: a model directory carries `tokenizer.json` and, for ch
 
 from __future__ import annotations
 
-import datetime
 import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -83,13 +82,13 @@ class Tokenizer:
                 "pass a plain string prompt instead of chat messages"
             )
         _check_messages(messages)
+        from jinfer.templates import compile_chat_template, render_chat_template
+
         if self._template is None:
-            env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-            env.globals["raise_exception"] = _raise_template_error
-            env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
-            env.filters["tojson"] = lambda x, indent=None: json.dumps(x, ensure_ascii=False, indent=indent)
-            self._template = env.from_string(self.chat_template)
-        return self._template.render(
+            globals_ = {"raise_exception": _raise_template_error}
+            self._template = compile_chat_template(self.chat_template, globals_)
+        return render_chat_template(
+            self._template,
             messages=list(messages),
             add_generation_prompt=add_generation_prompt,
             bos_token=self.bos_token or "",

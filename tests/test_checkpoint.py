@@ -31,6 +31,7 @@ from jinfer.errors import (
     ParamMismatchError,
     UnknownModelError,
 )
+from jinfer.integrity import rehash_model_dir
 from jinfer.modeling import FlaxModel
 from jinfer.models.classifiers import ImageClassifierConfig, TextClassifierConfig
 from jinfer.sharding import make_mesh
@@ -284,6 +285,10 @@ def test_unknown_model_class(saved_text, tmp_path):
     meta = json.loads((path / "config.json").read_text())
     meta["model_class"] = "NoSuchModel"
     (path / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(CorruptCheckpointError, match=r"config\.json changed since the model was saved"):
+        load_config(path)  # an edited config is refused until it is re-recorded on purpose
+    with pytest.raises(UnknownModelError, match="NoSuchModel"):
+        rehash_model_dir(path)  # records the edit, then loads the directory to check it
     with pytest.raises(UnknownModelError, match="NoSuchModel") as e:
         load_config(path)
     assert str(path / "config.json") in str(e.value)

@@ -11,6 +11,7 @@ import pytest
 from jinfer.convert import convert
 from jinfer.embed import Embedder
 from jinfer.errors import ConfigError, EmptyInputError
+from jinfer.integrity import rehash_model_dir
 
 FIXTURE = Path(__file__).parent / "fixtures" / "hf" / "bert"
 
@@ -27,6 +28,7 @@ def bert_dir(tmp_path_factory):
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.save(str(out / "tokenizer.json"))
+    rehash_model_dir(out)  # a file added on purpose is recorded, as `jinfer rehash` does
     return out
 
 

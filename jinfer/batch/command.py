@@ -19,6 +19,8 @@ ENV_PROCESS_ID = "JINFER_PROCESS_ID"
 
 def add_run_batch_args(p: argparse.ArgumentParser) -> None:
     """Adds the run-batch flags (not --model/--mesh/--dtype/sampling: the CLI adds those)."""
+    from jinfer.cli import int_at_least, positive_float
+
     p.add_argument("--input", required=True, help="JSONL input: one request per line")
     p.add_argument(
         "--output",
@@ -34,7 +36,7 @@ def add_run_batch_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", default="jinfer", choices=FORMATS, help="output rows: jinfer or OpenAI Batch")
     p.add_argument(
         "--max-errors",
-        type=int,
+        type=int_at_least(0),
         default=None,
         help="stop cleanly (exit 1) once more than N lines failed in this run (default: never)",
     )
@@ -43,23 +45,36 @@ def add_run_batch_args(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="resume even if the output was started with another configuration",
     )
-    p.add_argument("--window", type=int, default=1024, help="lines sorted by prompt length at a time")
-    p.add_argument("--logprobs", type=int, default=None, help="top-N log-probabilities per generated token")
-    p.add_argument("--return-token-ids", action="store_true", help="add token_ids to every row")
-    p.add_argument("--max-batch", type=int, default=8, help="decode slots")
     p.add_argument(
-        "--max-len", type=int, default=None, help="tokens per slot (prompt + generation; default: model's)"
+        "--window", type=int_at_least(1), default=1024, help="lines sorted by prompt length at a time"
+    )
+    p.add_argument(
+        "--logprobs", type=int_at_least(0), default=None, help="top-N log-probabilities per generated token"
+    )
+    p.add_argument("--return-token-ids", action="store_true", help="add token_ids to every row")
+    p.add_argument("--max-batch", type=int_at_least(1), default=8, help="decode slots")
+    p.add_argument(
+        "--max-len",
+        type=int_at_least(2),
+        default=None,
+        help="tokens per slot (prompt + generation; default: model's)",
     )
     p.add_argument("--buckets", default=None, help="prefill buckets, e.g. 16,32,64,128 (default: engine's)")
-    p.add_argument("--decode-steps", type=int, default=8, help="decode steps per host round trip")
-    p.add_argument("--flush-every", type=int, default=64, help="fsync the output every N rows")
-    p.add_argument("--flush-seconds", type=float, default=2.0, help="... or every T seconds")
-    p.add_argument("--log-every", type=float, default=30.0, help="seconds between log lines (no terminal)")
+    p.add_argument("--decode-steps", type=int_at_least(1), default=8, help="decode steps per host round trip")
+    p.add_argument("--flush-every", type=int_at_least(1), default=64, help="fsync the output every N rows")
+    p.add_argument("--flush-seconds", type=positive_float, default=2.0, help="... or every T seconds")
+    p.add_argument(
+        "--log-every", type=positive_float, default=30.0, help="seconds between log lines (no terminal)"
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar or log lines")
     g = p.add_argument_group("multi-process (jax.distributed)")
     g.add_argument("--coordinator", default=None, help=f"host:port of process 0 (or ${ENV_COORDINATOR})")
-    g.add_argument("--num-processes", type=int, default=None, help=f"processes (or ${ENV_NUM_PROCESSES})")
-    g.add_argument("--process-id", type=int, default=None, help=f"this process (or ${ENV_PROCESS_ID})")
+    g.add_argument(
+        "--num-processes", type=int_at_least(1), default=None, help=f"processes (or ${ENV_NUM_PROCESSES})"
+    )
+    g.add_argument(
+        "--process-id", type=int_at_least(0), default=None, help=f"this process (or ${ENV_PROCESS_ID})"
+    )
     g.add_argument(
         "--distributed",
         action="store_true",
@@ -101,14 +116,22 @@ def _env_int(name: str) -> int | None:
         raise ConfigError(f"${name}={value!r} is not an integer") from e
 
 
+def _parse_buckets(text: str) -> tuple[int, ...]:
+    try:
+        buckets = tuple(int(b) for b in str(text).split(",") if b.strip())
+    except ValueError:
+        buckets = ()
+    if not buckets or min(buckets) < 1:
+        raise ConfigError(f"--buckets {text!r} is invalid; accepted: positive integers, e.g. 16,32,64,128")
+    return buckets
+
+
 def run_batch_from_args(args: argparse.Namespace) -> int:
     """`jinfer run-batch`: returns the exit code (0 done, 1 stopped by --max-errors)."""
     init_distributed(args)
     from jinfer.batch.runner import run_batch
 
-    buckets = (
-        None if args.buckets is None else tuple(int(b) for b in str(args.buckets).split(",") if b.strip())
-    )
+    buckets = None if args.buckets is None else _parse_buckets(args.buckets)
     llm_options: dict[str, Any] = {"mesh": args.mesh, "dtype": args.dtype}
     if args.task != "embed":
         llm_options.update(

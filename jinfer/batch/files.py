@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from jinfer.batch.records import id_key, key_hash, line_identity, row_key
+from jinfer.batch.records import MAX_LINE_BYTES, id_key, key_hash, line_identity, row_key
 from jinfer.errors import ConfigError, InputError, JinferError
 
 MANIFEST_VERSION = 1
@@ -45,9 +45,18 @@ class CorruptOutputError(JinferError):
 
 # -- reading lines ---------------------------------------------------------------------------------
 def iter_lines(path: str | os.PathLike) -> Iterator[tuple[int, bytes]]:
-    """Streams (1-based line number, raw bytes) of the non-blank lines of a file."""
+    """Streams (1-based line number, raw bytes) of the non-blank lines of a file.
+
+    A line longer than MAX_LINE_BYTES is yielded as its first MAX_LINE_BYTES + 1 bytes (the rest is
+    skipped in bounded reads), so one huge line costs bounded memory and becomes an error row.
+    """
     with open(path, "rb") as f:
-        for number, raw in enumerate(f, start=1):
+        number = 0
+        while raw := f.readline(MAX_LINE_BYTES + 1):
+            number += 1
+            if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
+                while (rest := f.readline(MAX_LINE_BYTES)) and not rest.endswith(b"\n"):
+                    pass
             if raw.strip():
                 yield number, raw
 
@@ -118,6 +127,30 @@ def _raise_duplicates(path, dup_hashes: np.ndarray) -> None:
         f"{path}: {len(dups)} custom_id(s) appear more than once: {'; '.join(listed)}{more}. "
         "Every custom_id must be unique; nothing was run."
     )
+
+
+def check_output_path(input_path: Path, output: Path) -> None:
+    """ConfigError unless `output` can be written: its directory exists and is writable, it is not
+    a directory, and it is not the input file (a resume would read its own rows as requests)."""
+    parent = output.absolute().parent
+    if output.is_dir():
+        raise ConfigError(f"--output {output} is a directory; give a file path, e.g. {output}/out.jsonl")
+    if not parent.is_dir():
+        raise ConfigError(f"--output {output}: directory {parent} does not exist; create it first")
+    try:  # a real probe: os.access says yes to root on read-only mounts
+        if output.exists():
+            open(output, "ab").close()
+        else:
+            probe = parent / f".{output.name}.probe-{os.getpid()}"
+            probe.touch()
+            probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"--output {output} is not writable ({e.strerror}); choose another path") from e
+    if output.exists() and os.path.samefile(input_path, output):
+        raise ConfigError(
+            f"--output {output} is the input file; rows would be appended to the requests. "
+            "Choose another --output (--force does not change this)"
+        )
 
 
 # -- existing output -----------------------------------------------------------------------------

@@ -14,7 +14,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 from typing import Any
+
+import numpy as np
 
 from jinfer.errors import (
     EmptyInputError,
@@ -48,6 +51,13 @@ _SAMPLING_FIELDS = (
 _INPUT_FIELDS = ("custom_id", "prompt", "messages", "continuation", "text", "input", "metadata")
 _OPENAI_FIELDS = ("custom_id", "method", "url", "body", "metadata")
 _OPENAI_IGNORED_BODY = ("model", "stream")
+
+# Bounds on one input line: deeper JSON would overflow the decoder's (and every later walker's)
+# recursion; longer lines are skipped without being held in memory (files.iter_lines).
+MAX_JSON_DEPTH = 64
+MAX_LINE_BYTES = 16 << 20
+_MAX_MESSAGE_CHARS = 500
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
 
 
 class LineError(InputError):
@@ -115,12 +125,44 @@ def row_key(row: dict[str, Any]) -> bytes | None:
     return None
 
 
-def line_identity(raw: bytes, line: int) -> tuple[bytes, Any]:
-    """(key, parsed JSON or None) of a raw input line; never raises."""
+class Unparsed:
+    """Why a raw line was not parsed (too long, too deep, not JSON): becomes its error row."""
+
+    def __init__(self, code: str, message: str):
+        self.code, self.message = code, message
+
+
+def json_depth(raw: bytes) -> int:
+    """Deepest nesting of [ and { outside strings (linear time, no recursion)."""
+    stripped = _JSON_STRING.sub(b'""', raw)
+    arr = np.frombuffer(stripped, dtype=np.uint8)
+    step = np.isin(arr, (ord("["), ord("{"))).astype(np.int32) - np.isin(arr, (ord("]"), ord("}")))
+    return int(np.cumsum(step).max(initial=0))
+
+
+def parse_json_line(raw: bytes, line: int) -> Any:
+    """The parsed JSON of one input line, or an `Unparsed` saying why not; never raises."""
+    if len(raw) > MAX_LINE_BYTES:
+        return Unparsed("line_too_long", f"line {line} is longer than {MAX_LINE_BYTES:,} bytes; skipped")
+    if raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH and json_depth(raw) > MAX_JSON_DEPTH:
+        return Unparsed(
+            "invalid_json", f"line {line} nests JSON deeper than {MAX_JSON_DEPTH} levels; flatten it"
+        )
     try:
-        obj = json.loads(raw)
-    except ValueError:
-        return line_key(line), None
+        return json.loads(raw)
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError, huge int literals are ValueErrors
+        return Unparsed("invalid_json", f"line {line} is not valid JSON ({_clip(str(e), 120)})")
+
+
+def _clip(text: str, limit: int = _MAX_MESSAGE_CHARS) -> str:
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text):,} chars)"
+
+
+def line_identity(raw: bytes, line: int) -> tuple[bytes, Any]:
+    """(key, parsed JSON or an `Unparsed`) of a raw input line; never raises."""
+    obj = parse_json_line(raw, line)
+    if isinstance(obj, Unparsed):
+        return line_key(line), obj
     cid = obj.get("custom_id") if isinstance(obj, dict) else None
     return (id_key(cid) if valid_custom_id(cid) else line_key(line)), obj
 
@@ -139,10 +181,14 @@ def build_item(key: bytes, obj: Any, line: int, task: str) -> Item:
         _fill(item, obj, task)
     except LineError as e:
         item.error = e
+    except Exception as e:  # a shape of JSON no check foresaw: still only this line's error row
+        item.error = LineError("invalid_request", _clip(f"line {line}: {type(e).__name__}: {e}"))
     return item
 
 
 def _fill(item: Item, obj: Any, task: str) -> None:
+    if isinstance(obj, Unparsed):
+        raise LineError(obj.code, obj.message)
     if obj is None:
         raise LineError("invalid_json", f"line {item.line} is not valid JSON")
     if not isinstance(obj, dict):
@@ -213,7 +259,7 @@ def sampling_params(item: Item, defaults: SamplingParams, run_seed: int) -> Samp
         changes["seed"] = derived_seed(run_seed, item.key)
     try:
         return defaults.replace(**changes)
-    except (InvalidSamplingParamsError, TypeError, ValueError) as e:
+    except Exception as e:  # unknown field types included: this line's error row, never the run's
         raise LineError("invalid_sampling_params", f"line {item.line}: {e}") from e
 
 
@@ -260,7 +306,7 @@ def _logprobs_json(logprobs) -> list[dict[str, float]] | None:
 def error_row(item: Item, e: Exception, opts: RowOptions) -> dict[str, Any]:
     """The row of a failed line."""
     cid = item.custom_id if valid_custom_id(item.custom_id) else None
-    message = str(e) if isinstance(e, LineError) else f"line {item.line}: {e}"
+    message = _clip(str(e) if isinstance(e, LineError) else f"line {item.line}: {e}")
     err = {"code": error_code(e), "message": message, "line": item.line}
     if opts.format == "openai":
         return _with_meta({"id": _request_id(item), "custom_id": cid, "response": None, "error": err}, item)

@@ -278,6 +278,7 @@ class _Run:
     def execute(self, llm_or_model: Any, defaults: SamplingParams | dict | None) -> Summary:
         if not self.input.is_file():
             raise ConfigError(f"input file {self.input} does not exist")
+        files.check_output_path(self.input, self.output)  # before the (slow) model load
         scan = files.scan_input(self.input, self.process, self.processes)
         self.model = _load_model(llm_or_model, self.opts, self.processes)
         given_path = llm_or_model if isinstance(llm_or_model, (str, os.PathLike)) else None
@@ -414,6 +415,7 @@ class _Run:
                     params = sampling_params(item, self.defaults, self.run_seed)
                     # Checked here (generate_iter checks too) so that --max-errors stops at once.
                     self.model.engine.check_request(ids, params, 0)
+                    _check_stop_ids(params, getattr(self.model.engine, "vocab_size", None), item.line)
             except Exception as e:  # any problem with one line becomes its error row
                 self._fail(item, e)
                 continue
@@ -525,6 +527,15 @@ def _token_ids(values: list[Any], line: int, what: str) -> list[int]:
             "invalid_request", f"line {line}: '{what}' must be a string or a list of integer token ids"
         )
     return list(values)
+
+
+def _check_stop_ids(params: SamplingParams, vocab_size: int | None, line: int) -> None:
+    bad = [t for t in params.stop_token_ids or () if vocab_size is not None and t >= vocab_size]
+    if bad:
+        raise LineError(
+            "invalid_token",
+            f"line {line}: stop_token_ids has {bad[0]}, outside the vocabulary [0, {vocab_size})",
+        )
 
 
 def _encode(model: Any, prompt: Any, chat: bool, line: int) -> list[int]:

@@ -99,6 +99,9 @@ def open_gguf(path: Path) -> Any:
         magic = f.read(4)
     if magic != GGUF_MAGIC:
         raise ConversionError(f"{path}: not a GGUF file (magic {magic!r}, expected {GGUF_MAGIC!r})")
+    from jinfer.limits import check_gguf_header
+
+    check_gguf_header(path)  # counts and lengths vs the file size, before the reader allocates
     try:
         return gguf.GGUFReader(path, "r")
     except Exception as e:  # the reader raises ValueError/IndexError/struct.error on damaged files

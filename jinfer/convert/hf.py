@@ -188,6 +188,8 @@ def read_safetensors_header(path: Path) -> dict[str, _TensorRecord]:
 def _tensor_record(path: Path, name: str, info: Any, data_start: int, size: int) -> _TensorRecord:
     try:
         dtype, shape, (begin, end) = info["dtype"], tuple(int(d) for d in info["shape"]), info["data_offsets"]
+        if min(shape, default=0) < 0 or not isinstance(begin, int) or not isinstance(end, int):
+            raise ValueError("negative dimension or non-integer offsets")
     except (KeyError, TypeError, ValueError) as e:
         raise ConversionError(f"{path}: corrupt safetensors header entry for {name!r}: {info!r}") from e
     if dtype not in _SAFETENSORS_DTYPES:
@@ -207,6 +209,17 @@ def _tensor_record(path: Path, name: str, info: Any, data_start: int, size: int)
     return _TensorRecord(path, np_dtype, shape, data_start + begin)
 
 
+def _shard_path(index: Path, model_dir: Path, name: Any) -> Path:
+    """A file named by `index` (a metadata file), refused unless it stays inside `model_dir`."""
+    from jinfer.errors import CheckpointError
+    from jinfer.integrity import inside
+
+    try:
+        return inside(model_dir, name)
+    except CheckpointError as e:
+        raise ConversionError(f"{index}: {name!r} is not a path inside {model_dir}; refused") from e
+
+
 def safetensors_files(model_dir: Path) -> list[Path]:
     """The weight files of a HF directory: the sharded index's files, else every *.safetensors."""
     index = model_dir / "model.safetensors.index.json"
@@ -215,7 +228,9 @@ def safetensors_files(model_dir: Path) -> list[Path]:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise ConversionError(f"{index}: corrupt sharded-checkpoint index: {e}") from e
-        files = [model_dir / f for f in dict.fromkeys(weight_map.values())]
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise ConversionError(f"{index}: 'weight_map' must be an object of tensor name -> file name")
+        files = [_shard_path(index, model_dir, f) for f in dict.fromkeys(weight_map.values())]
         missing = [str(f) for f in files if not f.is_file()]
         if missing:
             raise CheckpointNotFoundError(f"{index} lists shard(s) that do not exist: {', '.join(missing)}")
@@ -351,6 +366,10 @@ def convert_source(
         config = spec.config_cls.from_hf_config(dict(hf_config))
     except KeyError as e:
         raise ConversionError(f"{where}: missing key {e.args[0]!r} needed by {arch.hf_name}") from e
+    from jinfer import limits
+
+    limits.check_hyperparameters(config, where)
+    limits.check_implied_size(lambda c: FlaxModel(spec, c), config, limits.source_elements(source), where)
     param_map = importlib.import_module(arch.module).hf_param_map(config)
     model = FlaxModel(spec, config)
     np_dtype = _np_dtype(dtype)
@@ -405,7 +424,9 @@ def sentence_transformers_layout(root: Path) -> tuple[Path, dict[str, Any]]:
         return root, {"pooling": "cls", "normalize": False}
     weights_dir, pooling, normalize, extra = root, "cls", False, {}
     for module in json.loads(modules_file.read_text()):
-        kind, sub = str(module.get("type", "")), root / module.get("path", "")
+        rel = module.get("path", "") if isinstance(module, dict) else None
+        kind = str(module.get("type", "")) if isinstance(module, dict) else ""
+        sub = _shard_path(modules_file, root, rel) if rel else root  # metadata paths stay inside
         if kind.endswith("models.Transformer"):
             weights_dir = sub if (sub / "config.json").is_file() else root
             extra = _sentence_bert_config(sub if (sub / "sentence_bert_config.json").is_file() else root)
