@@ -48,21 +48,28 @@ class Architecture:
 
     renames: (prefix, replacement) pairs tried when a tensor named by `hf_param_map` is absent,
     e.g. GPT-2 saved from `GPT2Model` lacks "transformer.", BERT task models add "bert.".
+    param_map: the function of `module` that maps the config to {jinfer param: (HF tensor, transform)}.
     """
 
     hf_name: str
     model_class: str
     module: str
     renames: tuple[tuple[str, str], ...] = ()
+    param_map: str = "hf_param_map"
 
 
 _LLAMA = "jinfer.models.llama"
+_GEMMA = "jinfer.models.gemma"
 ARCHITECTURES: dict[str, Architecture] = {
     a.hf_name: a
     for a in (
         Architecture("LlamaForCausalLM", "Llama", _LLAMA),
         Architecture("MistralForCausalLM", "Llama", _LLAMA),
         Architecture("Qwen2ForCausalLM", "Llama", _LLAMA),
+        Architecture("Qwen3ForCausalLM", "Llama", _LLAMA),
+        Architecture("Phi3ForCausalLM", "Llama", _LLAMA, param_map="phi3_hf_param_map"),
+        Architecture("Gemma2ForCausalLM", "Gemma", _GEMMA),
+        Architecture("Gemma3ForCausalLM", "Gemma", _GEMMA),
         Architecture("GPT2LMHeadModel", "GPT2", "jinfer.models.gpt2", (("transformer.", ""),)),
         Architecture("GPT2Model", "GPT2", "jinfer.models.gpt2", (("transformer.", ""),)),
         Architecture("BertModel", "Bert", "jinfer.models.bert", (("", "bert."),)),
@@ -73,10 +80,14 @@ _MODEL_TYPE_DEFAULT = {
     "llama": "LlamaForCausalLM",
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "phi3": "Phi3ForCausalLM",
+    "gemma2": "Gemma2ForCausalLM",
+    "gemma3_text": "Gemma3ForCausalLM",
     "gpt2": "GPT2LMHeadModel",
     "bert": "BertModel",
 }
-GGUF_ARCHITECTURES = ("llama", "qwen2")
+GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3", "phi3", "gemma2", "gemma3")
 
 
 def supported_text() -> str:
@@ -240,6 +251,9 @@ def _check_shape(
     jpath: str, hf_name: str, transform: str, tensor: np.ndarray, shape: tuple[int, ...]
 ) -> None:
     src = tensor.shape[::-1] if transform == "transpose" else tensor.shape
+    if transform.startswith("rows:") and src:
+        start, stop = (int(i) for i in transform.split(":")[1:])
+        src = (*tensor.shape[1:][::-1], min(stop, tensor.shape[0]) - start)
     if transform.startswith("split3_") and src:
         src = (*src[:-1], src[-1] // 3)
     ok = math.prod(src) == math.prod(shape) and (
@@ -330,7 +344,7 @@ def convert_source(
         config = spec.config_cls.from_hf_config(dict(hf_config))
     except KeyError as e:
         raise ConversionError(f"{where}: missing key {e.args[0]!r} needed by {arch.hf_name}") from e
-    param_map = importlib.import_module(arch.module).hf_param_map(config)
+    param_map = getattr(importlib.import_module(arch.module), arch.param_map)(config)
     model = FlaxModel(spec, config)
     np_dtype = _np_dtype(dtype)
     params = convert_tensors(model, param_map, source, arch, np_dtype, progress)

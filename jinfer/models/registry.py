@@ -55,6 +55,7 @@ _REGISTRY: dict[str, ModelSpec] = {}
 _BUILTIN_MODULES = (
     "jinfer.models.classifiers",
     "jinfer.models.llama",
+    "jinfer.models.gemma",
     "jinfer.models.gpt2",
     "jinfer.models.bert",
 )
