@@ -149,6 +149,39 @@ def test_sharded_equals_unsharded(converted, name):
     np.testing.assert_allclose(out, ref, **TOL)
 
 
+def test_local_layer_decode_attends_to_the_window_only():
+    """A local layer's decode (window 4, blocks of 4) equals masked attention over the whole cache,
+    ignores keys outside the window, and a row's result is bitwise the same beside a row far
+    behind (whose window makes the block loop start at block 0) as beside a row close by (the
+    loop starts at block 6)."""
+    from jinfer.models import layers
+
+    rng = np.random.default_rng(0)
+    blocks, block, window = 8, 4, 4
+    q = jnp.asarray(rng.standard_normal((2, 1, 4, 8), dtype=np.float32))
+    keys = rng.standard_normal((blocks, 2, 2, 8, block), dtype=np.float32)
+    values = rng.standard_normal((blocks, 2, 2, block, 8), dtype=np.float32)
+    positions = jnp.asarray([[29], [5]], jnp.int32)
+
+    def decode(k, pos=positions):
+        out = layers.blocked_decode_attention(q, jnp.asarray(k), jnp.asarray(values), pos, window, 0.3, 2.0)
+        return np.asarray(out)
+
+    pair = decode(keys)
+    np.testing.assert_array_equal(decode(keys, jnp.asarray([[29], [28]], jnp.int32))[0], pair[0])
+    outside = keys.copy()
+    outside[:6, 0] = 100.0  # positions 0..23: outside row 0's window (26..29)
+    np.testing.assert_array_equal(decode(outside)[0], pair[0])
+    flat_k = np.moveaxis(keys, 0, -2).reshape(2, 2, 8, blocks * block)  # [b, k, h, s]
+    flat_v = np.moveaxis(values, 0, 2).reshape(2, 2, blocks * block, 8)  # [b, k, s, h]
+    s = np.arange(blocks * block)
+    mask = (s[None] <= np.asarray(positions)) & (np.asarray(positions) - s[None] < window)
+    ref = layers.cached_attention(
+        q, jnp.asarray(flat_k), jnp.asarray(flat_v), jnp.asarray(mask[:, None]), 0.3, 2.0
+    )
+    np.testing.assert_allclose(pair, np.asarray(ref), **TOL)
+
+
 # -- GGUF ---------------------------------------------------------------------------------------
 _GGUF_ARCH = {
     "qwen3": gguf.MODEL_ARCH.QWEN3,
