@@ -32,6 +32,7 @@ Fixtures (decoders get two unpadded prompts of 7 and 12 tokens):
 - ``gpt2``           GPT-2 (tied, learned positions, gelu_new).
 - ``bert``           BertModel with pooler (gelu, absolute positions, token types).
 - ``qwen3``          Qwen3 (per-head q/k RMSNorm, explicit head_dim 16 != hidden/heads, tied).
+- ``gemma``          Gemma (1): (1 + w) norms, GeGLU, sqrt(d) embedding scale, head_dim 16 != hidden/heads.
 - ``gemma2``         Gemma 2: local (window 4) / global layers, query_pre_attn_scalar 24, attention
                      and final logit soft-capping at small caps (1.5 / 3.0) so that they bind.
 - ``gemma3``         Gemma 3 text, 6 layers (5 local : 1 global), q/k norms, local RoPE base 100,
@@ -76,6 +77,8 @@ from transformers import (
     Gemma2ForCausalLM,
     Gemma3ForCausalLM,
     Gemma3TextConfig,
+    GemmaConfig,
+    GemmaForCausalLM,
     GPT2Config,
     GPT2LMHeadModel,
     LlamaConfig,
@@ -201,6 +204,11 @@ def qwen3_config() -> Qwen3Config:
     return Qwen3Config(
         **SMALL, head_dim=16, rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True
     )
+
+
+def gemma_config() -> GemmaConfig:
+    """Tiny Gemma (1): head_dim 16 (not hidden/heads = 8), no post-norms, all layers global."""
+    return GemmaConfig(**SMALL, head_dim=16, rope_theta=10000.0)
 
 
 def gemma2_config() -> Gemma2Config:
@@ -466,9 +474,10 @@ def make_others(manifest: dict) -> None:
 
 
 def make_new_families(manifest: dict, names: set[str]) -> None:
-    """qwen3, gemma2, gemma3 and phi3 (those in `names`)."""
+    """qwen3, gemma, gemma2, gemma3 and phi3 (those in `names`)."""
     families = (
         ("qwen3", Qwen3ForCausalLM, qwen3_config, SEED + 50, PROMPT_LENGTHS),
+        ("gemma", GemmaForCausalLM, gemma_config, SEED + 90, PROMPT_LENGTHS),
         ("gemma2", Gemma2ForCausalLM, gemma2_config, SEED + 60, PROMPT_LENGTHS),
         ("gemma3", Gemma3ForCausalLM, gemma3_config, SEED + 70, PROMPT_LENGTHS),
         ("phi3", Phi3ForCausalLM, phi3_config, SEED + 80, (7, 12, 20)),
@@ -497,7 +506,7 @@ def describe(model, golden: dict[str, np.ndarray], **extra) -> dict:
     return entry
 
 
-NEW_FAMILIES = ("qwen3", "gemma2", "gemma3", "phi3")
+NEW_FAMILIES = ("qwen3", "gemma", "gemma2", "gemma3", "phi3")
 
 
 def main(only: list[str]) -> None:

@@ -1,4 +1,4 @@
-"""Qwen3, Gemma 2, Gemma 3 and Phi-3 against transformers golden fixtures (scripts/make_golden.py).
+"""Qwen3, Gemma, Gemma 2, Gemma 3 and Phi-3 against transformers golden fixtures (scripts/make_golden.py).
 
 Every parameter of the fixtures is perturbed (zero-initialised Gemma norms included). Tolerances:
 logits and score logprobs max abs diff <= 1e-4 (f32), greedy tokens identical; prefill + decode vs
@@ -34,7 +34,7 @@ from jinfer.modeling import FlaxModel
 from jinfer.sharding import make_mesh
 
 FIXTURES = Path(__file__).parent / "fixtures" / "hf"
-FAMILIES = ["qwen3", "gemma2", "gemma3", "phi3"]
+FAMILIES = ["qwen3", "gemma", "gemma2", "gemma3", "phi3"]
 WINDOWS = {"gemma2": 4, "gemma3": 4, "phi3": 8}
 ATOL = 1e-4
 TOL = dict(atol=1e-5, rtol=1e-5)
@@ -185,6 +185,7 @@ def test_local_layer_decode_attends_to_the_window_only():
 # -- GGUF ---------------------------------------------------------------------------------------
 _GGUF_ARCH = {
     "qwen3": gguf.MODEL_ARCH.QWEN3,
+    "gemma": gguf.MODEL_ARCH.GEMMA,
     "gemma2": gguf.MODEL_ARCH.GEMMA2,
     "gemma3": gguf.MODEL_ARCH.GEMMA3,
     "phi3": gguf.MODEL_ARCH.PHI3,
@@ -218,7 +219,7 @@ def _write_gguf(name: str, path: Path) -> Path:
         w.add_key_length(cfg["head_dim"])
         w.add_value_length(cfg["head_dim"])
         w.add_rope_freq_base(rope.get("full_attention", rope)["rope_theta"])
-    if name.startswith("gemma"):
+    if name in ("gemma2", "gemma3"):
         w.add_sliding_window(cfg["sliding_window"])
         if cfg["final_logit_softcapping"]:
             w.add_final_logit_softcapping(cfg["final_logit_softcapping"])

@@ -9,7 +9,7 @@ Hugging Face names and layouts, so the mapping to jinfer params is the HF path's
   (tests/test_convert.py checks F16, Q8_0, Q4_0 and Q4_1 against hand-built blocks);
 - llama.cpp's convert_hf_to_gguf permutes the q/k rows of `llama` models so ggml's RoPE can rotate
   adjacent pairs; `unpermute_rope_rows` restores HF's half-split (rotate_half) layout. `qwen2`,
-  `qwen3`, `phi3` and `gemma2/3` GGUFs use the NeoX RoPE and are not permuted;
+  `qwen3`, `phi3` and `gemma/2/3` GGUFs use the NeoX RoPE and are not permuted;
 - the other families (see `_family_config`): Gemma norms are stored with the +1 of (1 + w) folded
   in (undone at load), Phi-3's LongRoPE factors are tensors (`rope_factors_long/short`) and its
   fused `ffn_up` holds [gate; up];
@@ -41,6 +41,7 @@ _GGUF_TO_HF_ARCH = {
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
     "phi3": "Phi3ForCausalLM",
+    "gemma": "GemmaForCausalLM",
     "gemma2": "Gemma2ForCausalLM",
     "gemma3": "Gemma3ForCausalLM",
 }
@@ -66,7 +67,7 @@ _ARCH_LAYER_TENSORS = {
     "gemma3": {"ffn_norm": "pre_feedforward_layernorm"},
     "phi3": {"ffn_up": "mlp.gate_up_proj"},
 }
-_GEMMA_ARCHS = ("gemma2", "gemma3")
+_GEMMA_ARCHS = ("gemma", "gemma2", "gemma3")
 # Tensors that hold configuration, read by `_family_config` rather than converted.
 _CONFIG_TENSORS = ("rope_factors_long.weight", "rope_factors_short.weight")
 _GLOBAL_TENSORS = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
@@ -235,6 +236,8 @@ def _family_config(reader: Any, arch: str, cfg: dict[str, Any], tensors: dict[st
         return _phi3_config(reader, cfg, tensors)
     if arch not in _GEMMA_ARCHS:
         return {}
+    if arch == "gemma":
+        return {"model_type": "gemma", "hidden_activation": "gelu_pytorch_tanh", "tie_word_embeddings": True}
     layers, hidden, heads = cfg["num_hidden_layers"], cfg["hidden_size"], cfg["num_attention_heads"]
     # llama.cpp keeps no query_pre_attn_scalar: it uses head_dim, except hidden/heads for the 27B
     # models (46 layers in Gemma 2, 62 in Gemma 3); an explicit attention.scale (float32) wins.
@@ -394,7 +397,7 @@ def convert_gguf(
     overwrite: bool = False,
     quantize: str | None = None,
 ) -> Path:
-    """Converts a .gguf file (llama, qwen2, qwen3, phi3, gemma2, gemma3) to a jinfer model directory."""
+    """Converts a .gguf file (an architecture of hf.GGUF_ARCHITECTURES) to a jinfer model directory."""
     path = Path(src)
     reader = open_gguf(path)
     cfg = hf_config_from_gguf(reader, path)

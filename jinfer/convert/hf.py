@@ -68,6 +68,7 @@ ARCHITECTURES: dict[str, Architecture] = {
         Architecture("Qwen2ForCausalLM", "Llama", _LLAMA),
         Architecture("Qwen3ForCausalLM", "Llama", _LLAMA),
         Architecture("Phi3ForCausalLM", "Llama", _LLAMA, param_map="phi3_hf_param_map"),
+        Architecture("GemmaForCausalLM", "Gemma", _GEMMA),
         Architecture("Gemma2ForCausalLM", "Gemma", _GEMMA),
         Architecture("Gemma3ForCausalLM", "Gemma", _GEMMA),
         Architecture("GPT2LMHeadModel", "GPT2", "jinfer.models.gpt2", (("transformer.", ""),)),
@@ -82,12 +83,13 @@ _MODEL_TYPE_DEFAULT = {
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
     "phi3": "Phi3ForCausalLM",
+    "gemma": "GemmaForCausalLM",
     "gemma2": "Gemma2ForCausalLM",
     "gemma3_text": "Gemma3ForCausalLM",
     "gpt2": "GPT2LMHeadModel",
     "bert": "BertModel",
 }
-GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3", "phi3", "gemma2", "gemma3")
+GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3")
 
 
 def supported_text() -> str:

@@ -1,4 +1,4 @@
-"""Gemma 2 and Gemma 3 (text) decoders.
+"""Gemma, Gemma 2 and Gemma 3 (text) decoders.
 
 Like Llama (jinfer.models.llama) with: RMSNorm scaled by (1 + w) (weights stored zero-centred), a
 norm before AND after both attention and MLP, GeGLU MLP (tanh GELU), embeddings scaled by
@@ -7,7 +7,8 @@ query_pre_attn_scalar ** -0.5, optional soft-capping of attention scores and of 
 (Gemma 2), and local (sliding-window) layers interleaved with global ones (`layer_types`: Gemma 2
 alternates 1:1, Gemma 3 has 5 local layers per global one). Gemma 3 adds per-head q/k norms and
 its own RoPE base for local layers (`rope_local_theta`); `rope_scaling` (linear for Gemma 3 4B+)
-applies to global layers only. Embeddings are tied.
+applies to global layers only. Embeddings are tied. Gemma (1) is the same block without the
+post-norms, soft-capping and local layers (`post_norms=False`).
 
 KV cache: local layers keep full-length cache rows like global ones (one cache shape for every
 layer); exactness of the window comes from the mask (a query at p sees keys p - w < j <= p), and
@@ -28,13 +29,14 @@ Linear weight [out, in] then reshape):
 | layers/{i}/attn_norm         | [d]       | model.layers.{i}.input_layernorm.weight           | none      |
 | layers/{i}/attn/{q,k,v,o}    | as Llama  | model.layers.{i}.self_attn.{q,k,v,o}_proj.weight  | T         |
 | layers/{i}/q_norm, k_norm(*) | [h]       | model.layers.{i}.self_attn.{q,k}_norm.weight      | none      |
-| layers/{i}/post_attn_norm    | [d]       | model.layers.{i}.post_attention_layernorm.weight  | none      |
+| layers/{i}/post_attn_norm(**)| [d]       | model.layers.{i}.post_attention_layernorm.weight  | none      |
 | layers/{i}/mlp_norm          | [d]       | model.layers.{i}.pre_feedforward_layernorm.weight | none      |
 | layers/{i}/mlp/{gate,up,down}| as Llama  | model.layers.{i}.mlp.{gate,up,down}_proj.weight   | T         |
 | layers/{i}/post_mlp_norm     | [d]       | model.layers.{i}.post_feedforward_layernorm.weight| none      |
 | final_norm                   | [d]       | model.norm.weight                                 | none      |
 
-(*) Gemma 3 only. The same table as data: `hf_param_map(config)`.
+(*) Gemma 3 only. (**) post norms: Gemma 2 and 3 only; Gemma (1) has no post norms and its
+pre-MLP norm (mlp_norm) is named post_attention_layernorm. The same table as data: `hf_param_map(config)`.
 """
 
 from __future__ import annotations
@@ -70,6 +72,7 @@ class GemmaConfig:
     rope_theta / rope_scaling: global layers; rope_local_theta: local layers (no scaling).
     attn_logit_softcapping / final_logit_softcapping: None = off (Gemma 3), 50 / 30 in Gemma 2.
     qk_norm: per-head (1 + w) RMSNorm of q and k before RoPE (Gemma 3).
+    post_norms: norms after attention and after the MLP (Gemma 2 and 3; not Gemma 1).
     """
 
     vocab_size: int = 262144
@@ -90,6 +93,7 @@ class GemmaConfig:
     attn_logit_softcapping: float | None = None
     final_logit_softcapping: float | None = None
     qk_norm: bool = True
+    post_norms: bool = True
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
@@ -108,17 +112,20 @@ class GemmaConfig:
 
     @classmethod
     def from_hf_config(cls, hf: dict[str, Any]) -> GemmaConfig:
-        """Maps a Hugging Face config.json (model_type gemma2 or gemma3_text) to a GemmaConfig.
+        """Maps a Hugging Face config.json (model_type gemma, gemma2 or gemma3_text) to a GemmaConfig.
 
         Accepts transformers-5 `rope_parameters` (per layer type for Gemma 3) and the hub layout
         (`rope_theta`, `rope_local_base_freq`, `rope_scaling`, `sliding_window_pattern`).
         """
         model_type = hf.get("model_type")
-        if model_type not in ("gemma2", "gemma3_text"):
+        if model_type not in ("gemma", "gemma2", "gemma3_text"):
             raise UnsupportedArchitectureError(
-                f"GemmaConfig.from_hf_config: model_type {model_type!r} is not one of gemma2, gemma3_text"
+                f"GemmaConfig.from_hf_config: model_type {model_type!r} is not one of "
+                "gemma, gemma2, gemma3_text"
             )
         act = hf.get("hidden_activation") or hf.get("hidden_act") or "gelu_pytorch_tanh"
+        if model_type == "gemma" and act == "gelu":  # transformers reads Gemma 1's "gelu" as tanh GELU
+            act = "gelu_pytorch_tanh"
         if act not in _ACTIVATIONS or hf.get("attention_bias") or hf.get("use_bidirectional_attention"):
             raise UnsupportedArchitectureError(
                 f"GemmaConfig.from_hf_config: hidden_activation={act!r}, attention_bias="
@@ -130,6 +137,7 @@ class GemmaConfig:
         pattern = hf.get("sliding_window_pattern") or (2 if model_type == "gemma2" else 6)
         global_rope, local_theta = _rope(hf, model_type)
         head_dim = hf.get("head_dim") or hidden // heads
+        gemma1 = model_type == "gemma"
         return cls(
             vocab_size=hf["vocab_size"],
             hidden_size=hidden,
@@ -143,12 +151,15 @@ class GemmaConfig:
             rope_scaling=normalize_rope_scaling(global_rope),
             rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
             max_position_embeddings=hf.get("max_position_embeddings", 8192),
-            sliding_window=hf.get("sliding_window"),
-            layer_types=tuple(hf.get("layer_types") or pattern_layer_types(layers, pattern)),
+            sliding_window=None if gemma1 else hf.get("sliding_window"),
+            layer_types=(GLOBAL,) * layers
+            if gemma1
+            else tuple(hf.get("layer_types") or pattern_layer_types(layers, pattern)),
             query_pre_attn_scalar=float(hf.get("query_pre_attn_scalar") or head_dim),
             attn_logit_softcapping=hf.get("attn_logit_softcapping"),
             final_logit_softcapping=hf.get("final_logit_softcapping"),
             qk_norm=model_type == "gemma3_text",
+            post_norms=not gemma1,
         )
 
 
@@ -158,10 +169,12 @@ def _rope(hf: dict[str, Any], model_type: str) -> tuple[dict[str, Any], float]:
     if GLOBAL in params:  # transformers 5, Gemma 3: one dict per layer type
         local = params.get(LOCAL) or {}
         return dict(params[GLOBAL]), local.get("rope_theta", hf.get("rope_local_base_freq", 10000.0))
-    default_theta = 10000.0 if model_type == "gemma2" else 1_000_000.0
+    default_theta = 1_000_000.0 if model_type == "gemma3_text" else 10000.0
     rope = dict(hf.get("rope_scaling") or params)
     rope["rope_theta"] = hf.get("rope_theta", params.get("rope_theta", default_theta))
-    local_theta = hf.get("rope_local_base_freq", rope["rope_theta"] if model_type == "gemma2" else 10000.0)
+    local_theta = hf.get(
+        "rope_local_base_freq", 10000.0 if model_type == "gemma3_text" else rope["rope_theta"]
+    )
     return rope, local_theta
 
 
@@ -179,10 +192,11 @@ class GemmaBlock(nnx.Module):
         if c.qk_norm:
             self.q_norm = L.zeros_param(rngs, (c.head_dim,), ("head_dim",))
             self.k_norm = L.zeros_param(rngs, (c.head_dim,), ("head_dim",))
-        self.post_attn_norm = L.zeros_param(rngs, (c.hidden_size,), ("embed",))
         self.mlp_norm = L.zeros_param(rngs, (c.hidden_size,), ("embed",))
         self.mlp = L.GeGLU(c.hidden_size, c.intermediate_size, rngs=rngs)
-        self.post_mlp_norm = L.zeros_param(rngs, (c.hidden_size,), ("embed",))
+        if c.post_norms:
+            self.post_attn_norm = L.zeros_param(rngs, (c.hidden_size,), ("embed",))
+            self.post_mlp_norm = L.zeros_param(rngs, (c.hidden_size,), ("embed",))
 
     def __call__(
         self, x: jax.Array, positions: jax.Array, layer_cache: L.LayerCache | None
@@ -209,13 +223,15 @@ class GemmaBlock(nnx.Module):
             scale=c.query_pre_attn_scalar**-0.5,
             softcap=c.attn_logit_softcapping,
         )
-        x = x + L.rms_norm_plus_one(self.attn.output(o), self.post_attn_norm[...], eps)
+        o = self.attn.output(o)
+        x = x + (L.rms_norm_plus_one(o, self.post_attn_norm[...], eps) if c.post_norms else o)
         h = self.mlp(L.rms_norm_plus_one(x, self.mlp_norm[...], eps))
-        return x + L.rms_norm_plus_one(h, self.post_mlp_norm[...], eps), layer_cache
+        h = L.rms_norm_plus_one(h, self.post_mlp_norm[...], eps) if c.post_norms else h
+        return x + h, layer_cache
 
 
 class Gemma(nnx.Module):
-    """Gemma 2 / Gemma 3 text causal LM (see the module docstring for the contract and names)."""
+    """Gemma / Gemma 2 / Gemma 3 text causal LM (see the module docstring for the contract and names)."""
 
     def __init__(self, config: GemmaConfig, *, rngs: nnx.Rngs):
         c = config
@@ -241,14 +257,16 @@ class Gemma(nnx.Module):
 
 
 def hf_param_map(config: GemmaConfig) -> L.HFParamMap:
-    """{jinfer param path: (HF tensor name, transform)} for Gemma 2 / Gemma 3 text checkpoints."""
+    """{jinfer param path: (HF tensor name, transform)} for Gemma / Gemma 2 / Gemma 3 text checkpoints."""
     out: L.HFParamMap = {"embed": ("model.embed_tokens.weight", "reshape")}
-    norms = {
-        "attn_norm": "input_layernorm",
-        "post_attn_norm": "post_attention_layernorm",
-        "mlp_norm": "pre_feedforward_layernorm",
-        "post_mlp_norm": "post_feedforward_layernorm",
-    }
+    norms = {"attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm"}
+    if config.post_norms:
+        norms = {
+            "attn_norm": "input_layernorm",
+            "post_attn_norm": "post_attention_layernorm",
+            "mlp_norm": "pre_feedforward_layernorm",
+            "post_mlp_norm": "post_feedforward_layernorm",
+        }
     for i in range(config.num_layers):
         hf, jp = f"model.layers.{i}.", f"layers/{i}/"
         for name, hf_name in norms.items():
