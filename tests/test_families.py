@@ -273,7 +273,7 @@ def _abstract_count(name: str, config) -> int:
 
 
 def test_published_configs_map_to_the_published_sizes():
-    from jinfer.models.gemma import GemmaConfig
+    from jinfer.models.gemma import GEMMA2_2B, GemmaConfig
     from jinfer.models.llama import LlamaConfig
 
     gemma3_1b = GemmaConfig.from_hf_config(
@@ -321,6 +321,29 @@ def test_published_configs_map_to_the_published_sizes():
     assert dict(gemma3_4b.rope_scaling) == {"factor": 8.0, "rope_type": "linear"}
     assert (gemma3_4b.rope_theta, gemma3_4b.rope_local_theta) == (1e6, 1e4)
     assert _abstract_count("Gemma", gemma3_1b) == 999_885_952
+    gemma2_2b = GemmaConfig.from_hf_config(
+        {
+            "model_type": "gemma2",
+            "attn_logit_softcapping": 50.0,
+            "final_logit_softcapping": 30.0,
+            "head_dim": 256,
+            "hidden_activation": "gelu_pytorch_tanh",
+            "hidden_size": 2304,
+            "intermediate_size": 9216,
+            "max_position_embeddings": 8192,
+            "num_attention_heads": 8,
+            "num_hidden_layers": 26,
+            "num_key_value_heads": 4,
+            "query_pre_attn_scalar": 256,
+            "rms_norm_eps": 1e-06,
+            "rope_theta": 10000.0,
+            "sliding_window": 4096,
+            "vocab_size": 256000,
+        }
+    )
+    assert gemma2_2b == GEMMA2_2B
+    assert gemma2_2b.layer_types[:2] == ("sliding_attention", "full_attention")
+    assert _abstract_count("Gemma", gemma2_2b) == 2_614_341_888
     phi3_128k = LlamaConfig.from_hf_config(
         {
             "model_type": "phi3",
