@@ -169,6 +169,7 @@ def test_local_layer_decode_attends_to_the_window_only():
 
     pair = decode(keys)
     np.testing.assert_array_equal(decode(keys, jnp.asarray([[29], [28]], jnp.int32))[0], pair[0])
+    np.testing.assert_array_equal(decode(keys, jnp.asarray([[29], [-1]], jnp.int32))[0], pair[0])  # idle slot
     outside = keys.copy()
     outside[:6, 0] = 100.0  # positions 0..23: outside row 0's window (26..29)
     np.testing.assert_array_equal(decode(outside)[0], pair[0])

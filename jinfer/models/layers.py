@@ -409,10 +409,10 @@ def blocked_decode_attention(
     online softmax. For a row, a block past its own position changes nothing, bit for bit: its
     scores are all masked, so the running max stays, the rescale factor is exp(0) = 1 and the
     added sums are exact zeros. So a row's result does not depend on how far its companions reach.
-    With a sliding window the loop starts at the first block any row's window reaches: the blocks
-    before it are masked for every row (a masked block visited first is scaled to exact zeros by
-    the first unmasked one), so skipping them changes no bit either. `scale`/`softcap` as in
-    `cached_attention`.
+    With a sliding window the loop starts at the first block any live row's window reaches (rows
+    at negative positions, idle slots, are ignored): the blocks before it are masked for every row
+    (a masked block visited first is scaled to exact zeros by the first unmasked one), so skipping
+    them changes no bit either. `scale`/`softcap` as in `cached_attention`.
     """
     b, _, n, h = q.shape
     blocks, _, kv_heads, _, block = cache_k.shape
@@ -443,7 +443,8 @@ def blocked_decode_attention(
         reached = jnp.clip(jnp.max(positions) // block + 1, 1, blocks)
         first = 0
         if sliding_window is not None:
-            first = jnp.clip((jnp.min(positions) - sliding_window + 1) // block, 0, reached - 1)
+            earliest = jnp.min(jnp.where(positions >= 0, positions, jnp.iinfo(positions.dtype).max))
+            first = jnp.clip((earliest - sliding_window + 1) // block, 0, reached - 1)
         _, total, out = jax.lax.fori_loop(first, reached, visit, init)
     return (out / total).reshape(b, 1, n, h).astype(q.dtype)
 
