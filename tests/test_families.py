@@ -388,6 +388,34 @@ def test_published_configs_map_to_the_published_sizes():
     assert _abstract_count("Llama", qwen3) == 596_049_920
 
 
+def test_multimodal_gemma3_checkpoint_converts_its_text_decoder(tmp_path):
+    """A Gemma3ForConditionalGeneration directory (hub layout: text_config listing only non-default
+    values, tensors under language_model.model.*, plus vision tensors) converts to the decoder."""
+    from safetensors.numpy import save_file
+
+    src = _fixture("gemma3")
+    text = json.loads((src / "config.json").read_text())
+    rope = text.pop("rope_parameters")
+    text.update(
+        rope_theta=rope["full_attention"]["rope_theta"],
+        rope_local_base_freq=rope["sliding_attention"]["rope_theta"],
+        rope_scaling={k: v for k, v in rope["full_attention"].items() if k != "rope_theta"},
+        sliding_window_pattern=6,
+    )
+    del text["layer_types"], text["architectures"]
+    config = {"architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3"}
+    config["text_config"] = text
+    (tmp_path / "mm").mkdir()
+    (tmp_path / "mm" / "config.json").write_text(json.dumps(config))
+    tensors = {"language_model." + k: v for k, v in load_file(src / "model.safetensors").items()}
+    tensors["vision_tower.vision_model.post_layernorm.weight"] = np.ones(4, np.float32)
+    save_file(tensors, tmp_path / "mm" / "model.safetensors")
+    out = convert(tmp_path / "mm", tmp_path / "out", progress=False)
+    golden = np.load(src / "golden.npz")
+    diff = np.abs(_logits(out, golden["input_ids_1"]) - golden["logits_1"]).max()
+    assert diff <= ATOL
+
+
 # -- errors and inspect ----------------------------------------------------------------------------
 def test_unsupported_architecture_lists_the_new_families(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["Gemma3nForCausalLM"]}))

@@ -71,6 +71,14 @@ ARCHITECTURES: dict[str, Architecture] = {
         Architecture("GemmaForCausalLM", "Gemma", _GEMMA),
         Architecture("Gemma2ForCausalLM", "Gemma", _GEMMA),
         Architecture("Gemma3ForCausalLM", "Gemma", _GEMMA),
+        # The text decoder of a multimodal Gemma 3 (the vision tower is not converted): transformers
+        # 5 names it model.language_model.*, checkpoints saved before 4.52 language_model.model.*.
+        Architecture(
+            "Gemma3ForConditionalGeneration",
+            "Gemma",
+            _GEMMA,
+            (("model.", "model.language_model."), ("model.", "language_model.model.")),
+        ),
         Architecture("GPT2LMHeadModel", "GPT2", "jinfer.models.gpt2", (("transformer.", ""),)),
         Architecture("GPT2Model", "GPT2", "jinfer.models.gpt2", (("transformer.", ""),)),
         Architecture("BertModel", "Bert", "jinfer.models.bert", (("", "bert."),)),
@@ -86,6 +94,7 @@ _MODEL_TYPE_DEFAULT = {
     "gemma": "GemmaForCausalLM",
     "gemma2": "Gemma2ForCausalLM",
     "gemma3_text": "Gemma3ForCausalLM",
+    "gemma3": "Gemma3ForConditionalGeneration",
     "gpt2": "GPT2LMHeadModel",
     "bert": "BertModel",
 }

@@ -56,6 +56,24 @@ from jinfer.models.llama import RopeScaling, normalize_rope_scaling
 from jinfer.models.registry import ModelSpec, register
 
 LOCAL, GLOBAL = "sliding_attention", "full_attention"
+# transformers' Gemma3TextConfig defaults: the text_config of a multimodal Gemma 3 checkpoint on the
+# hub (Gemma3ForConditionalGeneration, 4B and up) lists only the values that differ from them.
+GEMMA3_TEXT_DEFAULTS = {
+    "vocab_size": 262208,
+    "hidden_size": 2304,
+    "intermediate_size": 9216,
+    "num_hidden_layers": 26,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 4,
+    "head_dim": 256,
+    "hidden_activation": "gelu_pytorch_tanh",
+    "max_position_embeddings": 131072,
+    "rms_norm_eps": 1e-6,
+    "query_pre_attn_scalar": 256,
+    "sliding_window": 4096,
+    "rope_theta": 1_000_000.0,
+    "rope_local_base_freq": 10_000.0,
+}
 _ACTIVATIONS = ("gelu_pytorch_tanh", "gelu_tanh")
 
 
@@ -115,8 +133,11 @@ class GemmaConfig:
         """Maps a Hugging Face config.json (model_type gemma, gemma2 or gemma3_text) to a GemmaConfig.
 
         Accepts transformers-5 `rope_parameters` (per layer type for Gemma 3) and the hub layout
-        (`rope_theta`, `rope_local_base_freq`, `rope_scaling`, `sliding_window_pattern`).
+        (`rope_theta`, `rope_local_base_freq`, `rope_scaling`, `sliding_window_pattern`). A
+        multimodal Gemma 3 config (model_type gemma3) maps its `text_config`.
         """
+        if hf.get("model_type") == "gemma3" and "text_config" in hf:
+            hf = {**GEMMA3_TEXT_DEFAULTS, **hf["text_config"], "model_type": "gemma3_text"}
         model_type = hf.get("model_type")
         if model_type not in ("gemma", "gemma2", "gemma3_text"):
             raise UnsupportedArchitectureError(
