@@ -31,6 +31,24 @@ Fixtures (decoders get two unpadded prompts of 7 and 12 tokens):
 - ``qwen2``          Qwen2 (q/k/v biases), GQA, untied.
 - ``gpt2``           GPT-2 (tied, learned positions, gelu_new).
 - ``bert``           BertModel with pooler (gelu, absolute positions, token types).
+- ``qwen3``          Qwen3 (per-head q/k RMSNorm, explicit head_dim 16 != hidden/heads, tied).
+- ``gemma``          Gemma (1): (1 + w) norms, GeGLU, sqrt(d) embedding scale, head_dim 16 != hidden/heads.
+- ``gemma2``         Gemma 2: local (window 4) / global layers, query_pre_attn_scalar 24, attention
+                     and final logit soft-capping at small caps (1.5 / 3.0) so that they bind.
+- ``gemma3``         Gemma 3 text, 6 layers (5 local : 1 global), q/k norms, local RoPE base 100,
+                     global base 1e4 with linear scaling x4, window 4.
+- ``phi3``           Phi-3 (fused qkv / gate_up), LongRoPE (original context 16 of 64), partial
+                     rotary 0.75 (Phi-4-mini), sliding window 8; a third prompt of 20 tokens starts
+                     past the original context (long factors throughout), prompt 1 crosses it while
+                     generating. There `generate` re-encodes the whole sequence with the long
+                     factors, while a cached forward keeps the short-rotated keys (jinfer's
+                     semantics): ``stepwise_generated_{i}`` int32[8] holds the greedy tokens of
+                     transformers' own cached forward, one token per call.
+
+New-family decoders also store ``score_logprobs_{i}`` float32[8]: log-softmax of one full forward of
+prompt + generated tokens at the generated tokens (what ``LLM.score`` returns). Prompts are longer
+than the sliding windows. ``python scripts/make_golden.py qwen3 gemma2`` regenerates only the named
+fixtures (their MANIFEST entries are replaced, the others kept).
 
 golden.npz keys, decoders: ``input_ids_{i}`` int32[t], ``logits_{i}`` float32[t, vocab] (one full
 forward of the unpadded prompt), ``generated_{i}`` int32[8] (greedy new tokens, eos disabled) and
@@ -55,12 +73,22 @@ import transformers
 from transformers import (
     BertConfig,
     BertModel,
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    GemmaConfig,
+    GemmaForCausalLM,
     GPT2Config,
     GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
+    Phi3Config,
+    Phi3ForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
 )
 
 OUT_DIR = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "hf"
@@ -157,6 +185,77 @@ def bert_config() -> BertConfig:
     )
 
 
+# Small decoders of the newer families: hidden 32 (64 for Phi-3's LongRoPE factors), 4 heads / 2 kv heads.
+SMALL = dict(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+    initializer_range=DECODER_INIT_STD,
+    **NO_SPECIAL_TOKENS,
+)
+
+
+def qwen3_config() -> Qwen3Config:
+    """Tiny Qwen3: q/k norms, head_dim 16 (not hidden/heads = 8), tied embeddings."""
+    return Qwen3Config(
+        **SMALL, head_dim=16, rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True
+    )
+
+
+def gemma_config() -> GemmaConfig:
+    """Tiny Gemma (1): head_dim 16 (not hidden/heads = 8), no post-norms, all layers global."""
+    return GemmaConfig(**SMALL, head_dim=16, rope_theta=10000.0)
+
+
+def gemma2_config() -> Gemma2Config:
+    """Tiny Gemma 2: layer 0 local (window 4), layer 1 global; caps small enough to bind."""
+    return Gemma2Config(
+        **SMALL,
+        head_dim=16,
+        query_pre_attn_scalar=24,
+        sliding_window=4,
+        attn_logit_softcapping=1.5,
+        final_logit_softcapping=3.0,
+        rope_theta=10000.0,
+    )
+
+
+def gemma3_config() -> Gemma3TextConfig:
+    """Tiny Gemma 3 text: 6 layers = 5 local + 1 global, distinct local/global RoPE, linear x4 global."""
+    fields = {**SMALL, "num_hidden_layers": 6}
+    return Gemma3TextConfig(
+        **fields,
+        head_dim=16,
+        query_pre_attn_scalar=16,
+        sliding_window=4,
+        rope_theta=10000.0,
+        rope_local_base_freq=100.0,
+        rope_scaling={"rope_type": "linear", "factor": 4.0},
+    )
+
+
+def phi3_config() -> Phi3Config:
+    """Tiny Phi-3 with LongRoPE (original context 16 of 64), partial rotary 0.75, window 8, GQA."""
+    rotary_half = 6  # head_dim 16 * 0.75 / 2
+    rng = np.random.RandomState(SEED + 77)
+    return Phi3Config(
+        **{**SMALL, "hidden_size": 64, "max_position_embeddings": 64},
+        original_max_position_embeddings=16,
+        partial_rotary_factor=0.75,
+        sliding_window=8,
+        rope_theta=10000.0,
+        rope_scaling={
+            "type": "longrope",
+            "long_factor": [float(x) for x in np.round(1.0 + 3.0 * rng.rand(rotary_half), 3)],
+            "short_factor": [float(x) for x in np.round(1.0 + 0.2 * rng.rand(rotary_half), 3)],
+        },
+    )
+
+
 def build(model_cls, config, seed: int) -> torch.nn.Module:
     """Construct `model_cls(config)` with a fixed seed, perturb every parameter, and set eval mode."""
     config._attn_implementation = "eager"
@@ -171,10 +270,10 @@ def build(model_cls, config, seed: int) -> torch.nn.Module:
     return model
 
 
-def prompts(seed: int) -> list[np.ndarray]:
-    """Fixed prompts of PROMPT_LENGTHS tokens, avoiding ids 0-2 (often special)."""
+def prompts(seed: int, lengths: tuple[int, ...] = PROMPT_LENGTHS) -> list[np.ndarray]:
+    """Fixed prompts of `lengths` tokens, avoiding ids 0-2 (often special)."""
     rng = np.random.RandomState(seed)
-    return [rng.randint(3, VOCAB, size=n).astype(np.int32) for n in PROMPT_LENGTHS]
+    return [rng.randint(3, VOCAB, size=n).astype(np.int32) for n in lengths]
 
 
 @torch.no_grad()
@@ -211,16 +310,45 @@ def check_greedy_consistent(model, ids: np.ndarray, new: np.ndarray) -> None:
     assert np.array_equal(predicted, new), (predicted, new)
 
 
-def decoder_golden(model, seed: int) -> dict[str, np.ndarray]:
-    """Golden arrays for a causal LM: per-prompt logits, greedy tokens and their margins."""
+@torch.no_grad()
+def stepwise_greedy(model, ids: np.ndarray) -> np.ndarray:
+    """Greedy NEW_TOKENS tokens from the model's cached forward, one token per call (no `generate`)."""
+    out = model(torch.from_numpy(ids)[None].long(), use_cache=True)
+    tokens = [int(out.logits[0, -1].argmax())]
+    for step in range(NEW_TOKENS - 1):
+        position = torch.tensor([[len(ids) + step]])
+        out = model(
+            torch.tensor([[tokens[-1]]]), cache=out.past_key_values, position_ids=position, use_cache=True
+        )
+        tokens.append(int(out.logits[0, -1].argmax()))
+    return np.asarray(tokens, np.int32)
+
+
+def decoder_golden(
+    model, seed: int, lengths: tuple[int, ...] = PROMPT_LENGTHS, score: bool = False, stepwise: bool = False
+) -> dict[str, np.ndarray]:
+    """Golden arrays for a causal LM: per-prompt logits, greedy tokens and their margins; with
+    `score`, the log-probabilities of the greedy tokens from one full forward of prompt + tokens;
+    with `stepwise`, the greedy tokens of the cached forward (`stepwise_greedy`). A prompt that
+    crosses a LongRoPE original context while generating (`stepwise`, and the two token lists
+    differ) has no full-forward check: its early tokens were chosen with the short factors."""
     golden = {}
-    for i, ids in enumerate(prompts(seed)):
+    for i, ids in enumerate(prompts(seed, lengths)):
         new, margin = greedy(model, ids)
-        check_greedy_consistent(model, ids, new)
+        if stepwise:
+            golden[f"stepwise_generated_{i}"] = stepwise_greedy(model, ids)
+        if not stepwise or np.array_equal(golden[f"stepwise_generated_{i}"], new):
+            check_greedy_consistent(model, ids, new)
         golden[f"input_ids_{i}"] = ids
         golden[f"logits_{i}"] = forward_logits(model, ids)
         golden[f"generated_{i}"] = new
         golden[f"gen_margin_{i}"] = margin
+        if score:
+            full = torch.from_numpy(forward_logits(model, np.concatenate([ids, new])))
+            logp = torch.log_softmax(full.double(), dim=-1)[len(ids) - 1 : -1]
+            golden[f"score_logprobs_{i}"] = logp.gather(1, torch.from_numpy(new).long()[:, None])[
+                :, 0
+            ].numpy()
     return golden
 
 
@@ -283,7 +411,7 @@ def save_fixture(name: str, model, golden: dict[str, np.ndarray] | None, **save_
 def check_reload(model_cls, path: Path, golden: dict[str, np.ndarray]) -> None:
     """Reloading the saved directory with transformers (f32) must reproduce the golden logits."""
     reloaded = model_cls.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
-    for i in range(len(PROMPT_LENGTHS)):
+    for i in range(sum(k.startswith("input_ids_") for k in golden)):
         logits = forward_logits(reloaded, golden[f"input_ids_{i}"])
         np.testing.assert_allclose(logits, golden[f"logits_{i}"], rtol=0, atol=1e-6, err_msg=str(path))
 
@@ -345,6 +473,24 @@ def make_others(manifest: dict) -> None:
     manifest["bert"] = describe(bert, golden)
 
 
+def make_new_families(manifest: dict, names: set[str]) -> None:
+    """qwen3, gemma, gemma2, gemma3 and phi3 (those in `names`)."""
+    families = (
+        ("qwen3", Qwen3ForCausalLM, qwen3_config, SEED + 50, PROMPT_LENGTHS),
+        ("gemma", GemmaForCausalLM, gemma_config, SEED + 90, PROMPT_LENGTHS),
+        ("gemma2", Gemma2ForCausalLM, gemma2_config, SEED + 60, PROMPT_LENGTHS),
+        ("gemma3", Gemma3ForCausalLM, gemma3_config, SEED + 70, PROMPT_LENGTHS),
+        ("phi3", Phi3ForCausalLM, phi3_config, SEED + 80, (7, 12, 20)),
+    )
+    for name, model_cls, make_config, seed, lengths in families:
+        if name not in names:
+            continue
+        model = build(model_cls, make_config(), seed)
+        golden = decoder_golden(model, seed, lengths, score=True, stepwise=name == "phi3")
+        check_reload(model_cls, save_fixture(name, model, golden), golden)
+        manifest[name] = describe(model, golden)
+
+
 def describe(model, golden: dict[str, np.ndarray], **extra) -> dict:
     """Manifest entry: HF config, parameter count, golden shapes and the smallest greedy margin."""
     margins = [float(v.min()) for k, v in golden.items() if k.startswith("gen_margin_")]
@@ -360,11 +506,25 @@ def describe(model, golden: dict[str, np.ndarray], **extra) -> dict:
     return entry
 
 
-def main() -> None:
-    """Regenerate every fixture under tests/fixtures/hf and the MANIFEST.json summary."""
+NEW_FAMILIES = ("qwen3", "gemma", "gemma2", "gemma3", "phi3")
+
+
+def main(only: list[str]) -> None:
+    """Regenerate every fixture under tests/fixtures/hf (or only those named) and MANIFEST.json."""
     torch.set_num_threads(1)  # the machine is shared; tiny models gain nothing from more
     torch.use_deterministic_algorithms(True)
     OUT_DIR.mkdir(parents=True, exist_ok=True)
+    if only:
+        unknown = sorted(set(only) - set(NEW_FAMILIES))
+        assert not unknown, f"only {NEW_FAMILIES} can be regenerated alone; got {unknown}"
+        manifest = json.loads((OUT_DIR / "MANIFEST.json").read_text())
+        make_new_families(manifest["fixtures"], set(only))
+        manifest["new_families_generated_with"] = {
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+        }
+        (OUT_DIR / "MANIFEST.json").write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+        return
     manifest: dict = {
         "generator": "scripts/make_golden.py",
         "torch": torch.__version__,
@@ -376,6 +536,7 @@ def main() -> None:
     }
     make_llamas(manifest["fixtures"])
     make_others(manifest["fixtures"])
+    make_new_families(manifest["fixtures"], set(NEW_FAMILIES))
     (OUT_DIR / "MANIFEST.json").write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
     total = sum(p.stat().st_size for p in OUT_DIR.rglob("*") if p.is_file())
     for name, entry in manifest["fixtures"].items():
@@ -384,4 +545,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    main(sys.argv[1:])

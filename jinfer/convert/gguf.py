@@ -8,8 +8,11 @@ Hugging Face names and layouts, so the mapping to jinfer params is the HF path's
   `gguf.quants.dequantize`, whose block layouts match ggml's reference
   (tests/test_convert.py checks F16, Q8_0, Q4_0 and Q4_1 against hand-built blocks);
 - llama.cpp's convert_hf_to_gguf permutes the q/k rows of `llama` models so ggml's RoPE can rotate
-  adjacent pairs; `unpermute_rope_rows` restores HF's half-split (rotate_half) layout. `qwen2`
-  GGUFs use the NeoX RoPE and are not permuted;
+  adjacent pairs; `unpermute_rope_rows` restores HF's half-split (rotate_half) layout. `qwen2`,
+  `qwen3`, `phi3` and `gemma/2/3` GGUFs use the NeoX RoPE and are not permuted;
+- the other families (see `_family_config`): Gemma norms are stored with the +1 of (1 + w) folded
+  in (undone at load), Phi-3's LongRoPE factors are tensors (`rope_factors_long/short`) and its
+  fused `ffn_up` holds [gate; up];
 - the tokenizer: a byte-level BPE (`tokenizer.ggml.model == "gpt2"`) is rebuilt as a `tokenizers`
   tokenizer.json from the vocabulary, merges and token types; SentencePiece ("llama") vocabularies
   are rejected for now.
@@ -34,7 +37,15 @@ log = logging.getLogger("jinfer.convert")
 
 GGUF_MAGIC = b"GGUF"
 ROPE_FREQS = "rope_freqs.weight"
-_GGUF_TO_HF_ARCH = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+_GGUF_TO_HF_ARCH = {
+    "llama": "LlamaForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "phi3": "Phi3ForCausalLM",
+    "gemma": "GemmaForCausalLM",
+    "gemma2": "Gemma2ForCausalLM",
+    "gemma3": "Gemma3ForCausalLM",
+}
 _LAYER_TENSORS = {
     "attn_q": "self_attn.q_proj",
     "attn_k": "self_attn.k_proj",
@@ -45,7 +56,21 @@ _LAYER_TENSORS = {
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "attn_qkv": "self_attn.qkv_proj",
+    "post_attention_norm": "post_attention_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
 }
+# Where a GGUF tensor name means another HF module in one architecture.
+_ARCH_LAYER_TENSORS = {
+    "gemma2": {"ffn_norm": "pre_feedforward_layernorm"},
+    "gemma3": {"ffn_norm": "pre_feedforward_layernorm"},
+    "phi3": {"ffn_up": "mlp.gate_up_proj"},
+}
+_GEMMA_ARCHS = ("gemma", "gemma2", "gemma3")
+# Tensors that hold configuration, read by `_family_config` rather than converted.
+_CONFIG_TENSORS = ("rope_factors_long.weight", "rope_factors_short.weight")
 _GLOBAL_TENSORS = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 _BLOCK = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
 TOKEN_TYPE_NORMAL = 1
@@ -67,11 +92,12 @@ _QWEN2_SPLIT = (
 )
 
 
-def gguf_tensor_to_hf(name: str) -> str | None:
+def gguf_tensor_to_hf(name: str, arch: str = "llama") -> str | None:
     """GGUF tensor name -> HF name ("blk.3.attn_q.weight" -> "model.layers.3.self_attn.q_proj.weight")."""
     if m := _BLOCK.match(name):
         layer, kind, suffix = m.groups()
-        return f"model.layers.{layer}.{_LAYER_TENSORS[kind]}.{suffix}" if kind in _LAYER_TENSORS else None
+        module = _ARCH_LAYER_TENSORS.get(arch, {}).get(kind) or _LAYER_TENSORS.get(kind)
+        return f"model.layers.{layer}.{module}.{suffix}" if module else None
     base, _, suffix = name.rpartition(".")
     return f"{_GLOBAL_TENSORS[base]}.{suffix}" if base in _GLOBAL_TENSORS else None
 
@@ -137,9 +163,9 @@ class GGUFSource:
         self.path, self.arch, self.n_heads, self.n_kv_heads = path, arch, n_heads, n_kv_heads
         self._tensors = {}
         for t in reader.tensors:
-            hf_name = gguf_tensor_to_hf(t.name)
-            if t.name == ROPE_FREQS:  # read into the config's rope_scaling (hf_config_from_gguf)
+            if t.name == ROPE_FREQS or t.name in _CONFIG_TENSORS:  # read into the config instead
                 continue
+            hf_name = gguf_tensor_to_hf(t.name, arch)
             if hf_name is None:
                 raise UnsupportedArchitectureError(
                     f"{path}: GGUF tensor {t.name!r} is not supported for architecture {arch!r}"
@@ -160,6 +186,8 @@ class GGUFSource:
             w = unpermute_rope_rows(w, self.n_heads)
         elif self.arch == "llama" and ".self_attn.k_proj." in name:
             w = unpermute_rope_rows(w, self.n_kv_heads)
+        elif self.arch in _GEMMA_ARCHS and t.name.endswith("norm.weight"):
+            w = w - 1.0  # llama.cpp stores Gemma's (1 + w) norm weights with the 1 added
         return w
 
     def describe(self) -> str:
@@ -214,6 +242,7 @@ def hf_config_from_gguf(reader: Any, path: Path) -> dict[str, Any]:
             raise UnsupportedArchitectureError(f"{path}: {e}") from e
         if rope is not None:
             cfg["rope_scaling"] = rope
+    cfg.update(_family_config(reader, arch, cfg, names))
     return cfg
 
 
@@ -289,6 +318,71 @@ def _llama3_divisors(u: np.ndarray, rope: dict[str, Any]) -> np.ndarray:
     smooth = (old / wavelen - low) / (high - low)
     mid = 1 / ((1 - smooth) / factor + smooth)
     return np.where(wavelen < old / high, 1.0, np.where(wavelen > old / low, factor, mid))
+
+
+def _family_config(reader: Any, arch: str, cfg: dict[str, Any], tensors: dict[str, Any]) -> dict[str, Any]:
+    """HF config keys of the qwen3 / phi3 / gemma2 / gemma3 GGUF metadata (as llama.cpp writes it)."""
+    if arch == "qwen3":
+        return {"model_type": "qwen3", "attention_bias": False}
+    if arch == "phi3":
+        return _phi3_config(reader, cfg, tensors)
+    if arch not in _GEMMA_ARCHS:
+        return {}
+    if arch == "gemma":
+        return {"model_type": "gemma", "hidden_activation": "gelu_pytorch_tanh", "tie_word_embeddings": True}
+    layers, hidden, heads = cfg["num_hidden_layers"], cfg["hidden_size"], cfg["num_attention_heads"]
+    # llama.cpp keeps no query_pre_attn_scalar: it uses head_dim, except hidden/heads for the 27B
+    # models (46 layers in Gemma 2, 62 in Gemma 3); an explicit attention.scale (float32) wins.
+    scale = field(reader, f"{arch}.attention.scale", None)
+    is_27b = layers == (46 if arch == "gemma2" else 62)
+    query_scalar = round(float(scale) ** -2, 4) if scale else (hidden // heads if is_27b else cfg["head_dim"])
+    pattern = field(reader, f"{arch}.attention.sliding_window_pattern", None)
+    if isinstance(pattern, list):  # per layer: True = local
+        layer_types = ["sliding_attention" if p else "full_attention" for p in pattern]
+    else:
+        n = int(pattern or (2 if arch == "gemma2" else 6))
+        layer_types = ["sliding_attention" if (i + 1) % n else "full_attention" for i in range(layers)]
+    out = {
+        "model_type": "gemma2" if arch == "gemma2" else "gemma3_text",
+        "hidden_activation": "gelu_pytorch_tanh",
+        "query_pre_attn_scalar": query_scalar,
+        "sliding_window": int(field(reader, f"{arch}.attention.sliding_window", 4096)),
+        "layer_types": layer_types,
+        "attn_logit_softcapping": field(reader, f"{arch}.attn_logit_softcapping", None),
+        "final_logit_softcapping": field(reader, f"{arch}.final_logit_softcapping", None),
+        "tie_word_embeddings": True,
+    }
+    if arch == "gemma3":
+        out["rope_local_base_freq"] = float(field(reader, "gemma3.rope.freq_base_swa", 10000.0))
+    else:
+        out["rope_local_base_freq"] = cfg["rope_theta"]
+    return out
+
+
+def _phi3_config(reader: Any, cfg: dict[str, Any], tensors: dict[str, Any]) -> dict[str, Any]:
+    original = field(reader, "phi3.rope.scaling.original_context_length", None)
+    head_dim = cfg["hidden_size"] // cfg["num_attention_heads"]
+    rotary = int(field(reader, "phi3.rope.dimension_count", head_dim))
+    window = int(field(reader, "phi3.attention.sliding_window", 0))
+    out: dict[str, Any] = {
+        "model_type": "phi3",
+        "head_dim": head_dim,
+        "partial_rotary_factor": rotary / head_dim,
+        "sliding_window": window or None,  # 0: none (Phi-4)
+    }
+    if "rope_factors_long.weight" in tensors:
+        factors = {
+            kind: [float(x) for x in np.asarray(tensors[f"rope_factors_{kind}.weight"].data, np.float32)]
+            for kind in ("long", "short")
+        }
+        out["rope_scaling"] = {
+            "rope_type": "longrope",
+            "long_factor": factors["long"],
+            "short_factor": factors["short"],
+            "original_max_position_embeddings": int(original or cfg["max_position_embeddings"]),
+            "attention_factor": float(field(reader, "phi3.rope.scaling.attn_factor", 1.0)),
+        }
+    return out
 
 
 # -- tokenizer ---------------------------------------------------------------------------------------
@@ -481,13 +575,17 @@ def convert_gguf(
     overwrite: bool = False,
     quantize: str | None = None,
 ) -> Path:
-    """Converts a .gguf file (llama or qwen2, byte-level BPE tokenizer) to a jinfer model directory."""
+    """Converts a .gguf file (an architecture of hf.GGUF_ARCHITECTURES) to a jinfer model directory."""
     path = Path(src)
     reader = open_gguf(path)
     cfg = hf_config_from_gguf(reader, path)
     arch = hf.get_architecture(cfg["architectures"][0], str(path))
     source = GGUFSource(
-        path, reader, cfg["model_type"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
+        path,
+        reader,
+        field(reader, "general.architecture"),
+        cfg["num_attention_heads"],
+        cfg["num_key_value_heads"],
     )
     extra_files: Mapping[str, Any] = tokenizer_files_from_gguf(reader, path)
     extra_config = {

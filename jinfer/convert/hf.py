@@ -48,15 +48,18 @@ class Architecture:
 
     renames: (prefix, replacement) pairs tried when a tensor named by `hf_param_map` is absent,
     e.g. GPT-2 saved from `GPT2Model` lacks "transformer.", BERT task models add "bert.".
+    param_map: the function of `module` that maps the config to {jinfer param: (HF tensor, transform)}.
     """
 
     hf_name: str
     model_class: str
     module: str
     renames: tuple[tuple[str, str], ...] = ()
+    param_map: str = "hf_param_map"
 
 
 _LLAMA = "jinfer.models.llama"
+_GEMMA = "jinfer.models.gemma"
 ARCHITECTURES: dict[str, Architecture] = {
     a.hf_name: a
     for a in (
@@ -65,6 +68,19 @@ ARCHITECTURES: dict[str, Architecture] = {
         Architecture("Qwen2ForCausalLM", "Llama", _LLAMA),
         Architecture("MixtralForCausalLM", "MoE", "jinfer.models.moe"),
         Architecture("Qwen3MoeForCausalLM", "MoE", "jinfer.models.moe"),
+        Architecture("Qwen3ForCausalLM", "Llama", _LLAMA),
+        Architecture("Phi3ForCausalLM", "Llama", _LLAMA, param_map="phi3_hf_param_map"),
+        Architecture("GemmaForCausalLM", "Gemma", _GEMMA),
+        Architecture("Gemma2ForCausalLM", "Gemma", _GEMMA),
+        Architecture("Gemma3ForCausalLM", "Gemma", _GEMMA),
+        # The text decoder of a multimodal Gemma 3 (the vision tower is not converted): transformers
+        # 5 names it model.language_model.*, checkpoints saved before 4.52 language_model.model.*.
+        Architecture(
+            "Gemma3ForConditionalGeneration",
+            "Gemma",
+            _GEMMA,
+            (("model.", "model.language_model."), ("model.", "language_model.model.")),
+        ),
         Architecture("GPT2LMHeadModel", "GPT2", "jinfer.models.gpt2", (("transformer.", ""),)),
         Architecture("GPT2Model", "GPT2", "jinfer.models.gpt2", (("transformer.", ""),)),
         Architecture("BertModel", "Bert", "jinfer.models.bert", (("", "bert."),)),
@@ -77,10 +93,16 @@ _MODEL_TYPE_DEFAULT = {
     "qwen2": "Qwen2ForCausalLM",
     "mixtral": "MixtralForCausalLM",
     "qwen3_moe": "Qwen3MoeForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "phi3": "Phi3ForCausalLM",
+    "gemma": "GemmaForCausalLM",
+    "gemma2": "Gemma2ForCausalLM",
+    "gemma3_text": "Gemma3ForCausalLM",
+    "gemma3": "Gemma3ForConditionalGeneration",
     "gpt2": "GPT2LMHeadModel",
     "bert": "BertModel",
 }
-GGUF_ARCHITECTURES = ("llama", "qwen2")
+GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3")
 
 
 def supported_text() -> str:
@@ -261,6 +283,9 @@ def _check_shape(
     src = tensor.shape[::-1] if transform == "transpose" else tensor.shape
     if transform == "expert_transpose":
         src = (*tensor.shape[:-2], tensor.shape[-1], tensor.shape[-2])
+    if transform.startswith("rows:") and src:
+        start, stop = (int(i) for i in transform.split(":")[1:])
+        src = (*tensor.shape[1:][::-1], min(stop, tensor.shape[0]) - start)
     if transform.startswith("split3_") and src:
         src = (*src[:-1], src[-1] // 3)
     ok = math.prod(src) == math.prod(shape) and (
@@ -370,7 +395,7 @@ def convert_source(
 
     limits.check_hyperparameters(config, where)
     limits.check_implied_size(lambda c: FlaxModel(spec, c), config, limits.source_elements(source), where)
-    param_map = importlib.import_module(arch.module).hf_param_map(config)
+    param_map = getattr(importlib.import_module(arch.module), arch.param_map)(config)
     model = FlaxModel(spec, config)
     np_dtype = _np_dtype(dtype)
     params = convert_tensors(model, param_map, source, arch, np_dtype, progress)

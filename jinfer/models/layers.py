@@ -159,6 +159,18 @@ def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
     return (xf * scale.astype(jnp.float32)).astype(x.dtype)
 
 
+def rms_norm_plus_one(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+    """Gemma's RMSNorm: normalised x times (1 + scale), in float32 (scale is stored zero-centred)."""
+    xf = x.astype(jnp.float32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return (xf * (1.0 + scale.astype(jnp.float32))).astype(x.dtype)
+
+
+def soft_cap(x: jax.Array, cap: float | None) -> jax.Array:
+    """cap * tanh(x / cap) (Gemma 2's attention and final logit soft-capping); x when cap is None."""
+    return x if cap is None else cap * jnp.tanh(x / cap)
+
+
 def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float) -> jax.Array:
     """LayerNorm over the last axis, computed in float32, returned in x's dtype."""
     xf = x.astype(jnp.float32)
@@ -181,7 +193,7 @@ class LayerNorm(nnx.Module):
 
 
 # -- rotary position embeddings --------------------------------------------------------------------
-ROPE_TYPES = ("default", "linear", "llama3")
+ROPE_TYPES = ("default", "linear", "llama3", "longrope")
 
 
 @functools.lru_cache(maxsize=64)
@@ -199,6 +211,8 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: tuple[tuple[str, Any], .
         return (inv_freq / params["factor"]).astype(np.float32)
     if kind == "llama3":
         return _llama3_inv_freq(inv_freq, params)
+    if kind == "longrope":
+        return longrope_inv_freq(head_dim, theta, scaling, long=False)
     raise ConfigError(f"rope_scaling type {kind!r} is not supported; supported types are {ROPE_TYPES}")
 
 
@@ -214,6 +228,61 @@ def _llama3_inv_freq(inv_freq: np.ndarray, params: dict[str, Any]) -> np.ndarray
     smoothed = (1 - smooth) * scaled / factor + smooth * scaled
     medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
     return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+@functools.lru_cache(maxsize=64)
+def longrope_inv_freq(
+    head_dim: int, theta: float, scaling: tuple[tuple[str, Any], ...], long: bool
+) -> np.ndarray:
+    """Phi-3's LongRoPE inverse frequencies [head_dim // 2]: the base ones divided by the
+    per-frequency `long_factor` or `short_factor` of `scaling`."""
+    params = dict(scaling)
+    factors = np.asarray(params["long_factor" if long else "short_factor"], np.float32)
+    if factors.shape != (head_dim // 2,):
+        raise ConfigError(
+            f"longrope {'long' if long else 'short'}_factor has {factors.size} values; "
+            f"the rotary dimension {head_dim} needs {head_dim // 2}"
+        )
+    return (1.0 / (factors * theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))).astype(
+        np.float32
+    )
+
+
+def rope_qk(
+    q: jax.Array,
+    k: jax.Array,
+    positions: jax.Array,
+    theta: float,
+    scaling: tuple[tuple[str, Any], ...] | None,
+    rotary_dim: int | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """Rotates q [b, t, n, h] and k [b, t, k, h] by positions [b, t] (half-split layout).
+
+    Only the first `rotary_dim` (default h) channels rotate (partial rotary, Phi-4-mini); the rest
+    pass through. LongRoPE (Phi-3 128k) picks its long factors for a row when the row's furthest
+    position in this call is at or past `original_max_position_embeddings`, else its short ones,
+    and scales cos/sin by `attention_factor`. Keys already cached keep the rotation they were
+    written with (transformers' cached forward does the same; its `generate` instead re-encodes
+    the whole sequence once when it crosses the original context, see the README).
+    """
+    rot = rotary_dim or q.shape[-1]
+    params = dict(scaling or ())
+    mscale = 1.0
+    if params.get("rope_type") == "longrope":
+        short, long = (jnp.asarray(longrope_inv_freq(rot, theta, scaling, long=x)) for x in (False, True))
+        past = jnp.max(positions, axis=1) + 1 > params["original_max_position_embeddings"]  # [b]
+        inv_freq = jnp.where(past[:, None, None], long, short)  # [b, 1, rot / 2]
+        mscale = float(params.get("attention_factor", 1.0))
+    else:
+        inv_freq = rope_inv_freq(rot, theta, scaling)
+
+    def rotate(x: jax.Array) -> jax.Array:
+        y = apply_rope(x[..., :rot], positions, inv_freq)
+        if mscale != 1.0:
+            y = (y.astype(jnp.float32) * mscale).astype(x.dtype)
+        return y if rot == x.shape[-1] else jnp.concatenate([y, x[..., rot:]], axis=-1)
+
+    return rotate(q), rotate(k)
 
 
 def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
@@ -288,18 +357,27 @@ class Attention(nnx.Module):
         return y
 
 
-def cached_attention(q: jax.Array, keys_t: jax.Array, values: jax.Array, mask: jax.Array) -> jax.Array:
+def cached_attention(
+    q: jax.Array,
+    keys_t: jax.Array,
+    values: jax.Array,
+    mask: jax.Array,
+    scale: float | None = None,
+    softcap: float | None = None,
+) -> jax.Array:
     """Grouped-query attention over keys/values in the cache layout (see jinfer.kvcache).
 
     q [b, t, n, h], keys_t [b, k, h, s], values [b, k, s, h], mask [b, t, s] -> [b, t, n, h].
     The query is grouped as [b, t, k, g, h], so kv heads are never repeated. Scale 1/sqrt(h);
     scores and softmax in f32. Masked keys get a finite minimum, so their weight is exactly 0
-    and a fully masked (padding) query averages instead of producing NaN.
+    and a fully masked (padding) query averages instead of producing NaN. `scale` replaces
+    1/sqrt(h) (Gemma's query_pre_attn_scalar ** -0.5); `softcap` soft-caps the scaled scores.
     """
     b, t, n, h = q.shape
     kv_heads = keys_t.shape[1]
-    qg = (q * (1.0 / math.sqrt(h))).reshape(b, t, kv_heads, n // kv_heads, h)
+    qg = (q * (scale or 1.0 / math.sqrt(h))).reshape(b, t, kv_heads, n // kv_heads, h)
     scores = jnp.einsum("btkgh,bkhs->bkgts", qg, keys_t.astype(q.dtype), preferred_element_type=jnp.float32)
+    scores = soft_cap(scores, softcap)
     scores = jnp.where(mask[:, None, None], scores, MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
     out = jnp.einsum("bkgts,bksh->btkgh", probs, values)
@@ -321,6 +399,8 @@ def blocked_decode_attention(
     cache_v: jax.Array,
     positions: jax.Array,
     sliding_window: int | None = None,
+    scale: float | None = None,
+    softcap: float | None = None,
 ) -> jax.Array:
     """Attention of one query token per row over the blocked cache (see jinfer.kvcache).
 
@@ -329,10 +409,14 @@ def blocked_decode_attention(
     online softmax. For a row, a block past its own position changes nothing, bit for bit: its
     scores are all masked, so the running max stays, the rescale factor is exp(0) = 1 and the
     added sums are exact zeros. So a row's result does not depend on how far its companions reach.
+    With a sliding window the loop starts at the first block any live row's window reaches (rows
+    at negative positions, idle slots, are ignored): the blocks before it are masked for every row
+    (a masked block visited first is scaled to exact zeros by the first unmasked one), so skipping
+    them changes no bit either. `scale`/`softcap` as in `cached_attention`.
     """
     b, _, n, h = q.shape
     blocks, _, kv_heads, _, block = cache_k.shape
-    q32 = (q[:, 0] * (1.0 / math.sqrt(h))).astype(jnp.float32).reshape(b, kv_heads, n // kv_heads, h)
+    q32 = (q[:, 0] * (scale or 1.0 / math.sqrt(h))).astype(jnp.float32).reshape(b, kv_heads, n // kv_heads, h)
 
     def visit(i, carry):
         top, total, out = carry  # running max [b, k, g, 1], sum [b, k, g, 1], numerator [b, k, g, h]
@@ -340,7 +424,7 @@ def blocked_decode_attention(
         values = jax.lax.dynamic_index_in_dim(cache_v, i, 0, keepdims=False)
         k_positions = jnp.broadcast_to(i * block + jnp.arange(block, dtype=positions.dtype), (b, block))
         mask = _attention_mask(positions, k_positions, sliding_window)[:, 0]
-        scores = jnp.where(mask[:, None, None], _decode_scores(q32, keys), MASK_VALUE)
+        scores = jnp.where(mask[:, None, None], soft_cap(_decode_scores(q32, keys), softcap), MASK_VALUE)
         new_top = jnp.maximum(top, scores.max(axis=-1, keepdims=True))
         rescale = jnp.exp(top - new_top)
         p = jnp.exp(scores - new_top)
@@ -357,7 +441,11 @@ def blocked_decode_attention(
         _, total, out = visit(0, init)
     else:
         reached = jnp.clip(jnp.max(positions) // block + 1, 1, blocks)
-        _, total, out = jax.lax.fori_loop(0, reached, visit, init)
+        first = 0
+        if sliding_window is not None:
+            earliest = jnp.min(jnp.where(positions >= 0, positions, jnp.iinfo(positions.dtype).max))
+            first = jnp.clip((earliest - sliding_window + 1) // block, 0, reached - 1)
+        _, total, out = jax.lax.fori_loop(first, reached, visit, init)
     return (out / total).reshape(b, 1, n, h).astype(q.dtype)
 
 
@@ -380,6 +468,8 @@ def causal_attention(
     positions: jax.Array,
     layer_cache: LayerCache | None,
     sliding_window: int | None = None,
+    scale: float | None = None,
+    softcap: float | None = None,
 ) -> tuple[jax.Array, LayerCache | None]:
     """Causal self-attention by absolute position, through the KV cache when one is given.
 
@@ -388,7 +478,7 @@ def causal_attention(
     jinfer.kvcache the new keys/values are written at their positions and the query at p attends
     to cache positions j <= p (within the call only, when traced inside
     `prompt_is_whole_prefix()`). A sliding window w additionally restricts attention to keys with
-    p - j < w (Mistral).
+    p - j < w (Mistral, Gemma's local layers). `scale`/`softcap`: see `cached_attention`.
     """
     new_cache = None
     if layer_cache is not None:
@@ -400,13 +490,13 @@ def causal_attention(
         keys_t, values = jnp.transpose(k, (0, 2, 3, 1)), jnp.transpose(v, (0, 2, 1, 3))
         k_positions = positions
     elif q.shape[1] == 1:
-        return blocked_decode_attention(q, *new_cache, positions, sliding_window), new_cache
+        return blocked_decode_attention(q, *new_cache, positions, sliding_window, scale, softcap), new_cache
     else:
         keys_t, values = kvcache.contiguous_keys(new_cache[0]), kvcache.contiguous_values(new_cache[1])
         b, s = keys_t.shape[0], keys_t.shape[-1]
         k_positions = jnp.broadcast_to(jnp.arange(s, dtype=positions.dtype)[None], (b, s))
     mask = _attention_mask(positions, k_positions, sliding_window)
-    return cached_attention(q, keys_t, values, mask), new_cache
+    return cached_attention(q, keys_t, values, mask, scale, softcap), new_cache
 
 
 # -- MLPs -----------------------------------------------------------------------------------------
@@ -421,7 +511,19 @@ class SwiGLU(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         g = linear("btd,df->btf", x, self.gate[...])
         u = linear("btd,df->btf", x, self.up[...])
-        return linear("btf,fd->btd", jax.nn.silu(g) * u, self.down[...])
+        return linear("btf,fd->btd", self.activation(g) * u, self.down[...])
+
+    @staticmethod
+    def activation(g: jax.Array) -> jax.Array:
+        return jax.nn.silu(g)
+
+
+class GeGLU(SwiGLU):
+    """down(gelu_tanh(x @ gate) * (x @ up)) (Gemma); params as SwiGLU's."""
+
+    @staticmethod
+    def activation(g: jax.Array) -> jax.Array:
+        return jax.nn.gelu(g, approximate=True)
 
 
 class GeluMLP(nnx.Module):
@@ -471,7 +573,15 @@ def vocab_logits(hidden: jax.Array, table: jax.Array, tied: bool) -> jax.Array:
 # -- Hugging Face tensor transforms ---------------------------------------------------------------
 # hf_param_map(config) in each model module returns {jinfer_path: (hf_name, transform)}; the
 # transform names below are the whole vocabulary, applied by `apply_hf_transform`.
-HF_TRANSFORMS = ("reshape", "transpose", "split3_0", "split3_1", "split3_2", "expert_transpose")
+HF_TRANSFORMS = (
+    "reshape",
+    "transpose",
+    "split3_0",
+    "split3_1",
+    "split3_2",
+    "rows:START:STOP",
+    "expert_transpose",
+)
 HFParamMap = dict[str, tuple[str, str]]
 
 
@@ -479,12 +589,16 @@ def apply_hf_transform(transform: str, tensor: np.ndarray, shape: Sequence[int])
     """Turns a Hugging Face tensor into the jinfer param of `shape`.
 
     "reshape": reshape only (identity when shapes match). "transpose": torch nn.Linear weight
-    [out, in] -> [in, out], then reshape. "expert_transpose": the same for each expert of a stack
-    [e, out, in]. "split3_i": the i-th third of the last axis (GPT-2's fused
-    c_attn = [q | k | v]), then reshape.
+    [out, in] -> [in, out], then reshape. "split3_i": the i-th third of the last axis (GPT-2's fused
+    c_attn = [q | k | v]), then reshape. "rows:START:STOP": output rows START..STOP of a fused
+    torch Linear weight (Phi-3's qkv_proj and gate_up_proj), then as "transpose". "expert_transpose":
+    "transpose" for each expert of a stack [e, out, in].
     """
     tensor = np.asarray(tensor)
-    if transform == "transpose":
+    if transform.startswith("rows:"):
+        start, stop = (int(i) for i in transform.split(":")[1:])
+        tensor = tensor[start:stop].T
+    elif transform == "transpose":
         tensor = tensor.T
     elif transform == "expert_transpose":  # stacked per-expert Linear weights [e, out, in] -> [e, in, out]
         tensor = np.swapaxes(tensor, -1, -2)

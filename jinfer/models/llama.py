@@ -1,7 +1,9 @@
-"""Llama-style decoder: Llama 2/3 (incl. llama3 RoPE scaling), Mistral, Qwen2, SmolLM.
+"""Llama-style decoder: Llama 2/3 (incl. llama3 RoPE scaling), Mistral, Qwen2, Qwen3, Phi-3, SmolLM.
 
 RMSNorm pre-norm blocks, RoPE in the half-split (rotate_half) layout, grouped-query attention
-(optional q/k/v biases for Qwen2), SwiGLU MLP, optional tied embeddings.
+(optional q/k/v biases for Qwen2, per-head q/k RMSNorm for Qwen3), SwiGLU MLP, optional tied
+embeddings. Phi-3: fused qkv / gate_up projections split at load (`phi3_hf_param_map`), LongRoPE
+scaling (`layers.rope_qk`), optional partial rotary (Phi-4-mini) and an all-layer sliding window.
 
 Call contract (CONTRACTS.md, decoder):
   `Llama(config, rngs=...)(tokens[b, t] int32, positions[b, t] int32, cache=None)
@@ -26,6 +28,8 @@ torch Linear weight [out, in] to [in, out], then reshape (see layers.apply_hf_tr
 | layers/{i}/attn/q_bias (*)  | [n, h]     | model.layers.{i}.self_attn.q_proj.bias      | reshape    |
 | layers/{i}/attn/k_bias (*)  | [k, h]     | model.layers.{i}.self_attn.k_proj.bias      | reshape    |
 | layers/{i}/attn/v_bias (*)  | [k, h]     | model.layers.{i}.self_attn.v_proj.bias      | reshape    |
+| layers/{i}/q_norm (***)     | [h]        | model.layers.{i}.self_attn.q_norm.weight    | none       |
+| layers/{i}/k_norm (***)     | [h]        | model.layers.{i}.self_attn.k_norm.weight    | none       |
 | layers/{i}/mlp_norm         | [d]        | model.layers.{i}.post_attention_layernorm.weight | none  |
 | layers/{i}/mlp/gate         | [d, f]     | model.layers.{i}.mlp.gate_proj.weight       | transpose  |
 | layers/{i}/mlp/up           | [d, f]     | model.layers.{i}.mlp.up_proj.weight         | transpose  |
@@ -34,7 +38,9 @@ torch Linear weight [out, in] to [in, out], then reshape (see layers.apply_hf_tr
 | lm_head (**)                | [d, v]     | lm_head.weight                              | transpose  |
 
 (*) only with attention_bias (always for Qwen2). (**) absent when tie_word_embeddings: logits then
-use `embed` transposed (an `lm_head.weight` in the checkpoint, if any, is ignored).
+use `embed` transposed (an `lm_head.weight` in the checkpoint, if any, is ignored). (***) only with
+qk_norm (Qwen3). Phi-3 checkpoints fuse q/k/v into `self_attn.qkv_proj` and gate/up into
+`mlp.gate_up_proj` ([gate; up] rows): `phi3_hf_param_map` takes row ranges of those.
 HF q/k weights are already in rotate_half order, so no head permutation is needed.
 The same table as data: `hf_param_map(config)`.
 """
@@ -42,6 +48,7 @@ The same table as data: `hf_param_map(config)`.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import jax
@@ -59,6 +66,9 @@ _ROPE_KEYS = (
     "low_freq_factor",
     "high_freq_factor",
     "original_max_position_embeddings",
+    "long_factor",
+    "short_factor",
+    "attention_factor",
 )
 
 
@@ -67,8 +77,11 @@ class LlamaConfig:
     """Hyperparameters of a Llama-style decoder (defaults: SmolLM2-135M).
 
     rope_scaling: None or sorted (key, value) pairs, e.g. (("factor", 8.0), ..., ("rope_type", "llama3"))
-      (a tuple keeps the config hashable and JSON round-trippable); types "linear" and "llama3".
-    sliding_window: Mistral's window (query at p sees keys p - w < j <= p); None = full causal.
+      (a tuple keeps the config hashable and JSON round-trippable); types "linear", "llama3" and
+      "longrope" (Phi-3: long/short factors, original_max_position_embeddings, attention_factor).
+    sliding_window: Mistral's / Phi-3's window (query at p sees keys p - w < j <= p); None = full causal.
+    qk_norm: per-head RMSNorm of q and k before RoPE (Qwen3).
+    partial_rotary_factor: fraction of head_dim that RoPE rotates (Phi-4-mini: 0.75).
     """
 
     vocab_size: int = 49152
@@ -85,16 +98,29 @@ class LlamaConfig:
     attention_bias: bool = False
     max_position_embeddings: int = 8192
     sliding_window: int | None = None
+    qk_norm: bool = False
+    partial_rotary_factor: float = 1.0
 
     def __post_init__(self):
+        if self.rope_scaling is not None:  # JSON gives lists: LongRoPE factors must be hashable tuples
+            pairs = tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in self.rope_scaling)
+            object.__setattr__(self, "rope_scaling", pairs)
         if self.num_heads % self.num_kv_heads:
             raise ConfigError(
                 f"LlamaConfig: num_heads={self.num_heads} is not a multiple of "
                 f"num_kv_heads={self.num_kv_heads}"
             )
-        if self.head_dim % 2:
-            raise ConfigError(f"LlamaConfig: head_dim={self.head_dim} must be even for RoPE")
-        L.rope_inv_freq(self.head_dim, self.rope_theta, self.rope_scaling)  # validates rope_scaling
+        if self.head_dim % 2 or self.rotary_dim % 2 or not 0 < self.rotary_dim <= self.head_dim:
+            raise ConfigError(
+                f"LlamaConfig: head_dim={self.head_dim} x partial_rotary_factor="
+                f"{self.partial_rotary_factor} must give an even rotary dimension in (0, head_dim]"
+            )
+        L.rope_inv_freq(self.rotary_dim, self.rope_theta, self.rope_scaling)  # validates rope_scaling
+
+    @property
+    def rotary_dim(self) -> int:
+        """Channels of each head that RoPE rotates."""
+        return int(self.head_dim * self.partial_rotary_factor)
 
     @property
     def rope_scaling_dict(self) -> dict[str, Any] | None:
@@ -102,16 +128,17 @@ class LlamaConfig:
 
     @classmethod
     def from_hf_config(cls, hf: dict[str, Any]) -> LlamaConfig:
-        """Maps a Hugging Face config.json (model_type llama, mistral, qwen2) to a LlamaConfig.
+        """Maps a Hugging Face config.json (model_type llama, mistral, qwen2, qwen3, phi3) to a LlamaConfig.
 
-        Mistral's `sliding_window` is kept when smaller than max_position_embeddings (otherwise it can
-        never bind and is dropped). Qwen2 always has q/k/v biases; Qwen2 configs with
-        `use_sliding_window: true` (per-layer windows) are rejected.
+        Mistral's and Phi-3's `sliding_window` is kept when smaller than max_position_embeddings
+        (otherwise it can never bind and is dropped). Qwen2 always has q/k/v biases; Qwen2/Qwen3
+        configs with `use_sliding_window: true` (per-layer windows) are rejected. Qwen3 has q/k norms.
         """
         model_type = hf.get("model_type", "llama")
-        if model_type not in ("llama", "mistral", "qwen2"):
+        if model_type not in _MODEL_TYPES:
             raise UnsupportedArchitectureError(
-                f"LlamaConfig.from_hf_config: model_type {model_type!r} is not one of llama, mistral, qwen2"
+                f"LlamaConfig.from_hf_config: model_type {model_type!r} is not one of "
+                f"{', '.join(_MODEL_TYPES)}"
             )
         act = hf.get("hidden_act", "silu")
         if act != "silu" or hf.get("mlp_bias", False):
@@ -123,6 +150,9 @@ class LlamaConfig:
         max_pos = hf.get("max_position_embeddings", 4096)
         rope = dict(hf.get("rope_parameters") or {})  # newer transformers nest rope_theta here
         theta = hf.get("rope_theta", rope.get("rope_theta", 10000.0))
+        scaling = dict(hf.get("rope_scaling") or rope or {})
+        if scaling.get("rope_type", scaling.get("type")) in ("longrope", "su"):
+            scaling = _longrope_scaling(scaling, hf, max_pos)
         return cls(
             vocab_size=hf["vocab_size"],
             hidden_size=hidden,
@@ -132,13 +162,41 @@ class LlamaConfig:
             num_kv_heads=hf.get("num_key_value_heads") or heads,
             head_dim=hf.get("head_dim") or hidden // heads,
             rope_theta=float(theta),
-            rope_scaling=normalize_rope_scaling(hf.get("rope_scaling") or rope or None),
+            rope_scaling=normalize_rope_scaling(scaling or None),
             rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
             tie_word_embeddings=hf.get("tie_word_embeddings", False),
             attention_bias=True if model_type == "qwen2" else bool(hf.get("attention_bias", False)),
             max_position_embeddings=max_pos,
             sliding_window=_sliding_window(model_type, hf, max_pos),
+            qk_norm=model_type == "qwen3",
+            partial_rotary_factor=_partial_rotary(hf, rope),
         )
+
+
+def _partial_rotary(hf: dict[str, Any], rope: dict[str, Any]) -> float:
+    return float(hf.get("partial_rotary_factor", rope.get("partial_rotary_factor", 1.0)))
+
+
+_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
+
+
+def _longrope_scaling(scaling: dict[str, Any], hf: dict[str, Any], max_pos: int) -> dict[str, Any]:
+    # transformers: factor defaults to max_position_embeddings / original, and the cos/sin scale to
+    # sqrt(1 + ln(factor) / ln(original)) (1 when factor <= 1); stored explicitly.
+    original = scaling.get("original_max_position_embeddings") or hf.get("original_max_position_embeddings")
+    if original is None:
+        raise ConfigError("longrope rope_scaling needs original_max_position_embeddings")
+    factor = scaling.get("factor") or max_pos / original
+    attention = scaling.get("attention_factor")
+    if attention is None:
+        attention = math.sqrt(1 + math.log(factor) / math.log(original)) if factor > 1 else 1.0
+    return {
+        "rope_type": "longrope",
+        "long_factor": tuple(float(x) for x in scaling["long_factor"]),
+        "short_factor": tuple(float(x) for x in scaling["short_factor"]),
+        "original_max_position_embeddings": int(original),
+        "attention_factor": float(attention),
+    }
 
 
 def normalize_rope_scaling(scaling: dict[str, Any] | None) -> RopeScaling | None:
@@ -156,11 +214,11 @@ def normalize_rope_scaling(scaling: dict[str, Any] | None) -> RopeScaling | None
 
 
 def _sliding_window(model_type: str, hf: dict[str, Any], max_pos: int) -> int | None:
-    if model_type == "qwen2":
+    if model_type in ("qwen2", "qwen3"):
         if hf.get("use_sliding_window", False):
-            raise UnsupportedArchitectureError("qwen2 with use_sliding_window=true is not supported")
+            raise UnsupportedArchitectureError(f"{model_type} with use_sliding_window=true is not supported")
         return None
-    window = hf.get("sliding_window") if model_type == "mistral" else None
+    window = hf.get("sliding_window") if model_type in ("mistral", "phi3") else None
     return window if window is not None and window < max_pos else None
 
 
@@ -173,6 +231,9 @@ class LlamaBlock(nnx.Module):
         self.attn_norm = L.ones_param(rngs, (c.hidden_size,), ("embed",))
         dims = L.AttentionDims(c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.attention_bias)
         self.attn = L.Attention(dims, rngs=rngs)
+        if c.qk_norm:
+            self.q_norm = L.ones_param(rngs, (c.head_dim,), ("head_dim",))
+            self.k_norm = L.ones_param(rngs, (c.head_dim,), ("head_dim",))
         self.mlp_norm = L.ones_param(rngs, (c.hidden_size,), ("embed",))
         self.mlp = L.SwiGLU(c.hidden_size, c.intermediate_size, rngs=rngs)
 
@@ -181,8 +242,10 @@ class LlamaBlock(nnx.Module):
     ) -> tuple[jax.Array, L.LayerCache | None]:
         c = self.config
         q, k, v = self.attn.project(L.rms_norm(x, self.attn_norm[...], c.rms_norm_eps))
-        inv_freq = L.rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling)
-        q, k = L.apply_rope(q, positions, inv_freq), L.apply_rope(k, positions, inv_freq)
+        if c.qk_norm:
+            q = L.rms_norm(q, self.q_norm[...], c.rms_norm_eps)
+            k = L.rms_norm(k, self.k_norm[...], c.rms_norm_eps)
+        q, k = L.rope_qk(q, k, positions, c.rope_theta, c.rope_scaling, c.rotary_dim)
         o, layer_cache = L.causal_attention(q, k, v, positions, layer_cache, c.sliding_window)
         x = x + self.attn.output(o)
         x = x + self.mlp(L.rms_norm(x, self.mlp_norm[...], c.rms_norm_eps))
@@ -228,11 +291,29 @@ def hf_param_map(config: LlamaConfig) -> L.HFParamMap:
         if config.attention_bias:
             for name in ("q", "k", "v"):
                 out[f"{jp}attn/{name}_bias"] = (f"{hf}self_attn.{name}_proj.bias", "reshape")
+        if config.qk_norm:
+            for name in ("q", "k"):
+                out[f"{jp}{name}_norm"] = (f"{hf}self_attn.{name}_norm.weight", "reshape")
         for name in ("gate", "up", "down"):
             out[f"{jp}mlp/{name}"] = (f"{hf}mlp.{name}_proj.weight", "transpose")
     out["final_norm"] = ("model.norm.weight", "reshape")
     if not config.tie_word_embeddings:
         out["lm_head"] = ("lm_head.weight", "transpose")
+    return out
+
+
+def phi3_hf_param_map(config: LlamaConfig) -> L.HFParamMap:
+    """`hf_param_map` for `Phi3ForCausalLM`: q/k/v are row ranges of the fused `qkv_proj`
+    ([q; k; v] rows) and gate/up those of `gate_up_proj` ([gate; up] rows)."""
+    out = hf_param_map(config)
+    q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+    f = config.intermediate_size
+    for i in range(config.num_layers):
+        hf, jp = f"model.layers.{i}.", f"layers/{i}/"
+        for name, start, stop in (("q", 0, q), ("k", q, q + kv), ("v", q + kv, q + 2 * kv)):
+            out[f"{jp}attn/{name}"] = (f"{hf}self_attn.qkv_proj.weight", f"rows:{start}:{stop}")
+        for name, start, stop in (("gate", 0, f), ("up", f, 2 * f)):
+            out[f"{jp}mlp/{name}"] = (f"{hf}mlp.gate_up_proj.weight", f"rows:{start}:{stop}")
     return out
 
 

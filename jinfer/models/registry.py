@@ -56,6 +56,7 @@ _BUILTIN_MODULES = (
     "jinfer.models.classifiers",
     "jinfer.models.llama",
     "jinfer.models.moe",
+    "jinfer.models.gemma",
     "jinfer.models.gpt2",
     "jinfer.models.bert",
 )
