@@ -166,6 +166,16 @@ def check_hyperparameters(config: Any, where: str, error: type[Exception] = Conv
             raise error(f"{where}: {f.name}={value} is out of range; accepted: {low}..{bound:,}")
 
 
+def _first_layers(config: Any, n: int) -> Any:
+    """`config` cut to its first n layers, per-layer fields (e.g. Gemma's layer_types) included."""
+    changes: dict[str, Any] = {"num_layers": n}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if isinstance(value, (tuple, list)) and len(value) == config.num_layers and f.name.startswith("layer"):
+            changes[f.name] = type(value)(value[:n])
+    return dataclasses.replace(config, **changes)
+
+
 def check_implied_size(make_model: Any, config: Any, source_elements: int | None, where: str) -> None:
     """ConversionError when `config` implies far more parameters than the checkpoint holds (a hostile
     or mismatched config would otherwise allocate them before failing). `make_model(config)` builds
@@ -174,7 +184,7 @@ def check_implied_size(make_model: Any, config: Any, source_elements: int | None
         return
     layers = getattr(config, "num_layers", None)
     if isinstance(layers, int) and layers > 2:
-        one, two = (_param_count(make_model(dataclasses.replace(config, num_layers=n))) for n in (1, 2))
+        one, two = (_param_count(make_model(_first_layers(config, n))) for n in (1, 2))
         implied = one + (layers - 1) * (two - one)
     else:
         implied = _param_count(make_model(config))
