@@ -20,6 +20,7 @@ Hugging Face names and layouts, so the mapping to jinfer params is the HF path's
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -45,6 +46,14 @@ _GGUF_TO_HF_ARCH = {
     "gemma": "GemmaForCausalLM",
     "gemma2": "Gemma2ForCausalLM",
     "gemma3": "Gemma3ForCausalLM",
+    "qwen3moe": "Qwen3MoeForCausalLM",
+}
+# Stacked expert tensors ([experts, out, in] in HF layout) and the per-expert HF names they hold:
+# Mixtral (GGUF architecture "llama" with experts) and Qwen3-MoE.
+_EXPERT_TENSORS = {"ffn_gate_exps": "gate", "ffn_up_exps": "up", "ffn_down_exps": "down"}
+_MOE_HF_NAMES = {
+    "llama": ("block_sparse_moe.", {"gate": "w1", "up": "w3", "down": "w2"}),
+    "qwen3moe": ("mlp.", {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}),
 }
 _LAYER_TENSORS = {
     "attn_q": "self_attn.q_proj",
@@ -93,9 +102,18 @@ _QWEN2_SPLIT = (
 
 
 def gguf_tensor_to_hf(name: str, arch: str = "llama") -> str | None:
-    """GGUF tensor name -> HF name ("blk.3.attn_q.weight" -> "model.layers.3.self_attn.q_proj.weight")."""
+    """GGUF tensor name -> HF name ("blk.3.attn_q.weight" -> "model.layers.3.self_attn.q_proj.weight").
+
+    A stacked expert tensor maps to a pattern with "{expert}" (one HF tensor per expert), its router
+    ("ffn_gate_inp") to the MoE block's gate."""
     if m := _BLOCK.match(name):
         layer, kind, suffix = m.groups()
+        if arch in _MOE_HF_NAMES and (kind in _EXPERT_TENSORS or kind == "ffn_gate_inp"):
+            prefix, names = _MOE_HF_NAMES[arch]
+            module = (
+                "gate" if kind == "ffn_gate_inp" else f"experts.{{expert}}.{names[_EXPERT_TENSORS[kind]]}"
+            )
+            return f"model.layers.{layer}.{prefix}{module}.{suffix}"
         module = _ARCH_LAYER_TENSORS.get(arch, {}).get(kind) or _LAYER_TENSORS.get(kind)
         return f"model.layers.{layer}.{module}.{suffix}" if module else None
     base, _, suffix = name.rpartition(".")
@@ -156,6 +174,14 @@ def dequantize_tensor(data: np.ndarray, qtype: Any) -> np.ndarray:
         ) from e
 
 
+@dataclasses.dataclass(frozen=True)
+class _ExpertSlice:
+    """One expert of a stacked expert tensor."""
+
+    tensor: Any
+    index: int
+
+
 class GGUFSource:
     """GGUF tensors under HF names and layouts: dequantized to float32, q/k un-permuted (llama)."""
 
@@ -170,18 +196,23 @@ class GGUFSource:
                 raise UnsupportedArchitectureError(
                     f"{path}: GGUF tensor {t.name!r} is not supported for architecture {arch!r}"
                 )
+            if "{expert}" in hf_name:  # ggml ne = [in, out, experts]
+                for j in range(int(t.shape[-1])):
+                    self._tensors[hf_name.format(expert=j)] = _ExpertSlice(t, j)
+                continue
             self._tensors[hf_name] = t
+        self._stack: tuple[str, np.ndarray] | None = None  # the last dequantized expert stack
 
     def names(self) -> list[str]:
         return list(self._tensors)
 
     def read(self, name: str) -> np.ndarray:
         t = self._tensors[name]
-        shape = tuple(int(d) for d in reversed(t.shape.tolist()))  # ggml ne[] is innermost-first
-        try:
-            w = dequantize_tensor(t.data, t.tensor_type).reshape(shape)
-        except ConversionError as e:
-            raise ConversionError(f"{self.path}: tensor {t.name!r}: {e}") from e
+        if isinstance(t, _ExpertSlice):  # the converter reads a stack's experts in order
+            if self._stack is None or self._stack[0] != t.tensor.name:
+                self._stack = (t.tensor.name, self._dequantize(t.tensor))
+            return self._stack[1][t.index]
+        w = self._dequantize(t)
         if self.arch == "llama" and ".self_attn.q_proj." in name:
             w = unpermute_rope_rows(w, self.n_heads)
         elif self.arch == "llama" and ".self_attn.k_proj." in name:
@@ -189,6 +220,13 @@ class GGUFSource:
         elif self.arch in _GEMMA_ARCHS and t.name.endswith("norm.weight"):
             w = w - 1.0  # llama.cpp stores Gemma's (1 + w) norm weights with the 1 added
         return w
+
+    def _dequantize(self, t: Any) -> np.ndarray:
+        shape = tuple(int(d) for d in reversed(t.shape.tolist()))  # ggml ne[] is innermost-first
+        try:
+            return dequantize_tensor(t.data, t.tensor_type).reshape(shape)
+        except ConversionError as e:
+            raise ConversionError(f"{self.path}: tensor {t.name!r}: {e}") from e
 
     def describe(self) -> str:
         return str(self.path)
@@ -212,7 +250,10 @@ def hf_config_from_gguf(reader: Any, path: Path) -> dict[str, Any]:
         "model_type": arch,
         "vocab_size": int(embed.shape[1]),
         "hidden_size": hidden,
-        "intermediate_size": int(field(reader, f"{arch}.feed_forward_length")),
+        "intermediate_size": int(
+            field(reader, f"{arch}.feed_forward_length", None)
+            or field(reader, f"{arch}.expert_feed_forward_length")
+        ),
         "num_hidden_layers": int(field(reader, f"{arch}.block_count")),
         "num_attention_heads": heads,
         "num_key_value_heads": int(field(reader, f"{arch}.attention.head_count_kv", heads)),
@@ -243,7 +284,34 @@ def hf_config_from_gguf(reader: Any, path: Path) -> dict[str, Any]:
         if rope is not None:
             cfg["rope_scaling"] = rope
     cfg.update(_family_config(reader, arch, cfg, names))
+    cfg.update(_moe_config(reader, arch, cfg, names))
     return cfg
+
+
+def _moe_config(reader: Any, arch: str, cfg: dict[str, Any], tensors: dict[str, Any]) -> dict[str, Any]:
+    """HF config keys of a mixture-of-experts GGUF: Mixtral ("llama" with expert_count) or qwen3moe."""
+    experts = int(field(reader, f"{arch}.expert_count", 0) or 0)
+    if arch not in _MOE_HF_NAMES or not experts:
+        return {}
+    used = int(field(reader, f"{arch}.expert_used_count"))
+    if arch == "llama":
+        return {
+            "architectures": ["MixtralForCausalLM"],
+            "model_type": "mixtral",
+            "num_local_experts": experts,
+            "num_experts_per_tok": used,
+        }
+    layers = cfg["num_hidden_layers"]
+    return {
+        "model_type": "qwen3_moe",
+        "num_experts": experts,
+        "num_experts_per_tok": used,
+        "moe_intermediate_size": int(field(reader, f"{arch}.expert_feed_forward_length")),
+        "norm_topk_prob": bool(field(reader, f"{arch}.expert_weights_norm", True)),
+        "decoder_sparse_step": 1,
+        # Layers stored with a dense MLP instead of experts (Qwen3-MoE's mlp_only_layers).
+        "mlp_only_layers": [i for i in range(layers) if f"blk.{i}.ffn_gate_exps.weight" not in tensors],
+    }
 
 
 # -- Llama 3.1 rope_freqs ------------------------------------------------------------------------------

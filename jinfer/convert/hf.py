@@ -102,7 +102,7 @@ _MODEL_TYPE_DEFAULT = {
     "gpt2": "GPT2LMHeadModel",
     "bert": "BertModel",
 }
-GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3")
+GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3", "qwen3moe")
 
 
 def supported_text() -> str:
