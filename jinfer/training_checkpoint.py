@@ -359,3 +359,102 @@ def is_named_sharding_tree(tree: Any) -> bool:
     return bool(leaves) and all(
         isinstance(x, jax.Array) and isinstance(x.sharding, NamedSharding) for x in leaves
     )
+
+
+# -- freezing ------------------------------------------------------------------------------------
+VARIABLES_KIND = "flax_variables"  # config.json "kind" of a frozen variables directory
+
+
+def freeze_checkpoint(
+    path: str | os.PathLike,
+    out: str | os.PathLike,
+    select: Select = ("params",),
+    step: int | str = "latest",
+    dtype: Any = None,
+    model_class: str | None = None,
+    config: Any = None,
+    overwrite: bool = False,
+) -> Path:
+    """Writes the selected subtrees of a training checkpoint as a jinfer model directory.
+
+    With `model_class` (a registered class) and its `config`, `select` must be just the params
+    and the result is a regular model directory (`jinfer.load_model_dir`, `LLM`, ...). Without,
+    the directory holds the selected variables (`jinfer.load_variables` restores them, e.g. for
+    `Engine.from_flax`). Both have the same integrity manifest and completion marker.
+    """
+    from jinfer import checkpoint
+    from jinfer.errors import ConfigError
+
+    variables = restore_checkpoint(path, select=select, step=step, dtype=dtype)
+    step_dir, step_number = resolve_step_dir(path, step)
+    if model_class is not None:
+        if config is None or set(variables) != {"params"}:
+            raise ConfigError(
+                f"freeze with model_class={model_class!r} needs config and select='params' only "
+                f"(selected: {sorted(variables)}); leave model_class out to freeze any variables"
+            )
+        return checkpoint.save_model_dir(out, model_class, config, variables["params"], overwrite=overwrite)
+    final = Path(out).absolute()
+    if final.exists() and not overwrite:
+        raise ConfigError(f"{final} already exists; pass overwrite=True (--overwrite) to replace it")
+    flat = checkpoint.flatten_params(variables)
+    meta = {
+        "format_version": checkpoint.FORMAT_VERSION,
+        "kind": VARIABLES_KIND,
+        "model_class": None,
+        "select": list((select,) if isinstance(select, str) else select),
+        "source": {"path": str(step_dir), "step": step_number},
+        "dtype": checkpoint._main_float_dtype(flat),
+    }
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
+    try:
+        checkpoint._write_contents(tmp, flat, meta, {})
+        checkpoint._move_into_place(tmp, final, overwrite)
+    except BaseException:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def load_variables(
+    path: str | os.PathLike,
+    mesh: Mesh | None = None,
+    rules: PathRules | None = None,
+    dtype: Any = None,
+    verify: bool = True,
+) -> dict[str, Any]:
+    """Restores a directory written by `freeze_checkpoint` (no model class) as nested dicts.
+
+    Files are re-hashed against integrity.json first (`verify`); arrays go straight into the
+    shardings given by `mesh`/`rules` (as in `restore_checkpoint`), floating ones cast to `dtype`.
+    """
+    import orbax.checkpoint as ocp
+
+    from jinfer import checkpoint
+
+    path = Path(path).absolute()
+    checkpoint._check_complete(path)
+    meta = checkpoint._read_json(path / checkpoint.CONFIG_FILE, "frozen variables config")
+    if not isinstance(meta, dict) or meta.get("kind") != VARIABLES_KIND:
+        raise CorruptCheckpointError(
+            f"{path} is not a frozen variables directory (config.json kind != {VARIABLES_KIND!r}); "
+            "model directories load with jinfer.load_model_dir"
+        )
+    integrity = checkpoint._load_integrity(path)
+    if verify:
+        checkpoint.verify_files(path, integrity)
+    sharding_of = _sharding_fn(mesh, rules, None)
+    target = {}
+    for name, rec in integrity["arrays"].items():
+        shape, saved = tuple(rec["shape"]), jnp.dtype(rec["dtype"])
+        dt = jnp.dtype(dtype) if dtype is not None and jnp.issubdtype(saved, jnp.floating) else saved
+        target[name] = jax.ShapeDtypeStruct(shape, dt, sharding=sharding_of(name, shape))
+    try:
+        with ocp.StandardCheckpointer() as ckptr:
+            flat = ckptr.restore(path / checkpoint.PARAMS_DIR, target)
+    except Exception as e:  # TensorStore reports damaged files as bare Exceptions
+        raise CorruptCheckpointError(f"{path}: cannot read the variables: {str(e)[:400]}") from e
+    return _nest([(name.split("/"), x) for name, x in flat.items()])
