@@ -251,7 +251,8 @@ class Engine:
         )
         # Inputs may be a pytree of arrays (Engine.from_flax); shardings follow its structure.
         in_sh, mask_sh = (jax.tree.map(lambda s: s.sharding, a) for a in (inputs, mask))
-        jitted = jax.jit(self.forward, in_shardings=(self.param_shardings, in_sh, mask_sh), out_shardings=out_sh)
+        in_shardings = (self.param_shardings, in_sh, mask_sh)
+        jitted = jax.jit(self.forward, in_shardings=in_shardings, out_shardings=out_sh)
         return jitted.lower(abstract_params, inputs, mask).compile(), (in_sh, mask_sh)
 
     def executable(self, key: BucketKey):
@@ -286,7 +287,8 @@ class Engine:
         """Pads, places and launches one bucket call (async); returns the device outputs."""
         inputs, mask = pad_batch(examples, batch, seq_len, self.input_dtype)
         real = sum(int(x.shape[0]) for x in examples) if seq_len is not None else len(examples)
-        return self._launch((batch, seq_len), inputs, mask, real, batch * (seq_len if seq_len is not None else 1))
+        padded = batch * (seq_len if seq_len is not None else 1)
+        return self._launch((batch, seq_len), inputs, mask, real, padded)
 
     def _launch(self, key: BucketKey, inputs: Any, mask: Any, real: int, padded: int):
         """Counts one call of bucket `key` and launches it on padded host `inputs` and `mask`."""

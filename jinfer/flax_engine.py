@@ -397,7 +397,8 @@ def _check_traces(engine: FlaxEngine, apply_kwargs: Mapping[str, Any]) -> None:
         engine.abstract_outputs(engine.buckets.keys()[0])
     except (flax_errors.ModifyScopeVariableError, flax_errors.InvalidRngError) as e:
         raise ConfigError(
-            f"Engine.from_flax: the module ran in training mode ({type(e).__name__}: {str(e).splitlines()[0]}); "
+            f"Engine.from_flax: the module ran in training mode ({type(e).__name__}: "
+            f"{str(e).splitlines()[0]}); "
             f"inference never updates batch statistics or draws dropout randomness: pass the flag that "
             f"selects evaluation, e.g. apply_kwargs={{'train': False}} (now {dict(apply_kwargs)})"
         ) from e

@@ -148,7 +148,8 @@ class InputSpec:
             flat = self.treedef.flatten_up_to(example)
         except (ValueError, TypeError) as e:
             raise InputError(
-                f"example {index} does not have the structure of the engine's example ({self.describe()}): {e}"
+                f"example {index} does not have the structure of the engine's example "
+                f"({self.describe()}): {e}"
             ) from e
         arrays = [self._check_leaf(leaf, x, index) for leaf, x in zip(self.leaves, flat, strict=True)]
         sizes = self._sizes_of(arrays, index)
@@ -239,8 +240,8 @@ class InputSpec:
 
 def _input_dtype(dtype: Any) -> np.dtype:
     dtype = np.dtype(dtype)
-    if dtype == bool or np.issubdtype(dtype, np.integer):
-        return np.dtype(np.int32) if dtype.itemsize > 4 or dtype == bool else dtype
+    if dtype.kind == "b" or np.issubdtype(dtype, np.integer):
+        return np.dtype(np.int32) if dtype.itemsize > 4 or dtype.kind == "b" else dtype
     return dtype
 
 

@@ -26,10 +26,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh, NamedSharding, Sharding
+from jax.sharding import Mesh, Sharding
 
 from jinfer.errors import CheckpointKeyError, CheckpointNotFoundError, CorruptCheckpointError
-from jinfer.sharding import PathRules, ShardingRules, logical_axes_by_path, single_device_mesh
+from jinfer.sharding import PathRules, ShardingRules, logical_axes_by_path, path_str, single_device_mesh
 
 logger = logging.getLogger(__name__)
 
@@ -229,12 +229,8 @@ def _sharding_fn(
     if isinstance(shardings, Sharding):
         return lambda path, shape: shardings
     if shardings is not None:
-        flat = {
-            "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in p): s
-            for p, s in jax.tree_util.tree_flatten_with_path(
-                shardings, is_leaf=lambda x: isinstance(x, Sharding)
-            )[0]
-        }
+        leaves = jax.tree_util.tree_flatten_with_path(shardings, is_leaf=lambda x: isinstance(x, Sharding))[0]
+        flat = {path_str(p): s for p, s in leaves}
 
         def explicit(path, shape):
             if path not in flat:
@@ -262,9 +258,7 @@ def _target(meta: Any, prefix: str, sharding_of, dtype: Any) -> Any:
     """Restore target for one metadata subtree: ShapeDtypeStruct leaves, dtype cast for floats."""
 
     def leaf(path, m):
-        name = "/".join(
-            filter(None, [prefix, "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)])
-        )
+        name = "/".join(filter(None, [prefix, path_str(path)]))
         shape, saved = tuple(m.shape), jnp.dtype(m.dtype)
         dt = jnp.dtype(dtype) if dtype is not None and jnp.issubdtype(saved, jnp.floating) else saved
         return jax.ShapeDtypeStruct(shape, dt, sharding=sharding_of(name, shape))
@@ -351,14 +345,6 @@ def _partial_restore(ocp: Any, item_dir: Path, target: Any, where: str) -> Any:
         raise CheckpointNotFoundError(f"{where}: a data file is missing: {e}") from e
     except Exception as e:  # TensorStore reports damaged files as bare Exceptions
         raise CorruptCheckpointError(f"{where}: cannot read the selected arrays: {str(e)[:400]}") from e
-
-
-def is_named_sharding_tree(tree: Any) -> bool:
-    """True when every leaf of `tree` is a jax.Array with a NamedSharding (restored onto a mesh)."""
-    leaves = jax.tree.leaves(tree)
-    return bool(leaves) and all(
-        isinstance(x, jax.Array) and isinstance(x.sharding, NamedSharding) for x in leaves
-    )
 
 
 # -- freezing ------------------------------------------------------------------------------------

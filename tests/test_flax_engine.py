@@ -124,7 +124,12 @@ def test_random_sizes_compile_once_per_bucket_and_never_after_warmup(image_text)
     model, boxed, example = image_text
     buckets = Buckets(batch_sizes=(1, 2, 4), seq_lens=(4, 8, 16))
     engine = jinfer.Engine.from_flax(
-        model, boxed, example=example, variable_axes={"tokens": {0: "length"}}, buckets=buckets, mask_arg="mask"
+        model,
+        boxed,
+        example=example,
+        variable_axes={"tokens": {0: "length"}},
+        buckets=buckets,
+        mask_arg="mask",
     )
     rng = np.random.default_rng(2)
     requests = [_pair(rng, int(n)) for n in rng.integers(1, 17, size=500)]
@@ -172,7 +177,9 @@ def test_variable_size_images_with_height_width_buckets_and_mask():
         mask_arg="mask",
     )
     rng = np.random.default_rng(3)
-    images = [rng.normal(size=(int(h), int(w), 3)).astype(np.float32) for h, w in rng.integers(1, 17, size=(7, 2))]
+    images = [
+        rng.normal(size=(int(h), int(w), 3)).astype(np.float32) for h, w in rng.integers(1, 17, size=(7, 2))
+    ]
     for img, out in zip(images, engine.predict(images), strict=True):
         want = model.apply(variables, img[None], np.ones((1, *img.shape[:2]), bool))
         np.testing.assert_allclose(out["pooled"], np.asarray(want["pooled"][0]), rtol=1e-5, atol=1e-6)

@@ -61,7 +61,8 @@ class TrainState(train_state.TrainState):
 def _batches(seed=0, n=3, batch=8):
     rng = np.random.default_rng(seed)
     return [
-        (rng.normal(size=(batch, *IMAGE)).astype(np.float32), rng.integers(0, 10, size=batch)) for _ in range(n)
+        (rng.normal(size=(batch, *IMAGE)).astype(np.float32), rng.integers(0, 10, size=batch))
+        for _ in range(n)
     ]
 
 
@@ -87,7 +88,10 @@ def linen_run(tmp_path_factory):
     model = ResNet()
     variables = model.init(jax.random.key(0), jnp.zeros((1, *IMAGE)), train=False)
     state = TrainState.create(
-        apply_fn=model.apply, params=variables["params"], tx=optax.adam(1e-2), batch_stats=variables["batch_stats"]
+        apply_fn=model.apply,
+        params=variables["params"],
+        tx=optax.adam(1e-2),
+        batch_stats=variables["batch_stats"],
     )
     ckpt = tmp_path_factory.mktemp("linen") / "ckpt"
     with ocp.CheckpointManager(ckpt, options=ocp.CheckpointManagerOptions(max_to_keep=5)) as mngr:
@@ -118,7 +122,9 @@ def test_linen_restore_latest_reads_only_selected(linen_run):
     restore_checkpoint(ckpt, select=("params", "batch_stats", "opt_state", "step"))
     full_read = _rchar() - start
     assert set(variables) == {"params", "batch_stats"}
-    for got, want in zip(jax.tree.leaves(variables), jax.tree.leaves((state.batch_stats, state.params)), strict=True):
+    for got, want in zip(
+        jax.tree.leaves(variables), jax.tree.leaves((state.batch_stats, state.params)), strict=True
+    ):
         assert np.array_equal(np.asarray(got), np.asarray(want))  # latest step = the final state
     params_bytes = _nbytes(variables)
     opt_bytes = _nbytes(everything["opt_state"])
@@ -132,7 +138,7 @@ def test_linen_restore_latest_reads_only_selected(linen_run):
 
 @pytest.mark.parametrize("mesh_spec", [None, "data=2,model=4"])
 def test_linen_engine_equals_apply_in_eval_mode(linen_run, mesh_spec):
-    ckpt, state = linen_run
+    ckpt, _ = linen_run
     mesh = None if mesh_spec is None else make_mesh(mesh_spec)
     variables = restore_checkpoint(ckpt, select=("params", "batch_stats"), mesh=mesh)
     model = ResNet()
@@ -182,15 +188,19 @@ def test_half_written_latest_step_is_skipped_with_a_warning(linen_run, tmp_path)
     with pytest.warns(UserWarning, match=r"skipping half-written step\(s\) 3 .*4 .*restoring step 2"):
         variables = restore_checkpoint(copy)
     want = restore_checkpoint(ckpt, step=2)
-    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(variables), jax.tree.leaves(want), strict=True))
+    assert all(
+        np.array_equal(a, b) for a, b in zip(jax.tree.leaves(variables), jax.tree.leaves(want), strict=True)
+    )
     assert checkpoint_steps(copy) == [0, 1, 2]
-    with pytest.raises(CheckpointNotFoundError, match=r"no complete step 4 \(step 4 is half-written.*\[0, 1, 2\]"):
+    with pytest.raises(
+        CheckpointNotFoundError, match=r"no complete step 4 \(step 4 is half-written.*\[0, 1, 2\]"
+    ):
         restore_checkpoint(copy, step=4)
 
 
 def test_missing_key_and_step_list_what_exists(linen_run):
     ckpt, _ = linen_run
-    with pytest.raises(CheckpointKeyError, match="'batch_stat'.*batch_stats, opt_state, params, step"):
+    with pytest.raises(CheckpointKeyError, match=r"'batch_stat'.*batch_stats, opt_state, params, step"):
         restore_checkpoint(ckpt, select=("params", "batch_stat"))
     with pytest.raises(CheckpointKeyError, match="keys at params: Conv_0, Dense_0"):
         restore_checkpoint(ckpt, select="params/conv")
@@ -257,7 +267,9 @@ def test_nnx_restore_and_engine_equal_eval_mode(nnx_run, mesh_spec):
     want = np.asarray(trained(images))  # the trained model in eval mode
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     bf16 = restore_checkpoint(ckpt, select="model/bn", dtype="bfloat16")["model"]["bn"]
-    assert np.array_equal(np.asarray(bf16["mean"]["value"]), np.asarray(trained.bn.mean[...].astype(jnp.bfloat16)))
+    assert np.array_equal(
+        np.asarray(bf16["mean"]["value"]), np.asarray(trained.bn.mean[...].astype(jnp.bfloat16))
+    )
 
 
 def test_nnx_variables_for_the_wrong_subtree_list_the_modules_keys(nnx_run):
@@ -271,12 +283,16 @@ def test_freeze_cli_writes_a_model_dir_that_serves(linen_run, tmp_path):
     ckpt, _ = linen_run
     out = tmp_path / "frozen"
     cmd = [sys.executable, "-m", "jinfer.cli", "--compilation-cache", "off", "freeze", str(ckpt), str(out)]
-    result = subprocess.run([*cmd, "--select", "params,batch_stats", "--dtype", "bfloat16"], capture_output=True, text=True)
+    result = subprocess.run(
+        [*cmd, "--select", "params,batch_stats", "--dtype", "bfloat16"], capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stderr
     assert (out / "integrity.json").is_file() and (out / ".jinfer_complete").is_file()
     variables = jinfer.load_variables(out)
     want = restore_checkpoint(ckpt, dtype="bfloat16")
     assert jax.tree.structure(variables) == jax.tree.structure(want)
-    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(variables), jax.tree.leaves(want), strict=True))
+    assert all(
+        np.array_equal(a, b) for a, b in zip(jax.tree.leaves(variables), jax.tree.leaves(want), strict=True)
+    )
     result = subprocess.run([*cmd, "--select", "opt_stat"], capture_output=True, text=True)
     assert result.returncode == 2 and "opt_state" in result.stderr
