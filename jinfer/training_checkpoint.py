@@ -16,6 +16,8 @@ optimizer state is never read) and each device only its own slice.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import os
 import re
@@ -151,6 +153,60 @@ def _item_metadata(item_dir: Path) -> dict[str, Any]:
             f"{item_dir}: the checkpoint tree is a {type(tree).__name__}, not a dict"
         )
     return dict(tree)
+
+
+@dataclasses.dataclass(frozen=True)
+class _LeafRef:
+    """A saved array known only by name (from the item's _METADATA file): shape/dtype not read yet."""
+
+    name: str
+    value_type: str
+
+
+def _item_structure(item_dir: Path) -> Any:
+    """The item's tree with `_LeafRef` leaves, from its _METADATA JSON alone (no array opened).
+
+    Orbax's own `metadata()` opens every array of the checkpoint (optimizer state included), a
+    cost proportional to the whole train state; this reads one small file. None when the file's
+    layout is not the one understood here (the caller then uses Orbax's metadata).
+    """
+    try:
+        meta = json.loads((item_dir / PYTREE_METADATA).read_text())
+        if not meta.get("use_ocdbt"):
+            return None
+        tree: dict[str, Any] = {}
+        for entry in meta["tree_metadata"].values():
+            keys = [str(k["key"]) for k in entry["key_metadata"]]
+            node = tree
+            for key in keys[:-1]:
+                node = node.setdefault(key, {})
+            node[keys[-1]] = _LeafRef(".".join(keys), str(entry["value_metadata"]["value_type"]))
+        return tree
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _open_leaves(item_dir: Path, subtree: Any) -> Any:
+    """ShapeDtypeStructs for the `_LeafRef`s of `subtree`, opening only those arrays (TensorStore
+    zarr metadata inside the item's OCDBT store). None on anything unexpected."""
+    try:
+        import tensorstore as ts
+
+        meta = json.loads((item_dir / PYTREE_METADATA).read_text())
+        driver = "zarr3" if meta.get("use_zarr3") else "zarr"
+        context = ts.Context()
+        kvstore = {"driver": "ocdbt", "base": f"file://{item_dir}/"}
+
+        def open_leaf(ref):
+            if ref.value_type not in ("jax.Array", "np.ndarray"):
+                raise ValueError(ref.value_type)
+            spec = {"driver": driver, "kvstore": kvstore, "path": ref.name}
+            arr = ts.open(spec, open=True, context=context).result()
+            return jax.ShapeDtypeStruct(tuple(arr.shape), arr.dtype.numpy_dtype)
+
+        return jax.tree.map(open_leaf, subtree)
+    except Exception:  # any surprise: Orbax's own (slower, complete) metadata is used instead
+        return None
 
 
 def _split(path: str) -> list[str]:
@@ -310,7 +366,7 @@ def restore_checkpoint(
         raise CheckpointKeyError("select is empty; name at least one key path such as 'params'")
     step_dir, step_number = resolve_step_dir(path, step)
     items = {step_dir.name: step_dir} if _is_item(step_dir) else _items(step_dir)
-    trees = {name: _item_metadata(d) for name, d in items.items()}
+    trees = {name: _item_structure(d) or _item_metadata(d) for name, d in items.items()}
     where = f"{step_dir}" + ("" if step_number is None else f" (step {step_number})")
     sharding_of = _sharding_fn(mesh, rules, shardings)
     results: list[tuple[list[str], Any]] = []
@@ -318,6 +374,8 @@ def restore_checkpoint(
         target: dict[str, Any] = {}
         for entry, inner in entries:
             meta = _subtree(trees[item], inner)
+            if any(isinstance(x, _LeafRef) for x in jax.tree.leaves(meta)):
+                meta = _open_leaves(items[item], meta) or _subtree(_item_metadata(items[item]), inner)
             sub = _target(meta, "/".join(_split(entry)), sharding_of, dtype)
             node = target
             for key in inner[:-1]:
