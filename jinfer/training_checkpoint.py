@@ -194,7 +194,7 @@ def _open_leaves(item_dir: Path, subtree: Any) -> Any:
 
         meta = json.loads((item_dir / PYTREE_METADATA).read_text())
         driver = "zarr3" if meta.get("use_zarr3") else "zarr"
-        context = ts.Context()
+        context = ts.Context({"cache_pool": {"total_bytes_limit": 64 << 20}})  # shared b-tree nodes
         kvstore = {"driver": "ocdbt", "base": f"file://{item_dir}/"}
 
         def open_leaf(ref):
@@ -232,7 +232,7 @@ def _lookup(tree: Any, parts: list[str], where: str) -> Any:
 
 def _child_keys(node: Any) -> list[str] | None:
     if isinstance(node, Mapping):
-        return [str(k) for k in node]
+        return sorted(str(k) for k in node)
     if isinstance(node, (list, tuple)):
         return [str(i) for i in range(len(node))]
     return None
@@ -366,7 +366,8 @@ def restore_checkpoint(
         raise CheckpointKeyError("select is empty; name at least one key path such as 'params'")
     step_dir, step_number = resolve_step_dir(path, step)
     items = {step_dir.name: step_dir} if _is_item(step_dir) else _items(step_dir)
-    trees = {name: _item_structure(d) or _item_metadata(d) for name, d in items.items()}
+    trees = {name: _item_structure(d) for name, d in items.items()}
+    trees = {name: _item_metadata(items[name]) if t is None else t for name, t in trees.items()}
     where = f"{step_dir}" + ("" if step_number is None else f" (step {step_number})")
     sharding_of = _sharding_fn(mesh, rules, shardings)
     results: list[tuple[list[str], Any]] = []
@@ -375,7 +376,8 @@ def restore_checkpoint(
         for entry, inner in entries:
             meta = _subtree(trees[item], inner)
             if any(isinstance(x, _LeafRef) for x in jax.tree.leaves(meta)):
-                meta = _open_leaves(items[item], meta) or _subtree(_item_metadata(items[item]), inner)
+                opened = _open_leaves(items[item], meta)
+                meta = opened if opened is not None else _subtree(_item_metadata(items[item]), inner)
             sub = _target(meta, "/".join(_split(entry)), sharding_of, dtype)
             node = target
             for key in inner[:-1]:
