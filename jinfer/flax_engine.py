@@ -170,7 +170,7 @@ def from_flax(
     spec = InputSpec.from_example(example, variable_axes)
     shape_buckets = _shape_buckets(spec, buckets or Buckets(seq_lens=()), dim_buckets)
     mesh = single_device_mesh() if mesh is None else mesh
-    rules = rules or ShardingRules()
+    user_rules, rules = rules is not None, rules or ShardingRules()
     if isinstance(module, nnx.Module):
         forward, values, boxed = _nnx_forward(module, variables, apply_kwargs, mask_arg, method)
     else:
@@ -178,7 +178,7 @@ def from_flax(
         forward, values, boxed = _linen_forward(module, variables, probe, apply_kwargs, mask_arg, method)
     if dtype is not None:
         values = cast_floating(values, dtype)
-    shardings, rules = _variable_shardings(values, boxed, mesh, rules, param_rules)
+    shardings, rules = _variable_shardings(values, boxed, mesh, rules, param_rules, user_rules)
     engine = FlaxEngine(
         forward,
         values,
@@ -280,8 +280,9 @@ def _has_boxes(tree: Any) -> bool:
 def _nnx_forward(module, variables, apply_kwargs, mask_arg, method):
     graphdef, state = nnx.split(module)
     own = nnx.to_pure_dict(state)
-    values = own if variables is None else _overlay_nnx(own, _pure(variables))
-    values = _materialize_rng(values)
+    rng_paths = set(_flat(nnx.to_pure_dict(nnx.state(module, nnx.RngState))))
+    values = own if variables is None else _overlay_nnx(own, _pure(variables), rng_paths)
+    values = _materialize_rng(values, rng_paths)
 
     def forward(values, inputs, mask):
         # nnx.merge at the jit boundary: the module is rebuilt from arrays on every trace, and
@@ -310,11 +311,11 @@ def _flat(tree: Any) -> dict[str, Any]:
     return {path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
-def _overlay_nnx(own: Any, given: Any) -> Any:
+def _overlay_nnx(own: Any, given: Any, rng_paths: set[str]) -> Any:
     """The module's state with every leaf replaced by `given`'s (checked by path and shape)."""
     own_flat, given_flat = _flat(own), _flat(given)
     extra = sorted(set(given_flat) - set(own_flat))
-    missing = sorted(p for p in set(own_flat) - set(given_flat) if not _is_rng_path(p))
+    missing = sorted(set(own_flat) - set(given_flat) - rng_paths)
     if extra or missing:
         raise ConfigError(
             "Engine.from_flax: variables do not match the NNX module's state: "
@@ -335,18 +336,14 @@ def _overlay_nnx(own: Any, given: Any) -> Any:
     return jax.tree_util.tree_unflatten(treedef, [given_flat.get(path_str(p), x) for p, x in paths])
 
 
-def _is_rng_path(path: str) -> bool:
-    return "/rngs/" in f"/{path}/" or path.endswith(("/key", "/count"))
-
-
-def _materialize_rng(values: Any) -> Any:
+def _materialize_rng(values: Any, rng_paths: set[str]) -> Any:
     """Abstract leaves (an `nnx.eval_shape` module) of RNG streams become concrete placeholders:
     evaluation mode never draws from them, but they are part of the module's state."""
 
     def concrete(path, x):
         if not isinstance(x, jax.ShapeDtypeStruct):
             return x
-        if not _is_rng_path(path_str(path)):
+        if path_str(path) not in rng_paths:
             raise ConfigError(
                 f"Engine.from_flax: the NNX module's {path_str(path)} is abstract and no variables were "
                 "given for it; pass variables= (e.g. restored from a checkpoint)"
@@ -358,7 +355,7 @@ def _materialize_rng(values: Any) -> Any:
     return jax.tree_util.tree_map_with_path(concrete, values)
 
 
-def _variable_shardings(values, boxed, mesh, rules, param_rules):
+def _variable_shardings(values, boxed, mesh, rules, param_rules, user_rules):
     """(tree of NamedShardings for the variables, the rules for inputs/outputs)."""
     flat = _flat(values)
     if param_rules:
@@ -367,7 +364,7 @@ def _variable_shardings(values, boxed, mesh, rules, param_rules):
         return _shardings_from(values, axes, mesh, table), rules
     declared = _flat_axes(boxed)
     axes = {p: declared.get(p, (None,) * np.ndim(x)) for p, x in flat.items()}
-    if any(a is not None for t in axes.values() for a in t):
+    if user_rules or any(a is not None for t in axes.values() for a in t):
         return _shardings_from(values, axes, mesh, rules), rules
     # Data-parallel default: the batch axis over every mesh axis (dropped where it does not divide).
     return _shardings_from(values, axes, mesh, rules), rules.replace(batch=tuple(mesh.axis_names))

@@ -239,9 +239,12 @@ class InputSpec:
 
 
 def _input_dtype(dtype: Any) -> np.dtype:
+    """The device dtype of an example leaf: 64-bit numbers become 32-bit (JAX's default)."""
     dtype = np.dtype(dtype)
-    if dtype.kind == "b" or np.issubdtype(dtype, np.integer):
-        return np.dtype(np.int32) if dtype.itemsize > 4 or dtype.kind == "b" else dtype
+    if dtype.itemsize > 4 and np.issubdtype(dtype, np.integer):
+        return np.dtype(np.int32)
+    if dtype == np.float64:
+        return np.dtype(np.float32)
     return dtype
 
 

@@ -158,13 +158,21 @@ def test_linen_engine_equals_apply_in_eval_mode(linen_run, mesh_spec):
         assert leaf.sharding.is_fully_replicated and len(leaf.sharding.device_set) == 8
 
 
-def test_linen_bf16_restore_equals_cast(linen_run):
+def test_linen_bf16_restore_equals_cast_and_rules_shard_on_restore(linen_run):
     ckpt, _ = linen_run
     f32 = restore_checkpoint(ckpt, select="params")
-    bf16 = restore_checkpoint(ckpt, select="params", dtype=jnp.bfloat16)
+    mesh = make_mesh("data=2,model=4")
+    bf16 = restore_checkpoint(
+        ckpt, select="params", dtype=jnp.bfloat16, mesh=mesh, rules=[(r"Dense_0/kernel$", ("embed", "mlp"))]
+    )
     for a, b in zip(jax.tree.leaves(f32), jax.tree.leaves(bf16), strict=True):
         assert b.dtype == jnp.bfloat16
         assert np.array_equal(np.asarray(a.astype(jnp.bfloat16)), np.asarray(b))
+    kernel = bf16["params"]["Dense_0"]["kernel"]  # [8, 256]: "mlp" -> mesh axis "model"
+    assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, "model")
+    assert {s.data.shape for s in kernel.addressable_shards} == {(8, HIDDEN // 4)}  # each device: its slice
+    bias = bf16["params"]["Dense_0"]["bias"]
+    assert bias.sharding.is_fully_replicated and len(bias.sharding.device_set) == 8
 
 
 def test_training_mode_error_names_the_flag(linen_run):
