@@ -304,3 +304,33 @@ def test_freeze_cli_writes_a_model_dir_that_serves(linen_run, tmp_path):
     )
     result = subprocess.run([*cmd, "--select", "opt_stat"], capture_output=True, text=True)
     assert result.returncode == 2 and "opt_state" in result.stderr
+
+
+def test_freeze_with_a_registered_model_class_is_a_model_dir(tmp_path):
+    from jinfer.checkpoint import load_model_dir
+    from jinfer.modeling import FlaxModel
+    from jinfer.models.classifiers import TextClassifierConfig
+    from jinfer.training_checkpoint import freeze_checkpoint
+
+    config = TextClassifierConfig(vocab_size=32, embed_dim=8, hidden_dim=16, num_layers=1, num_classes=3)
+    params = FlaxModel.from_name("TextClassifier", config).init_params(seed=1)
+    state = {"params": params, "opt_state": optax.adam(1e-3).init(params), "step": 7}
+    with ocp.CheckpointManager(tmp_path / "ckpt") as mngr:
+        mngr.save(7, args=ocp.args.StandardSave(state))
+        mngr.wait_until_finished()
+    out = freeze_checkpoint(
+        tmp_path / "ckpt", tmp_path / "model", model_class="TextClassifier", config=config
+    )
+    model, restored, meta = load_model_dir(out)
+    assert meta["model_class"] == "TextClassifier" and model.config == config
+    assert all(
+        np.array_equal(a, b) for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(params), strict=True)
+    )
+    with pytest.raises(ConfigError, match="select='params' only"):
+        freeze_checkpoint(
+            tmp_path / "ckpt",
+            tmp_path / "m2",
+            ("params", "step"),
+            model_class="TextClassifier",
+            config=config,
+        )
