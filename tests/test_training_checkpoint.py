@@ -334,3 +334,23 @@ def test_freeze_with_a_registered_model_class_is_a_model_dir(tmp_path):
             model_class="TextClassifier",
             config=config,
         )
+
+
+def test_composite_items_and_a_plain_orbax_checkpoint(tmp_path):
+    rng = np.random.default_rng(4)
+    state = {
+        "params": {"w": rng.normal(size=(4, 4)).astype(np.float32)},
+        "opt_state": {"mu": np.ones((4, 4))},
+    }
+    with ocp.CheckpointManager(tmp_path / "ckpt", item_names=("state", "extra")) as mngr:
+        mngr.save(5, args=ocp.args.Composite(state=ocp.args.StandardSave(state), extra=ocp.args.JsonSave({})))
+        mngr.wait_until_finished()
+    found = restore_checkpoint(tmp_path / "ckpt", select="params")["params"]["w"]  # found in item "state"
+    assert np.array_equal(found, state["params"]["w"])
+    by_item = restore_checkpoint(tmp_path / "ckpt", select="state/params")["state"]["params"]["w"]
+    assert np.array_equal(by_item, state["params"]["w"])
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(tmp_path / "plain", state)
+        ckptr.wait_until_finished()
+    plain = restore_checkpoint(tmp_path / "plain", select="params", dtype="bfloat16")["params"]["w"]
+    assert plain.dtype == jnp.bfloat16 and np.array_equal(plain, state["params"]["w"].astype(jnp.bfloat16))
