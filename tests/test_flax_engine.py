@@ -35,6 +35,13 @@ def test_image_model_needs_only_an_example():
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     futures = [engine.submit(x) for x in images]
     np.testing.assert_allclose(np.stack([f.result(timeout=60) for f in futures]), want, rtol=1e-5, atol=1e-6)
+    # The buckets of the issue's report (default seq_lens): no sequence axis unless one is declared.
+    issue_engine = jinfer.Engine.from_flax(
+        model, variables, example=images[0], buckets=Buckets(batch_sizes=(1, 4, 8))
+    )
+    np.testing.assert_allclose(
+        np.stack(issue_engine.predict(list(images[:4]))), want[:4], rtol=1e-5, atol=1e-6
+    )
     # uint8 pixels are accepted (cast to the example's float32); wrong shapes are refused by name.
     assert engine.predict([np.zeros((12, 12, 3), np.uint8)])[0].shape == (5,)
     with pytest.raises(InputError, match=r"example 0 has shape \(12, 12\); expected \(12, 12, 3\)"):
