@@ -26,6 +26,8 @@ _EXPORTS = {
     "load_model_dir": "jinfer.checkpoint",
     "restore_params": "jinfer.checkpoint",
     "inspect_model_dir": "jinfer.checkpoint",
+    "restore_checkpoint": "jinfer.training_checkpoint",
+    "load_variables": "jinfer.training_checkpoint",
     "LLM": "jinfer.llm",
     "SamplingParams": "jinfer.sampling",
     "GenerationConfig": "jinfer.generate",

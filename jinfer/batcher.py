@@ -79,7 +79,7 @@ class Batcher:
     def submit(self, example: Any, timeout: float | None = None) -> Future:
         """Validates `example` now (raising InputError) and queues it; returns its Future."""
         x = self.engine.prepare_example(example, index="(submitted)")
-        seq_len = self.engine.buckets.seq_bucket(x.shape[0]) if self.engine.buckets.has_seq else None
+        seq_len = self.engine.request_bucket(x)
         now = time.monotonic()
         request = _Request(x, seq_len, Future(), now, None if timeout is None else now + timeout)
         with self._cond:

@@ -1,4 +1,4 @@
-"""The `jinfer` command line: generate, embed, convert, inspect, run-batch, merge."""
+"""The `jinfer` command line: generate, embed, convert, inspect, freeze, run-batch, merge."""
 
 from __future__ import annotations
 
@@ -210,6 +210,22 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_freeze(args: argparse.Namespace) -> int:
+    from jinfer.training_checkpoint import freeze_checkpoint
+
+    config = None
+    if args.config:
+        with open(args.config) as f:
+            config = json.load(f)
+    select = tuple(s.strip() for s in args.select.split(",") if s.strip())
+    step = int(args.step) if args.step not in (None, "latest") else "latest"
+    out = freeze_checkpoint(
+        args.ckpt, args.out, select, step, args.dtype, args.model_class, config, overwrite=args.overwrite
+    )
+    print(f"wrote {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="jinfer", description="JAX/XLA inference for Flax models.")
     parser.add_argument("--debug", action="store_true", help="print the traceback of an error")
@@ -272,6 +288,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("dir")
     p.set_defaults(func=cmd_rehash)
+
+    p = sub.add_parser("freeze", help="write a model dir from a training run's Orbax checkpoint")
+    p.add_argument("ckpt", help="CheckpointManager directory, one step directory, or an Orbax checkpoint")
+    p.add_argument("out")
+    p.add_argument("--select", default="params", help="comma-separated key paths (default: params)")
+    p.add_argument("--step", default=None, help="step to restore (default: the latest complete one)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="cast floating arrays")
+    p.add_argument("--model-class", default=None, help="registered model class (then --select params)")
+    p.add_argument("--config", default=None, help="JSON file with the model class's config")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.set_defaults(func=cmd_freeze)
 
     p = sub.add_parser("run-batch", help="offline generation over a JSONL file, resumable")
     from jinfer.batch import add_run_batch_args

@@ -182,6 +182,17 @@ class Engine:
         params = checkpoint.restore_params(path, model, mesh=mesh, rules=rules, dtype=dtype)
         return cls(model, params, buckets=buckets, mesh=mesh, rules=rules, **engine_kwargs)
 
+    @classmethod
+    def from_flax(cls, module: Any, variables: Any = None, *, example: Any, **kwargs: Any) -> Engine:
+        """Engine for any Linen or NNX module, its input spec taken from one `example`.
+
+        See `jinfer.flax_engine.from_flax` for the arguments (buckets, variable_axes, mesh,
+        apply_kwargs, mask_arg, ...).
+        """
+        from jinfer.flax_engine import from_flax
+
+        return from_flax(module, variables, example=example, **kwargs)
+
     # -- inputs ----------------------------------------------------------------------------
     def _resolve_inputs(self, model, input_dtype, example_shape) -> tuple[np.dtype, tuple[int, ...]]:
         example = None
@@ -258,12 +269,11 @@ class Engine:
             lambda s: self.rules.sharding(self.mesh, ("batch",) + (None,) * (s.ndim - 1), s.shape, "output"),
             out_shapes,
         )
-        jitted = jax.jit(
-            self.forward,
-            in_shardings=(self.param_shardings, inputs.sharding, mask.sharding),
-            out_shardings=out_sh,
-        )
-        return jitted.lower(abstract_params, inputs, mask).compile(), (inputs.sharding, mask.sharding)
+        # Inputs may be a pytree of arrays (Engine.from_flax); shardings follow its structure.
+        in_sh, mask_sh = (jax.tree.map(lambda s: s.sharding, a) for a in (inputs, mask))
+        in_shardings = (self.param_shardings, in_sh, mask_sh)
+        jitted = jax.jit(self.forward, in_shardings=in_shardings, out_shardings=out_sh)
+        return jitted.lower(abstract_params, inputs, mask).compile(), (in_sh, mask_sh)
 
     def executable(self, key: BucketKey):
         """The AOT executable of bucket `key` = (batch, seq_len), compiled on first use."""
@@ -295,24 +305,35 @@ class Engine:
     # -- running ---------------------------------------------------------------------------
     def _dispatch(self, examples: Sequence[np.ndarray], batch: int, seq_len: int | None):
         """Pads, places and launches one bucket call (async); returns the device outputs."""
-        exe, (in_sh, mask_sh) = self.executable((batch, seq_len))
         inputs, mask = pad_batch(examples, batch, seq_len, self.input_dtype)
         real = sum(int(x.shape[0]) for x in examples) if seq_len is not None else len(examples)
+        padded = batch * (seq_len if seq_len is not None else 1)
+        return self._launch((batch, seq_len), inputs, mask, real, padded)
+
+    def _launch(self, key: BucketKey, inputs: Any, mask: Any, real: int, padded: int):
+        """Counts one call of bucket `key` and launches it on padded host `inputs` and `mask`."""
+        exe, (in_sh, mask_sh) = self.executable(key)
         with self._lock:
             c = self._counters
-            c.bucket_hits[(batch, seq_len)] = c.bucket_hits.get((batch, seq_len), 0) + 1
+            c.bucket_hits[key] = c.bucket_hits.get(key, 0) + 1
             c.real += real
-            c.padded += batch * (seq_len if seq_len is not None else 1)
+            c.padded += padded
             c.calls += 1
         return exe(self.params, jax.device_put(inputs, in_sh), jax.device_put(mask, mask_sh))
 
     def _collect(self, out: Any, examples: Sequence[np.ndarray], seq_len: int | None) -> list[Any]:
-        host = jax.device_get(out)
-        lengths = [self._length(x) for x in examples]
-        results = unpad_outputs(host, lengths, seq_len, self.per_token_outputs)
+        results = self._unpad(jax.device_get(out), examples, seq_len)
         with self._lock:
             self._counters.served += len(examples)
         return results
+
+    def _unpad(self, host: Any, examples: Sequence[np.ndarray], seq_len: int | None) -> list[Any]:
+        lengths = [self._length(x) for x in examples]
+        return unpad_outputs(host, lengths, seq_len, self.per_token_outputs)
+
+    def request_bucket(self, example: Any) -> Any:
+        """The sequence bucket of one prepared example (None for fixed-shape inputs)."""
+        return self.buckets.seq_bucket(self._length(example)) if self.buckets.has_seq else None
 
     def run_batch(self, examples: Sequence[np.ndarray], seq_len: int | None) -> list[Any]:
         """Runs prepared examples (all in bucket `seq_len`, at most max_batch) in one device call."""

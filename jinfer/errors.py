@@ -85,3 +85,7 @@ class UnsupportedArchitectureError(ConversionError, ValueError):
 
 class MissingTensorError(ConversionError):
     """The source checkpoint lacks a tensor the architecture needs."""
+
+
+class CheckpointKeyError(CheckpointError, ValueError):
+    """A key path selected from a training checkpoint is not in it (the message lists the keys)."""
