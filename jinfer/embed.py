@@ -18,7 +18,6 @@ from jax.sharding import Mesh
 from jinfer.buckets import Buckets
 from jinfer.engine import Engine
 from jinfer.errors import ConfigError, EmptyInputError
-from jinfer.modeling import FlaxModel
 from jinfer.sharding import ShardingRules, make_mesh
 from jinfer.tokenizer import Tokenizer
 
@@ -59,21 +58,17 @@ class Embedder:
         normalize: bool | None = None,
         truncate: bool = True,
     ):
-        from jinfer import checkpoint
+        from jinfer import loading
 
-        path = Path(model)
-        spec, config, meta = checkpoint.load_config(path)
-        if spec.task != "encoder":
-            raise ConfigError(
-                f"{path}: model class {spec.name!r} is a {spec.task!r} model; Embedder needs an encoder"
-            )
+        mesh = make_mesh(mesh) if isinstance(mesh, str) else mesh
+        if pooling is not None:  # checked before any array is read
+            _check_pooling(pooling)
+        loaded = loading.load(model, mesh=mesh, rules=rules, dtype=dtype, task="encoder", user="Embedder")
+        path, flax_model, params, meta = loaded.path, loaded.model, loaded.params, loaded.meta
+        config = flax_model.config
         self.pooling = pooling or meta.get("pooling", "mean")
         self.normalize = meta.get("normalize", True) if normalize is None else normalize
-        if self.pooling not in POOLINGS:
-            raise ConfigError(f"pooling={self.pooling!r} is not one of {POOLINGS}")
-        mesh = make_mesh(mesh) if isinstance(mesh, str) else mesh
-        flax_model = FlaxModel(spec, config, meta.get("quantization"))
-        params = checkpoint.restore_params(path, flax_model, mesh=mesh, rules=rules, dtype=dtype)
+        _check_pooling(self.pooling)
         self.tokenizer = Tokenizer.from_dir(path) if (path / "tokenizer.json").is_file() else None
         max_len = min(512, getattr(config, "max_position_embeddings", 512))
         buckets = buckets or Buckets(
@@ -119,6 +114,11 @@ class Embedder:
         if not ids:
             raise EmptyInputError(f"input {index} is empty")
         return ids
+
+
+def _check_pooling(pooling: str) -> None:
+    if pooling not in POOLINGS:
+        raise ConfigError(f"pooling={pooling!r} is not one of {POOLINGS}")
 
 
 def _default_mesh() -> Mesh:

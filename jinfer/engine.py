@@ -157,11 +157,10 @@ class Engine:
         **engine_kwargs: Any,
     ) -> Engine:
         """Engine for a registered model saved in a jinfer model directory (restored onto `mesh`)."""
-        from jinfer import checkpoint
+        from jinfer import loading
 
-        model = checkpoint.load_model(path)
-        params = checkpoint.restore_params(path, model, mesh=mesh, rules=rules, dtype=dtype)
-        return cls(model, params, buckets=buckets, mesh=mesh, rules=rules, **engine_kwargs)
+        loaded = loading.load(path, mesh=mesh, rules=rules, dtype=dtype)
+        return cls(loaded.model, loaded.params, buckets=buckets, mesh=mesh, rules=rules, **engine_kwargs)
 
     # -- inputs ----------------------------------------------------------------------------
     def _resolve_inputs(self, model, input_dtype, example_shape) -> tuple[np.dtype, tuple[int, ...]]:
