@@ -131,3 +131,25 @@ def group_view(x: Any, shape: tuple[int, ...], scale_shape: tuple[int, ...]) -> 
             view = x.reshape(*shape[:i], g, d // g, *shape[i + 1 :])
             return view, (*scale_shape[:i], g, 1, *scale_shape[i + 1 :])
     return x, tuple(scale_shape)
+
+
+def _register_export_serialization() -> None:
+    # Programs whose arguments hold these types go through jax.export in the traced-program cache
+    # (jinfer.compile.lower); QuantArray's static `dtype` travels as its name.
+    from jax import export
+
+    export.register_pytree_node_serialization(
+        QuantArray,
+        serialized_name="jinfer.models.weights.QuantArray",
+        serialize_auxdata=lambda aux: b"" if aux[0] is None else jnp.dtype(aux[0]).name.encode(),
+        deserialize_auxdata=lambda data: (jnp.dtype(bytes(data).decode()) if data else None,),
+    )
+    export.register_pytree_node_serialization(
+        OutMajor,
+        serialized_name="jinfer.models.weights.OutMajor",
+        serialize_auxdata=lambda aux: b"",
+        deserialize_auxdata=lambda data: (),
+    )
+
+
+_register_export_serialization()
