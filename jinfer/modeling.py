@@ -200,8 +200,8 @@ def _abstract_module(spec: ModelSpec, config: Any) -> Any:
     """
     if spec.framework == "nnx":
         # Eager sharding is off: logical names are not mesh axes; jinfer maps them itself.
-        with nnx.use_eager_sharding(False), layers.shapes_only():
-            module = nnx.eval_shape(lambda: spec.module_cls(config, rngs=nnx.Rngs(0)))
+        with nnx.use_eager_sharding(False):
+            module = nnx.eval_shape(lambda: spec.module_cls(config, rngs=layers.StructureRngs(0)))
         return nnx.split(module)
     module = spec.module_cls(config)
     return jax.eval_shape(module.init, jax.random.key(0), *spec.example_inputs(config))["params"]

@@ -58,9 +58,9 @@ def test_out_major_structure_and_sharding():
         )
         layer = params["layers"][0]
 
-        def stored(w):  # the OutMajor weight's values (int8 ones: their q8 part)
+        def stored(w, quantized=m.quantization is not None):  # an OutMajor's values (int8: q8)
             assert isinstance(w, OutMajor)
-            return w.w if m.quantization is None else w.w.q8
+            return w.w.q8 if quantized else w.w
 
         c = tiny_llama_config(128)
         # [out..., in] with the contracted axes merged: q [n, h, d], o [d, n*h], down [d, f]

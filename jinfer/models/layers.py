@@ -97,9 +97,6 @@ def out_major_matmul(x: jax.Array, w: jax.Array, **kwargs: Any) -> jax.Array:
     return jnp.einsum("...c,kc->...k", x, w, **kwargs)
 
 
-_SHAPES_ONLY = contextvars.ContextVar("jinfer_shapes_only", default=False)
-
-
 # -- prefill without a cached prefix ---------------------------------------------------------------
 # A model traced inside `prompt_is_whole_prefix()` still writes its keys/values into the KV cache,
 # but attends only within the call: correct when the call's tokens start the sequence (a fresh
@@ -117,21 +114,16 @@ def prompt_is_whole_prefix():
         _WHOLE_PREFIX.reset(token)
 
 
-@contextlib.contextmanager
-def shapes_only():
-    """Builds modules for their structure only (under nnx.eval_shape): parameters are created
-    with a constant initializer, whose trace is ~50x cheaper than a random one's (SmolLM2's
-    structure: 1.6 s -> tens of ms, paid at every model load)."""
-    token = _SHAPES_ONLY.set(True)
-    try:
-        yield
-    finally:
-        _SHAPES_ONLY.reset(token)
+class StructureRngs(nnx.Rngs):
+    """Rngs for building a module for its structure only (under nnx.eval_shape): `make_param`
+    gives every parameter a constant initializer, whose trace is ~50x cheaper than a random one's
+    (SmolLM2's structure: 1.6 s -> tens of ms, paid at every model load). The values are never
+    used; shapes, dtypes and logical axes are those of a real build."""
 
 
 def make_param(rngs: nnx.Rngs, shape: Sequence[int], axes: Axes, init: Callable = DEFAULT_INIT) -> nnx.Param:
     """An nnx.Param of `shape` annotated with logical axes (float32 unless cast later)."""
-    if _SHAPES_ONLY.get():
+    if isinstance(rngs, StructureRngs):
         return nnx.Param(nnx.with_partitioning(nnx.initializers.zeros, axes)(None, tuple(shape)))
     return nnx.Param(nnx.with_partitioning(init, axes)(rngs.params(), tuple(shape)))
 
