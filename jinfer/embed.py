@@ -19,7 +19,6 @@ from jax.sharding import Mesh
 from jinfer.buckets import Buckets
 from jinfer.engine import Engine
 from jinfer.errors import ConfigError, EmptyInputError
-from jinfer.modeling import FlaxModel
 from jinfer.sharding import ShardingRules, make_mesh
 from jinfer.tokenizer import Tokenizer
 
@@ -63,25 +62,17 @@ class Embedder:
         normalize: bool | None = None,
         truncate: bool = True,
     ):
-        from jinfer import checkpoint
+        from jinfer import loading
 
-        path = Path(model)
-        if not path.exists():  # a known name or a Hugging Face id ("org/name"), converted once
-            from jinfer import hub
-
-            path = hub.resolve_model(str(model), dtype=dtype)
-        spec, config, meta = checkpoint.load_config(path)
-        if spec.task != "encoder":
-            raise ConfigError(
-                f"{path}: model class {spec.name!r} is a {spec.task!r} model; Embedder needs an encoder"
-            )
+        mesh = make_mesh(mesh) if isinstance(mesh, str) else mesh
+        if pooling is not None:  # checked before any array is read
+            _check_pooling(pooling)
+        loaded = loading.load(model, mesh=mesh, rules=rules, dtype=dtype, task="encoder", user="Embedder")
+        path, flax_model, params, meta = loaded.path, loaded.model, loaded.params, loaded.meta
+        config = flax_model.config
         self.pooling = pooling or meta.get("pooling", "mean")
         self.normalize = meta.get("normalize", True) if normalize is None else normalize
-        if self.pooling not in POOLINGS:
-            raise ConfigError(f"pooling={self.pooling!r} is not one of {POOLINGS}")
-        mesh = make_mesh(mesh) if isinstance(mesh, str) else mesh
-        flax_model = FlaxModel(spec, config, meta.get("quantization"))
-        params = checkpoint.restore_params(path, flax_model, mesh=mesh, rules=rules, dtype=dtype)
+        _check_pooling(self.pooling)
         # The tokenizer truncates only to a sentence-transformers max_seq_length (keeping [SEP]);
         # `truncate` is the engine's cut of token inputs longer than the largest bucket.
         self.max_seq_length = meta.get("max_seq_length")
@@ -139,6 +130,11 @@ def default_seq_lens(config: Any, meta: dict[str, Any]) -> tuple[int, ...]:
         longest = min(longest, int(meta["max_seq_length"]))
     lens = [b for b in (16, 32, 64, 128, 256, 512) if b < longest]
     return (*lens, longest)
+
+
+def _check_pooling(pooling: str) -> None:
+    if pooling not in POOLINGS:
+        raise ConfigError(f"pooling={pooling!r} is not one of {POOLINGS}")
 
 
 def _default_mesh() -> Mesh:

@@ -176,11 +176,10 @@ class Engine:
         **engine_kwargs: Any,
     ) -> Engine:
         """Engine for a registered model saved in a jinfer model directory (restored onto `mesh`)."""
-        from jinfer import checkpoint
+        from jinfer import loading
 
-        model = checkpoint.load_model(path)
-        params = checkpoint.restore_params(path, model, mesh=mesh, rules=rules, dtype=dtype)
-        return cls(model, params, buckets=buckets, mesh=mesh, rules=rules, **engine_kwargs)
+        loaded = loading.load(path, mesh=mesh, rules=rules, dtype=dtype)
+        return cls(loaded.model, loaded.params, buckets=buckets, mesh=mesh, rules=rules, **engine_kwargs)
 
     @classmethod
     def from_flax(cls, module: Any, variables: Any = None, *, example: Any, **kwargs: Any) -> Engine:

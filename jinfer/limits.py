@@ -171,7 +171,11 @@ def _first_layers(config: Any, n: int) -> Any:
     changes: dict[str, Any] = {"num_layers": n}
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
-        if isinstance(value, (tuple, list)) and len(value) == config.num_layers and f.name.startswith("layer"):
+        if (
+            isinstance(value, (tuple, list))
+            and len(value) == config.num_layers
+            and f.name.startswith("layer")
+        ):
             changes[f.name] = type(value)(value[:n])
     return dataclasses.replace(config, **changes)
 

@@ -112,22 +112,24 @@ class LLM:
         layout: str = "auto",
         **engine_options: Any,
     ):
-        from jinfer import checkpoint, defaults
+        from jinfer import defaults, loading
         from jinfer.memory import plan_llm_memory
 
-        path = _resolve(model, dtype)
-        flax_model = checkpoint.load_model(path)
         mesh = make_mesh(mesh) if isinstance(mesh, str) else mesh
-        if max_len is None:  # the model's context length within a KV-cache budget (jinfer.defaults)
-            itemsize = defaults.cache_itemsize(
-                flax_model.abstract_params(), engine_options.get("cache_dtype") or dtype
-            )
-            max_len = defaults.default_max_len(flax_model.config, max_batch, itemsize)
-        gen_config = _generation_config(max_batch, max_len, buckets, decode_steps, engine_options)
-        plan_llm_memory(flax_model, gen_config, mesh, dtype)  # before anything is allocated
-        params = checkpoint.restore_params(path, flax_model, mesh=mesh, rules=rules, dtype=dtype)
-        if quantize and flax_model.quantization is None:
-            flax_model, params = _quantize_loaded(flax_model, params, quantize, mesh, rules)
+        gen_config = None
+
+        def plan(flax_model: FlaxModel) -> None:  # after the config is read, before any array is
+            nonlocal gen_config, max_len
+            if max_len is None:  # the model's context length within a KV-cache budget
+                itemsize = defaults.cache_itemsize(
+                    flax_model.abstract_params(), engine_options.get("cache_dtype") or dtype
+                )
+                max_len = defaults.default_max_len(flax_model.config, max_batch, itemsize)
+            gen_config = _generation_config(max_batch, max_len, buckets, decode_steps, engine_options)
+            plan_llm_memory(flax_model, gen_config, mesh, dtype)
+
+        loaded = loading.load(model, mesh=mesh, rules=rules, dtype=dtype, quantize=quantize, plan=plan)
+        path, flax_model, params = loaded.path, loaded.model, loaded.params
         tokenizer = Tokenizer.from_dir(path) if (path / "tokenizer.json").is_file() else None
         gen_defaults = _read_json(path / "generation_config.json")
         del model
@@ -158,14 +160,9 @@ class LLM:
         return self
 
     def _setup(self, model, params, tokenizer, config, mesh, rules, gen_defaults, layout, owned=False):
-        import jax
+        from jinfer import loading
 
-        from jinfer.sharding import single_device_mesh
-
-        if mesh is not None or not all(hasattr(x, "sharding") for x in jax.tree.leaves(params)):
-            params = jax.device_put(params, model.shardings(mesh or single_device_mesh(), rules))
-        if _wants_out_major(layout, config) and not model.transposed:
-            model, params = _to_out_major(model, params, mesh or single_device_mesh(), rules, owned)
+        model, params = loading.runtime_layout(model, params, layout, config.max_batch, mesh, rules, owned)
         self.model = model
         self.tokenizer = tokenizer
         self.engine = GenerationEngine(model, params, config, mesh=mesh, rules=rules)
@@ -408,61 +405,6 @@ def _as_prompt_list(prompts) -> list[Prompt]:
             "or a list of those"
         )
     return list(prompts)
-
-
-def _quantize_loaded(model: FlaxModel, params: Any, method: str, mesh, rules):
-    """Quantizes restored float params on device, straight into the quantized shardings."""
-    import jax
-
-    from jinfer import quant
-    from jinfer.sharding import single_device_mesh
-
-    qmodel = model.quantized(method)
-    axes = model.float_logical_axes()
-    shardings = qmodel.shardings(mesh or single_device_mesh(), rules)
-    qparams = jax.jit(lambda p: quant.quantize_params(p, axes), out_shardings=shardings)(params)
-    return qmodel, qparams
-
-
-LAYOUTS = ("auto", "canonical", "out_major")
-
-
-def _wants_out_major(layout: str, config: GenerationConfig) -> bool:
-    import jax
-
-    if layout not in LAYOUTS:
-        raise ConfigError(f"layout={layout!r} is not one of {LAYOUTS}")
-    if layout == "auto":  # (the host-side transpose needs every shard addressable: one process)
-        return jax.default_backend() == "cpu" and config.max_batch == 1 and jax.process_count() == 1
-    return layout == "out_major"
-
-
-def _to_out_major(model: FlaxModel, params: Any, mesh, rules, owned: bool):
-    """Params in the output-major runtime layout (see jinfer.quant.transpose_params).
-
-    Done on the host weight by weight (no compilation); when the LLM owns `params` each original is
-    released as soon as its transposed copy exists, so loading never holds the model twice.
-    """
-    from jinfer import quant
-
-    tmodel = model.out_major()
-    if not owned:  # new dicts, same arrays: the caller's tree is left as it was
-        params = _copy_dicts(params)
-    shardings = tmodel.shardings(mesh, rules)
-    return tmodel, quant.transpose_params_inplace(params, model.float_logical_axes(), shardings)
-
-
-def _copy_dicts(tree: Any) -> Any:
-    return {k: _copy_dicts(v) for k, v in tree.items()} if isinstance(tree, dict) else tree
-
-
-def _resolve(model: str | Path | None, dtype: str | None = None) -> Path:
-    """A jinfer model directory as is; anything else (a known name, a hub id, None) through jinfer.hub."""
-    if model is not None and (Path(model) / "config.json").is_file():
-        return Path(model)
-    from jinfer import hub
-
-    return hub.resolve_model(model, dtype=dtype)
 
 
 def _read_json(path: Path) -> dict[str, Any]:

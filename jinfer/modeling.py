@@ -1,7 +1,10 @@
 """One view of any Flax model (NNX or Linen): abstract params, logical axes, init and a pure apply.
 
 Parameters are always a plain nested dict of arrays (NNX: `nnx.to_pure_dict(state)`; Linen: the
-`params` collection), so checkpoints, sharding and jit treat both frameworks the same way.
+`params` collection), so checkpoints, sharding and jit treat both frameworks the same way. A leaf
+may be a typed weight (`jinfer.models.weights`: `QuantArray` for int8, `OutMajor` for the
+output-major runtime layout), a pytree of arrays that the model's layers dispatch on; `quantization`
+and `transposed` below only say which types `abstract_params` (what is restored) holds.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from jinfer import quant
 from jinfer.errors import ConfigError
 from jinfer.models import layers
 from jinfer.models.registry import ModelSpec, get_spec
+from jinfer.models.weights import dequantize_tree, with_compute_dtype
 from jinfer.sharding import PathRules, ShardingRules, path_str, tree_logical_axes, unbox_tree
 
 
@@ -49,6 +53,11 @@ class FlaxModel:
 
     def out_major(self, transposed: bool = True) -> FlaxModel:
         """The same model with its weights in the output-major runtime layout (or back)."""
+        if transposed and not self.spec.typed_weights:
+            raise ConfigError(
+                f"model class {self.spec.name!r} reads plain arrays (its ModelSpec has no typed_weights), "
+                "so it cannot hold output-major weights; use layout='canonical'"
+            )
         return dataclasses.replace(self, transposed=transposed)
 
     def canonical(self) -> FlaxModel:
@@ -136,43 +145,45 @@ class FlaxModel:
         return params
 
     def apply_fn(self, method: str | None = None) -> Callable[..., Any]:
-        """Pure `fn(params, *inputs) -> outputs` calling the module (or `module.method`)."""
-        quantized = self.quantization is not None
-        packed = quantized or self.transposed
-        transposed = self.transposed
+        """Pure `fn(params, *inputs) -> outputs` calling the module (or `module.method`).
 
-        def unpack(params, args):
-            # int8 weights are dequantized inside the traced forward; output-major ones stay so.
+        Typed weights reach the module as they are (its layers dispatch on them), with each
+        QuantArray set to dequantize to the compute dtype; a module without `typed_weights` gets
+        int8 weights dequantized to plain arrays.
+        """
+        pin_weights = self.quantization is not None and self.transposed
+        typed = self.spec.typed_weights
+
+        def prepare(params, args):
             # Output-major int8 is dequantized inside each matrix-vector loop; the barrier makes
             # that depend on this call's inputs, otherwise XLA hoists the dequantization out of
             # the decode loop and every step reads float32 weights again. (Batched canonical
             # int8 keeps the hoisting: once per decode call beats once per step there.)
-            if quantized and transposed and args:
+            if pin_weights and args:
                 params, first = jax.lax.optimization_barrier((params, args[0]))
                 args = (first, *args[1:])
-            return quant.unpack_params(params, quant.compute_dtype(params)), args
+            if self.quantization is not None:
+                dtype = quant.compute_dtype(params)
+                params = with_compute_dtype(params, dtype) if typed else dequantize_tree(params, dtype)
+            return params, args
 
         if self.spec.framework == "nnx":
             graphdef, _ = self._nnx_abstract()
 
             def nnx_apply(params, *args, **kwargs):
-                if packed:
-                    params, args = unpack(params, args)
+                params, args = prepare(params, args)
                 # nnx.merge at the jit boundary: the module is rebuilt from pure arrays each trace.
                 module = nnx.merge(graphdef, params)
                 fn = module if method is None else getattr(module, method)
-                with layers.out_major_weights(transposed, quantized):
-                    return fn(*args, **kwargs)
+                return fn(*args, **kwargs)
 
             return nnx_apply
 
         module = self.spec.module_cls(self.config)
 
         def linen_apply(params, *args, **kwargs):
-            if packed:
-                params, args = unpack(params, args)
-            with layers.out_major_weights(transposed, quantized):
-                return module.apply({"params": params}, *args, method=method, **kwargs)
+            params, args = prepare(params, args)
+            return module.apply({"params": params}, *args, method=method, **kwargs)
 
         return linen_apply
 
@@ -189,8 +200,8 @@ def _abstract_module(spec: ModelSpec, config: Any) -> Any:
     """
     if spec.framework == "nnx":
         # Eager sharding is off: logical names are not mesh axes; jinfer maps them itself.
-        with nnx.use_eager_sharding(False), layers.shapes_only():
-            module = nnx.eval_shape(lambda: spec.module_cls(config, rngs=nnx.Rngs(0)))
+        with nnx.use_eager_sharding(False):
+            module = nnx.eval_shape(lambda: spec.module_cls(config, rngs=layers.StructureRngs(0)))
         return nnx.split(module)
     module = spec.module_cls(config)
     return jax.eval_shape(module.init, jax.random.key(0), *spec.example_inputs(config))["params"]

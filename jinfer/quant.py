@@ -1,9 +1,10 @@
 """int8 weight-only quantization: symmetric int8 weights with float32 scales per output channel
 and per group of GROUP_SIZE input elements.
 
-A quantized weight is stored in the param tree as `{"q8": int8[shape], "scale": f32[...]}`, so
-checkpoints stay plain nested dicts (Orbax saves them as two arrays) and both parts are sharded by
-the weight's own logical axes. `scale` has the weight's rank: output axes keep their size, the
+A quantized weight is a `jinfer.models.weights.QuantArray(q8=int8[shape], scale=f32[...])` leaf of
+the param tree; checkpoints save its two arrays under the weight's name ("<path>/q8",
+"<path>/scale") and both parts are sharded by the weight's own logical axes. `scale` has the
+weight's rank: output axes keep their size, the
 longest contracted axis has size (its size / GROUP_SIZE) (one scale per group; size 1 when it does
 not divide), other contracted axes size 1. Groups matter for small models: on SmolLM2-135M
 per-channel scales alone agree with float32 on ~96% of next-token predictions, groups of 64 on
@@ -17,7 +18,8 @@ Which axes a scale spans follows from the logical axis names:
     output feature.
 Other leaves (norms, biases, anything 1-D) stay in floating point.
 
-The dequantization (`q8 * scale`) runs inside the jitted forward, right before the matmul; XLA
+The dequantization (`q8 * scale`) runs inside the jitted forward, in the layer that reads the
+weight (`jinfer.models.layers.linear` dispatches on QuantArray), right before the matmul; XLA
 fuses it into the consumer where the backend can (GPU/TPU). On XLA:CPU, one-slot decode keeps the
 weights output-major (see below) and the dequantization happens inside the matrix-vector loop
 (~3x faster than float32-dequantized weights on SmolLM2); batched matmuls read a dequantized copy
@@ -26,14 +28,16 @@ made once per decode call (see BENCHMARKS.md).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jinfer.models.weights import OutMajor, QuantArray, group_view
+
 METHODS = ("int8",)
-QKEY, SKEY = "q8", "scale"
 GROUP_SIZE = 32
 
 
@@ -55,7 +59,7 @@ def reduced_axes(logical_axes: tuple[str | None, ...]) -> tuple[int, ...] | None
 
 
 def is_quantized(leaf: Any) -> bool:
-    return isinstance(leaf, dict) and set(leaf) == {QKEY, SKEY}
+    return isinstance(leaf, QuantArray)
 
 
 def scale_shape(shape: tuple[int, ...], axes: tuple[int, ...], group: int = GROUP_SIZE) -> tuple[int, ...]:
@@ -67,37 +71,23 @@ def scale_shape(shape: tuple[int, ...], axes: tuple[int, ...], group: int = GROU
     return tuple(out)
 
 
-def _grouped(x: Any, shape: tuple[int, ...], scale_shape_: tuple[int, ...]) -> tuple[Any, tuple[int, ...]]:
-    """View x [shape] as [.., groups, group_size, ..] along the grouped axis (if any)."""
-    for i, (d, g) in enumerate(zip(shape, scale_shape_, strict=True)):
-        if g not in (1, d):
-            return x.reshape(*shape[:i], g, d // g, *shape[i + 1 :]), (
-                *scale_shape_[:i],
-                g,
-                1,
-                *scale_shape_[i + 1 :],
-            )
-    return x, scale_shape_
-
-
-def quantize_array(w: Any, axes: tuple[int, ...], group: int = GROUP_SIZE) -> dict[str, Any]:
+def quantize_array(w: Any, axes: tuple[int, ...], group: int = GROUP_SIZE) -> QuantArray:
     """Symmetric int8: scale = max|w| / 127 per output channel and input group (numpy or jax)."""
     xp = jnp if isinstance(w, jax.Array) else np
     sshape = scale_shape(w.shape, axes, group)
-    w32, bshape = _grouped(w.astype(xp.float32), w.shape, sshape)
+    w32, bshape = group_view(w.astype(xp.float32), w.shape, sshape)
     reduce_axes = tuple(
         i for i, (a, b) in enumerate(zip(w32.shape, bshape, strict=True)) if b == 1 and a != 1
     )
     amax = xp.max(xp.abs(w32), axis=reduce_axes, keepdims=True)
     scale = xp.where(amax > 0, amax / 127.0, 1.0).astype(xp.float32)
     q8 = xp.clip(xp.round(w32 / scale), -127, 127).astype(xp.int8)
-    return {QKEY: q8.reshape(w.shape), SKEY: scale.reshape(sshape)}
+    return QuantArray(q8.reshape(w.shape), scale.reshape(sshape))
 
 
-def dequantize_array(leaf: dict[str, Any], dtype: Any) -> jax.Array:
-    q8, scale = leaf[QKEY], leaf[SKEY]
-    grouped, bshape = _grouped(q8, q8.shape, scale.shape)
-    return (grouped.astype(jnp.float32) * scale.reshape(bshape)).reshape(q8.shape).astype(dtype)
+def dequantize_array(leaf: QuantArray, dtype: Any) -> jax.Array:
+    """The float values of a QuantArray (`leaf.dequantize(dtype)`)."""
+    return leaf.dequantize(dtype)
 
 
 def _map_weights(params: Any, axes_tree: Any, fn) -> Any:
@@ -119,10 +109,10 @@ def quantize_abstract(abstract: Any, logical_axes: Any) -> Any:
     """ShapeDtypeStruct tree of the quantized params (what a quantized checkpoint holds)."""
 
     def abstract_q(x, axes):
-        return {
-            QKEY: jax.ShapeDtypeStruct(x.shape, jnp.int8),
-            SKEY: jax.ShapeDtypeStruct(scale_shape(x.shape, axes), jnp.float32),
-        }
+        return QuantArray(
+            jax.ShapeDtypeStruct(x.shape, jnp.int8),
+            jax.ShapeDtypeStruct(scale_shape(x.shape, axes), jnp.float32),
+        )
 
     return _map_weights(abstract, logical_axes, abstract_q)
 
@@ -133,7 +123,7 @@ def quantize_logical_axes(logical_axes: Any) -> Any:
     def axes_q(names, axes):
         # The grouped axis keeps no mesh axis either: its size (groups) rarely divides like the weight.
         names = tuple(names)
-        return {QKEY: names, SKEY: tuple(None if i in axes else n for i, n in enumerate(names))}
+        return QuantArray(names, tuple(None if i in axes else n for i, n in enumerate(names)))
 
     return _map_weights(logical_axes, logical_axes, axes_q)
 
@@ -145,9 +135,9 @@ def quantize_logical_axes(logical_axes: Any) -> Any:
 # jinfer.models.layers.out_major_matmul). Batched matmuls (8+ rows) prefer [in, out]. So one-slot
 # CPU decode keeps its weights output-major in memory: every weight `reduced_axes` selects is
 # stored as transpose(w, kept axes + contracted axes) with the contracted axes merged into one
-# (a merged axis that the loop would have to split again costs ~5x), under the key TKEY (float) or
-# QTKEY/STKEY (int8). Checkpoints always hold the canonical layout.
-TKEY, QTKEY, STKEY = "wt", "q8t", "scalet"
+# (a merged axis that the loop would have to split again costs ~5x), wrapped in an `OutMajor`
+# (around a float array, or a QuantArray whose q8 and scale are both in that layout), the type
+# `layers.linear` dispatches on. Checkpoints always hold the canonical layout.
 
 
 def _out_major_layout(names: tuple[str | None, ...]) -> tuple[tuple[int, ...], int] | None:
@@ -185,18 +175,16 @@ def _out_major_leaf(leaf: Any, names: tuple[str | None, ...], xp) -> Any:
         return leaf
     perm, n_kept = layout
     if is_quantized(leaf):
-        q8 = leaf[QKEY]
-        return {
-            QTKEY: _merge(xp.transpose(q8, perm), n_kept),
-            STKEY: _out_major_scale(leaf[SKEY], q8.shape, perm, n_kept, xp),
-        }
-    return {TKEY: _merge(xp.transpose(leaf, perm), n_kept)}
+        q8 = _merge(xp.transpose(leaf.q8, perm), n_kept)
+        scale = _out_major_scale(leaf.scale, leaf.q8.shape, perm, n_kept, xp)
+        return OutMajor(dataclasses.replace(leaf, q8=q8, scale=scale))
+    return OutMajor(_merge(xp.transpose(leaf, perm), n_kept))
 
 
 def _map_float_leaves(tree: Any, float_axes: Any, fn) -> Any:
-    """fn(leaf, canonical logical axes) on every leaf of `tree`, a quantized {q8, scale} dict
+    """fn(leaf, canonical logical axes) on every leaf of `tree` (nested dicts), a QuantArray
     counting as one leaf; `float_axes` is the logical-axes tree of the unquantized model."""
-    if isinstance(tree, dict) and not is_quantized(tree):
+    if isinstance(tree, dict):
         return {k: _map_float_leaves(v, float_axes[k], fn) for k, v in tree.items()}
     return fn(tree, tuple(float_axes))
 
@@ -212,7 +200,7 @@ def transpose_params_inplace(params: dict, float_axes: Any, shardings: Any) -> d
     modifies), so memory grows by one weight at a time, not by the model; no compilation."""
     for key in list(params):
         value, axes, sharding = params[key], float_axes[key], shardings[key]
-        if isinstance(value, dict) and not is_quantized(value):
+        if isinstance(value, dict):
             transpose_params_inplace(value, axes, sharding)
             continue
         if _out_major_layout(tuple(axes)) is None:
@@ -240,28 +228,10 @@ def transpose_logical_axes(axes: Any, float_axes: Any) -> Any:
         if layout is None:
             return leaf
         if is_quantized(leaf):
-            return {QTKEY: names(leaf[QKEY], *layout), STKEY: names(leaf[SKEY], *layout)}
-        return {TKEY: names(leaf, *layout)}
+            return OutMajor(QuantArray(names(leaf.q8, *layout), names(leaf.scale, *layout)))
+        return OutMajor(names(leaf, *layout))
 
     return _map_float_leaves(axes, float_axes, fn)
-
-
-def unpack_params(params: Any, dtype: Any) -> Any:
-    """Plain float arrays from any storage format, inside the traced forward. Output-major weights
-    stay output-major (the model contracts them in place, see jinfer.models.layers.linear)."""
-
-    def walk(tree):
-        if isinstance(tree, dict) and set(tree) == {TKEY}:
-            return tree[TKEY]
-        if isinstance(tree, dict) and set(tree) == {QTKEY, STKEY}:
-            return dequantize_array({QKEY: tree[QTKEY], SKEY: tree[STKEY]}, dtype)
-        if is_quantized(tree):
-            return dequantize_array(tree, dtype)
-        if isinstance(tree, dict):
-            return {k: walk(v) for k, v in tree.items()}
-        return tree
-
-    return walk(params)
 
 
 def compute_dtype(params: Any) -> Any:

@@ -9,6 +9,7 @@ from jinfer.errors import ConfigError
 from jinfer.generate import GenerationConfig
 from jinfer.llm import LLM
 from jinfer.modeling import FlaxModel
+from jinfer.models.weights import OutMajor
 from jinfer.sampling import SamplingParams
 from jinfer.sharding import make_mesh
 from jinfer.testing import perturbed_params, tiny_gpt2_config, tiny_llama_config
@@ -56,16 +57,20 @@ def test_out_major_structure_and_sharding():
             lambda x: (x.shape, x.dtype), params
         )
         layer = params["layers"][0]
-        key = "wt" if m.quantization is None else "q8t"
+
+        def stored(w, quantized=m.quantization is not None):  # an OutMajor's values (int8: q8)
+            assert isinstance(w, OutMajor)
+            return w.w.q8 if quantized else w.w
+
         c = tiny_llama_config(128)
         # [out..., in] with the contracted axes merged: q [n, h, d], o [d, n*h], down [d, f]
-        assert layer["attn"]["q"][key].shape == (c.num_heads, c.head_dim, c.hidden_size)
-        assert layer["attn"]["o"][key].shape == (c.hidden_size, c.num_heads * c.head_dim)
-        assert layer["mlp"]["down"][key].shape == (c.hidden_size, c.intermediate_size)
-        embed = params["embed"] if m.quantization is None else params["embed"]["q8"]
+        assert stored(layer["attn"]["q"]).shape == (c.num_heads, c.head_dim, c.hidden_size)
+        assert stored(layer["attn"]["o"]).shape == (c.hidden_size, c.num_heads * c.head_dim)
+        assert stored(layer["mlp"]["down"]).shape == (c.hidden_size, c.intermediate_size)
+        embed = params["embed"] if m.quantization is None else params["embed"].q8
         assert embed.shape == (c.vocab_size, c.hidden_size)  # [vocab, d] table: not transposed
         shard = t.shardings(make_mesh("data=2,model=4"))
-        assert "model" in str(shard["layers"][0]["mlp"]["up"][key].spec)
+        assert "model" in str(stored(shard["layers"][0]["mlp"]["up"]).spec)
 
 
 def test_grouped_scales_survive_merged_axes():
@@ -76,10 +81,10 @@ def test_grouped_scales_survive_merged_axes():
         np.float32
     )
     q = quant.quantize_array(w, quant.reduced_axes(names))
-    assert q["scale"].shape == (1, 2, 8)  # two groups of 32 along head_dim
+    assert q.scale.shape == (1, 2, 8)  # two groups of 32 along head_dim
     packed = quant.transpose_params({"o": q}, {"o": names})["o"]
-    assert packed["q8t"].shape == (8, 3 * 64) and packed["scalet"].shape == (8, 3 * 2)
-    deq = np.asarray(quant.unpack_params({"o": packed}, np.float32)["o"])  # [d, n*h]
+    assert packed.w.q8.shape == (8, 3 * 64) and packed.w.scale.shape == (8, 3 * 2)
+    deq = np.asarray(packed.w.dequantize(np.float32))  # [d, n*h]
     ref = np.asarray(quant.dequantize_array(q, np.float32)).transpose(2, 0, 1).reshape(8, -1)
     np.testing.assert_array_equal(deq, ref)
 

@@ -24,9 +24,9 @@ def test_quantize_error_is_bounded_per_channel():
     rng = np.random.default_rng(0)
     w = rng.normal(size=(64, 32)).astype(np.float32) * rng.uniform(0.1, 3, size=(1, 32)).astype(np.float32)
     q = quant.quantize_array(w, (0,), group=0)  # per output channel only
-    assert q["q8"].dtype == np.int8 and q["scale"].shape == (1, 32)
+    assert q.q8.dtype == np.int8 and q.scale.shape == (1, 32)
     err = np.abs(np.asarray(quant.dequantize_array(q, np.float32)) - w)
-    assert (err <= q["scale"] / 2 + 1e-7).all()  # round-to-nearest: at most half a step
+    assert (err <= q.scale / 2 + 1e-7).all()  # round-to-nearest: at most half a step
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +44,8 @@ def test_quantized_model_structure_sharding_and_agreement(tiny):
     )
     shard = qmodel.shardings(make_mesh("data=2,model=4"))
     up = shard["layers"][0]["mlp"]["up"]
-    assert up["q8"].spec == shard["layers"][0]["mlp"]["up"]["scale"].spec  # both split on "mlp"
-    assert "model" in str(up["q8"].spec)
+    assert up.q8.spec == shard["layers"][0]["mlp"]["up"].scale.spec  # both split on "mlp"
+    assert "model" in str(up.q8.spec)
     tokens = np.arange(3, 40, dtype=np.int32)[None]
     positions = np.arange(tokens.shape[1], dtype=np.int32)[None]
 
@@ -74,8 +74,8 @@ def test_int8_checkpoint_round_trip_and_load_time_quantization(tmp_path):
     )
     loaded, restored, meta = checkpoint.load_model_dir(qdir)
     assert loaded.quantization == "int8" and meta["quantization"] == "int8"
-    assert restored["layers"][0]["attn"]["q"]["q8"].dtype == np.int8
-    np.testing.assert_array_equal(restored["embed"]["q8"], qparams["embed"]["q8"])
+    assert restored["layers"][0]["attn"]["q"].q8.dtype == np.int8
+    np.testing.assert_array_equal(restored["embed"].q8, qparams["embed"].q8)
     p = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
     from_disk = LLM(qdir, max_len=64, buckets=(16,), max_batch=2).generate("Paris is", p)[0]
     at_load = LLM(src, max_len=64, buckets=(16,), max_batch=2, quantize="int8").generate("Paris is", p)[0]
@@ -100,8 +100,8 @@ def test_convert_with_int8_matches_load_time_quantization(tmp_path):
         a, b = got, expected
         for k in path:
             a, b = a[k], b[k]
-        np.testing.assert_allclose(a["scale"], b["scale"], rtol=1e-6)
-        assert np.abs(a["q8"].astype(int) - b["q8"].astype(int)).max() <= 1
+        np.testing.assert_allclose(a.scale, b.scale, rtol=1e-6)
+        assert np.abs(a.q8.astype(int) - b.q8.astype(int)).max() <= 1
     with pytest.raises(Exception, match="quantize='int4'"):
         convert(src, tmp_path / "bad", quantize="int4", progress=False)
 
@@ -111,8 +111,8 @@ def test_grouped_scales_bound_the_error_per_group():
     w = rng.normal(size=(256, 8)).astype(np.float32)
     w[: quant.GROUP_SIZE] *= 50  # one loud group must not coarsen the others
     q = quant.quantize_array(w, (0,))
-    assert q["scale"].shape == (256 // quant.GROUP_SIZE, 8)
+    assert q.scale.shape == (256 // quant.GROUP_SIZE, 8)
     deq = np.asarray(quant.dequantize_array(q, np.float32))
-    step = np.repeat(q["scale"], quant.GROUP_SIZE, axis=0)
+    step = np.repeat(q.scale, quant.GROUP_SIZE, axis=0)
     assert (np.abs(deq - w) <= step / 2 + 1e-6).all()
     assert np.abs(deq[quant.GROUP_SIZE :] - w[quant.GROUP_SIZE :]).max() < 0.05

@@ -134,9 +134,9 @@ class Bert(nnx.Module):
         if token_type_ids is None:
             token_type_ids = jnp.zeros_like(tokens)
         x = (
-            L.embed_lookup(self.embed[...], tokens)
-            + self.pos_embed[...][:t][None]
-            + L.embed_lookup(self.type_embed[...], token_type_ids)
+            L.embed_lookup(self.embed.get_value(), tokens)
+            + L.dense(self.pos_embed.get_value())[:t][None]
+            + L.embed_lookup(self.type_embed.get_value(), token_type_ids)
         )
         x = self.embed_norm(x)
         attn_mask = jnp.broadcast_to(mask.astype(bool)[:, None, :], (b, t, t))
@@ -172,4 +172,4 @@ def hf_param_map(config: BertConfig) -> L.HFParamMap:
     return out
 
 
-register(ModelSpec(name="Bert", config_cls=BertConfig, module_cls=Bert, task="encoder"))
+register(ModelSpec(name="Bert", config_cls=BertConfig, module_cls=Bert, task="encoder", typed_weights=True))

@@ -130,13 +130,14 @@ class GPT2(nnx.Module):
         self, tokens: jax.Array, positions: jax.Array, cache: KVCache | None = None
     ) -> tuple[jax.Array, KVCache | None]:
         """tokens, positions [b, t] int32 (position < 0: padding) -> (normed hidden [b, t, d], cache)."""
-        x = L.embed_lookup(self.embed[...], tokens) + L.embed_lookup(self.pos_embed[...], positions)
+        x = L.embed_lookup(self.embed.get_value(), tokens)
+        x = x + L.embed_lookup(self.pos_embed.get_value(), positions)
         x, cache = L.run_decoder_layers(self.layers, x, positions, cache)
         return self.final_norm(x), cache
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """hidden [..., d] (from __call__) -> float32 logits [..., vocab] (tied to embed)."""
-        return L.vocab_logits(hidden, self.embed[...], tied=True)
+        return L.vocab_logits(hidden, self.embed.get_value(), tied=True)
 
 
 def hf_param_map(config: GPT2Config) -> L.HFParamMap:
@@ -162,4 +163,4 @@ def hf_param_map(config: GPT2Config) -> L.HFParamMap:
     return out
 
 
-register(ModelSpec(name="GPT2", config_cls=GPT2Config, module_cls=GPT2, task="causal_lm"))
+register(ModelSpec(name="GPT2", config_cls=GPT2Config, module_cls=GPT2, task="causal_lm", typed_weights=True))

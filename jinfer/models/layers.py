@@ -9,6 +9,11 @@ g query heads per kv head (n = k * g), h head dim, f mlp hidden, v vocab; in the
 (jinfer.kvcache) nb blocks of l positions each.
 
 Numerics: matmuls run in the params' dtype; norms, RoPE and softmax in float32.
+
+Weights: every projection goes through `linear`, which dispatches on the weight's type
+(jinfer.models.weights): a float array in the canonical layout, a `QuantArray` (int8, dequantized
+right before the product) or an `OutMajor` weight (held [out, in], contracted in place). Modules
+therefore read their weights with `param.get_value()` (the typed value), not `param[...]`.
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ from flax import nnx
 from jinfer import kvcache
 from jinfer.errors import ConfigError
 from jinfer.kvcache import KVCache
+from jinfer.models import weights
+from jinfer.models.weights import OutMajor, QuantArray, Weight, dense
 
 Axes = tuple[str | None, ...]
 LayerCache = tuple[jax.Array, jax.Array]  # (keys, values) in the blocked layout of jinfer.kvcache
@@ -39,34 +46,23 @@ DEFAULT_INIT = nnx.initializers.normal(0.02)
 MASK_VALUE = float(np.finfo(np.float32).min)
 
 
-# -- weight layout --------------------------------------------------------------------------------
-# Weights are stored [in..., out...] (the layout of checkpoints). A model traced inside
-# `out_major_weights()` receives them [out..., in...] instead (jinfer.quant.transpose_params: the
-# faster layout for XLA:CPU matrix-vector products), and `linear` contracts them in place: a
-# transpose written before the dot would be materialised by XLA on every call.
-_OUT_MAJOR = contextvars.ContextVar("jinfer_out_major_weights", default="")
+# -- weight layout ----------------------------------------------------------------------------------
+# Weights are stored [in..., out...] (the layout of checkpoints). An `OutMajor` weight is held
+# [out..., in] instead (jinfer.quant.transpose_params: the faster layout for XLA:CPU
+# matrix-vector products), and `linear` contracts it in place: a transpose written before the dot
+# would be materialised by XLA on every call.
 
 
-@contextlib.contextmanager
-def out_major_weights(enabled: bool = True, quantized: bool = False):
-    """Traces model code for output-major weights (see `linear`); `quantized`: int8 weights,
-    dequantized inside the traced forward."""
-    token = _OUT_MAJOR.set(("int8" if quantized else "float") if enabled else "")
-    try:
-        yield
-    finally:
-        _OUT_MAJOR.reset(token)
-
-
-def linear(spec: str, x: jax.Array, w: jax.Array, **kwargs: Any) -> jax.Array:
-    """einsum(spec, x, w) for a projection, as one rank-2 matrix product.
+def linear(spec: str, x: jax.Array, w: Weight, **kwargs: Any) -> jax.Array:
+    """einsum(spec, x, w) for a projection, as one rank-2 matrix product, by the type of w.
 
     `spec` names the weight in its canonical layout, [contracted..., kept...] (e.g.
     "btd,dnh->btnh"); x's contracted letters must end its subscripts and the output must be x's
-    other letters followed by w's kept ones (true of every projection in jinfer's models). Traced
-    inside `out_major_weights()`, w arrives [kept..., contracted] instead. Rank-2 on purpose:
-    XLA:CPU runs a [b, 1, d] operand ~2x slower than [b, d], and copies a transposed
-    higher-rank weight on every call where it reads a rank-2 one in place.
+    other letters followed by w's kept ones (true of every projection in jinfer's models).
+    A float array is that canonical weight; a `QuantArray` is dequantized first (to its dtype);
+    an `OutMajor` weight holds [kept..., contracted] and goes through `out_major_matmul`.
+    Rank-2 on purpose: XLA:CPU runs a [b, 1, d] operand ~2x slower than [b, d], and copies a
+    transposed higher-rank weight on every call where it reads a rank-2 one in place.
     """
     inputs, out = spec.split("->")
     xs, ws = inputs.split(",")
@@ -78,10 +74,12 @@ def linear(spec: str, x: jax.Array, w: jax.Array, **kwargs: Any) -> jax.Array:
     n_lead = x.ndim - len(contracted)
     lead_shape = x.shape[:n_lead]
     x2 = x.reshape(math.prod(lead_shape), -1)
-    if _OUT_MAJOR.get():
-        kept_shape = w.shape[: len(kept)]
-        y = out_major_matmul(x2, w.reshape(math.prod(kept_shape), -1), **kwargs)  # [out..., in]
+    if isinstance(w, OutMajor):
+        wt = dense(w.w)  # [kept..., contracted]
+        kept_shape = wt.shape[: len(kept)]
+        y = out_major_matmul(x2, wt.reshape(math.prod(kept_shape), -1), **kwargs)
     else:
+        w = dense(w)
         kept_shape = w.shape[len(contracted) :]
         y = jnp.dot(x2, w.reshape(-1, math.prod(kept_shape)), **kwargs)
     return y.reshape(*lead_shape, *kept_shape)
@@ -97,9 +95,6 @@ def out_major_matmul(x: jax.Array, w: jax.Array, **kwargs: Any) -> jax.Array:
     if math.prod(x.shape[:-1]) == 1:
         return jnp.dot(x.reshape(-1), w.T, **kwargs).reshape(*x.shape[:-1], w.shape[0])
     return jnp.einsum("...c,kc->...k", x, w, **kwargs)
-
-
-_SHAPES_ONLY = contextvars.ContextVar("jinfer_shapes_only", default=False)
 
 
 # -- prefill without a cached prefix ---------------------------------------------------------------
@@ -119,21 +114,16 @@ def prompt_is_whole_prefix():
         _WHOLE_PREFIX.reset(token)
 
 
-@contextlib.contextmanager
-def shapes_only():
-    """Builds modules for their structure only (under nnx.eval_shape): parameters are created
-    with a constant initializer, whose trace is ~50x cheaper than a random one's (SmolLM2's
-    structure: 1.6 s -> tens of ms, paid at every model load)."""
-    token = _SHAPES_ONLY.set(True)
-    try:
-        yield
-    finally:
-        _SHAPES_ONLY.reset(token)
+class StructureRngs(nnx.Rngs):
+    """Rngs for building a module for its structure only (under nnx.eval_shape): `make_param`
+    gives every parameter a constant initializer, whose trace is ~50x cheaper than a random one's
+    (SmolLM2's structure: 1.6 s -> tens of ms, paid at every model load). The values are never
+    used; shapes, dtypes and logical axes are those of a real build."""
 
 
 def make_param(rngs: nnx.Rngs, shape: Sequence[int], axes: Axes, init: Callable = DEFAULT_INIT) -> nnx.Param:
     """An nnx.Param of `shape` annotated with logical axes (float32 unless cast later)."""
-    if _SHAPES_ONLY.get():
+    if isinstance(rngs, StructureRngs):
         return nnx.Param(nnx.with_partitioning(nnx.initializers.zeros, axes)(None, tuple(shape)))
     return nnx.Param(nnx.with_partitioning(init, axes)(rngs.params(), tuple(shape)))
 
@@ -146,9 +136,9 @@ def zeros_param(rngs: nnx.Rngs, shape: Sequence[int], axes: Axes) -> nnx.Param:
     return make_param(rngs, shape, axes, nnx.initializers.zeros)
 
 
-def embed_lookup(table: jax.Array, ids: jax.Array) -> jax.Array:
-    """table [v, d], ids [...] int -> [..., d] (negative ids, i.e. padding, read row 0)."""
-    return jnp.take(table, jnp.maximum(ids, 0), axis=0)
+def embed_lookup(table: jax.Array | QuantArray, ids: jax.Array) -> jax.Array:
+    """table [v, d] (float or int8), ids [...] int -> [..., d] (negative ids, i.e. padding, read row 0)."""
+    return jnp.take(dense(table), jnp.maximum(ids, 0), axis=0)
 
 
 # -- norms ----------------------------------------------------------------------------------------
@@ -331,9 +321,9 @@ class Attention(nnx.Module):
 
     def project(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """x [b, t, d] -> q [b, t, n, h], k [b, t, k, h], v [b, t, k, h]."""
-        q = linear("btd,dnh->btnh", x, self.q[...])
-        k = linear("btd,dkh->btkh", x, self.k[...])
-        v = linear("btd,dkh->btkh", x, self.v[...])
+        q = linear("btd,dnh->btnh", x, self.q.get_value())
+        k = linear("btd,dkh->btkh", x, self.k.get_value())
+        v = linear("btd,dkh->btkh", x, self.v.get_value())
         if self.dims.qkv_bias:
             q, k, v = q + self.q_bias[...], k + self.k_bias[...], v + self.v_bias[...]
         return q, k, v
@@ -343,13 +333,13 @@ class Attention(nnx.Module):
         # An explicit [n*h] contraction (`linear`): the einsum form lets XLA pick an (h, n)
         # contraction order, which transposes (copies) the whole o weight on every call.
         b, t, n, h = o.shape
-        w = self.o[...]
-        if _OUT_MAJOR.get() == "float":  # w [d, n * h]: the runtime layout merges the contracted axes
+        w = self.o.get_value()
+        if isinstance(w, OutMajor) and not isinstance(w.w, QuantArray):  # w.w [d, n * h] float
             # A library dot: the fused loop of `out_major_matmul` (used by `linear`) reads an input
             # that is a reshaped [k, g, h] buffer (the attention output) with per-element index
             # arithmetic (SmolLM2 f32: 43.5 vs 38.2 tokens/s). int8 keeps the fused loop, which
             # dequantizes in place.
-            y = jnp.einsum("btm,dm->btd", o.reshape(b, t, n * h), w)
+            y = jnp.einsum("btm,dm->btd", o.reshape(b, t, n * h), w.w)
         else:
             y = linear("btnh,nhd->btd", o, w)
         if self.dims.out_bias:
@@ -509,9 +499,9 @@ class SwiGLU(nnx.Module):
         self.down = make_param(rngs, (hidden, dim), ("mlp", "embed"))
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        g = linear("btd,df->btf", x, self.gate[...])
-        u = linear("btd,df->btf", x, self.up[...])
-        return linear("btf,fd->btd", self.activation(g) * u, self.down[...])
+        g = linear("btd,df->btf", x, self.gate.get_value())
+        u = linear("btd,df->btf", x, self.up.get_value())
+        return linear("btf,fd->btd", self.activation(g) * u, self.down.get_value())
 
     @staticmethod
     def activation(g: jax.Array) -> jax.Array:
@@ -540,9 +530,9 @@ class GeluMLP(nnx.Module):
         self.down_bias = zeros_param(rngs, (dim,), ("embed",))
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        h = linear("btd,df->btf", x, self.up[...]) + self.up_bias[...]
+        h = linear("btd,df->btf", x, self.up.get_value()) + self.up_bias[...]
         h = jax.nn.gelu(h, approximate=self.approximate)
-        return linear("btf,fd->btd", h, self.down[...]) + self.down_bias[...]
+        return linear("btf,fd->btd", h, self.down.get_value()) + self.down_bias[...]
 
 
 # -- decoder plumbing -----------------------------------------------------------------------------
@@ -562,11 +552,11 @@ def run_decoder_layers(
     return x, (None if cache is None else KVCache(k=tuple(new_k), v=tuple(new_v)))
 
 
-def vocab_logits(hidden: jax.Array, table: jax.Array, tied: bool) -> jax.Array:
+def vocab_logits(hidden: jax.Array, table: Weight, tied: bool) -> jax.Array:
     """hidden [..., d] -> float32 logits [..., v]; `table` is embed [v, d] if tied else lm_head [d, v]."""
-    table = table.astype(hidden.dtype)
+    table = weights.astype(table, hidden.dtype)
     if tied:  # the embedding table [v, d] is already output-major
-        return out_major_matmul(hidden, table, preferred_element_type=jnp.float32)
+        return out_major_matmul(hidden, dense(table), preferred_element_type=jnp.float32)
     return linear("...d,dv->...v", hidden, table, preferred_element_type=jnp.float32)
 
 

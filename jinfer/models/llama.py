@@ -268,15 +268,15 @@ class Llama(nnx.Module):
         self, tokens: jax.Array, positions: jax.Array, cache: KVCache | None = None
     ) -> tuple[jax.Array, KVCache | None]:
         """tokens, positions [b, t] int32 (position < 0: padding) -> (normed hidden [b, t, d], cache)."""
-        x = L.embed_lookup(self.embed[...], tokens)
+        x = L.embed_lookup(self.embed.get_value(), tokens)
         x, cache = L.run_decoder_layers(self.layers, x, positions, cache)
         return L.rms_norm(x, self.final_norm[...], self.config.rms_norm_eps), cache
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """hidden [..., d] (from __call__) -> float32 logits [..., vocab]."""
         if self.config.tie_word_embeddings:
-            return L.vocab_logits(hidden, self.embed[...], tied=True)
-        return L.vocab_logits(hidden, self.lm_head[...], tied=False)
+            return L.vocab_logits(hidden, self.embed.get_value(), tied=True)
+        return L.vocab_logits(hidden, self.lm_head.get_value(), tied=False)
 
 
 def hf_param_map(config: LlamaConfig) -> L.HFParamMap:
@@ -332,4 +332,6 @@ LLAMA3_8B = LlamaConfig(
     max_position_embeddings=8192,
 )
 
-register(ModelSpec(name="Llama", config_cls=LlamaConfig, module_cls=Llama, task="causal_lm"))
+register(
+    ModelSpec(name="Llama", config_cls=LlamaConfig, module_cls=Llama, task="causal_lm", typed_weights=True)
+)

@@ -30,6 +30,9 @@ class ModelSpec:
       framework: "nnx" or "linen".
       example_inputs: Linen only: `(config) -> tuple of arrays` used to trace `init`.
       path_rules: optional regex -> logical axes fallback for unannotated parameters.
+      typed_weights: the module reads its weights as the types of `jinfer.models.weights`
+        (QuantArray, OutMajor; through `jinfer.models.layers`). Otherwise int8 weights reach it
+        dequantized to plain arrays, and it cannot hold the output-major layout.
     """
 
     name: str
@@ -39,6 +42,7 @@ class ModelSpec:
     framework: str = "nnx"
     example_inputs: Callable[[Any], tuple] | None = None
     path_rules: tuple[tuple[str, tuple[str | None, ...]], ...] = ()
+    typed_weights: bool = False
 
     def __post_init__(self):
         if self.task not in TASKS:

@@ -1,0 +1,148 @@
+"""Loading a model: one path, in this order, owned by this module.
+
+1. resolve: a model directory as is, a known name (or None) through `jinfer.hub`;
+2. read config: `checkpoint.load_config` -> the `FlaxModel` (class, config, stored quantization);
+3. restore into shards: `checkpoint.restore_params`, each device reading only its own slice;
+4. quantize: `quantize=` turns a float checkpoint's weights into `QuantArray`s on device, straight
+   into the quantized shardings (a checkpoint saved quantized is used as is);
+5. runtime layout: `runtime_layout` places params given in hand on the mesh and, where it pays
+   (one decode slot on XLA:CPU, or when asked), turns weights into `OutMajor` ones, on the host,
+   one weight at a time.
+
+`load` runs steps 1-4 (`LLM`, `Embedder` and `Engine.from_model_dir` call it); `LLM` runs step 5 on
+what it is given, whether loaded here or passed to `LLM.from_params`. The weight types themselves
+are described in `jinfer.models.weights`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+from jax.sharding import Mesh
+
+from jinfer import checkpoint, quant
+from jinfer.errors import ConfigError
+from jinfer.modeling import FlaxModel
+from jinfer.sharding import ShardingRules, single_device_mesh
+
+LAYOUTS = ("auto", "canonical", "out_major")
+_TASK_NOUNS = {"causal_lm": "a causal language model", "encoder": "an encoder", "classifier": "a classifier"}
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    """A restored model: its directory, the FlaxModel, its params (nested dict, sharded on the
+    mesh) and the directory's config.json."""
+
+    path: Path
+    model: FlaxModel
+    params: Any
+    meta: dict[str, Any]
+
+
+def resolve(model: str | Path | None, dtype: str | None = None) -> Path:
+    """A jinfer model directory as is; anything else (a known name, a Hugging Face id "org/name",
+    None) through jinfer.hub (a hub id is converted once, in `dtype`)."""
+    if model is not None and (Path(model) / "config.json").is_file():
+        return Path(model)
+    from jinfer import hub
+
+    return hub.resolve_model(model, dtype=dtype)
+
+
+def load(
+    model: str | Path | None,
+    *,
+    mesh: Mesh | None = None,
+    rules: ShardingRules | None = None,
+    dtype: Any = None,
+    quantize: str | None = None,
+    task: str | None = None,
+    user: str = "this",
+    verify: bool = True,
+    plan: Callable[[FlaxModel], None] | None = None,
+) -> LoadedModel:
+    """Resolves, reads the config, restores into the shards of `mesh` (None: one device) and
+    quantizes (`quantize="int8"` on a float checkpoint).
+
+    `task`, when given, is checked before any array is read: a model of another task raises
+    ConfigError naming `user` (e.g. "Embedder"). `plan(model)`, when given, runs after the config is
+    read and before any array is restored (e.g. checking that the engine fits in memory).
+    """
+    path = resolve(model, dtype)
+    spec, config, meta = checkpoint.load_config(path)
+    if task is not None and spec.task != task:
+        raise ConfigError(
+            f"{path}: model class {spec.name!r} is a {spec.task!r} model; {user} needs "
+            f"{_TASK_NOUNS.get(task, repr(task))}"
+        )
+    flax_model = FlaxModel(spec, config, meta.get("quantization"))
+    if plan is not None:
+        plan(flax_model)
+    params = checkpoint.restore_params(path, flax_model, mesh=mesh, rules=rules, dtype=dtype, verify=verify)
+    if quantize and flax_model.quantization is None:
+        flax_model, params = quantize_on_device(flax_model, params, quantize, mesh, rules)
+    return LoadedModel(path, flax_model, params, meta)
+
+
+def quantize_on_device(model: FlaxModel, params: Any, method: str, mesh: Mesh | None, rules):
+    """Quantizes restored float params on device, straight into the quantized shardings."""
+    qmodel = model.quantized(method)
+    axes = model.float_logical_axes()
+    shardings = qmodel.shardings(mesh or single_device_mesh(), rules)
+    qparams = jax.jit(lambda p: quant.quantize_params(p, axes), out_shardings=shardings)(params)
+    return qmodel, qparams
+
+
+def runtime_layout(
+    model: FlaxModel,
+    params: Any,
+    layout: str,
+    max_batch: int,
+    mesh: Mesh | None,
+    rules: ShardingRules | None,
+    owned: bool = False,
+) -> tuple[FlaxModel, Any]:
+    """(model, params) as a generation engine of `max_batch` slots runs them.
+
+    Params not yet on devices (or a `mesh` given) are placed with the model's shardings; then, if
+    `layout` asks for it (see `wants_out_major`), the weights become `OutMajor`. `owned`: the
+    caller hands `params` over, so each original weight is released once its copy exists.
+    """
+    if mesh is not None or not all(hasattr(x, "sharding") for x in jax.tree.leaves(params)):
+        params = jax.device_put(params, model.shardings(mesh or single_device_mesh(), rules))
+    if wants_out_major(layout, model, max_batch) and not model.transposed:
+        model, params = to_out_major(model, params, mesh or single_device_mesh(), rules, owned)
+    return model, params
+
+
+def wants_out_major(layout: str, model: FlaxModel, max_batch: int) -> bool:
+    """layout "out_major", or "auto" for a one-slot engine on CPU in a single process (the
+    host-side transpose needs every shard addressable) of a model with typed weights."""
+    if layout not in LAYOUTS:
+        raise ConfigError(f"layout={layout!r} is not one of {LAYOUTS}")
+    if layout == "auto":
+        one_slot_cpu = jax.default_backend() == "cpu" and max_batch == 1 and jax.process_count() == 1
+        return one_slot_cpu and model.spec.typed_weights
+    return layout == "out_major"
+
+
+def to_out_major(model: FlaxModel, params: Any, mesh: Mesh, rules, owned: bool):
+    """Params in the output-major runtime layout (see jinfer.quant.transpose_params).
+
+    Done on the host weight by weight (no compilation); when the caller owns `params` each original
+    is released as soon as its transposed copy exists, so loading never holds the model twice.
+    """
+    tmodel = model.out_major()
+    if not owned:  # new dicts, same arrays: the caller's tree is left as it was
+        params = _copy_dicts(params)
+    shardings = tmodel.shardings(mesh, rules)
+    return tmodel, quant.transpose_params_inplace(params, model.float_logical_axes(), shardings)
+
+
+def _copy_dicts(tree: Any) -> Any:
+    return {k: _copy_dicts(v) for k, v in tree.items()} if isinstance(tree, dict) else tree
