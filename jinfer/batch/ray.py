@@ -186,10 +186,12 @@ class Replica:
     """Body of a replica actor: loads the model once, then turns chunks of lines into rows."""
 
     def __init__(self, llm_or_model: Any, defaults: Any, opts: BatchOptions, cache_dir: str | None = None):
-        if cache_dir:
-            from jinfer.compile import enable_compilation_cache
+        from jinfer.compile import enable_compilation_cache, maybe_enable_from_env
 
+        if cache_dir:
             enable_compilation_cache(cache_dir)
+        else:
+            maybe_enable_from_env()  # $JINFER_COMPILATION_CACHE of the worker (runtime_env env_vars)
         self._run = _ChunkRun(opts, llm_or_model, defaults)
 
     def manifest(self) -> dict[str, Any]:
@@ -264,12 +266,13 @@ class RaySummary(Summary):
     replicas: int = 0
     replicas_lost: int = 0
     chunks_retried: int = 0
+    chunks_per_replica: list[int] = dataclasses.field(default_factory=list)
 
     def format(self) -> str:
         return (
             super().format()
             + f"\n  on Ray: {self.replicas} replica(s), {self.replicas_lost} lost and replaced, "
-            f"{self.chunks_retried} chunk(s) re-run"
+            f"{self.chunks_retried} chunk(s) re-run, chunks per replica {self.chunks_per_replica}"
         )
 
 
@@ -374,6 +377,7 @@ def run_batch_on_ray(
             done = files.scan_output(output, repair=True)
             skipped = files.count_contained(scan.shard_hashes, done)
             summary = RaySummary(str(output), opts.task, scan.lines, skipped=skipped, replicas=count)
+            summary.chunks_per_replica = [0] * count
             summary.processes = count
             scan.shard_hashes = np.zeros(0, np.uint64)
             _Driver(ray, pool, ray_opts, opts, summary).run(_chunks(input, done, ray_opts.chunk_lines))
@@ -487,6 +491,7 @@ class _Driver:
             self.retry.append(chunk)
             return None
         self.compile_seconds[slot] += result["compile_seconds"]
+        self.summary.chunks_per_replica[slot] += 1
         return result
 
     def _write(self, result: dict[str, Any], writer: files.RowWriter, progress: _Progress) -> bool:
