@@ -44,7 +44,7 @@ def write_input(path: Path, n: int) -> Path:
     words = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "while", "JAX", "compiles"]
     with open(path, "w") as f:
         for i in range(n):
-            prompt = " ".join(words[(i + k) % len(words)] for k in range(4 + 7 * (i % 9)))
+            prompt = " ".join(words[(i + k) % len(words)] for k in range(4 + 4 * (i % 8)))
             f.write(json.dumps({"custom_id": f"p{i:05d}", "prompt": prompt}) + "\n")
     return path
 
@@ -55,7 +55,7 @@ def main() -> None:
     enable_compilation_cache(work / "xla")
     model = args.model or str(make_tiny_llm_dir(work / "model", **SMALL))
     inp = write_input(work / "in.jsonl", args.prompts)
-    engine = dict(max_len=512, buckets=(16, 32, 64, 128), max_batch=8, decode_steps=8)
+    engine = dict(max_len=512, buckets=(32, 64, 128, 256), max_batch=8, decode_steps=8)
     defaults = SamplingParams(max_tokens=args.max_tokens, temperature=0.0)
 
     import ray

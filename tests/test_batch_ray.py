@@ -16,7 +16,7 @@ import pytest
 import ray
 
 from jinfer.batch import run_batch
-from jinfer.batch.ray import REPLICA_NAME_PREFIX, RayOptions, RowMapper, actor_options
+from jinfer.batch.ray import REPLICA_NAME_PREFIX, RayOptions, RowMapper, _nodes_that_fit, actor_options
 from jinfer.errors import ConfigError
 from jinfer.llm import LLM
 from jinfer.sampling import SamplingParams
@@ -265,7 +265,7 @@ def test_ray_data_row_mapper_gives_run_batch_rows(setup):
         assert row == ref[cid]
 
 
-def test_bad_ray_options_get_specific_errors():
+def test_bad_ray_options_get_specific_errors(setup):
     with pytest.raises(ConfigError, match="--resources-per-replica 'gpu' is not JSON"):
         RayOptions.parse_resources("gpu")
     with pytest.raises(ConfigError, match=r"resources_per_replica\['num_gpus'\]=-1"):
@@ -274,5 +274,8 @@ def test_bad_ray_options_get_specific_errors():
         RayOptions(replicas=0)
     assert actor_options({"num_gpus": 1, "TPU": 4}) == {"num_gpus": 1, "resources": {"TPU": 4}}
     assert actor_options({}) == {"num_cpus": 1}
+    assert _nodes_that_fit(ray, actor_options({})) == 1  # the default replica count: one per node
+    with pytest.raises(ConfigError, match="no node of the Ray cluster has the resources"):
+        _nodes_that_fit(ray, actor_options({"num_gpus": 1}))
     with pytest.raises(ConfigError, match="not a loaded model"):
         run_batch(object(), "in.jsonl", "out.jsonl", ray=RayOptions())

@@ -64,7 +64,8 @@ class RayOptions:
       address: None starts a local Ray instance for the run (stopped at the end); "auto",
         "host:port" or "ray://host:10001" joins a running cluster. When Ray is already
         initialised in this process (a notebook's `ray.init()`), that session is used as is.
-      replicas: model replicas (Ray actors). None: one per alive node of the cluster.
+      replicas: model replicas (Ray actors). None: one per alive node that has the resources of
+        one replica.
       resources_per_replica: Ray actor resources of one replica: num_cpus, num_gpus, memory,
         resources, accelerator_type; any other key is a custom resource (e.g. {"TPU": 4}).
         Empty: {"num_cpus": 1}.
@@ -367,7 +368,7 @@ def run_batch_on_ray(
     replica_opts = dataclasses.replace(opts, ray=None, max_errors=None, progress=False)
     cpus_each = float(actor_options(ray_opts.resources_per_replica).get("num_cpus", 1) or 0)
     with _ray_session(ray_opts, ray_opts.replicas or 1, cpus_each) as ray:
-        count = ray_opts.replicas or max(1, sum(1 for n in ray.nodes() if n.get("Alive")))
+        count = ray_opts.replicas or _nodes_that_fit(ray, actor_options(ray_opts.resources_per_replica))
         args = (str(llm_or_model), defaults, replica_opts, _compilation_cache_dir())
         pool = _ReplicaPool(ray, ray_opts, args, count)
         try:
@@ -385,6 +386,23 @@ def run_batch_on_ray(
             pool.close()
     files.write_json_atomic(files.summary_path(output), summary.to_dict())
     return summary
+
+
+def _nodes_that_fit(ray: Any, options: dict[str, Any]) -> int:
+    """Alive nodes with the resources of one replica (the default replica count: one per node)."""
+    need = {"CPU": options.get("num_cpus", 0), "GPU": options.get("num_gpus", 0)}
+    need.update(options.get("resources", {}))
+    fits = [
+        n
+        for n in ray.nodes()
+        if n.get("Alive") and all(n.get("Resources", {}).get(k, 0) >= v for k, v in need.items() if v)
+    ]
+    if not fits:
+        raise ConfigError(
+            f"no node of the Ray cluster has the resources of one replica ({need}); "
+            "check --resources-per-replica or give --replicas"
+        )
+    return len(fits)
 
 
 def _compilation_cache_dir() -> str | None:
