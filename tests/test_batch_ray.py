@@ -16,7 +16,14 @@ import pytest
 import ray
 
 from jinfer.batch import run_batch
-from jinfer.batch.ray import REPLICA_NAME_PREFIX, RayOptions, RowMapper, _nodes_that_fit, actor_options
+from jinfer.batch.ray import (
+    REPLICA_NAME_PREFIX,
+    RayOptions,
+    ReplicaLostError,
+    RowMapper,
+    _nodes_that_fit,
+    actor_options,
+)
 from jinfer.errors import ConfigError
 from jinfer.llm import LLM
 from jinfer.sampling import SamplingParams
@@ -279,3 +286,7 @@ def test_bad_ray_options_get_specific_errors(setup):
         _nodes_that_fit(ray, actor_options({"num_gpus": 1}))
     with pytest.raises(ConfigError, match="not a loaded model"):
         run_batch(object(), "in.jsonl", "out.jsonl", ray=RayOptions())
+    missing = setup["root"] / "no-such-model"
+    with pytest.raises(ReplicaLostError, match=r"a replica could not load the model .*no-such-model"):
+        run_batch(missing, setup["input"], setup["root"] / "never.jsonl", ray=RayOptions(replicas=1))
+    assert not (setup["root"] / "never.jsonl").exists()

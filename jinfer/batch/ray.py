@@ -26,7 +26,9 @@ import contextlib
 import dataclasses
 import json
 import os
+import queue
 import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -36,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from jinfer.batch import files
-from jinfer.batch.records import RowOptions, build_item, line_identity
+from jinfer.batch.records import Item, RowOptions, build_item, key_hash, line_identity, row_key
 from jinfer.batch.runner import (
     BatchOptions,
     Summary,
@@ -131,7 +133,13 @@ def actor_options(resources: dict[str, Any]) -> dict[str, Any]:
 
 # -- the replica ---------------------------------------------------------------------------------
 class _ChunkRun(_Run):
-    """The offline runner's per-line machinery, writing rows into a list instead of a file."""
+    """The offline runner's per-line machinery, fed by chunks, writing rows back to their chunk.
+
+    One background thread runs the task over a stream of chunks (`_Run._generate` & co.): a chunk
+    queued while another is generating joins the same `generate_iter`, so decode slots do not
+    drain between chunks (only when the queue is empty). `run_chunk` blocks until every line of
+    its chunk has its row; several callers may wait at once (a threaded Ray actor).
+    """
 
     def __init__(self, opts: BatchOptions, llm_or_model: Any, defaults: Any):
         super().__init__(opts, Path(os.devnull), Path(os.devnull))
@@ -143,34 +151,94 @@ class _ChunkRun(_Run):
         path = self.manifest["model"]["path"]
         self.rows = RowOptions(opts.format, opts.return_token_ids, Path(path).name if path else "jinfer")
         self.progress = _Progress(False, 0, 0, 0.0)
+        self.summary = Summary("", opts.task, 0)
+        self.writer = _RowList()
+        self._queue: queue.Queue[list[Item]] = queue.Queue()
+        self._owner: dict[bytes, _PendingChunk] = {}
+        self._lock = threading.Lock()
+        self._stats = _stats_snapshot(getattr(self.model, "stats", None))
+        threading.Thread(target=self._serve, name="jinfer-replica", daemon=True).start()
 
     def run_chunk(self, lines: list[tuple[int, bytes]]) -> dict[str, Any]:
         """Rows of `lines` ((line number, raw bytes)) in completion order, with per-row counts."""
-        self.stopped = None
-        self.summary = Summary("", self.opts.task, len(lines))
-        self.writer, self.counts = _RowList(), []
-        stats = getattr(self.model, "stats", None)
-        before = _stats_snapshot(stats)
         items = [build_item(*line_identity(raw, number), number, self.opts.task) for number, raw in lines]
-        {"generate": self._generate, "score": self._score, "embed": self._embed}[self.opts.task](
-            iter([items])
-        )
-        after = _stats_snapshot(stats)
-        return {
-            "rows": self.writer.lines,
-            "counts": self.counts,  # (failed, prompt tokens, completion tokens) per row
-            "compile_seconds": after[0] - before[0],
-            "prefill_tokens": after[1] - before[1],
-            "padded_prefill_tokens": after[2] - before[2],
-        }
+        if not items:
+            return {
+                "rows": [],
+                "counts": [],
+                "compile_seconds": 0.0,
+                "prefill_tokens": 0,
+                "padded_prefill_tokens": 0,
+            }
+        chunk = _PendingChunk(len(items))
+        with self._lock:
+            for item in items:
+                self._owner[item.key] = chunk
+        self._queue.put(items)
+        chunk.done.wait()
+        if chunk.error is not None:
+            raise chunk.error
+        return chunk.result
+
+    def _serve(self) -> None:
+        task = {"generate": self._generate, "score": self._score, "embed": self._embed}[self.opts.task]
+        while True:
+            first = self._queue.get()  # idle until a chunk comes
+
+            def chunks(first=first) -> Iterator[list[Item]]:
+                yield first
+                while True:  # ends the stream (slots drain) only when nothing is queued
+                    try:
+                        yield self._queue.get_nowait()
+                    except queue.Empty:
+                        return
+
+            try:
+                task(chunks())
+            except BaseException as e:  # the engine failed: every waiting chunk gets the error
+                with self._lock:
+                    waiting = set(self._owner.values())
+                    self._owner.clear()
+                for chunk in waiting:
+                    chunk.error = e
+                    chunk.done.set()
+
+    def _route(self, key: bytes, failed: bool, prompt_tokens: int, completion_tokens: int) -> None:
+        """Hands the row just written to its chunk; completes the chunk with its last row."""
+        with self._lock:
+            chunk = self._owner.pop(key)
+        chunk.rows.append(self.writer.lines.pop())
+        chunk.counts.append((failed, prompt_tokens, completion_tokens))
+        if len(chunk.rows) == chunk.size:
+            now = _stats_snapshot(getattr(self.model, "stats", None))
+            delta = [a - b for a, b in zip(now, self._stats, strict=True)]
+            self._stats = now
+            chunk.result = {
+                "rows": chunk.rows,
+                "counts": chunk.counts,  # (failed, prompt tokens, completion tokens) per row
+                "compile_seconds": delta[0],
+                "prefill_tokens": delta[1],
+                "padded_prefill_tokens": delta[2],
+            }
+            chunk.done.set()
 
     def _ok(self, row: dict[str, Any], prompt_tokens: int, completion_tokens: int) -> None:
         super()._ok(row, prompt_tokens, completion_tokens)
-        self.counts.append((False, prompt_tokens, completion_tokens))
+        self._route(row_key(row), False, prompt_tokens, completion_tokens)
 
-    def _fail(self, item: Any, e: Exception) -> None:
+    def _fail(self, item: Item, e: Exception) -> None:
         super()._fail(item, e)
-        self.counts.append((True, 0, 0))
+        self._route(item.key, True, 0, 0)
+
+
+@dataclasses.dataclass(eq=False)
+class _PendingChunk:
+    size: int
+    rows: list[bytes] = dataclasses.field(default_factory=list)
+    counts: list[tuple[bool, int, int]] = dataclasses.field(default_factory=list)
+    done: threading.Event = dataclasses.field(default_factory=threading.Event)
+    result: dict[str, Any] | None = None
+    error: BaseException | None = None
 
 
 class _RowList:
@@ -220,7 +288,8 @@ class RowMapper:
     """
 
     def __init__(self, model: str | os.PathLike, defaults: Any = None, **options: Any):
-        self._run = _ChunkRun(BatchOptions(**{**options, "progress": False}), model, defaults)
+        opts = BatchOptions(**{**options, "progress": False, "max_errors": None})
+        self._run = _ChunkRun(opts, model, defaults)
 
     def __call__(self, batch: dict[str, np.ndarray] | list[dict[str, Any]]) -> dict[str, np.ndarray]:
         records = _batch_records(batch)
@@ -314,6 +383,7 @@ class _ReplicaPool:
     def __init__(self, ray: Any, ray_opts: RayOptions, args: tuple, count: int):
         self.ray, self.args, self.count = ray, args, count
         self.options = actor_options(ray_opts.resources_per_replica)
+        self.chunks_in_flight = ray_opts.chunks_in_flight
         self.actor_class = ray.remote(Replica)
         self.actors: list[Any] = []
         self.generation = [0] * count
@@ -323,11 +393,22 @@ class _ReplicaPool:
 
     def _start(self, slot: int) -> Any:
         name = f"{REPLICA_NAME_PREFIX}{os.getpid()}-{slot}.{self.generation[slot]}"
-        return self.actor_class.options(name=name, max_restarts=0, **self.options).remote(*self.args)
+        # Threaded actor: queued chunks wait inside it, so its generation stream never runs dry.
+        concurrency = self.chunks_in_flight + 2
+        options = dict(name=name, max_restarts=0, max_concurrency=concurrency, **self.options)
+        return self.actor_class.options(**options).remote(*self.args)
 
     def manifest(self) -> dict[str, Any]:
         """Waits for every replica to load the model; they must agree on the manifest."""
-        manifests = self.ray.get([a.manifest.remote() for a in self.actors])
+        from ray.exceptions import RayActorError
+
+        try:
+            manifests = self.ray.get([a.manifest.remote() for a in self.actors])
+        except RayActorError as e:
+            raise ReplicaLostError(
+                f"a replica could not load the model {self.args[0]!r} (it must be readable at that path "
+                f"on every node): {e}"
+            ) from e
         for slot, m in enumerate(manifests[1:], start=1):
             if m != manifests[0]:
                 diffs = files._diff(manifests[0], m)
@@ -416,8 +497,6 @@ def _compilation_cache_dir() -> str | None:
 
 def _chunks(input: Path, done: np.ndarray, size: int) -> Iterator[_Chunk]:
     """Not-yet-done (line number, raw line) pairs of the input, `size` at a time (streamed)."""
-    from jinfer.batch.records import key_hash
-
     buf: list[tuple[int, bytes]] = []
     for number, raw in files.iter_lines(input):
         if files.contains(done, key_hash(line_identity(raw, number)[0])):
@@ -433,7 +512,9 @@ def _chunks(input: Path, done: np.ndarray, size: int) -> Iterator[_Chunk]:
 class _Driver:
     """Hands chunks to replicas, re-queues the chunks of lost replicas, appends rows once."""
 
-    def __init__(self, ray: Any, pool: _ReplicaPool, ray_opts: RayOptions, opts: BatchOptions, summary):
+    def __init__(
+        self, ray: Any, pool: _ReplicaPool, ray_opts: RayOptions, opts: BatchOptions, summary: RaySummary
+    ):
         self.ray, self.pool, self.ray_opts, self.opts, self.summary = ray, pool, ray_opts, opts, summary
         self.inflight: dict[Any, tuple[_Chunk, int, int]] = {}  # ref -> (chunk, slot, generation)
         self.load = [0] * pool.count
