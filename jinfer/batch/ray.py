@@ -287,7 +287,9 @@ class RowMapper:
     (`batch_format="numpy"`, dict of arrays) and on lists of dicts.
     """
 
-    def __init__(self, model: str | os.PathLike, defaults: Any = None, **options: Any):
+    def __init__(self, model: Any, defaults: Any = None, **options: Any):
+        """`model`: a model dir/name (loaded with `options["llm_options"]`) or a loaded LLM;
+        `defaults` and `options` as for `run_batch` (task, format, seed, ...)."""
         opts = BatchOptions(**{**options, "progress": False, "max_errors": None})
         self._run = _ChunkRun(opts, model, defaults)
 
