@@ -4,7 +4,9 @@ The driver reads the input, hands out chunks of raw lines to replicas, and is th
 the output file. Each replica is a Ray actor that loads the model once on its own devices and
 turns a chunk of lines into finished rows with the offline runner's code (`_Run._generate` /
 `_score` / `_embed`, the same row builders, the same seeds derived from the run seed and the
-custom_id), so every row is byte-identical to the one a single-process run writes.
+custom_id), so every row is byte-identical to the one a single-process run writes. A replica keeps
+one generation stream over the chunks queued to it (the driver keeps `chunks_in_flight` per
+replica), so its decode slots do not drain between chunks.
 
 Exactly once: a chunk's rows are appended by the driver when its result arrives, and a chunk is
 either in flight, re-queued or written, never two of these. A replica that dies (RayActorError)
@@ -452,7 +454,8 @@ def run_batch_on_ray(
     cpus_each = float(actor_options(ray_opts.resources_per_replica).get("num_cpus", 1) or 0)
     with _ray_session(ray_opts, ray_opts.replicas or 1, cpus_each) as ray:
         count = ray_opts.replicas or _nodes_that_fit(ray, actor_options(ray_opts.resources_per_replica))
-        args = (str(llm_or_model), defaults, replica_opts, _compilation_cache_dir())
+        model = Path(llm_or_model).absolute() if Path(llm_or_model).exists() else llm_or_model
+        args = (str(model), defaults, replica_opts, _compilation_cache_dir())
         pool = _ReplicaPool(ray, ray_opts, args, count)
         try:
             manifest = pool.manifest()
