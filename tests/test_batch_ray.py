@@ -261,7 +261,7 @@ def test_ray_data_row_mapper_gives_run_batch_rows(setup):
     batch = {
         "custom_id": [r["custom_id"] for r in wanted],
         "prompt": [r["prompt"] for r in wanted],
-        "temperature": [r.get("temperature") for r in wanted],
+        "temperature": [r.get("temperature", np.nan) for r in wanted],  # Ray Data's nulls
         "seed": [r.get("seed") for r in wanted],
         "idx": [r["idx"] for r in wanted],
     }

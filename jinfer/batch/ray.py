@@ -316,7 +316,12 @@ def _batch_records(batch: dict[str, np.ndarray] | list[dict[str, Any]]) -> list[
         return [dict(r) for r in batch]
     columns = {k: _python(np.asarray(v, dtype=object).tolist()) for k, v in batch.items()}
     n = len(next(iter(columns.values()))) if columns else 0
-    return [{k: col[i] for k, col in columns.items() if col[i] is not None} for i in range(n)]
+    # Arrow nulls arrive as None, or as NaN in float columns (JSON input has no NaN): both = absent.
+    return [{k: col[i] for k, col in columns.items() if not _absent(col[i])} for i in range(n)]
+
+
+def _absent(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and value != value)
 
 
 def _python(value: Any) -> Any:
