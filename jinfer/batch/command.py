@@ -80,6 +80,23 @@ def add_run_batch_args(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="call jax.distributed.initialize() with auto-detection (TPU pod slices, SLURM)",
     )
+    r = p.add_argument_group("Ray (pip install 'jinfer[ray]')")
+    r.add_argument(
+        "--ray",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="ADDRESS",
+        help="run on Ray replicas; no ADDRESS: a local Ray instance for this run; 'auto' or host:port: join",
+    )
+    r.add_argument("--replicas", type=int, default=None, help="model replicas (default: one per Ray node)")
+    r.add_argument(
+        "--resources-per-replica",
+        default=None,
+        metavar="JSON",
+        help="Ray resources of one replica, e.g. '{\"num_gpus\": 1}' or '{\"TPU\": 4}' (default: 1 CPU)",
+    )
+    r.add_argument("--chunk-lines", type=int, default=32, help="input lines per Ray work unit")
 
 
 def init_distributed(args: argparse.Namespace) -> None:
@@ -156,9 +173,29 @@ def run_batch_from_args(args: argparse.Namespace) -> int:
         flush_every=args.flush_every,
         flush_seconds=args.flush_seconds,
         llm_options=llm_options,
+        ray=_ray_options(args),
     )
     import jax
 
     if jax.process_index() == 0:
         print(summary.format(), file=sys.stderr, flush=True)
     return 0 if summary.stopped is None else 1
+
+
+def _ray_options(args: argparse.Namespace) -> Any:
+    """RayOptions from --ray/--replicas/--resources-per-replica/--chunk-lines (None without --ray)."""
+    if getattr(args, "ray", None) is None:
+        if args.replicas is not None or args.resources_per_replica is not None:
+            raise ConfigError("--replicas and --resources-per-replica need --ray [ADDRESS]")
+        return None
+    if args.coordinator or args.num_processes or args.process_id is not None or args.distributed:
+        raise ConfigError("--ray and the jax.distributed flags (--coordinator, ...) exclude each other")
+    from jinfer.batch.ray import RayOptions
+
+    resources = RayOptions.parse_resources(args.resources_per_replica) if args.resources_per_replica else {}
+    return RayOptions(
+        address=args.ray or None,
+        replicas=args.replicas,
+        resources_per_replica=resources,
+        chunk_lines=args.chunk_lines,
+    )

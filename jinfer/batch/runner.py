@@ -60,6 +60,7 @@ class BatchOptions:
       progress: None = on for process 0 (tqdm on a terminal, log lines otherwise); False = off.
       log_every: seconds between plain log lines. flush_every / flush_seconds: fsync cadence.
       merge: process 0 merges the shards at the end of a multi-process run.
+      ray: a `jinfer.batch.ray.RayOptions` to run on Ray replicas (the model must be a path/name).
       llm_options: keyword arguments for LLM / Embedder when a model path is given
         (mesh, dtype, max_batch, max_len, buckets, decode_steps).
     """
@@ -77,6 +78,7 @@ class BatchOptions:
     flush_every: int = 64
     flush_seconds: float = 2.0
     merge: bool = True
+    ray: Any = None  # jinfer.batch.ray.RayOptions (Any: that module imports this one)
     llm_options: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
@@ -201,6 +203,10 @@ def run_batch(
     if unknown:
         raise ConfigError(f"run_batch got unknown options {unknown}; accepted: BatchOptions fields")
     opts = BatchOptions(**options)
+    if opts.ray is not None:
+        from jinfer.batch.ray import run_batch_on_ray
+
+        return run_batch_on_ray(llm_or_model, Path(input), Path(output), defaults, opts)
     return _Run(opts, Path(input), Path(output)).execute(llm_or_model, defaults)
 
 
