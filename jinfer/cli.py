@@ -138,6 +138,12 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from jinfer.serve.command import serve
+
+    return serve(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jinfer", description="JAX/XLA inference for Flax models.")
     parser.add_argument(
@@ -192,6 +198,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     _add_sampling_args(p)
     p.set_defaults(func=cmd_run_batch)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (needs the serve extra)")
+    from jinfer.serve.command import add_serve_args
+
+    _add_model_args(p)
+    add_serve_args(p)
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("merge", help="merge per-process output shards of a run-batch")
     p.add_argument("output")
