@@ -8,8 +8,8 @@ surface with one worker thread that owns the LLM: waiting requests are taken as 
 meanwhile wait for the next group (no admission mid-group: that is what the real runtime adds).
 Cancel frees the request's slots at the next host sync.
 
-MERGE(issue 11): delete this file; in `jinfer.serve.app.start_runtime` build the LLM with
-`max_queue=...` and use the LLM itself as the runtime.
+MERGE(issue 11): delete this file and the fallback in `jinfer.serve.backend.start_runtime` (the
+server then uses `LLM(max_queue=...)` itself, which it already does whenever the LLM has one).
 """
 
 from __future__ import annotations

@@ -191,6 +191,13 @@ class OpenAIServer:
         if self.backend is not None:
             await asyncio.to_thread(self.backend.close)
 
+    def abort_in_flight(self) -> None:
+        """Ends every running and waiting request (finish_reason "abort"); later ones get 503.
+        Called from a worker thread when the shutdown grace period is over."""
+        if self.backend is not None:
+            log.warning("grace period over: aborting the requests still in flight")
+            self.backend.close()
+
     def _runtime_stats(self) -> dict[str, Any] | None:
         b = self.backend
         return b.runtime.stats.summary() if b is not None and b.runtime is not None else None
@@ -355,6 +362,8 @@ class OpenAIServer:
             await deltas.aclose()
         if "error" in samples.reason:
             raise APIError(500, "generation failed", type="server_error", code="generation_error")
+        if "abort" in samples.reason:  # (only the server aborts: at the end of a shutdown's grace period)
+            raise APIError(503, "the server is shutting down", type="server_error", code="shutting_down")
         return JSONResponse(self._response(backend, req, tracker, samples))
 
     def _prompt_ids(self, backend: Backend, req: GenerationRequest) -> list[int]:
@@ -514,4 +523,6 @@ def create_app(
     from jinfer.serve.backend import load_backend
 
     server = OpenAIServer(config, load or (lambda: load_backend(config)), on_load_error)
-    return server.app()
+    app = server.app()
+    app.state.openai_server = server
+    return app

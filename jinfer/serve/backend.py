@@ -59,12 +59,24 @@ class Backend:
             self.runtime.close()
 
 
-def start_runtime(llm: Any, max_queue: int) -> Any:
-    """The generation runtime over `llm`.
+def _native_runtime() -> bool:
+    """True once the generation runtime (issue 11) is in: `LLM(max_queue=...)`, `LLM.generate_async`."""
+    from jinfer.generate import GenerationConfig
+    from jinfer.llm import LLM
 
-    MERGE(issue 11): build the LLM with `max_queue=max_queue` in `load_backend` and return `llm`
-    here; then delete `jinfer/serve/_runtime_shim.py`.
+    return hasattr(LLM, "generate_async") and "max_queue" in {
+        f.name for f in dataclasses.fields(GenerationConfig)
+    }
+
+
+def start_runtime(llm: Any, max_queue: int) -> Any:
+    """The generation runtime over `llm`: the LLM itself when it has one (built with `max_queue`).
+
+    MERGE(issue 11): once `_native_runtime()` is always true, return `llm` and delete
+    `jinfer/serve/_runtime_shim.py` together with this fallback.
     """
+    if _native_runtime():
+        return llm
     from jinfer.serve import _runtime_shim
 
     return _runtime_shim.attach(llm, max_queue)
@@ -97,6 +109,7 @@ def load_backend(config: ServeConfig) -> Backend:
         max_len=config.max_len,
         buckets=config.buckets,
         quantize=config.quantize,
+        **({"max_queue": config.max_queue} if _native_runtime() else {}),
     )
     t0 = time.perf_counter()
     llm.warmup()

@@ -66,6 +66,7 @@ def serve(args: argparse.Namespace) -> int:
         import uvicorn
 
         from jinfer.serve.app import create_app
+        from jinfer.serve.graceful import GracefulServer
     except ImportError as e:
         raise ConfigError(f"jinfer serve needs the serve extra: pip install 'jinfer[serve]' ({e})") from e
     config = config_from_args(args)
@@ -86,10 +87,11 @@ def serve(args: argparse.Namespace) -> int:
         log_config=None,
         log_level=args.log_level,
         access_log=False,  # jinfer logs one line per request itself
-        timeout_graceful_shutdown=config.grace_period,  # type: ignore[arg-type]  (asyncio.timeout takes floats)
+        # a backstop only: requests still running at the end of the grace period are aborted first
+        timeout_graceful_shutdown=config.grace_period + 5,  # type: ignore[arg-type]  (asyncio.timeout takes floats)
         lifespan="on",
     )
-    server = uvicorn.Server(uv_config)
+    server = GracefulServer(uv_config, config.grace_period, app.state.openai_server.abort_in_flight)
     # uvicorn re-raises the signal that stopped it once it is done; a no-op handler in place lets a
     # graceful stop end with exit status 0 instead of the signal's default action.
     for sig in (signal.SIGTERM, signal.SIGINT):

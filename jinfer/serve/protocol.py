@@ -17,13 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from jinfer.errors import (
-    EmptyInputError,
-    InputError,
-    InvalidSamplingParamsError,
-    InvalidTokenError,
-    SequenceTooLongError,
-)
+from jinfer.errors import InputError, InvalidSamplingParamsError, SequenceTooLongError
 from jinfer.sampling import SamplingParams
 
 MAX_STOP_STRINGS = 16
@@ -231,21 +225,15 @@ def sampling_params(req: GenerationRequest, defaults: SamplingParams, max_tokens
 
 
 def input_error(e: InputError, req: GenerationRequest) -> APIError:
-    """Maps a runtime InputError to the client field it is about."""
-    prompt_field = "messages" if req.chat else "prompt"
+    """Maps a runtime InputError (see GenerationEngine.check_request) to the client field it is about."""
     msg = str(e)
+    param = "messages" if req.chat else "prompt"  # empty, bad token id, too long, chat template
     if isinstance(e, InvalidSamplingParamsError):
-        m = re.search(
-            r"(?:SamplingParams\.)?\b(n|logprobs|max_tokens|seed|top_k|top_p|min_p|temperature)=", msg
-        )
+        m = re.search(r"\b(n|logprobs|max_tokens|seed|top_k|top_p|min_p|temperature|stop_token_ids)=", msg)
         name = m.group(1) if m else "request"
         param = req.fields.get(name, name)
-    elif isinstance(e, SequenceTooLongError) and "max_tokens" in req.fields and "max_tokens=" in msg:
+    elif isinstance(e, SequenceTooLongError) and "max_tokens=" in msg and "max_tokens" in req.fields:
         param = req.fields["max_tokens"]
-    elif isinstance(e, (EmptyInputError, InvalidTokenError, SequenceTooLongError)):
-        param = prompt_field
-    else:
-        param = prompt_field
     return bad_field(param, msg)
 
 
