@@ -73,6 +73,12 @@ def gguf_path(arg: str | None) -> Path:
     return hub._obtain_gguf(model, hub.jinfer_home() / "downloads", progress=True)
 
 
+# Every request generates exactly max_tokens on both servers (equal work; greedy output lengths of
+# two differently quantized models would differ): jinfer via vLLM's `ignore_eos`, llama.cpp's server
+# (which has no such field) via a -100 logit bias on SmolLM2's EOS, <|im_end|> = id 2.
+FIXED_LENGTH = {"jinfer": {"ignore_eos": True}, "llama.cpp": {"logit_bias": {"2": -100}}}
+
+
 def server_command(system: str, args: argparse.Namespace, port: int) -> tuple[list[str], str, str]:
     """(command, readiness path, model name to send)."""
     if system == "jinfer":
@@ -81,9 +87,12 @@ def server_command(system: str, args: argparse.Namespace, port: int) -> tuple[li
                "--served-model-name", "smollm2", "--log-level", "warning"]  # fmt: skip
         return cmd, "/health", "smollm2"
     gguf = str(gguf_path(args.gguf))
+    # --interrupt_requests false: by default llama-cpp-python cuts a running stream when the next
+    # request arrives; here requests queue as they do in jinfer.
     cmd = [sys.executable, "-m", "llama_cpp.server", "--model", gguf, "--port", str(port), "--host",
            "127.0.0.1", "--n_ctx", str(args.max_len), "--n_threads", str(args.threads),
-           "--model_alias", "smollm2", "--verbose", "false"]  # fmt: skip
+           "--model_alias", "smollm2", "--verbose", "false",
+           "--interrupt_requests", "false"]  # fmt: skip
     return cmd, "/v1/models", "smollm2"
 
 
@@ -92,6 +101,7 @@ class Server:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cmd, self.ready_path, self.model = server_command(system, args, self.port)
+        self.extra = FIXED_LENGTH[system] if args.fixed_length else {}
         env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
         self.log = log_dir / f"{system}.log"
         with open(self.log, "wb") as log:
@@ -120,14 +130,16 @@ class Server:
 
 
 # -- client ----------------------------------------------------------------------------------------
-async def one_request(http: httpx.AsyncClient, model: str, body: dict) -> dict:
+async def one_request(http: httpx.AsyncClient, server: Server, body: dict) -> dict:
     """Sends one streamed chat request; returns its timings and token count."""
     t0 = time.perf_counter()
     first = None
     chunks = 0
     usage = None
     try:
-        async with http.stream("POST", "/v1/chat/completions", json={**body, "model": model}) as r:
+        async with http.stream(
+            "POST", "/v1/chat/completions", json={**body, **server.extra, "model": server.model}
+        ) as r:
             if r.status_code != 200:
                 await r.aread()
                 return {"ok": False, "status": r.status_code}
@@ -148,33 +160,33 @@ async def one_request(http: httpx.AsyncClient, model: str, body: dict) -> dict:
     return {"ok": True, "start": t0, "end": end, "ttft": first - t0, "tpot": tpot, "tokens": tokens}
 
 
-async def poisson_run(url: str, model: str, workload: list[dict], rate: float, seed: int) -> list[dict]:
+async def poisson_run(server: Server, workload: list[dict], rate: float, seed: int) -> list[dict]:
     rng = random.Random(seed)
     offsets, t = [], 0.0
     for _ in workload:
         offsets.append(t)
         t += rng.expovariate(rate)
     limits = httpx.Limits(max_connections=len(workload) + 8)
-    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as http:
+    async with httpx.AsyncClient(base_url=server.url, timeout=600, limits=limits) as http:
         t0 = time.perf_counter()
 
         async def at(offset: float, body: dict) -> dict:
             await asyncio.sleep(max(0.0, t0 + offset - time.perf_counter()))
-            return await one_request(http, model, body)
+            return await one_request(http, server, body)
 
         return await asyncio.gather(*(at(o, b) for o, b in zip(offsets, workload, strict=True)))
 
 
-async def concurrency_run(url: str, model: str, workload: list[dict], concurrency: int) -> list[dict]:
+async def concurrency_run(server: Server, workload: list[dict], concurrency: int) -> list[dict]:
     todo = list(workload)
     results: list[dict] = []
     async with httpx.AsyncClient(
-        base_url=url, timeout=600, limits=httpx.Limits(max_connections=concurrency + 8)
+        base_url=server.url, timeout=600, limits=httpx.Limits(max_connections=concurrency + 8)
     ) as h:
 
         async def worker():
             while todo:
-                results.append(await one_request(h, model, todo.pop(0)))
+                results.append(await one_request(h, server, todo.pop(0)))
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
     return results
@@ -211,15 +223,15 @@ def bench_system(system: str, args: argparse.Namespace, log_dir: Path) -> dict:
     try:
         out["ready_seconds"] = server.wait_ready()
         warm = build_workload(4, args.seed + 999, (8, 16))
-        asyncio.run(concurrency_run(server.url, server.model, warm, 2))  # compile / page in
+        asyncio.run(concurrency_run(server, warm, 2))  # compile / page in
         runs = [(f"rate={r:g}", r) for r in args.rates] + ([(f"concurrency={args.concurrency}", None)]
                                                             if args.concurrency else [])  # fmt: skip
         for i, (name, rate) in enumerate(runs):
             workload = build_workload(args.requests, args.seed + i, tuple(args.max_tokens))
             if rate is None:
-                results = asyncio.run(concurrency_run(server.url, server.model, workload, args.concurrency))
+                results = asyncio.run(concurrency_run(server, workload, args.concurrency))
             else:
-                results = asyncio.run(poisson_run(server.url, server.model, workload, rate, args.seed + i))
+                results = asyncio.run(poisson_run(server, workload, rate, args.seed + i))
             out[name] = summarize(results)
             print(f"{system:10s} {name:16s} {fmt_row(out[name])}", flush=True)
     finally:
@@ -273,6 +285,12 @@ def main() -> int:
     p.add_argument("--max-len", type=int, default=1024, help="context per request (both servers)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 2, help="llama.cpp threads")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--no-fixed-length",
+        dest="fixed_length",
+        action="store_false",
+        help="let requests stop at EOS (default: exactly max_tokens each, see FIXED_LENGTH)",
+    )
     p.add_argument("--quick", action="store_true", help="rates 1,2, 8 requests, concurrency 4")
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args()
