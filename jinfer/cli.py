@@ -226,6 +226,12 @@ def cmd_freeze(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from jinfer.serve.command import serve
+
+    return serve(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="jinfer", description="JAX/XLA inference for Flax models.")
     parser.add_argument("--debug", action="store_true", help="print the traceback of an error")
@@ -307,6 +313,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     _add_sampling_args(p)
     p.set_defaults(func=cmd_run_batch)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (needs the serve extra)")
+    from jinfer.serve.command import add_serve_args
+
+    _add_model_args(p)
+    add_serve_args(p)
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("merge", help="merge per-process output shards of a run-batch")
     p.add_argument("output")
