@@ -135,6 +135,7 @@ class Scheduler:
     def step(self) -> list[tuple[str, RequestDelta]]:
         """Aborts, admissions and one decode round; returns (request id, delta) pairs in order."""
         out: list[tuple[str, RequestDelta]] = []
+        self.stats.steps += 1
         with self._lock:
             self.waiting.extend(self._inbox)
             self._inbox.clear()

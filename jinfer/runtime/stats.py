@@ -23,6 +23,7 @@ class GenerationStats:
     generated_tokens: int = 0
     prompt_tokens_computed: int = 0
     prompt_tokens_cached: int = 0
+    steps: int = 0
     requests_finished: int = 0
     requests_aborted: int = 0
     requests_failed: int = 0
@@ -71,6 +72,7 @@ class GenerationStats:
             "prompt_tokens_computed": self.prompt_tokens_computed,
             "prompt_tokens_cached": self.prompt_tokens_cached,
             "prefix_cache_hit_rate": round(self.prefix_cache_hit_rate, 4),
+            "steps": self.steps,
             "requests_finished": self.requests_finished,
             "requests_aborted": self.requests_aborted,
             "requests_failed": self.requests_failed,
