@@ -32,8 +32,9 @@ class GenerationConfig:
         block holds exactly the bits that recomputing it gives.
       prefix_cache: reuse the keys/values of full prompt blocks across requests (automatic prefix
         caching; outputs are bitwise identical with it on or off).
-      prefix_cache_blocks: blocks the prefix cache may hold (its memory budget); None = as many
-        positions as the decode slots hold (max_batch * max_len / prefill_block).
+      prefix_cache_blocks: blocks the prefix cache may hold (its memory budget); None = a quarter
+        of the positions the decode slots hold, at least max_len (allocated at the first block
+        saved).
       max_queue: requests that may wait for a slot before `LLM.submit` raises OverloadedError
         (None: unbounded). `generate()` calls are not bounded by it.
     """
@@ -104,7 +105,8 @@ class GenerationConfig:
             return 0
         if self.prefix_cache_blocks is not None:
             return self.prefix_cache_blocks
-        return self.max_batch * self.max_len // self.prefill_block
+        positions = max(self.max_len, self.max_batch * self.max_len // 4)
+        return -(-positions // self.prefill_block)
 
     @property
     def max_prompt_len(self) -> int:

@@ -124,12 +124,7 @@ class ModelRunner:
         pool_shape = (config.cache_budget_blocks, config.prefill_block, mc.num_kv_heads, mc.head_dim)
         block_spec = jax.ShapeDtypeStruct(pool_shape, self.dtype, sharding=self._replicated)
         self._abstract_pool = ((block_spec,) * mc.num_layers, (block_spec,) * mc.num_layers)
-        self.pool = None
-        if config.cache_budget_blocks:
-            self.pool = jax.jit(
-                lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), self._abstract_pool),
-                out_shardings=jax.tree.map(lambda s: s.sharding, self._abstract_pool),
-            )()
+        self.pool = None  # the prefix cache's blocks: allocated at the first block saved
 
     def _zero_cache(self) -> KVCache:
         a = self._abstract_cache
@@ -387,7 +382,8 @@ class ModelRunner:
         self._first_token_exe()
         self._copy_slot_exe()
         self._decode_exe()
-        if self.pool is not None:
+        if self.config.cache_budget_blocks:
+            self._ensure_pool()  # warm-up allocates everything a request may need
             self._save_block_exe()
             if self.config.max_prompt_len > self.config.prefill_block:
                 self._load_block_exe()
@@ -415,8 +411,16 @@ class ModelRunner:
     def copy_slot(self, src: int, dst: int) -> None:
         self.cache = self._copy_slot_exe()(self.cache, np.int32(src), np.int32(dst))
 
+    def _ensure_pool(self) -> None:
+        if self.pool is None:
+            self.pool = jax.jit(
+                lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), self._abstract_pool),
+                out_shardings=jax.tree.map(lambda s: s.sharding, self._abstract_pool),
+            )()
+
     def save_block(self, slot: int, start: int, index: int) -> None:
         """Copies positions start .. start + prefill_block - 1 of `slot`'s row into pool block `index`."""
+        self._ensure_pool()
         self.pool = self._save_block_exe()(
             self.cache, self.pool, np.int32(slot), np.int32(start), np.int32(index)
         )
