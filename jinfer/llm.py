@@ -29,6 +29,7 @@ from jinfer.sharding import ShardingRules, make_mesh
 from jinfer.tokenizer import Tokenizer
 
 Prompt = str | Sequence[int] | Sequence[dict[str, Any]]
+_END = object()
 __all__ = ["LLM", "CompletionOutput", "RequestDelta", "RequestHandle", "RequestOutput", "ScoreOutput"]
 
 
@@ -234,8 +235,8 @@ class LLM:
         try:
             while True:
                 while not exhausted and len(inflight) < limit:
-                    item = next(items, None)
-                    if item is None:
+                    item = next(items, _END)
+                    if item is _END:
                         exhausted = True
                         break
                     key, prompt, params = item

@@ -58,6 +58,7 @@ class RequestHandle:
         self._error: BaseException | None = None
         self._callbacks: list[Callable[[RequestHandle], None]] = []
         self._lock = threading.Lock()
+        self._finalizer: weakref.finalize | None = None
 
     # -- called by the engine loop's thread -----------------------------------------------------
     def _deliver(self, delta: RequestDelta) -> None:
@@ -170,7 +171,7 @@ class EngineLoop:
             rid = f"req-{next(self._ids)}"
             handle = RequestHandle(self, rid, prompt, request, listener)
             self._handles[rid] = weakref.ref(handle)
-            weakref.finalize(handle, self._forget, rid)
+            handle._finalizer = weakref.finalize(handle, self._forget, rid)
             self.scheduler.add_request(request, rid)
             self._cv.notify()
         return handle
@@ -223,7 +224,7 @@ class EngineLoop:
                 _run_call(fn, future)
             if self.scheduler.has_unfinished():
                 try:
-                    deltas = self.scheduler.step()
+                    deltas = self.scheduler.step(flush=self._dispatch)
                 except Exception as e:  # e.g. a device error in decode: fail the running requests
                     log.exception("engine step failed; failing the running requests")
                     deltas = self.scheduler.fail_running(e)
@@ -247,6 +248,7 @@ class EngineLoop:
                 log.exception("delivering a delta of %s failed", rid)
             if handle.finished:
                 self._handles.pop(rid, None)
+                handle._finalizer.detach()  # nothing left to abort when it is collected
 
 
 def _run_call(fn: Callable[[], Any], future: Future) -> None:

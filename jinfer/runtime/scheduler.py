@@ -17,7 +17,7 @@ import dataclasses
 import itertools
 import threading
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from jinfer import sampling
@@ -101,6 +101,7 @@ class Scheduler:
         self.running: dict[str, _RequestState] = {}
         self._lock = threading.RLock()  # guards the inbox and aborts (a GC finalizer may re-enter)
         self._inbox: deque[_RequestState] = deque()
+        self._waiting_ids: dict[str, _RequestState] = {}
         self._aborts: deque[str] = deque()
         self._ids = itertools.count()
 
@@ -132,18 +133,28 @@ class Scheduler:
         return {"queue_depth": self.queue_depth, "running": len(self.running), **self.kv.gauges()}
 
     # -- the engine loop's thread -----------------------------------------------------------------
-    def step(self) -> list[tuple[str, RequestDelta]]:
-        """Aborts, admissions and one decode round; returns (request id, delta) pairs in order."""
+    def step(
+        self, flush: Callable[[list[tuple[str, RequestDelta]]], None] | None = None
+    ) -> list[tuple[str, RequestDelta]]:
+        """Aborts, admissions and one decode round; returns (request id, delta) pairs in order.
+
+        `flush`, if given, receives the deltas of aborts and admissions (first tokens) before the
+        decode round runs, so a new request's first token is not held back by it; the returned
+        list then holds the rest."""
         out: list[tuple[str, RequestDelta]] = []
         self.stats.steps += 1
         with self._lock:
-            self.waiting.extend(self._inbox)
-            self._inbox.clear()
+            self._enqueue_inbox()
             aborts = list(self._aborts)
             self._aborts.clear()
         for rid in aborts:
             self._abort(rid, out)
+        if aborts:  # drop aborted requests from the queue in one pass
+            self.waiting = deque(st for st in self.waiting if not st.done)
         self._admit(out)
+        if flush is not None and out:
+            flush(out)
+            out = []
         if any(s is not None for s in self.slots):
             self._decode_round(out)
         return out
@@ -160,16 +171,22 @@ class Scheduler:
         """Aborts every request (the engine is closing)."""
         out: list[tuple[str, RequestDelta]] = []
         with self._lock:
-            self.waiting.extend(self._inbox)
-            self._inbox.clear()
+            self._enqueue_inbox()
             self._aborts.clear()
         for st in [*self.waiting, *self.running.values()]:
             self._abort(st.id, out)
         return out
 
+    def _enqueue_inbox(self) -> None:
+        for st in self._inbox:
+            self._waiting_ids[st.id] = st
+        self.waiting.extend(self._inbox)
+        self._inbox.clear()
+
     def _admit(self, out: list) -> None:
         while self.waiting and self.kv.free_slots >= self.waiting[0].request.params.n:
             st = self.waiting.popleft()
+            self._waiting_ids.pop(st.id, None)
             try:
                 self._start(st, out)
             except Exception as e:  # this request fails; the others go on
@@ -298,12 +315,11 @@ class Scheduler:
                 self._finish_sample(st, sample)
                 out.append((st.id, RequestDelta(sample.index, [], "", None, reason, error)))
         self.running.pop(st.id, None)
-        if st in self.waiting:
-            self.waiting.remove(st)
+        self._waiting_ids.pop(st.id, None)
 
     def _abort(self, rid: str, out: list) -> None:
-        st = self.running.get(rid) or next((s for s in self.waiting if s.id == rid), None)
-        if st is not None:
+        st = self.running.get(rid) or self._waiting_ids.get(rid)
+        if st is not None and not st.done:
             self._end(st, "abort", None, out)
             self.stats.requests_aborted += 1
 
