@@ -138,9 +138,9 @@ class Scheduler:
     ) -> list[tuple[str, RequestDelta]]:
         """Aborts, admissions and one decode round; returns (request id, delta) pairs in order.
 
-        `flush`, if given, receives the deltas of aborts and admissions (first tokens) before the
-        decode round runs, so a new request's first token is not held back by it; the returned
-        list then holds the rest."""
+        `flush`, if given, receives the deltas of aborts and of each admission (first tokens) as
+        they are made, before the decode round runs, so a new request's first token is not held
+        back by it; the returned list then holds the rest."""
         out: list[tuple[str, RequestDelta]] = []
         self.stats.steps += 1
         with self._lock:
@@ -151,10 +151,7 @@ class Scheduler:
             self._abort(rid, out)
         if aborts:  # drop aborted requests from the queue in one pass
             self.waiting = deque(st for st in self.waiting if not st.done)
-        self._admit(out)
-        if flush is not None and out:
-            flush(out)
-            out = []
+        out = self._admit(out, flush)
         if any(s is not None for s in self.slots):
             self._decode_round(out)
         return out
@@ -183,7 +180,9 @@ class Scheduler:
         self.waiting.extend(self._inbox)
         self._inbox.clear()
 
-    def _admit(self, out: list) -> None:
+    def _admit(self, out: list, flush=None) -> list:
+        """Admits waiting requests while slots are free; with `flush`, hands over the deltas after
+        each admission (so the first request's first token does not wait for the others' prefill)."""
         while self.waiting and self.kv.free_slots >= self.waiting[0].request.params.n:
             st = self.waiting.popleft()
             self._waiting_ids.pop(st.id, None)
@@ -193,6 +192,13 @@ class Scheduler:
                 self._fail(st, e, out)
                 if self.runner.ensure_cache():  # a failed executable consumed the cache
                     out.extend(self.fail_running(e))
+            if flush is not None and out:
+                flush(out)
+                out = []
+        if flush is not None and out:
+            flush(out)
+            out = []
+        return out
 
     def _start(self, st: _RequestState, out: list) -> None:
         req = st.request
