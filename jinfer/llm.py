@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-import dataclasses
+import asyncio
+import functools
 import json
+import queue
 import secrets
-from collections import deque
-from collections.abc import Iterator, Sequence
+import weakref
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,68 +16,21 @@ import numpy as np
 from jax.sharding import Mesh
 
 from jinfer.errors import ConfigError, InputError
-from jinfer.generate import GenerationConfig, GenerationEngine, Request
 from jinfer.modeling import FlaxModel
+from jinfer.runtime.config import GenerationConfig
+from jinfer.runtime.kv_cache import KVCacheManager
+from jinfer.runtime.loop import EngineLoop, RequestHandle
+from jinfer.runtime.outputs import CompletionOutput, RequestOutput, ScoreOutput
+from jinfer.runtime.runner import ModelRunner
+from jinfer.runtime.scheduler import Request, RequestDelta, Scheduler
+from jinfer.runtime.stats import GenerationStats
 from jinfer.sampling import SamplingParams
 from jinfer.sharding import ShardingRules, make_mesh
-from jinfer.tokenizer import IncrementalDecoder, Tokenizer
+from jinfer.tokenizer import Tokenizer
 
 Prompt = str | Sequence[int] | Sequence[dict[str, Any]]
-
-
-@dataclasses.dataclass
-class CompletionOutput:
-    """One generated sample."""
-
-    index: int
-    text: str
-    token_ids: list[int]
-    finish_reason: str
-    logprobs: list[dict[int, float]] | None = None
-
-
-@dataclasses.dataclass
-class RequestOutput:
-    """All samples of one prompt, plus token usage. `text`/`token_ids` are the first sample's."""
-
-    prompt: Any
-    prompt_token_ids: list[int]
-    outputs: list[CompletionOutput]
-
-    @property
-    def text(self) -> str:
-        return self.outputs[0].text
-
-    @property
-    def token_ids(self) -> list[int]:
-        return self.outputs[0].token_ids
-
-    @property
-    def finish_reason(self) -> str:
-        return self.outputs[0].finish_reason
-
-    @property
-    def logprobs(self) -> list[dict[int, float]] | None:
-        return self.outputs[0].logprobs
-
-    @property
-    def usage(self) -> dict[str, int]:
-        return {
-            "prompt_tokens": len(self.prompt_token_ids),
-            "completion_tokens": sum(len(o.token_ids) for o in self.outputs),
-        }
-
-
-@dataclasses.dataclass
-class ScoreOutput:
-    """Log-probabilities of a continuation's tokens given the prompt."""
-
-    token_ids: list[int]
-    logprobs: list[float]
-
-    @property
-    def total(self) -> float:
-        return float(np.sum(np.asarray(self.logprobs, np.float64)))
+_END = object()
+__all__ = ["LLM", "CompletionOutput", "RequestDelta", "RequestHandle", "RequestOutput", "ScoreOutput"]
 
 
 class LLM:
@@ -96,6 +51,13 @@ class LLM:
       layout: in-memory weight layout: "canonical" (as saved), "out_major" (weights transposed to
         [out, in] at load time: XLA:CPU's matrix-vector products read them 1.5-3x faster, batched
         matmuls slower), or "auto" (out_major for one-slot engines on CPU, canonical otherwise).
+      **engine_options: further GenerationConfig fields, e.g. `prefix_cache=False` (automatic
+        prefix caching is on by default; outputs are bitwise identical either way),
+        `prefix_cache_blocks` (its block budget), `max_queue` (waiting requests before `submit`
+        raises OverloadedError), `prefill_chunk`, `cache_block`.
+
+    One LLM serves any number of threads (and asyncio tasks): their requests share the decode
+    batch, driven by one background engine loop. `close()` (or leaving a `with` block) stops it.
     """
 
     def __init__(
@@ -165,7 +127,13 @@ class LLM:
         model, params = loading.runtime_layout(model, params, layout, config.max_batch, mesh, rules, owned)
         self.model = model
         self.tokenizer = tokenizer
-        self.engine = GenerationEngine(model, params, config, mesh=mesh, rules=rules)
+        self._stats = GenerationStats()
+        # `engine` is the model runner (compiled programs, params, KV cache); the loop drives it.
+        self.engine = ModelRunner(model, params, config, mesh=mesh, rules=rules, stats=self._stats)
+        self.scheduler = Scheduler(self.engine, KVCacheManager(self.engine), self._stats, tokenizer)
+        self._stats.gauges = self.scheduler.gauges
+        self._loop = EngineLoop(self.scheduler, max_queue=config.max_queue)
+        self._finalizer = weakref.finalize(self, self._loop.close)  # the loop never refers to self
         self.generation_defaults = gen_defaults
         eos = gen_defaults.get("eos_token_id")
         eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
@@ -175,9 +143,9 @@ class LLM:
 
     # -- public API ------------------------------------------------------------------------------
     @property
-    def stats(self):
-        """Compile counts/seconds per executable, prefill padding efficiency, token counts."""
-        return self.engine.stats
+    def stats(self) -> GenerationStats:
+        """Compiles per executable, padding, tokens, prefix-cache hits, queue depth (`.summary()`)."""
+        return self._stats
 
     def default_params(self) -> SamplingParams:
         """SamplingParams from the model's generation_config.json (greedy when it has none)."""
@@ -191,8 +159,39 @@ class LLM:
         return SamplingParams(**kw)
 
     def warmup(self) -> dict[tuple, float]:
-        """Compiles prefill (every bucket), first-token, copy and decode executables up front."""
-        return self.engine.warmup()
+        """Compiles prefill (every chunk bucket), first-token, copy, block and decode executables."""
+        return self._loop.call(self.engine.warmup)
+
+    def submit(self, prompt: Prompt, params: SamplingParams | None = None) -> RequestHandle:
+        """Queues one request and returns its handle at once (iterate its deltas, `.result()`,
+        `.cancel()`). Invalid input raises an InputError before any device work; OverloadedError
+        when `max_queue` requests already wait."""
+        params = params or self.default_params()
+        (request,), _ = self._requests([prompt], [params])
+        return self._loop.submit(request, prompt)
+
+    async def generate_async(
+        self, prompt: Prompt, params: SamplingParams | None = None
+    ) -> AsyncIterator[RequestDelta]:
+        """Yields the request's RequestDeltas in asyncio (no thread per request). Closing the
+        iterator or cancelling the awaiting task aborts the request."""
+        params = params or self.default_params()
+        (request,), _ = self._requests([prompt], [params])
+        loop = asyncio.get_running_loop()
+        deltas: asyncio.Queue[RequestDelta] = asyncio.Queue()
+        handle = self._loop.submit(
+            request, prompt, listener=lambda d: loop.call_soon_threadsafe(deltas.put_nowait, d)
+        )
+        left = params.n
+        try:
+            while left:
+                delta = await deltas.get()
+                if delta.finish_reason is not None:
+                    left -= 1
+                yield delta
+        finally:
+            if left:
+                handle.cancel()
 
     def generate(
         self,
@@ -203,7 +202,7 @@ class LLM:
 
         A prompt is a string, a list of token ids, or a list of chat messages. `params` is one
         SamplingParams for all prompts or one per prompt. Invalid input raises an InputError
-        subclass before any device work.
+        subclass before any device work. Safe to call from several threads at once.
 
         With more prompts than decode slots, requests are admitted longest `max_tokens` first
         (each output is independent of its companions, so only the schedule changes): the long
@@ -211,89 +210,79 @@ class LLM:
         """
         prompts = _as_prompt_list(prompts)
         params_list = self._params_list(params, len(prompts))
-        self._requests(prompts, params_list)  # validate everything before any device work
-        results: list[RequestOutput | None] = [None] * len(prompts)
+        requests, _ = self._requests(prompts, params_list)  # validate everything first
         order = range(len(prompts))
         if len(prompts) > self.engine.config.max_batch:
             order = sorted(order, key=lambda i: -params_list[i].max_tokens)
-        for index, out in self.generate_iter((i, prompts[i], params_list[i]) for i in order):
-            if isinstance(out, Exception):  # pragma: no cover - validated above
-                raise out
-            results[index] = out
-        return results
+        handles: list[RequestHandle | None] = [None] * len(prompts)
+        try:
+            for i in order:
+                handles[i] = self._loop.submit(requests[i], prompts[i], bounded=False)
+            return [h.result() for h in handles]
+        finally:  # an exception or KeyboardInterrupt while waiting: free what is still queued or running
+            for h in handles:
+                if h is not None:
+                    h.cancel()
 
     def generate_iter(
         self, items: Iterator[tuple[Any, Prompt, SamplingParams]]
-    ) -> Iterator[tuple[Any, RequestOutput | InputError]]:
+    ) -> Iterator[tuple[Any, RequestOutput | Exception]]:
         """Continuous batching over an unbounded stream of (key, prompt, params).
 
-        Yields (key, RequestOutput) in completion order as requests finish, pulling the next
-        item only when a decode slot frees up. An invalid item yields (key, the InputError) and
-        the stream goes on.
+        Yields (key, RequestOutput) in completion order as requests finish, pulling new items
+        only while fewer than 2 x max_batch requests are in flight. An invalid item yields
+        (key, the InputError), a request that fails in the engine (key, its exception); the
+        stream goes on. Closing the iterator cancels the requests still in flight.
         """
-        keys: list[Any] = []
-        state: dict[int, dict] = {}
-        rejected: deque[tuple[Any, InputError]] = deque()
-
-        def accepted() -> Iterator[Request]:
-            for key, prompt, params in items:
+        done: queue.SimpleQueue[tuple[Any, RequestHandle]] = queue.SimpleQueue()
+        inflight: dict[int, RequestHandle] = {}
+        limit = 2 * self.engine.config.max_batch
+        items = iter(items)
+        exhausted = False
+        try:
+            while True:
+                while not exhausted and len(inflight) < limit:
+                    item = next(items, _END)
+                    if item is _END:
+                        exhausted = True
+                        break
+                    key, prompt, params = item
+                    try:
+                        (request,), _ = self._requests([prompt], [params])
+                    except InputError as e:
+                        yield key, e
+                        continue
+                    handle = self._loop.submit(request, prompt, bounded=False)
+                    inflight[id(handle)] = handle
+                    handle.add_done_callback(lambda h, key=key: done.put((key, h)))
+                if not inflight:
+                    return
+                key, handle = done.get()
+                del inflight[id(handle)]
                 try:
-                    (req,), (ids,) = self._requests([prompt], [params])
-                except InputError as e:
-                    rejected.append((key, e))
-                    continue
-                state[len(keys)] = {"prompt": prompt, "ids": ids, "params": params, "done": {}}
-                keys.append(key)
-                yield req
-
-        decoders: dict[tuple[int, int], IncrementalDecoder] = {}
-        for result, new, finished in self.engine.run_stream(accepted()):
-            while rejected:
-                yield rejected.popleft()
-            st = state[result.request]
-            self._apply_stop_strings(result, new, finished, decoders, st["params"])
-            if finished or result.finish_reason is not None:
-                st["done"][result.sample] = result
-                if len(st["done"]) == st["params"].n:
-                    del state[result.request]
-                    yield keys[result.request], self._request_output(st, result.request, decoders)
-        yield from rejected
-
-    def _request_output(self, st: dict, index: int, decoders) -> RequestOutput:
-        samples = []
-        params = st["params"]
-        for k in range(params.n):
-            r = st["done"][k]
-            dec = decoders.pop((index, k), None)
-            samples.append(
-                CompletionOutput(
-                    k,
-                    dec.text if dec else "",
-                    r.token_ids,
-                    r.finish_reason or "length",
-                    r.logprobs if params.logprobs is not None else None,
-                )
-            )
-        return RequestOutput(st["prompt"], st["ids"], samples)
+                    yield key, handle.result()
+                except Exception as e:  # this request failed in the engine; the stream goes on
+                    yield key, e
+        finally:
+            for handle in inflight.values():
+                handle.cancel()
 
     def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[str]:
-        """Yields text increments (always valid UTF-8) as tokens are generated; n must be 1."""
+        """Yields text increments (always valid UTF-8) as tokens are generated; n must be 1.
+        Closing the iterator (or dropping it) cancels the request."""
         params = params or self.default_params()
         if params.n != 1:
             raise InputError(f"stream() generates one sample; got n={params.n}")
-        requests, _ = self._requests([prompt], [params])
-        decoders: dict[tuple[int, int], IncrementalDecoder] = {}
-        emitted = 0
-        for result, new, finished in self.engine.run(requests):
-            self._apply_stop_strings(result, new, finished, decoders, params)
-            text = decoders[(0, 0)].text if decoders else ""
-            done = finished or result.finish_reason is not None
-            # Hold back a tail that could still become a stop string, so streamed text never
-            # includes characters that generate() would cut.
-            end = len(text) if done else len(text) - _stop_prefix_len(text, params.stop or ())
-            if end > emitted:
-                yield text[emitted:end]
-                emitted = end
+        (request,), _ = self._requests([prompt], [params])
+        handle = self._loop.submit(request, prompt, bounded=False)
+        try:
+            for delta in handle:
+                if delta.error is not None:
+                    raise delta.error
+                if delta.text:
+                    yield delta.text
+        finally:
+            handle.cancel()
 
     def score(
         self, prompts: Sequence[Prompt], continuations: Sequence[str | Sequence[int]]
@@ -309,9 +298,20 @@ class LLM:
                 if isinstance(c, str)
                 else [int(t) for t in c]
             )
-            lp = self.engine.score(p_ids + c_ids, len(p_ids))
+            lp = self._loop.call(functools.partial(self.engine.score, p_ids + c_ids, len(p_ids)))
             out.append(ScoreOutput(c_ids, [float(x) for x in lp]))
         return out
+
+    def close(self) -> None:
+        """Stops the engine loop (requests still running end with finish_reason "abort") and joins
+        its thread. Idempotent."""
+        self._finalizer()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
     # -- helpers ---------------------------------------------------------------------------------
     def _params_list(self, params, n: int) -> list[SamplingParams]:
@@ -355,41 +355,6 @@ class LLM:
             requests.append(Request(ids, params, seed, tuple(dict.fromkeys(stop_ids))))
             ids_list.append(ids)
         return requests, ids_list
-
-    def _apply_stop_strings(self, result, new, finished, decoders, params) -> None:
-        """Detokenizes new tokens and ends the sample at a stop string."""
-        key = (result.request, result.sample)
-        if self.tokenizer is None:
-            return
-        dec = decoders.setdefault(key, IncrementalDecoder(self.tokenizer))
-        before = len(dec.text)
-        dec.push(new)
-        if finished:
-            tail = self.tokenizer.decode(dec.ids[dec.prefix_offset :])
-            prefix = self.tokenizer.decode(dec.ids[dec.prefix_offset : dec.read_offset])
-            if len(tail) > len(prefix):
-                dec.text += tail[len(prefix) :]
-                dec.prefix_offset = dec.read_offset = len(dec.ids)
-        for stop in params.stop or ():
-            # Search only where a new match can start, so text before `before` is never re-cut.
-            at = dec.text.find(stop, max(0, before - len(stop) + 1))
-            if at >= 0:
-                dec.text = dec.text[:at]
-                if not finished:
-                    self.engine.finish(result, "stop")
-                result.finish_reason = "stop"
-                break
-
-
-def _stop_prefix_len(text: str, stops: Sequence[str]) -> int:
-    """Length of the longest suffix of `text` that is a proper prefix of a stop string."""
-    best = 0
-    for stop in stops:
-        for k in range(min(len(stop) - 1, len(text)), best, -1):
-            if text.endswith(stop[:k]):
-                best = k
-                break
-    return best
 
 
 def _as_prompt_list(prompts) -> list[Prompt]:

@@ -12,6 +12,7 @@ run (an XLA reduction over 512 MB), as an upper bound for batch-1 decode.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import time
@@ -53,23 +54,34 @@ def copy_bandwidth(mbytes: int = 512, repeats: int = 5) -> float:
 
 
 def decode_rate(llm: LLM, batch: int, new_tokens: int, prompt_len: int, repeats: int) -> dict:
-    """Median decode tokens/s (after all prefills) and time to first token, `batch` requests."""
+    """Median decode tokens/s (after all prefills) and time to first token, `batch` requests.
+
+    Deltas are time-stamped on the engine loop's thread as they are delivered; decode speed counts
+    the tokens delivered after the step that sampled the last first token, over the time since.
+    """
     from jinfer.generate import Request
 
     prompts = [[(7 * i + j) % 1000 + 1 for j in range(prompt_len)] for i in range(batch)]
     params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
     rates, ttfts = [], []
     for _ in range(repeats):
-        requests = [Request(p, params, 0, ()) for p in prompts]
+        events: list[tuple[float, int, bool]] = []  # (time, tokens, first delta of its request)
+
+        def stamp(delta, seen: list, events: list = events) -> None:
+            events.append((time.perf_counter(), len(delta.token_ids), not seen))
+            seen.append(1)
+
         t0 = time.perf_counter()
-        events = llm.engine.run(requests)
-        next(events)  # first request prefilled and its first token sampled
-        ttfts.append(time.perf_counter() - t0)
-        for _ in range(batch - 1):  # remaining admissions (their first tokens)
-            next(events)
-        t1 = time.perf_counter()
-        decoded = sum(len(new) for _, new, _ in events)
-        rates.append(decoded / (time.perf_counter() - t1))
+        handles = [
+            llm._loop.submit(Request(p, params, 0, ()), listener=functools.partial(stamp, seen=[]))
+            for p in prompts
+        ]
+        for h in handles:
+            h.result()
+        ttfts.append(min(t for t, _, first in events if first) - t0)
+        t1 = max(t for t, _, first in events if first)
+        decoded = sum(n for t, n, _ in events if t > t1)
+        rates.append(decoded / (max(t for t, _, _ in events) - t1))
     return {"tokens_per_s": statistics.median(rates), "ttft_s": statistics.median(ttfts)}
 
 

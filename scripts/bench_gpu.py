@@ -55,13 +55,13 @@ def decode_step_time(llm: LLM, batch: int, new_tokens: int, prompt_len: int = 64
     rates = []
     for _ in range(3):
         prompts = [[(7 * i + j) % 1000 + 1 for j in range(prompt_len)] for i in range(batch)]
-        requests = [Request(p, params, 0, ()) for p in prompts]
-        events = llm.engine.run(requests)
-        for _ in range(batch):  # admissions
-            next(events)
-        t0 = time.perf_counter()
-        steps = sum(1 for r, new, _ in events if r.request == 0 and new) * llm.engine.config.decode_steps
-        rates.append((time.perf_counter() - t0) / max(steps, 1))
+        handles = [llm._loop.submit(Request(p, params, 0, ())) for p in prompts]
+        next(iter(handles[-1]))  # the last admission's first token
+        t0, s0 = time.perf_counter(), llm.stats.steps  # (decode rounds run after this step)
+        for h in handles:
+            h.result()
+        rounds = llm.stats.steps - s0
+        rates.append((time.perf_counter() - t0) / max(rounds * llm.engine.config.decode_steps, 1))
     return statistics.median(rates)
 
 

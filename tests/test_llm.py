@@ -1,9 +1,14 @@
 """LLM API on a complete tiny model directory: text and chat prompts, stop strings, streaming,
 UTF-8 safety, generation_config defaults, CLI `generate` and `inspect`."""
 
+import gc
 import json
+import os
+import signal
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 
@@ -131,3 +136,92 @@ def test_cli_generate_json_and_inspect(model_dir, llm):
 
     r = _cli("generate", "--model", str(model_dir / "missing"), "hi")
     assert r.returncode == 2 and "error" in r.stderr
+
+
+# -- a request's resources are released on every exit path (each followed by the reference) ---------
+REFERENCE = ("Paris is", SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True))
+LONG = SamplingParams(max_tokens=100, temperature=0.0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def reference(llm):
+    return llm.generate(*REFERENCE)[0]
+
+
+def _released_then_reference(llm, reference):
+    deadline = time.monotonic() + 60
+    while True:
+        s = llm.stats.summary()
+        if s["running"] == 0 and s["queue_depth"] == 0 and s["slots_free"] == llm.engine.config.max_batch:
+            break
+        assert time.monotonic() < deadline, f"resources not released: {s}"
+        time.sleep(0.01)
+    again = llm.generate(*REFERENCE)[0]
+    assert again.token_ids == reference.token_ids and again.text == reference.text
+
+
+def test_released_when_finished(llm, reference):
+    assert len(llm.generate(["a b", "c d e"], LONG.replace(max_tokens=5))) == 2
+    _released_then_reference(llm, reference)
+
+
+def test_released_when_cancelled(llm, reference):
+    handle = llm.submit("The quick", LONG)
+    first = next(iter(handle))
+    assert first.token_ids and first.finish_reason is None
+    handle.cancel()
+    assert handle.result().finish_reason == "abort"
+    _released_then_reference(llm, reference)
+
+
+def test_released_when_stream_closed_half_way(llm, reference):
+    stream = llm.stream("The quick", LONG)
+    assert next(stream)
+    stream.close()
+    _released_then_reference(llm, reference)
+
+
+def test_released_when_stream_garbage_collected_half_way(llm, reference):
+    stream = llm.stream("The quick", LONG)
+    assert next(stream)
+    del stream
+    gc.collect()
+    _released_then_reference(llm, reference)
+
+
+def test_released_when_handle_dropped(llm, reference):
+    llm.submit("The quick", LONG)  # nobody keeps the handle: nobody can read the request
+    gc.collect()
+    _released_then_reference(llm, reference)
+
+
+def test_released_after_an_engine_exception(llm, reference, monkeypatch):
+    real = llm.engine.first_token
+    calls = []
+
+    def first_token(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("injected first-token failure")
+        return real(*args)
+
+    monkeypatch.setattr(llm.engine, "first_token", first_token)
+    with pytest.raises(RuntimeError, match="injected"):
+        llm.generate(["a", "b", "c"], LONG)
+    monkeypatch.undo()
+    _released_then_reference(llm, reference)
+
+
+def test_released_after_keyboard_interrupt_in_generate(llm, reference):
+    def interrupt_once_decoding():
+        deadline = time.monotonic() + 60
+        while llm.stats.summary()["running"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    thread = threading.Thread(target=interrupt_once_decoding)
+    thread.start()
+    with pytest.raises(KeyboardInterrupt):
+        llm.generate(["one", "two", "three", "four"], LONG)
+    thread.join()
+    _released_then_reference(llm, reference)

@@ -127,12 +127,19 @@ class GPT2(nnx.Module):
         self.final_norm = L.LayerNorm(c.hidden_size, c.layer_norm_eps, rngs=rngs)
 
     def __call__(
-        self, tokens: jax.Array, positions: jax.Array, cache: KVCache | None = None
+        self,
+        tokens: jax.Array,
+        positions: jax.Array,
+        cache: KVCache | None = None,
+        prompt_start: bool = False,
     ) -> tuple[jax.Array, KVCache | None]:
-        """tokens, positions [b, t] int32 (position < 0: padding) -> (normed hidden [b, t, d], cache)."""
+        """tokens, positions [b, t] int32 (position < 0: padding) -> (normed hidden [b, t, d], cache).
+
+        `prompt_start=True`: the tokens start the sequence (a fresh prefill), so they attend within
+        the call only (their keys/values are still written to the cache)."""
         x = L.embed_lookup(self.embed.get_value(), tokens)
         x = x + L.embed_lookup(self.pos_embed.get_value(), positions)
-        x, cache = L.run_decoder_layers(self.layers, x, positions, cache)
+        x, cache = L.run_decoder_layers(self.layers, x, positions, cache, prompt_start)
         return self.final_norm(x), cache
 
     def logits(self, hidden: jax.Array) -> jax.Array:

@@ -18,8 +18,6 @@ therefore read their weights with `param.get_value()` (the typed value), not `pa
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import dataclasses
 import functools
 import math
@@ -98,20 +96,13 @@ def out_major_matmul(x: jax.Array, w: jax.Array, **kwargs: Any) -> jax.Array:
 
 
 # -- prefill without a cached prefix ---------------------------------------------------------------
-# A model traced inside `prompt_is_whole_prefix()` still writes its keys/values into the KV cache,
-# but attends only within the call: correct when the call's tokens start the sequence (a fresh
-# prefill), and it spares reading (and re-laying out) the rest of the cache row.
-_WHOLE_PREFIX = contextvars.ContextVar("jinfer_whole_prefix", default=False)
+class PromptStartCache(tuple):
+    """A layer cache (keys, values) for a call whose tokens start the sequence (position 0).
 
-
-@contextlib.contextmanager
-def prompt_is_whole_prefix():
-    """Traces model code for calls whose tokens are a whole sequence prefix (start at position 0)."""
-    token = _WHOLE_PREFIX.set(True)
-    try:
-        yield
-    finally:
-        _WHOLE_PREFIX.reset(token)
+    The call still writes its keys/values into the cache but attends only within itself: correct
+    for a fresh prefill, and it spares reading (and re-laying out) the rest of the cache row.
+    `run_decoder_layers(..., prompt_start=True)` hands this type to each layer.
+    """
 
 
 class StructureRngs(nnx.Rngs):
@@ -466,17 +457,18 @@ def causal_attention(
     q [b, t, n, h], k/v [b, t, k, h], positions [b, t] (negative = padding). Without a cache the
     queries attend within the call; with (cache_k, cache_v) in the blocked layout of
     jinfer.kvcache the new keys/values are written at their positions and the query at p attends
-    to cache positions j <= p (within the call only, when traced inside
-    `prompt_is_whole_prefix()`). A sliding window w additionally restricts attention to keys with
-    p - j < w (Mistral, Gemma's local layers). `scale`/`softcap`: see `cached_attention`.
+    to cache positions j <= p (within the call only when `layer_cache` is a PromptStartCache). A
+    sliding window w additionally restricts attention to keys with p - j < w (Mistral, Gemma's
+    local layers). `scale`/`softcap`: see `cached_attention`.
     """
     new_cache = None
+    within_call = isinstance(layer_cache, PromptStartCache)
     if layer_cache is not None:
         new_cache = (
             kvcache.write_keys(layer_cache[0], k, positions),
             kvcache.write_values(layer_cache[1], v, positions),
         )
-    if new_cache is None or _WHOLE_PREFIX.get():  # attend within the call
+    if new_cache is None or within_call:  # attend within the call
         keys_t, values = jnp.transpose(k, (0, 2, 3, 1)), jnp.transpose(v, (0, 2, 1, 3))
         k_positions = positions
     elif q.shape[1] == 1:
@@ -537,14 +529,23 @@ class GeluMLP(nnx.Module):
 
 # -- decoder plumbing -----------------------------------------------------------------------------
 def run_decoder_layers(
-    layers: Sequence[Any], x: jax.Array, positions: jax.Array, cache: KVCache | None
+    layers: Sequence[Any],
+    x: jax.Array,
+    positions: jax.Array,
+    cache: KVCache | None,
+    prompt_start: bool = False,
 ) -> tuple[jax.Array, KVCache | None]:
-    """Runs `layer(x, positions, layer_cache) -> (x, layer_cache)` over layers, threading the cache."""
+    """Runs `layer(x, positions, layer_cache) -> (x, layer_cache)` over layers, threading the cache.
+
+    `prompt_start`: the tokens start the sequence, so attention stays within the call (see
+    PromptStartCache)."""
     if cache is not None and len(cache.k) != len(layers):
         raise ConfigError(f"KV cache has {len(cache.k)} layers but the model has {len(layers)}")
     new_k, new_v = [], []
     for i, layer in enumerate(layers):
         layer_cache = None if cache is None else (cache.k[i], cache.v[i])
+        if layer_cache is not None and prompt_start:
+            layer_cache = PromptStartCache(layer_cache)
         x, layer_cache = layer(x, positions, layer_cache)
         if layer_cache is not None:
             new_k.append(layer_cache[0])

@@ -265,11 +265,18 @@ class Llama(nnx.Module):
             self.lm_head = L.make_param(rngs, (c.hidden_size, c.vocab_size), ("embed", "vocab"))
 
     def __call__(
-        self, tokens: jax.Array, positions: jax.Array, cache: KVCache | None = None
+        self,
+        tokens: jax.Array,
+        positions: jax.Array,
+        cache: KVCache | None = None,
+        prompt_start: bool = False,
     ) -> tuple[jax.Array, KVCache | None]:
-        """tokens, positions [b, t] int32 (position < 0: padding) -> (normed hidden [b, t, d], cache)."""
+        """tokens, positions [b, t] int32 (position < 0: padding) -> (normed hidden [b, t, d], cache).
+
+        `prompt_start=True`: the tokens start the sequence (a fresh prefill), so they attend within
+        the call only (their keys/values are still written to the cache)."""
         x = L.embed_lookup(self.embed.get_value(), tokens)
-        x, cache = L.run_decoder_layers(self.layers, x, positions, cache)
+        x, cache = L.run_decoder_layers(self.layers, x, positions, cache, prompt_start)
         return L.rms_norm(x, self.final_norm[...], self.config.rms_norm_eps), cache
 
     def logits(self, hidden: jax.Array) -> jax.Array:

@@ -1,0 +1,117 @@
+"""GenerationConfig: the static shape of the generation runtime (what gets compiled) and its budgets."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from jinfer.errors import ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationConfig:
+    """Static shape of the generation runtime (everything that decides what gets compiled).
+
+    Attributes:
+      max_batch: decode slots (requests generating at once).
+      max_len: cache length per slot: prompt + generated tokens must fit.
+      prefill_buckets: prompt lengths prefill is compiled for.
+      decode_steps: decode steps run on device per host round trip.
+      max_logprobs: top-n log-probabilities computed on device (a request may ask for <= this).
+      prefill_chunk: when set, prompts longer than the largest bucket are accepted (up to
+        max_len - 1 tokens) and prefilled in chunks of this size (must be a bucket); when None
+        they are rejected. It is also the prefill block (below) when set.
+      cache_dtype: dtype of the KV cache; None = the params' dtype.
+      cache_block: positions per KV-cache block (decode skips the blocks no slot has reached; see
+        jinfer.kvcache); None = automatic: one block for a one-slot engine (little to skip),
+        else 64 positions (measured on SmolLM2-135M, 32 slots, max_len 512: blocks of 64 decode
+        1.3-1.5x faster than one block, see BENCHMARKS.md). The cache holds max_len rounded up
+        to whole blocks.
+      prefix_block: prompt tokens per prefill block (`prefill_block`); None = `prefill_chunk` if
+        set, else the largest bucket <= 64 (else the smallest bucket). Every prompt is prefilled
+        in chunks at multiples of this size, whatever the prefix cache holds, so that a cached
+        block holds exactly the bits that recomputing it gives.
+      prefix_cache: reuse the keys/values of full prompt blocks across requests (automatic prefix
+        caching; outputs are bitwise identical with it on or off).
+      prefix_cache_blocks: blocks the prefix cache may hold (its memory budget); None = a quarter
+        of the positions the decode slots hold, at least max_len (allocated at the first block
+        saved).
+      max_queue: requests that may wait for a slot before `LLM.submit` raises OverloadedError
+        (None: unbounded). `generate()` calls are not bounded by it.
+    """
+
+    max_batch: int = 8
+    max_len: int = 1024
+    prefill_buckets: tuple[int, ...] = (16, 32, 64, 128, 256, 512)
+    decode_steps: int = 8
+    max_logprobs: int = 5
+    prefill_chunk: int | None = None
+    cache_dtype: str | None = None
+    cache_block: int | None = None
+    prefix_block: int | None = None
+    prefix_cache: bool = True
+    prefix_cache_blocks: int | None = None
+    max_queue: int | None = None
+
+    def __post_init__(self):
+        buckets = tuple(sorted(set(int(b) for b in self.prefill_buckets)))
+        object.__setattr__(self, "prefill_buckets", buckets)
+        if self.max_batch < 1 or self.max_len < 2 or self.decode_steps < 1 or not buckets:
+            raise ConfigError(
+                f"GenerationConfig: max_batch={self.max_batch}, max_len={self.max_len}, "
+                f"decode_steps={self.decode_steps}, prefill_buckets={buckets}: need max_batch >= 1, "
+                "max_len >= 2, decode_steps >= 1 and at least one prefill bucket"
+            )
+        if buckets[0] < 1 or buckets[-1] > self.max_len:
+            raise ConfigError(f"prefill buckets {buckets} must lie in [1, max_len={self.max_len}]")
+        if self.prefill_chunk is not None and self.prefill_chunk not in buckets:
+            raise ConfigError(f"prefill_chunk={self.prefill_chunk} must be one of the buckets {buckets}")
+        if self.cache_block is not None and not 1 <= self.cache_block <= self.max_len:
+            raise ConfigError(f"cache_block={self.cache_block} must lie in [1, max_len={self.max_len}]")
+        if self.prefix_block is not None and self.prefix_block not in buckets:
+            raise ConfigError(f"prefix_block={self.prefix_block} must be one of the buckets {buckets}")
+        if self.prefix_cache_blocks is not None and self.prefix_cache_blocks < 0:
+            raise ConfigError(f"prefix_cache_blocks={self.prefix_cache_blocks} must be >= 0")
+        if self.max_queue is not None and self.max_queue < 0:
+            raise ConfigError(f"max_queue={self.max_queue} must be >= 0 (or None: unbounded)")
+
+    @property
+    def block(self) -> int:
+        """Positions per KV-cache block (`cache_block`, or the automatic choice)."""
+        if self.cache_block is not None:
+            return self.cache_block
+        if self.max_batch == 1:
+            return self.max_len
+        return min(self.max_len, 64)
+
+    @property
+    def prefill_block(self) -> int:
+        """Prompt tokens per prefill chunk and per prefix-cache block (see `prefix_block`)."""
+        if self.prefix_block is not None:
+            return self.prefix_block
+        if self.prefill_chunk is not None:
+            return self.prefill_chunk
+        small = [b for b in self.prefill_buckets if b <= 64]
+        return small[-1] if small else self.prefill_buckets[0]
+
+    @property
+    def prefill_chunk_buckets(self) -> tuple[int, ...]:
+        """The buckets prefill chunks run at (those up to `prefill_block`)."""
+        return tuple(b for b in self.prefill_buckets if b <= self.prefill_block)
+
+    @property
+    def cache_budget_blocks(self) -> int:
+        """Blocks the prefix cache holds (0 when it is off)."""
+        if not self.prefix_cache:
+            return 0
+        if self.prefix_cache_blocks is not None:
+            return self.prefix_cache_blocks
+        positions = max(self.max_len, self.max_batch * self.max_len // 4)
+        return -(-positions // self.prefill_block)
+
+    @property
+    def max_prompt_len(self) -> int:
+        return self.max_len - 1 if self.prefill_chunk else self.prefill_buckets[-1]
+
+    def compiled_shape(self) -> GenerationConfig:
+        """This config without the host-side budgets (they change no compiled program)."""
+        return dataclasses.replace(self, prefix_cache=True, prefix_cache_blocks=None, max_queue=None)

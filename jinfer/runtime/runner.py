@@ -1,0 +1,507 @@
+"""The model runner: compiled programs of one decoder model, and the device arrays they update.
+
+It knows shapes and executables, never requests. Shapes never depend on traffic, which bounds
+compilations and makes outputs reproducible:
+  - prefill runs one slot at a time (batch 1): a chunk of at most `prefill_block` prompt tokens
+    at its bucket, written into that slot's row of the shared KV cache. A chunk that starts the
+    sequence attends within the call; a later chunk attends to the row's cached prefix too;
+  - decode runs all `max_batch` slots together, `decode_steps` steps per host round trip, with one
+    compiled shape;
+  - the prefix-cache pool holds full prompt blocks; `save_block` / `load_block` copy one block
+    between a slot's row and the pool, bit for bit;
+  - the cache (and the pool) are donated to every executable that writes them: updated in place.
+
+Letters: b decode slots, t prompt bucket, s cache length, v vocabulary, n top logprobs, j steps,
+p prefill block, k kv heads, h head dim.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jinfer import compile as compile_lib
+from jinfer import kvcache, sampling
+from jinfer.errors import (
+    ConfigError,
+    EmptyInputError,
+    InvalidSamplingParamsError,
+    InvalidTokenError,
+    SequenceTooLongError,
+)
+from jinfer.kvcache import KVCache
+from jinfer.modeling import FlaxModel
+from jinfer.runtime.config import GenerationConfig
+from jinfer.runtime.stats import GenerationStats
+from jinfer.sampling import SamplerState, SamplingParams
+from jinfer.sharding import ShardingRules, single_device_mesh
+
+
+@compile_lib.export_serializable
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class DecodeState:
+    """Per-slot decode state (leading dim b). `tokens` is the last token, fed at `positions`."""
+
+    tokens: Any  # i32[b]
+    positions: Any  # i32[b]
+    active: Any  # bool[b]
+    remaining: Any  # i32[b] tokens still allowed
+    stop_ids: Any  # i32[b, MAX_STOP_TOKEN_IDS], -1 padded
+    sampler: SamplerState
+
+    @classmethod
+    def empty(cls, b: int) -> DecodeState:
+        return cls(
+            tokens=np.zeros(b, np.int32),
+            positions=np.zeros(b, np.int32),
+            active=np.zeros(b, bool),
+            remaining=np.zeros(b, np.int32),
+            stop_ids=np.full((b, sampling.MAX_STOP_TOKEN_IDS), -1, np.int32),
+            sampler=SamplerState.empty(b),
+        )
+
+
+class ModelRunner:
+    """Compiled prefill / first-token / decode / copy / block / score programs for one model.
+
+    Holds the params, the KV cache (one row per decode slot), the prefix-cache pool and the
+    executables (one per key, compiled on first use and counted in `stats`). Not thread-safe:
+    one thread (the engine loop) drives it.
+    """
+
+    def __init__(
+        self,
+        model: FlaxModel,
+        params: Any,
+        config: GenerationConfig | None = None,
+        *,
+        mesh: Mesh | None = None,
+        rules: ShardingRules | None = None,
+        stats: GenerationStats | None = None,
+    ):
+        if model.spec.task != "causal_lm":
+            raise ConfigError(
+                f"model class {model.spec.name!r} is a {model.spec.task!r} model, not causal_lm"
+            )
+        config = config or GenerationConfig()
+        mc = model.config
+        if config.max_len > getattr(mc, "max_position_embeddings", config.max_len):
+            raise ConfigError(
+                f"max_len={config.max_len} exceeds the model's max_position_embeddings="
+                f"{mc.max_position_embeddings}"
+            )
+        compile_lib.maybe_enable_from_env()
+        self.model = model
+        self.config = config
+        self.mesh = mesh or single_device_mesh()
+        self.rules = rules or ShardingRules()
+        self.vocab_size = int(mc.vocab_size)
+        self.params = params
+        self.stats = stats or GenerationStats()
+        self._forward = model.apply_fn()
+        self._logits = model.apply_fn("logits")
+        self.dtype = config.cache_dtype or _params_dtype(params)
+        self._replicated = NamedSharding(self.mesh, PartitionSpec())
+        self._executables: dict[tuple, Any] = {}
+        cache_dims = (config.max_batch, config.max_len, mc.num_kv_heads, mc.head_dim, config.block)
+        cache_shardings = (
+            self.rules.sharding(self.mesh, kvcache.K_AXES, kvcache.k_shape(*cache_dims), name="kv_cache.k"),
+            self.rules.sharding(self.mesh, kvcache.V_AXES, kvcache.v_shape(*cache_dims), name="kv_cache.v"),
+        )
+        self._abstract_cache = KVCache.abstract(
+            mc.num_layers, *cache_dims[:4], dtype=self.dtype, shardings=cache_shardings, block=config.block
+        )
+        self.cache = self._zero_cache()
+        pool_shape = (config.cache_budget_blocks, config.prefill_block, mc.num_kv_heads, mc.head_dim)
+        block_spec = jax.ShapeDtypeStruct(pool_shape, self.dtype, sharding=self._replicated)
+        self._abstract_pool = ((block_spec,) * mc.num_layers, (block_spec,) * mc.num_layers)
+        self.pool = None  # the prefix cache's blocks: allocated at the first block saved
+
+    def _zero_cache(self) -> KVCache:
+        a = self._abstract_cache
+        return jax.jit(
+            lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), a),
+            out_shardings=jax.tree.map(lambda x: x.sharding, a),
+        )()
+
+    def ensure_cache(self) -> bool:
+        """Re-creates the KV cache if a failed executable consumed (donated) it; True if it did."""
+        if any(x.is_deleted() for x in jax.tree.leaves(self.cache)):
+            self.cache = self._zero_cache()
+            return True
+        return False
+
+    # -- executables -------------------------------------------------------------------------
+    def _executable(self, key: tuple, build: Callable[[], Any]) -> Any:
+        exe = self._executables.get(key)
+        if exe is None:
+            t0 = time.perf_counter()
+            exe = build()
+            self.stats.record_compile(key, time.perf_counter() - t0)
+            self._executables[key] = exe
+        self.stats.hit(key)
+        return exe
+
+    def _abstract_params(self) -> Any:
+        return jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), self.params
+        )
+
+    def _scalar(self, dtype=jnp.int32) -> jax.ShapeDtypeStruct:
+        return jax.ShapeDtypeStruct((), dtype, sharding=self._replicated)
+
+    def _spec(self, shape, dtype) -> jax.ShapeDtypeStruct:
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=self._replicated)
+
+    def _lower(self, name: str, fn: Callable, args: tuple, **jit_kwargs: Any) -> Any:
+        """jax.jit(fn, **jit_kwargs).lower(*args), via jinfer.compile's traced-program cache."""
+        identity = repr((name, self.model, self.config.compiled_shape(), self.rules))
+        return compile_lib.lower(fn, args, identity=identity, **jit_kwargs)
+
+    def _cache_shardings(self) -> Any:
+        return jax.tree.map(lambda x: x.sharding, self._abstract_cache)
+
+    def _prefill_exe(self, bucket: int, continuation: bool = False) -> Any:
+        """Prefill of one slot at `bucket` tokens. The default (a prompt's first piece, start 0)
+        attends within the call; a `continuation` (a later chunk) attends to the slot's cached
+        prefix as well."""
+
+        def prefill(params, cache, slot, tokens, start, n_valid):
+            idx = jnp.arange(tokens.shape[1], dtype=jnp.int32)
+            positions = jnp.where(idx < n_valid, start + idx, -1)[None, :]
+            row = jax.tree.map(
+                lambda c: jax.lax.dynamic_slice_in_dim(c, slot, 1, axis=kvcache.BATCH_AXIS), cache
+            )
+            hidden, row = self._forward(params, tokens, positions, row, prompt_start=not continuation)
+            cache = jax.tree.map(
+                lambda c, r: jax.lax.dynamic_update_slice_in_dim(c, r, slot, axis=kvcache.BATCH_AXIS),
+                cache,
+                row,
+            )
+            last = jax.lax.dynamic_slice_in_dim(hidden, n_valid - 1, 1, axis=1)[:, 0]
+            return cache, self._logits(params, last)
+
+        name = "prefill_continuation" if continuation else "prefill"
+
+        def build():
+            s = self._scalar()
+            args = (
+                self._abstract_params(),
+                self._abstract_cache,
+                s,
+                self._spec((1, bucket), jnp.int32),
+                s,
+                s,
+            )
+            return self._lower(
+                name,
+                prefill,
+                args,
+                donate_argnums=(1,),
+                out_shardings=(self._cache_shardings(), self._replicated),
+            ).compile()
+
+        return self._executable((name, bucket), build)
+
+    def _first_token_exe(self) -> Any:
+        n = self.config.max_logprobs
+
+        def first(logits, sampler, position):
+            token = sampling.sample(logits, sampler, position)
+            return token, *sampling.token_logprobs(logits, token, n)
+
+        def build():
+            sampler = jax.tree.map(lambda x: self._spec(x.shape, x.dtype), SamplerState.empty(1))
+            args = (self._spec((1, self.vocab_size), jnp.float32), sampler, self._spec((1,), jnp.int32))
+            return self._lower("first_token", first, args).compile()
+
+        return self._executable(("first_token",), build)
+
+    def _copy_slot_exe(self) -> Any:
+        def copy(cache, src, dst):
+            def one(c):
+                row = jax.lax.dynamic_slice_in_dim(c, src, 1, axis=kvcache.BATCH_AXIS)
+                return jax.lax.dynamic_update_slice_in_dim(c, row, dst, axis=kvcache.BATCH_AXIS)
+
+            return jax.tree.map(one, cache)
+
+        def build():
+            args = (self._abstract_cache, self._scalar(), self._scalar())
+            return self._lower(
+                "copy_slot", copy, args, donate_argnums=(0,), out_shardings=self._cache_shardings()
+            ).compile()
+
+        return self._executable(("copy_slot",), build)
+
+    def _block_index(self, start):
+        """(cache block, offset) of the prefill block's positions start .. start + p - 1."""
+        pos = start + jnp.arange(self.config.prefill_block, dtype=jnp.int32)
+        return pos // self.config.block, pos % self.config.block
+
+    def _save_block_exe(self) -> Any:
+        def save(cache, pool, slot, start, index):
+            blk, off = self._block_index(start)
+            # Advanced indices split by slices go first: [p, k, h] for keys and values alike.
+            keys = tuple(
+                pk.at[index].set(ck[blk, slot, :, :, off]) for pk, ck in zip(pool[0], cache.k, strict=True)
+            )
+            values = tuple(
+                pv.at[index].set(cv[blk, slot, :, off, :]) for pv, cv in zip(pool[1], cache.v, strict=True)
+            )
+            return keys, values
+
+        def build():
+            s = self._scalar()
+            return self._lower(
+                "save_block",
+                save,
+                (self._abstract_cache, self._abstract_pool, s, s, s),
+                donate_argnums=(1,),
+                out_shardings=jax.tree.map(lambda x: x.sharding, self._abstract_pool),
+            ).compile()
+
+        return self._executable(("save_block",), build)
+
+    def _load_block_exe(self) -> Any:
+        def load(cache, pool, slot, start, index):
+            blk, off = self._block_index(start)
+            k = tuple(
+                ck.at[blk, slot, :, :, off].set(pk[index]) for ck, pk in zip(cache.k, pool[0], strict=True)
+            )
+            v = tuple(
+                cv.at[blk, slot, :, off, :].set(pv[index]) for cv, pv in zip(cache.v, pool[1], strict=True)
+            )
+            return KVCache(k=k, v=v)
+
+        def build():
+            s = self._scalar()
+            return self._lower(
+                "load_block",
+                load,
+                (self._abstract_cache, self._abstract_pool, s, s, s),
+                donate_argnums=(0,),
+                out_shardings=self._cache_shardings(),
+            ).compile()
+
+        return self._executable(("load_block",), build)
+
+    def _decode_exe(self) -> Any:
+        steps, n = self.config.decode_steps, self.config.max_logprobs
+
+        def step(params, cache, state: DecodeState):
+            positions = jnp.where(state.active, state.positions, -1)
+            hidden, cache = self._forward(params, state.tokens[:, None], positions[:, None], cache)
+            logits = self._logits(params, hidden[:, 0])
+            token = sampling.sample(logits, state.sampler, state.positions + 1)
+            logprob, top_ids, top_lp = sampling.token_logprobs(logits, token, n)
+            out_token = jnp.where(state.active, token, -1)
+            stopped = (token[:, None] == state.stop_ids).any(-1)
+            remaining = state.remaining - state.active.astype(jnp.int32)
+            active = state.active & ~stopped & (remaining > 0)
+            state = dataclasses.replace(
+                state,
+                tokens=jnp.where(state.active, token, state.tokens),
+                positions=state.positions + state.active.astype(jnp.int32),
+                active=active,
+                remaining=remaining,
+            )
+            return cache, state, (out_token, logprob, top_ids, top_lp)
+
+        def decode(params, cache, state):
+            def body(carry, _):
+                cache, state = carry
+                cache, state, out = step(params, cache, state)
+                return (cache, state), out
+
+            (cache, state), outs = jax.lax.scan(body, (cache, state), None, length=steps)
+            # scan stacks on axis 0: [j, b, ...] -> [b, j, ...]
+            return cache, state, jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), outs)
+
+        def build():
+            abstract_state = jax.tree.map(
+                lambda x: self._spec(x.shape, x.dtype), DecodeState.empty(self.config.max_batch)
+            )
+            lowered = self._lower(
+                "decode",
+                decode,
+                (self._abstract_params(), self._abstract_cache, abstract_state),
+                donate_argnums=(1,),
+                out_shardings=(self._cache_shardings(), self._replicated, self._replicated),
+            )
+            return _compile(lowered, self._decode_compiler_options())
+
+        return self._executable(("decode",), build)
+
+    def _decode_compiler_options(self) -> dict[str, Any] | None:
+        """XLA options for the decode executable.
+
+        XLA:CPU's YNNPACK fusions speed up batched matmuls but slow down the matrix-vector
+        products of one-slot decode: measured on a 32M-parameter Llama, +16-25 % batch-1 tokens/s
+        without them, -40 % at 8 slots with them off. So they are turned off for 1-slot engines only.
+        """
+        if jax.default_backend() == "cpu" and self.config.max_batch == 1:
+            return {"xla_cpu_experimental_ynn_fusion_type": ""}
+        return None
+
+    def _score_exe(self, bucket: int) -> Any:
+        def score(params, tokens, n_valid):
+            idx = jnp.arange(tokens.shape[1], dtype=jnp.int32)
+            positions = jnp.where(idx < n_valid, idx, -1)[None, :]
+            hidden, _ = self._forward(params, tokens, positions, None)
+            logp = jax.nn.log_softmax(self._logits(params, hidden), axis=-1)
+            nxt = jnp.roll(tokens, -1, axis=1)
+            return jnp.take_along_axis(logp, nxt[..., None], axis=-1)[..., 0]
+
+        def build():
+            return (
+                jax.jit(score, out_shardings=self._replicated)
+                .lower(self._abstract_params(), self._spec((1, bucket), jnp.int32), self._scalar())
+                .compile()
+            )
+
+        return self._executable(("score", bucket), build)
+
+    def warmup(self, score: bool = False) -> dict[tuple, float]:
+        """Compiles every executable up front; returns seconds per executable key."""
+        for b in self.config.prefill_chunk_buckets:
+            self._prefill_exe(b)
+            if self.config.max_prompt_len > self.config.prefill_block:
+                self._prefill_exe(b, continuation=True)
+        if score:
+            for b in self.config.prefill_buckets:
+                self._score_exe(b)
+        self._first_token_exe()
+        self._copy_slot_exe()
+        self._decode_exe()
+        if self.config.cache_budget_blocks:
+            self._ensure_pool()  # warm-up allocates everything a request may need
+            self._save_block_exe()
+            if self.config.max_prompt_len > self.config.prefill_block:
+                self._load_block_exe()
+        return dict(self.stats.compile_seconds)
+
+    # -- programs ----------------------------------------------------------------------------------
+    def prefill(self, slot: int, piece: Sequence[int], start: int) -> jax.Array:
+        """Prefills `piece` (at most prefill_block tokens) at positions start.. of `slot`'s row;
+        returns the logits of its last token (f32[1, v])."""
+        bucket = next(b for b in self.config.prefill_buckets if b >= len(piece))
+        tokens = np.zeros((1, bucket), np.int32)
+        tokens[0, : len(piece)] = piece
+        exe = self._prefill_exe(bucket, continuation=start > 0)
+        self.stats.record_padding(len(piece), bucket)
+        self.cache, logits = exe(
+            self.params, self.cache, np.int32(slot), tokens, np.int32(start), np.int32(len(piece))
+        )
+        return logits
+
+    def first_token(self, logits: jax.Array, sampler: SamplerState, position: int) -> tuple[np.ndarray, ...]:
+        """(token i32[1], logprob f32[1], top ids i32[1, n], top logprobs f32[1, n]) on the host."""
+        outs = self._first_token_exe()(logits, sampler, np.array([position], np.int32))
+        return tuple(np.asarray(x) for x in outs)
+
+    def copy_slot(self, src: int, dst: int) -> None:
+        self.cache = self._copy_slot_exe()(self.cache, np.int32(src), np.int32(dst))
+
+    def _ensure_pool(self) -> None:
+        if self.pool is None:
+            self.pool = jax.jit(
+                lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), self._abstract_pool),
+                out_shardings=jax.tree.map(lambda s: s.sharding, self._abstract_pool),
+            )()
+
+    def save_block(self, slot: int, start: int, index: int) -> None:
+        """Copies positions start .. start + prefill_block - 1 of `slot`'s row into pool block `index`."""
+        self._ensure_pool()
+        self.pool = self._save_block_exe()(
+            self.cache, self.pool, np.int32(slot), np.int32(start), np.int32(index)
+        )
+
+    def load_block(self, slot: int, start: int, index: int) -> None:
+        """Copies pool block `index` into positions start .. start + prefill_block - 1 of `slot`'s row."""
+        self.cache = self._load_block_exe()(
+            self.cache, self.pool, np.int32(slot), np.int32(start), np.int32(index)
+        )
+
+    def decode(self, state: DecodeState) -> tuple[DecodeState, tuple[np.ndarray, ...]]:
+        """Runs decode_steps steps on every slot; returns the new state and (tokens [b, j] (-1 where
+        inactive), logprob [b, j], top ids [b, j, n], top logprobs [b, j, n]) on the host."""
+        self.cache, new_state, outs = self._decode_exe()(self.params, self.cache, state)
+        return jax.tree.map(np.array, new_state), tuple(np.asarray(x) for x in outs)
+
+    def score(self, ids: Sequence[int], start: int) -> np.ndarray:
+        """Log-probabilities of ids[start:] given the preceding tokens (f32[len(ids) - start])."""
+        n = len(ids)
+        if not 1 <= start < n:
+            raise EmptyInputError(
+                f"score needs a non-empty prompt and continuation (got {start} and {n - start})"
+            )
+        if n > self.config.prefill_buckets[-1]:
+            raise SequenceTooLongError(
+                f"prompt + continuation has {n:,} tokens; the largest bucket is "
+                f"{self.config.prefill_buckets[-1]:,}"
+            )
+        bad = [t for t in ids if not 0 <= int(t) < self.vocab_size]
+        if bad:
+            raise InvalidTokenError(f"token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
+        bucket = next(b for b in self.config.prefill_buckets if b >= n)
+        tokens = np.zeros((1, bucket), np.int32)
+        tokens[0, :n] = ids
+        out = np.asarray(self._score_exe(bucket)(self.params, tokens, np.int32(n)))[0]
+        return out[start - 1 : n - 1]
+
+    # -- validation ----------------------------------------------------------------------------
+    def check_request(self, prompt_ids: Sequence[int], params: SamplingParams, index: int = 0) -> None:
+        """Raises an InputError subclass for a request that cannot run; no device work."""
+        cfg = self.config
+        n = len(prompt_ids)
+        if n == 0:
+            raise EmptyInputError(f"prompt {index} is empty; give at least one token")
+        bad = [t for t in prompt_ids if not 0 <= int(t) < self.vocab_size]
+        if bad:
+            raise InvalidTokenError(
+                f"prompt {index} has token id {bad[0]} outside the vocabulary [0, {self.vocab_size})"
+            )
+        if n > cfg.max_prompt_len:
+            raise SequenceTooLongError(
+                f"prompt {index} has {n:,} tokens; the largest prefill bucket is {cfg.prefill_buckets[-1]:,} "
+                "(add a bucket, set prefill_chunk, or shorten the prompt)"
+            )
+        if n + params.max_tokens > cfg.max_len:
+            raise SequenceTooLongError(
+                f"prompt {index} has {n:,} tokens and asks for max_tokens={params.max_tokens:,}, but "
+                f"max_len is {cfg.max_len:,}: the prompt may have at most "
+                f"{cfg.max_len - params.max_tokens:,} tokens (lower max_tokens or raise max_len)"
+            )
+        if params.n > cfg.max_batch:
+            raise InvalidSamplingParamsError(
+                f"request {index} asks for n={params.n} samples but the engine has "
+                f"{cfg.max_batch} decode slots"
+            )
+        if params.logprobs is not None and params.logprobs > cfg.max_logprobs:
+            raise InvalidSamplingParamsError(
+                f"request {index} asks for logprobs={params.logprobs}; this engine computes at most "
+                f"{cfg.max_logprobs} (raise GenerationConfig.max_logprobs)"
+            )
+
+
+def _compile(lowered: Any, options: dict[str, Any] | None) -> Any:
+    """lowered.compile(options), falling back to default options if this XLA rejects them."""
+    if options:
+        # An option unknown to another jaxlib version must not break generation: use defaults.
+        with contextlib.suppress(Exception):
+            return lowered.compile(compiler_options=options)
+    return lowered.compile()
+
+
+def _params_dtype(params: Any) -> Any:
+    floats = [x.dtype for x in jax.tree.leaves(params) if jnp.issubdtype(x.dtype, jnp.floating)]
+    return floats[0] if floats else jnp.float32

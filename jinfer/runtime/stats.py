@@ -1,0 +1,83 @@
+"""Runtime accounting: compiles per executable, prompt padding, tokens, prefix cache, queues."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+
+@dataclasses.dataclass
+class GenerationStats:
+    """Counters of one generation runtime.
+
+    The runner records compiles and executable hits; the scheduler records tokens and the prefix
+    cache's hits; `gauges` (set by the runtime) report live values: queue depth, running requests,
+    cache blocks in use. Counters are written by the engine loop's thread only.
+    """
+
+    compile_seconds: dict[tuple, float] = dataclasses.field(default_factory=dict)
+    hits: dict[tuple, int] = dataclasses.field(default_factory=dict)
+    prompt_tokens: int = 0
+    padded_prompt_tokens: int = 0
+    generated_tokens: int = 0
+    prompt_tokens_computed: int = 0
+    prompt_tokens_cached: int = 0
+    steps: int = 0
+    requests_finished: int = 0
+    requests_aborted: int = 0
+    requests_failed: int = 0
+    gauges: Callable[[], dict[str, int]] | None = None
+
+    def record_compile(self, key: tuple, seconds: float) -> None:
+        self.compile_seconds[key] = seconds
+
+    def hit(self, key: tuple) -> None:
+        self.hits[key] = self.hits.get(key, 0) + 1
+
+    def record_padding(self, real: int, padded: int) -> None:
+        self.prompt_tokens += real
+        self.padded_prompt_tokens += padded
+
+    def record_prompt(self, computed: int, cached: int) -> None:
+        self.prompt_tokens_computed += computed
+        self.prompt_tokens_cached += cached
+
+    @property
+    def compiles(self) -> int:
+        return len(self.compile_seconds)
+
+    @property
+    def compile_time(self) -> float:
+        return sum(self.compile_seconds.values())
+
+    @property
+    def padding_efficiency(self) -> float:
+        """Real prompt tokens / padded prompt tokens over all prefills (1.0 = no padding)."""
+        return self.prompt_tokens / self.padded_prompt_tokens if self.padded_prompt_tokens else 1.0
+
+    @property
+    def prefix_cache_hit_rate(self) -> float:
+        """Prompt tokens taken from the prefix cache / all prompt tokens prefilled or reused."""
+        total = self.prompt_tokens_computed + self.prompt_tokens_cached
+        return self.prompt_tokens_cached / total if total else 0.0
+
+    def summary(self) -> dict[str, Any]:
+        out = {
+            "compiles": self.compiles,
+            "compile_seconds": round(self.compile_time, 3),
+            "padding_efficiency": round(self.padding_efficiency, 4),
+            "prompt_tokens": self.prompt_tokens,
+            "generated_tokens": self.generated_tokens,
+            "prompt_tokens_computed": self.prompt_tokens_computed,
+            "prompt_tokens_cached": self.prompt_tokens_cached,
+            "prefix_cache_hit_rate": round(self.prefix_cache_hit_rate, 4),
+            "steps": self.steps,
+            "requests_finished": self.requests_finished,
+            "requests_aborted": self.requests_aborted,
+            "requests_failed": self.requests_failed,
+            "executables": {"/".join(map(str, k)): v for k, v in self.hits.items()},
+        }
+        if self.gauges is not None:
+            out.update(self.gauges())
+        return out
