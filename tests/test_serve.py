@@ -22,7 +22,6 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from jinfer.llm import LLM
 from jinfer.sampling import SamplingParams
-from jinfer.serve.backend import _native_runtime
 from jinfer.testing import make_tiny_llm_dir
 
 REPO = Path(__file__).resolve().parents[1]
@@ -340,9 +339,6 @@ def test_disconnect_cancels_the_request_and_frees_its_slot(server, client):
     assert r.choices[0].finish_reason in ("length", "stop")
 
 
-@pytest.mark.skipif(
-    not _native_runtime(), reason="needs the issue-11 runtime (admission between decode steps)"
-)
 def test_disconnect_frees_a_slot_for_the_next_request_at_once(server, client):
     """All slots busy with long streams; one client leaves; a new request runs and completes while
     the other long streams still hold their slots."""

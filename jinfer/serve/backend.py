@@ -22,7 +22,7 @@ class ServeConfig:
     dtype: str | None = None
     quantize: str | None = None
     max_batch: int = 8
-    max_len: int = 1024
+    max_len: int | None = None  # the model's context length within a memory budget (jinfer.defaults)
     buckets: tuple[int, ...] | None = None
     max_queue: int = 256
     api_key: str | None = None
@@ -59,35 +59,12 @@ class Backend:
             self.runtime.close()
 
 
-def _native_runtime() -> bool:
-    """True once the generation runtime (issue 11) is in: `LLM(max_queue=...)`, `LLM.generate_async`."""
-    from jinfer.generate import GenerationConfig
-    from jinfer.llm import LLM
-
-    return hasattr(LLM, "generate_async") and "max_queue" in {
-        f.name for f in dataclasses.fields(GenerationConfig)
-    }
-
-
-def start_runtime(llm: Any, max_queue: int) -> Any:
-    """The generation runtime over `llm`: the LLM itself when it has one (built with `max_queue`).
-
-    MERGE(issue 11): once `_native_runtime()` is always true, return `llm` and delete
-    `jinfer/serve/_runtime_shim.py` together with this fallback.
-    """
-    if _native_runtime():
-        return llm
-    from jinfer.serve import _runtime_shim
-
-    return _runtime_shim.attach(llm, max_queue)
-
-
 def load_backend(config: ServeConfig) -> Backend:
     """Loads the model named by `config.model` and compiles what serving needs."""
     from jinfer import checkpoint
-    from jinfer.llm import _resolve
+    from jinfer.loading import resolve
 
-    path = _resolve(config.model)
+    path = resolve(config.model, config.dtype)
     spec, _, _ = checkpoint.load_config(path)
     t0 = time.perf_counter()
     if spec.task == "encoder":
@@ -109,10 +86,10 @@ def load_backend(config: ServeConfig) -> Backend:
         max_len=config.max_len,
         buckets=config.buckets,
         quantize=config.quantize,
-        **({"max_queue": config.max_queue} if _native_runtime() else {}),
+        max_queue=config.max_queue,
     )
     t0 = time.perf_counter()
     llm.warmup()
     warm = time.perf_counter() - t0
     log.info("loaded %s (%s), warmed up in %.1f s", path, spec.name, warm)
-    return Backend(llm=llm, runtime=start_runtime(llm, config.max_queue), warmup_seconds=warm)
+    return Backend(llm=llm, runtime=llm, warmup_seconds=warm)

@@ -22,7 +22,12 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--max-batch", type=int, default=d.max_batch, help="decode slots (requests generating at once)"
     )
-    p.add_argument("--max-len", type=int, default=d.max_len, help="prompt + generated tokens per request")
+    p.add_argument(
+        "--max-len",
+        type=int,
+        default=d.max_len,
+        help="prompt + generated tokens per request (default: model's)",
+    )
     p.add_argument("--buckets", default=None, help="prefill buckets, e.g. 16,64,256 (default: powers of 2)")
     p.add_argument("--max-queue", type=int, default=d.max_queue, help="waiting requests before 503 responses")
     p.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes, help="larger bodies get 413")
