@@ -7,7 +7,7 @@ import json
 import sys
 from collections.abc import Sequence
 
-from jinfer.errors import CheckpointNotFoundError, ConfigError, InputError, JinferError
+from jinfer.errors import CheckpointKeyError, CheckpointNotFoundError, ConfigError, InputError, JinferError
 
 # Exit codes (README "Errors and exit codes"): 0 done; 1 runtime error (bad model files, --max-errors
 # reached, an internal error); 2 usage error (flags, config, input that cannot run); 3 I/O failure
@@ -369,7 +369,7 @@ def _error_report(e: Exception, args: argparse.Namespace) -> tuple[int, str]:
     import errno
 
     text = " ".join(str(e).split()) or type(e).__name__
-    if isinstance(e, (ConfigError, InputError, CheckpointNotFoundError)):
+    if isinstance(e, (ConfigError, InputError, CheckpointNotFoundError, CheckpointKeyError)):
         return EXIT_USAGE, text
     if isinstance(e, JinferError):
         return EXIT_RUNTIME, text
