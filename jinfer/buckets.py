@@ -24,6 +24,12 @@ from jinfer.errors import ConfigError, EmptyInputError, SequenceTooLongError
 BucketKey = tuple[int, int | None]  # (batch, seq_len); seq_len is None for fixed-shape inputs
 
 
+def smallest_bucket(sizes: Sequence[int], n: int) -> int | None:
+    """The smallest of the ascending `sizes` that holds `n` (is >= n); None when none does."""
+    i = bisect.bisect_left(sizes, n)
+    return sizes[i] if i < len(sizes) else None
+
+
 def _validated_sizes(name: str, values: Sequence[int] | None, allow_empty: bool) -> tuple[int, ...]:
     sizes = tuple(int(v) for v in (values or ()))
     if not sizes and not allow_empty:
@@ -75,22 +81,22 @@ class Buckets:
 
     def batch_bucket(self, rows: int) -> int:
         """Smallest batch bucket holding `rows` (1 <= rows <= max_batch)."""
-        i = bisect.bisect_left(self.batch_sizes, rows)
-        if rows < 1 or i == len(self.batch_sizes):
+        bucket = smallest_bucket(self.batch_sizes, rows)
+        if rows < 1 or bucket is None:
             raise ValueError(f"{rows} rows do not fit batch buckets {self.batch_sizes}")
-        return self.batch_sizes[i]
+        return bucket
 
     def seq_bucket(self, length: int, index: int | str = "?") -> int | None:
         """Smallest sequence bucket >= length (None for fixed-shape); SequenceTooLongError if none."""
         if not self.seq_lens:
             return None
-        i = bisect.bisect_left(self.seq_lens, length)
-        if i == len(self.seq_lens):
+        bucket = smallest_bucket(self.seq_lens, length)
+        if bucket is None:
             raise SequenceTooLongError(
                 f"example {index} has length {length:,}; the largest sequence bucket is "
                 f"{self.seq_lens[-1]:,} (pass truncate=True or add a larger bucket)"
             )
-        return self.seq_lens[i]
+        return bucket
 
 
 def fit_example(example: np.ndarray, buckets: Buckets, index: int | str = "?", truncate: bool = False):

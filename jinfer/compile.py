@@ -16,7 +16,8 @@ import hashlib
 import logging
 import os
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +59,52 @@ class CompileCounter:
 COMPILES = CompileCounter()
 jax.monitoring.register_event_duration_secs_listener(COMPILES._on_duration)
 jax.monitoring.register_event_listener(COMPILES._on_event)
+
+
+class ExecutableCache:
+    """Compiled executables by key (a bucket), each built once; shared by `Engine` and the runtime.
+
+    `get(key, build)` returns the cached executable, or calls `build()` under a lock the first
+    time (threads asking at once wait and reuse it; a `build` may itself call `get`). After each
+    build `on_compile(key, seconds)` gets its wall time; every `get` then calls `on_hit(key)`.
+    A failing `build` caches nothing, so the next `get` tries again.
+    """
+
+    def __init__(
+        self,
+        on_compile: Callable[[Any, float], None] | None = None,
+        on_hit: Callable[[Any], None] | None = None,
+    ):
+        self._items: dict[Any, Any] = {}
+        self._lock = threading.RLock()
+        self._on_compile = on_compile
+        self._on_hit = on_hit
+
+    def get(self, key: Any, build: Callable[[], Any]) -> Any:
+        exe = self._items.get(key)
+        if exe is None:
+            with self._lock:
+                exe = self._items.get(key)
+                if exe is None:
+                    start = time.perf_counter()
+                    exe = build()
+                    seconds = time.perf_counter() - start
+                    self._items[key] = exe
+                    if self._on_compile is not None:
+                        self._on_compile(key, seconds)
+        if self._on_hit is not None:
+            self._on_hit(key)
+        return exe
+
+    def __contains__(self, key: Any) -> bool:
+        return key in self._items
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def keys(self) -> list[Any]:
+        """The keys built so far, in build order."""
+        return list(self._items)
 
 
 @dataclasses.dataclass

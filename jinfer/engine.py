@@ -33,7 +33,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from jinfer.buckets import BucketKey, Buckets, fit_example, pad_batch, plan_batches, unpad_outputs
-from jinfer.compile import COMPILES, maybe_enable_from_env
+from jinfer.compile import COMPILES, ExecutableCache, maybe_enable_from_env
 from jinfer.errors import ConfigError, EngineClosedError, InputError
 from jinfer.modeling import FlaxModel
 from jinfer.sharding import ShardingRules, replicated, single_device_mesh
@@ -156,9 +156,8 @@ class Engine:
         self.params = jax.device_put(params, shardings)
         self.input_dtype, self.example_shape = self._resolve_inputs(model, input_dtype, example_shape)
         self.vocab_size = getattr(model.config, "vocab_size", None) if model is not None else None
-        self._executables: dict[BucketKey, Any] = {}
+        self._executables = ExecutableCache(on_compile=self._record_compile)
         self._lock = threading.Lock()
-        self._compile_lock = threading.Lock()
         self._counters = _Counters()
         self._compile_start = COMPILES.snapshot()
         self._closed = False
@@ -276,18 +275,12 @@ class Engine:
 
     def executable(self, key: BucketKey):
         """The AOT executable of bucket `key` = (batch, seq_len), compiled on first use."""
-        exe = self._executables.get(key)
-        if exe is not None:
-            return exe
-        with self._compile_lock:
-            if key not in self._executables:
-                start = time.perf_counter()
-                self._executables[key] = self._compile(key)
-                seconds = time.perf_counter() - start
-                with self._lock:
-                    self._counters.compile_seconds += seconds
-                logger.info("jinfer: compiled bucket %s in %.3f s", key, seconds)
-        return self._executables[key]
+        return self._executables.get(key, lambda: self._compile(key))
+
+    def _record_compile(self, key: BucketKey, seconds: float) -> None:
+        with self._lock:
+            self._counters.compile_seconds += seconds
+        logger.info("jinfer: compiled bucket %s in %.3f s", key, seconds)
 
     def warmup(self, progress: bool = False) -> dict[BucketKey, float]:
         """Compiles every bucket now; returns seconds per bucket (0.0 for already compiled ones)."""

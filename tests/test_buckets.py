@@ -1,6 +1,9 @@
 """Buckets: validation, padding plans, and choose_buckets' exact DP."""
 
 import itertools
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -12,8 +15,10 @@ from jinfer.buckets import (
     fit_example,
     pad_batch,
     plan_batches,
+    smallest_bucket,
     unpad_outputs,
 )
+from jinfer.compile import ExecutableCache
 from jinfer.errors import ConfigError, EmptyInputError, SequenceTooLongError
 
 
@@ -121,3 +126,51 @@ def test_choose_buckets_quantizes_many_distinct_lengths():
     assert all(b % 8 == 0 for b in buckets) and buckets[-1] == 5000
     # uniform lengths: 4 near-equal-width buckets
     assert report.efficiency > 0.8
+
+
+def test_smallest_bucket_is_the_first_size_that_holds_n():
+    sizes = (16, 32, 64)
+    assert [smallest_bucket(sizes, n) for n in (1, 16, 17, 32, 33, 64)] == [16, 16, 32, 32, 64, 64]
+    assert smallest_bucket(sizes, 65) is None
+    assert smallest_bucket((), 1) is None
+    # Buckets and the generation runtime both pick through it (same errors as before).
+    assert Buckets(batch_sizes=(1, 4), seq_lens=(8, 32)).seq_bucket(9) == 32
+    msg = "example 3 has length 33; the largest sequence bucket is 32"
+    with pytest.raises(SequenceTooLongError, match=msg):
+        Buckets(seq_lens=(8, 32)).seq_bucket(33, 3)
+    with pytest.raises(ValueError, match=r"5 rows do not fit batch buckets \(1, 4\)"):
+        Buckets(batch_sizes=(1, 4)).batch_bucket(5)
+
+
+def test_executable_cache_builds_each_key_once_across_threads():
+    compiles, hits, builds = [], [], []
+    cache = ExecutableCache(on_compile=lambda k, s: compiles.append((k, s)), on_hit=hits.append)
+    gate = threading.Barrier(8)
+
+    def build():
+        builds.append(1)
+        time.sleep(0.05)  # widen the race window: the other threads must wait, not build again
+        return object()
+
+    def worker():
+        gate.wait()
+        return cache.get((4, 32), build)
+
+    with ThreadPoolExecutor(8) as pool:
+        results = [f.result() for f in [pool.submit(worker) for _ in range(8)]]
+    assert len(builds) == 1 and all(r is results[0] for r in results)
+    assert [k for k, _ in compiles] == [(4, 32)] and compiles[0][1] >= 0.05
+    assert hits == [(4, 32)] * 8
+    assert len(cache) == 1 and cache.keys() == [(4, 32)] and (4, 32) in cache
+
+    # A failing build caches nothing and records no compile; the next get builds again.
+    def broken():
+        raise RuntimeError("XLA said no")
+
+    with pytest.raises(RuntimeError, match="XLA said no"):
+        cache.get("bad", broken)
+    assert "bad" not in cache and len(compiles) == 1
+    assert cache.get("bad", lambda: "ok") == "ok" and [k for k, _ in compiles] == [(4, 32), "bad"]
+    # A build may fetch another key (a nested get on the same thread does not deadlock).
+    assert cache.get("outer", lambda: ("o", cache.get("inner", lambda: "i"))) == ("o", "i")
+    assert cache.keys() == [(4, 32), "bad", "inner", "outer"]

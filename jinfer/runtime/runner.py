@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -30,6 +29,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jinfer import compile as compile_lib
 from jinfer import kvcache, sampling
+from jinfer.buckets import smallest_bucket
 from jinfer.errors import (
     ConfigError,
     EmptyInputError,
@@ -111,7 +111,10 @@ class ModelRunner:
         self._logits = model.apply_fn("logits")
         self.dtype = config.cache_dtype or _params_dtype(params)
         self._replicated = NamedSharding(self.mesh, PartitionSpec())
-        self._executables: dict[tuple, Any] = {}
+        self._executables = compile_lib.ExecutableCache(
+            on_compile=lambda key, seconds: self.stats.record_compile(key, seconds),
+            on_hit=lambda key: self.stats.hit(key),
+        )
         cache_dims = (config.max_batch, config.max_len, mc.num_kv_heads, mc.head_dim, config.block)
         cache_shardings = (
             self.rules.sharding(self.mesh, kvcache.K_AXES, kvcache.k_shape(*cache_dims), name="kv_cache.k"),
@@ -142,14 +145,7 @@ class ModelRunner:
 
     # -- executables -------------------------------------------------------------------------
     def _executable(self, key: tuple, build: Callable[[], Any]) -> Any:
-        exe = self._executables.get(key)
-        if exe is None:
-            t0 = time.perf_counter()
-            exe = build()
-            self.stats.record_compile(key, time.perf_counter() - t0)
-            self._executables[key] = exe
-        self.stats.hit(key)
-        return exe
+        return self._executables.get(key, build)
 
     def _abstract_params(self) -> Any:
         return jax.tree.map(
@@ -393,7 +389,7 @@ class ModelRunner:
     def prefill(self, slot: int, piece: Sequence[int], start: int) -> jax.Array:
         """Prefills `piece` (at most prefill_block tokens) at positions start.. of `slot`'s row;
         returns the logits of its last token (f32[1, v])."""
-        bucket = next(b for b in self.config.prefill_buckets if b >= len(piece))
+        bucket = smallest_bucket(self.config.prefill_buckets, len(piece))
         tokens = np.zeros((1, bucket), np.int32)
         tokens[0, : len(piece)] = piece
         exe = self._prefill_exe(bucket, continuation=start > 0)
@@ -452,7 +448,7 @@ class ModelRunner:
         bad = [t for t in ids if not 0 <= int(t) < self.vocab_size]
         if bad:
             raise InvalidTokenError(f"token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
-        bucket = next(b for b in self.config.prefill_buckets if b >= n)
+        bucket = smallest_bucket(self.config.prefill_buckets, n)
         tokens = np.zeros((1, bucket), np.int32)
         tokens[0, :n] = ids
         out = np.asarray(self._score_exe(bucket)(self.params, tokens, np.int32(n)))[0]
