@@ -45,13 +45,13 @@ def test_second_process_reuses_traced_programs_and_survives_corrupt_ones(tmp_pat
     cache = tmp_path / "cache"
     cold = _run(model_dir, cache)
     programs = sorted((cache / "jinfer-exports").glob("*.jaxexport"))
-    # prefill x2 buckets, first token, slot copy, decode: each traced once and stored
-    assert cold["exports"] == len(programs) == 5
+    # prefill x2 buckets, first token, slot copy, decode, prefix-cache block save: each traced once
+    assert cold["exports"] == len(programs) == 6
     warm = _run(model_dir, cache)
     assert warm["exports"] == 0  # nothing traced: every program came from disk
-    assert warm["hits"] >= 5  # and every executable from the compilation cache
+    assert warm["hits"] >= 6  # and every executable from the compilation cache
     assert warm["tokens"] == cold["tokens"]
     for path in programs:  # a corrupt (e.g. truncated) program is traced again, never trusted
         path.write_bytes(path.read_bytes()[:100])
     again = _run(model_dir, cache)
-    assert again["tokens"] == cold["tokens"] and again["exports"] == 5
+    assert again["tokens"] == cold["tokens"] and again["exports"] == 6
