@@ -553,6 +553,14 @@ def run_decoder_layers(
     return x, (None if cache is None else KVCache(k=tuple(new_k), v=tuple(new_v)))
 
 
+def lm_head_logits(model: Any, hidden: jax.Array) -> jax.Array:
+    """Logits of a decoder whose output table is `model.embed` (transposed) when
+    `model.config.tie_word_embeddings`, else `model.lm_head` (Llama-style families)."""
+    if model.config.tie_word_embeddings:
+        return vocab_logits(hidden, model.embed.get_value(), tied=True)
+    return vocab_logits(hidden, model.lm_head.get_value(), tied=False)
+
+
 def vocab_logits(hidden: jax.Array, table: Weight, tied: bool) -> jax.Array:
     """hidden [..., d] -> float32 logits [..., v]; `table` is embed [v, d] if tied else lm_head [d, v]."""
     table = weights.astype(table, hidden.dtype)

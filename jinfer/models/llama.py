@@ -281,9 +281,7 @@ class Llama(nnx.Module):
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """hidden [..., d] (from __call__) -> float32 logits [..., vocab]."""
-        if self.config.tie_word_embeddings:
-            return L.vocab_logits(hidden, self.embed.get_value(), tied=True)
-        return L.vocab_logits(hidden, self.lm_head.get_value(), tied=False)
+        return L.lm_head_logits(self, hidden)
 
 
 def hf_param_map(config: LlamaConfig) -> L.HFParamMap:

@@ -359,9 +359,7 @@ class MoEDecoder(nnx.Module):
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """hidden [..., d] (from __call__) -> float32 logits [..., vocab]."""
-        if self.config.tie_word_embeddings:
-            return L.vocab_logits(hidden, self.embed[...], tied=True)
-        return L.vocab_logits(hidden, self.lm_head[...], tied=False)
+        return L.lm_head_logits(self, hidden)
 
 
 def hf_param_map(config: MoEConfig) -> L.HFParamMap:
