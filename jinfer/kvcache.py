@@ -123,7 +123,8 @@ def _write_index(positions: jax.Array, blocks: int, block: int) -> tuple[jax.Arr
 
 
 def write_keys(cache_k: jax.Array, new: jax.Array, positions: jax.Array) -> jax.Array:
-    """Writes new[b, t, k, h] into cache_k [n, b, k, h, l] at positions[b, t]; negative ones are dropped."""
+    """Writes new[b, t, k, h] into rows 0..b-1 of cache_k [n, c >= b, k, h, l] at positions[b, t];
+    negative positions are dropped."""
     blk, rows, off = _write_index(positions, cache_k.shape[0], cache_k.shape[-1])
     return cache_k.at[blk, rows, :, :, off].set(new.astype(cache_k.dtype), mode="drop")
 

@@ -53,6 +53,8 @@ class LLM:
         matmuls slower), or "auto" (out_major for one-slot engines on CPU, canonical otherwise).
       **engine_options: further GenerationConfig fields, e.g. `prefix_cache=False` (automatic
         prefix caching is on by default; outputs are bitwise identical either way),
+        `batch_invariant=True` (one decode shape: outputs bitwise independent of companions, see
+        the README's Reproducibility), `decode_buckets` (active-slot counts decode compiles for),
         `prefix_cache_blocks` (its block budget), `max_queue` (waiting requests before `submit`
         raises OverloadedError), `prefill_chunk`, `cache_block`.
 

@@ -1,6 +1,7 @@
 """Generation engine: correctness against recomputation, sharding, reproducibility, compile counts,
 bad input. Tiny random-weight Llama configs."""
 
+import dataclasses
 import random
 
 import jax
@@ -93,7 +94,8 @@ def test_seeds_reproducible_and_distinct(llm):
     assert a != c
 
 
-def test_bitwise_identical_alone_and_in_random_batches(llm):
+def test_bitwise_identical_alone_and_in_random_batches(model, params):
+    llm = LLM.from_params(model, params, config=dataclasses.replace(GEN, batch_invariant=True))
     target_prompt = [21, 22, 23, 24, 25, 26]
     target = SamplingParams(max_tokens=14, temperature=0.9, top_p=0.9, seed=7, logprobs=3)
     alone = llm.generate([target_prompt], target)[0]
@@ -153,10 +155,10 @@ def test_compile_count_bounded_and_zero_on_second_pass(model, params):
     ]
     with count_compiles() as first:
         outs = llm.generate(prompts, sps)
-    # prefill per bucket (3) + decode + first-token sampler + the prefix cache's block save (the
-    # 32-token prompts fill a block); plus a small constant (4) for host-side eager ops such as
-    # key derivation and cache creation.
-    executables = len(cfg.prefill_buckets) + 3
+    # prefill per bucket (3) + decode per decode bucket (1, 2, 4) + first-token sampler + the
+    # prefix cache's block save (the 32-token prompts fill a block); plus a small constant (4) for
+    # host-side eager ops such as key derivation and cache creation.
+    executables = len(cfg.prefill_buckets) + len(llm.engine.decode_buckets) + 2
     assert llm.stats.compiles <= executables
     assert first.count <= executables + 4, first.count
     assert all(len(o.token_ids) == s.max_tokens for o, s in zip(outs, sps, strict=True))
@@ -223,6 +225,7 @@ def test_bitwise_identical_next_to_long_companions(model, params):
         prefill_buckets=(8, 32, 256),
         decode_steps=4,
         cache_block=DECODE_BLOCK,
+        batch_invariant=True,
     )
     llm = LLM.from_params(model, params, config=cfg)
     target = ([5, 4, 3, 2, 1], SamplingParams(max_tokens=12, temperature=0.8, seed=11, logprobs=2))

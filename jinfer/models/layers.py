@@ -385,8 +385,9 @@ def blocked_decode_attention(
 ) -> jax.Array:
     """Attention of one query token per row over the blocked cache (see jinfer.kvcache).
 
-    q [b, 1, n, h], cache_k [nb, b, k, h, l], cache_v [nb, b, k, l, h], positions [b, 1] ->
-    [b, 1, n, h]. Loops over blocks 0 .. max(positions) // l only (a runtime trip count) with an
+    q [b, 1, n, h], cache_k [nb, c, k, h, l], cache_v [nb, c, k, l, h] with c >= b cache rows
+    (query row r attends to cache row r), positions [b, 1] -> [b, 1, n, h].
+    Loops over blocks 0 .. max(positions) // l only (a runtime trip count) with an
     online softmax. For a row, a block past its own position changes nothing, bit for bit: its
     scores are all masked, so the running max stays, the rescale factor is exp(0) = 1 and the
     added sums are exact zeros. So a row's result does not depend on how far its companions reach.
@@ -401,8 +402,10 @@ def blocked_decode_attention(
 
     def visit(i, carry):
         top, total, out = carry  # running max [b, k, g, 1], sum [b, k, g, 1], numerator [b, k, g, h]
-        keys = jax.lax.dynamic_index_in_dim(cache_k, i, 0, keepdims=False)
-        values = jax.lax.dynamic_index_in_dim(cache_v, i, 0, keepdims=False)
+        # The cache may hold more rows than there are queries (a decode bucket smaller than the
+        # slot count): query row r reads cache row r, the others are not read.
+        keys = jax.lax.dynamic_index_in_dim(cache_k, i, 0, keepdims=False)[:b]
+        values = jax.lax.dynamic_index_in_dim(cache_v, i, 0, keepdims=False)[:b]
         k_positions = jnp.broadcast_to(i * block + jnp.arange(block, dtype=positions.dtype), (b, block))
         mask = _attention_mask(positions, k_positions, sliding_window)[:, 0]
         scores = jnp.where(mask[:, None, None], soft_cap(_decode_scores(q32, keys), softcap), MASK_VALUE)

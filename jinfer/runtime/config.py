@@ -37,6 +37,14 @@ class GenerationConfig:
         saved).
       max_queue: requests that may wait for a slot before `LLM.submit` raises OverloadedError
         (None: unbounded). `generate()` calls are not bounded by it.
+      decode_buckets: active-slot counts the decode step is compiled for; each decode round runs
+        at the smallest one holding the live requests (kept in the lowest slots), so one request
+        alone on a many-slot engine decodes at one-slot speed. None = automatic: 1, 2, 4, ... and
+        max_batch (multiples of the data-parallel size on a mesh). max_batch is always included.
+      batch_invariant: one decode shape (max_batch rows) for every round, as in a fixed-shape
+        engine: a request's tokens and logprobs are then bitwise independent of how many requests
+        decode beside it (decode buckets run different matrix shapes, whose results may differ in
+        the last bits on XLA:CPU). Off by default: buckets are faster for few live requests.
     """
 
     max_batch: int = 8
@@ -51,6 +59,8 @@ class GenerationConfig:
     prefix_cache: bool = True
     prefix_cache_blocks: int | None = None
     max_queue: int | None = None
+    decode_buckets: tuple[int, ...] | None = None
+    batch_invariant: bool = False
 
     def __post_init__(self):
         buckets = tuple(sorted(set(int(b) for b in self.prefill_buckets)))
@@ -71,6 +81,13 @@ class GenerationConfig:
             raise ConfigError(f"prefix_block={self.prefix_block} must be one of the buckets {buckets}")
         if self.prefix_cache_blocks is not None and self.prefix_cache_blocks < 0:
             raise ConfigError(f"prefix_cache_blocks={self.prefix_cache_blocks} must be >= 0")
+        if self.decode_buckets is not None:
+            sizes = tuple(sorted(set(int(b) for b in self.decode_buckets) | {self.max_batch}))
+            if sizes[0] < 1 or sizes[-1] > self.max_batch:
+                raise ConfigError(
+                    f"decode_buckets {tuple(self.decode_buckets)} must lie in [1, max_batch={self.max_batch}]"
+                )
+            object.__setattr__(self, "decode_buckets", sizes)
         if self.max_queue is not None and self.max_queue < 0:
             raise ConfigError(f"max_queue={self.max_queue} must be >= 0 (or None: unbounded)")
 
@@ -107,6 +124,20 @@ class GenerationConfig:
             return self.prefix_cache_blocks
         positions = max(self.max_len, self.max_batch * self.max_len // 4)
         return -(-positions // self.prefill_block)
+
+    def decode_batch_buckets(self, multiple: int = 1) -> tuple[int, ...]:
+        """Active-slot counts decode is compiled for (see `decode_buckets`); automatic ones are
+        multiples of `multiple` (the mesh's data-parallel size, which the slot rows are split over)."""
+        if self.batch_invariant:
+            return (self.max_batch,)
+        if self.decode_buckets is not None:
+            return self.decode_buckets
+        sizes, b = {self.max_batch}, 1
+        while b < self.max_batch:
+            if b % multiple == 0:
+                sizes.add(b)
+            b *= 2
+        return tuple(sorted(sizes))
 
     @property
     def max_prompt_len(self) -> int:

@@ -41,6 +41,11 @@ class KVCacheManager:
         """n free slots (lowest first); the caller checked `free_slots >= n`."""
         return [self._free_slots.pop() for _ in range(n)]
 
+    def move_slot(self, src: int, dst: int) -> None:
+        """The request in slot `src` now lives in the free slot `dst` (its row was copied)."""
+        self._free_slots.remove(dst)
+        self.free_slot(src)
+
     def free_slot(self, slot: int) -> None:
         self._free_slots.append(slot)
         self._free_slots.sort(reverse=True)

@@ -5,8 +5,10 @@ compilations and makes outputs reproducible:
   - prefill runs one slot at a time (batch 1): a chunk of at most `prefill_block` prompt tokens
     at its bucket, written into that slot's row of the shared KV cache. A chunk that starts the
     sequence attends within the call; a later chunk attends to the row's cached prefix too;
-  - decode runs all `max_batch` slots together, `decode_steps` steps per host round trip, with one
-    compiled shape;
+  - decode runs the first `bucket` slots together, `decode_steps` steps per host round trip, at
+    a few compiled bucket sizes (`GenerationConfig.decode_batch_buckets`): the scheduler keeps the
+    live requests in the lowest slots and picks the smallest bucket that holds them, so a lone
+    request does not pay for idle slots (one bucket, max_batch, when `batch_invariant`);
   - the prefix-cache pool holds full prompt blocks; `save_block` / `load_block` copy one block
     between a slot's row and the pool, bit for bit;
   - the cache (and the pool) are donated to every executable that writes them: updated in place.
@@ -223,15 +225,21 @@ class ModelRunner:
         return self._executable(("first_token",), build)
 
     def _copy_slot_exe(self) -> Any:
-        def copy(cache, src, dst):
+        def copy(cache, src, dst, length):
+            # Only the blocks holding positions < length are copied (a runtime trip count): a row
+            # copy costs what the sequence holds, not max_len.
             def one(c):
-                row = jax.lax.dynamic_slice_in_dim(c, src, 1, axis=kvcache.BATCH_AXIS)
-                return jax.lax.dynamic_update_slice_in_dim(c, row, dst, axis=kvcache.BATCH_AXIS)
+                def block(i, c):
+                    piece = jax.lax.dynamic_slice(c, (i, src) + (0,) * (c.ndim - 2), (1, 1, *c.shape[2:]))
+                    return jax.lax.dynamic_update_slice(c, piece, (i, dst) + (0,) * (c.ndim - 2))
+
+                blocks = jnp.clip((length + self.config.block - 1) // self.config.block, 0, c.shape[0])
+                return jax.lax.fori_loop(0, blocks, block, c)
 
             return jax.tree.map(one, cache)
 
         def build():
-            args = (self._abstract_cache, self._scalar(), self._scalar())
+            args = (self._abstract_cache, self._scalar(), self._scalar(), self._scalar())
             return self._lower(
                 "copy_slot", copy, args, donate_argnums=(0,), out_shardings=self._cache_shardings()
             ).compile()
@@ -290,7 +298,24 @@ class ModelRunner:
 
         return self._executable(("load_block",), build)
 
-    def _decode_exe(self) -> Any:
+    @property
+    def decode_buckets(self) -> tuple[int, ...]:
+        """Active-slot counts decode is compiled for (multiples of the mesh axis the slots are
+        split over, when automatic)."""
+        return self.config.decode_batch_buckets(self._batch_shards())
+
+    def _batch_shards(self) -> int:
+        spec = self._abstract_cache.k[0].sharding.spec
+        axes = spec[kvcache.BATCH_AXIS] if len(spec) > kvcache.BATCH_AXIS else None
+        axes = (axes,) if isinstance(axes, str) else axes or ()
+        shards = 1
+        for a in axes:
+            shards *= self.mesh.shape[a]
+        return shards
+
+    def _decode_exe(self, bucket: int | None = None) -> Any:
+        """Decode of cache rows 0 .. bucket - 1 (default: every slot)."""
+        bucket = bucket or self.config.max_batch
         steps, n = self.config.decode_steps, self.config.max_logprobs
 
         def step(params, cache, state: DecodeState):
@@ -323,11 +348,9 @@ class ModelRunner:
             return cache, state, jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), outs)
 
         def build():
-            abstract_state = jax.tree.map(
-                lambda x: self._spec(x.shape, x.dtype), DecodeState.empty(self.config.max_batch)
-            )
+            abstract_state = jax.tree.map(lambda x: self._spec(x.shape, x.dtype), DecodeState.empty(bucket))
             lowered = self._lower(
-                "decode",
+                f"decode{bucket}",
                 decode,
                 (self._abstract_params(), self._abstract_cache, abstract_state),
                 donate_argnums=(1,),
@@ -335,7 +358,7 @@ class ModelRunner:
             )
             return _compile(lowered, self._decode_compiler_options())
 
-        return self._executable(("decode",), build)
+        return self._executable(("decode", bucket), build)
 
     def _decode_compiler_options(self) -> dict[str, Any] | None:
         """XLA options for the decode executable.
@@ -377,7 +400,8 @@ class ModelRunner:
                 self._score_exe(b)
         self._first_token_exe()
         self._copy_slot_exe()
-        self._decode_exe()
+        for bucket in self.decode_buckets:
+            self._decode_exe(bucket)
         if self.config.cache_budget_blocks:
             self._ensure_pool()  # warm-up allocates everything a request may need
             self._save_block_exe()
@@ -404,8 +428,10 @@ class ModelRunner:
         outs = self._first_token_exe()(logits, sampler, np.array([position], np.int32))
         return tuple(np.asarray(x) for x in outs)
 
-    def copy_slot(self, src: int, dst: int) -> None:
-        self.cache = self._copy_slot_exe()(self.cache, np.int32(src), np.int32(dst))
+    def copy_slot(self, src: int, dst: int, length: int | None = None) -> None:
+        """Copies positions 0 .. length - 1 (default: all) of `src`'s cache row into `dst`'s."""
+        length = self.config.max_len if length is None else length
+        self.cache = self._copy_slot_exe()(self.cache, np.int32(src), np.int32(dst), np.int32(length))
 
     def _ensure_pool(self) -> None:
         if self.pool is None:
@@ -427,10 +453,13 @@ class ModelRunner:
             self.cache, self.pool, np.int32(slot), np.int32(start), np.int32(index)
         )
 
-    def decode(self, state: DecodeState) -> tuple[DecodeState, tuple[np.ndarray, ...]]:
-        """Runs decode_steps steps on every slot; returns the new state and (tokens [b, j] (-1 where
-        inactive), logprob [b, j], top ids [b, j, n], top logprobs [b, j, n]) on the host."""
-        self.cache, new_state, outs = self._decode_exe()(self.params, self.cache, state)
+    def decode(
+        self, state: DecodeState, bucket: int | None = None
+    ) -> tuple[DecodeState, tuple[np.ndarray, ...]]:
+        """Runs decode_steps steps on slots 0 .. bucket - 1 (`state` holds those rows; default:
+        every slot); returns their new state and (tokens [b, j] (-1 where inactive), logprob
+        [b, j], top ids [b, j, n], top logprobs [b, j, n]) on the host."""
+        self.cache, new_state, outs = self._decode_exe(bucket)(self.params, self.cache, state)
         return jax.tree.map(np.array, new_state), tuple(np.asarray(x) for x in outs)
 
     def score(self, ids: Sequence[int], start: int) -> np.ndarray:

@@ -16,11 +16,15 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import jax
+
 from jinfer import sampling
+from jinfer.buckets import smallest_bucket
 from jinfer.runtime.kv_cache import KVCacheManager
 from jinfer.runtime.runner import DecodeState, ModelRunner
 from jinfer.runtime.stats import GenerationStats
@@ -95,6 +99,7 @@ class Scheduler:
         self.stats = stats
         self.tokenizer = tokenizer
         b = runner.config.max_batch
+        self.buckets = runner.decode_buckets
         self.state = DecodeState.empty(b)
         self.slots: list[tuple[_RequestState, _Sample] | None] = [None] * b
         self.waiting: deque[_RequestState] = deque()
@@ -153,6 +158,7 @@ class Scheduler:
             self.waiting = deque(st for st in self.waiting if not st.done)
         out = self._admit(out, flush)
         if any(s is not None for s in self.slots):
+            self._compact()
             self._decode_round(out)
         return out
 
@@ -212,7 +218,7 @@ class Scheduler:
         pos = len(req.prompt_ids)
         for k, sample in enumerate(st.samples):
             if k > 0:
-                self.runner.copy_slot(slots[0], sample.slot)
+                self.runner.copy_slot(slots[0], sample.slot, pos)
             sampler = SamplerState.from_params([req.params], [sampling.request_key(req.seed, k)])
             token, lp, top_ids, top_lp = self.runner.first_token(logits, sampler, pos)
             token = int(token[0])
@@ -231,12 +237,38 @@ class Scheduler:
         for name in ("temperature", "top_k", "top_p", "min_p", "key"):
             getattr(st.sampler, name)[slot] = getattr(sampler, name)[0]
 
+    def _compact(self) -> None:
+        """Moves the requests in the highest slots into free lower ones, so that the live rows are
+        0 .. live - 1 and decode runs at the smallest bucket (a no-op with one decode bucket)."""
+        if len(self.buckets) == 1:
+            return
+        while True:
+            free = next((i for i, e in enumerate(self.slots) if e is None), None)
+            last = max((i for i, e in enumerate(self.slots) if e is not None), default=-1)
+            if free is None or last < free:
+                return
+            self.runner.copy_slot(last, free, int(self.state.positions[last]) + 1)
+            for a in jax.tree.leaves(self.state):
+                a[free] = a[last]
+            self.state.active[last] = False
+            entry = self.slots[free] = self.slots[last]
+            self.slots[last] = None
+            entry[1].slot = free
+            self.kv.move_slot(last, free)
+            self.stats.slot_moves += 1
+
     def _decode_round(self, out: list) -> None:
-        new_state, (tokens, lps, top_ids, top_lps) = self.runner.decode(self.state)
+        live = max(i for i, e in enumerate(self.slots) if e is not None) + 1
+        bucket = smallest_bucket(self.buckets, live)
+        rows = jax.tree.map(lambda a: a[:bucket], self.state)
+        t0 = time.perf_counter()
+        new_state, (tokens, lps, top_ids, top_lps) = self.runner.decode(rows, bucket)
+        t1 = time.perf_counter()
+        self.stats.record_decode_bucket(bucket, live)
         # Host state stays authoritative; only these fields change on device.
-        self.state.tokens, self.state.positions = new_state.tokens, new_state.positions
-        self.state.active, self.state.remaining = new_state.active, new_state.remaining
-        for slot, entry in enumerate(self.slots):
+        for name in ("tokens", "positions", "active", "remaining"):
+            getattr(self.state, name)[:bucket] = getattr(new_state, name)
+        for slot, entry in enumerate(self.slots[:bucket]):
             if entry is None:
                 continue
             st, sample = entry
@@ -251,6 +283,7 @@ class Scheduler:
                 )
             except Exception as e:  # e.g. detokenization: this request fails, the others go on
                 self._fail(st, e, out)
+        self.stats.record_decode_time(t1 - t0, time.perf_counter() - t1)
 
     # -- outputs -----------------------------------------------------------------------------------
     def _emit(self, st, sample: _Sample, tokens: list[int], lp, top_ids, top_lp, finish, out: list) -> None:

@@ -27,6 +27,12 @@ class GenerationStats:
     requests_finished: int = 0
     requests_aborted: int = 0
     requests_failed: int = 0
+    decode_rounds: dict[int, int] = dataclasses.field(default_factory=dict)  # per decode bucket
+    decode_rows_live: int = 0
+    decode_rows_computed: int = 0
+    slot_moves: int = 0
+    decode_device_seconds: float = 0.0
+    decode_host_seconds: float = 0.0
     gauges: Callable[[], dict[str, int]] | None = None
 
     def record_compile(self, key: tuple, seconds: float) -> None:
@@ -42,6 +48,17 @@ class GenerationStats:
     def record_prompt(self, computed: int, cached: int) -> None:
         self.prompt_tokens_computed += computed
         self.prompt_tokens_cached += cached
+
+    def record_decode_bucket(self, bucket: int, live: int) -> None:
+        self.decode_rounds[bucket] = self.decode_rounds.get(bucket, 0) + 1
+        self.decode_rows_live += live
+        self.decode_rows_computed += bucket
+
+    def record_decode_time(self, device: float, host: float) -> None:
+        """Seconds of one decode round: waiting for the device program, and host work around it
+        (state updates, logprob dicts, detokenization, stop strings, handing deltas over)."""
+        self.decode_device_seconds += device
+        self.decode_host_seconds += host
 
     @property
     def compiles(self) -> int:
@@ -76,6 +93,15 @@ class GenerationStats:
             "requests_finished": self.requests_finished,
             "requests_aborted": self.requests_aborted,
             "requests_failed": self.requests_failed,
+            "decode_rounds_per_bucket": dict(sorted(self.decode_rounds.items())),
+            "decode_row_occupancy": round(self.decode_rows_live / max(1, self.decode_rows_computed), 4),
+            "slot_moves": self.slot_moves,
+            "decode_host_ms_per_round": round(
+                1e3 * self.decode_host_seconds / max(1, sum(self.decode_rounds.values())), 3
+            ),
+            "decode_host_fraction": round(
+                self.decode_host_seconds / max(1e-9, self.decode_host_seconds + self.decode_device_seconds), 4
+            ),
             "executables": {"/".join(map(str, k)): v for k, v in self.hits.items()},
         }
         if self.gauges is not None:

@@ -1,0 +1,154 @@
+"""Decode-batch buckets: decode runs at the smallest compiled active-slot count that holds the live
+requests (kept in the lowest slots), with the same tokens as the one-shape engine
+(`batch_invariant=True`). Tiny random-weight Llama."""
+
+import dataclasses
+import random
+
+import numpy as np
+import pytest
+
+from jinfer.compile import count_compiles
+from jinfer.errors import ConfigError
+from jinfer.generate import GenerationConfig
+from jinfer.llm import LLM
+from jinfer.modeling import FlaxModel
+from jinfer.sampling import SamplingParams
+from jinfer.sharding import make_mesh
+from jinfer.testing import perturbed_params, tiny_llama_config
+
+CFG = tiny_llama_config(256, max_position_embeddings=256)
+GEN = GenerationConfig(max_batch=8, max_len=96, prefill_buckets=(8, 16, 32), decode_steps=3, max_logprobs=2)
+# Greedy tokens must match the one-shape engine exactly; logprobs may differ in the last bits
+# (other matrix shapes sum in another order on XLA:CPU): this is the tolerance we state.
+LOGPROB_ATOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def model():
+    return FlaxModel.from_name("Llama", CFG)
+
+
+@pytest.fixture(scope="module")
+def params(model):
+    return perturbed_params(model)
+
+
+@pytest.fixture(scope="module")
+def bucketed(model, params):
+    llm = LLM.from_params(model, params, config=GEN)
+    yield llm
+    llm.close()
+
+
+@pytest.fixture(scope="module")
+def one_shape(model, params):
+    llm = LLM.from_params(model, params, config=dataclasses.replace(GEN, batch_invariant=True))
+    yield llm
+    llm.close()
+
+
+def _workload(seed, count, greedy=True):
+    rng = random.Random(seed)
+    prompts, sps = [], []
+    for i in range(count):
+        prompts.append([rng.randrange(256) for _ in range(rng.randint(1, 32))])
+        sps.append(
+            SamplingParams(
+                max_tokens=rng.randint(1, 30),
+                temperature=0.0 if greedy else 0.9,
+                seed=i,
+                logprobs=1,
+                n=rng.choice([1, 1, 1, 2]),
+                stop_token_ids=rng.choice([(), (rng.randrange(256),)]),
+            )
+        )
+    return prompts, sps
+
+
+def _assert_close(a, b):
+    for x, y in zip(a, b, strict=True):
+        for sa, sb in zip(x.outputs, y.outputs, strict=True):
+            assert sa.token_ids == sb.token_ids
+            assert sa.finish_reason == sb.finish_reason
+            for da, db in zip(sa.logprobs, sb.logprobs, strict=True):
+                assert da.keys() == db.keys()
+                np.testing.assert_allclose(list(da.values()), list(db.values()), atol=LOGPROB_ATOL)
+
+
+def test_buckets_are_powers_of_two_and_the_slot_count():
+    assert GEN.decode_batch_buckets() == (1, 2, 4, 8)
+    assert dataclasses.replace(GEN, max_batch=6).decode_batch_buckets() == (1, 2, 4, 6)
+    assert GEN.decode_batch_buckets(multiple=2) == (2, 4, 8)
+    assert dataclasses.replace(GEN, batch_invariant=True).decode_batch_buckets() == (8,)
+    assert dataclasses.replace(GEN, decode_buckets=(3, 1)).decode_batch_buckets() == (1, 3, 8)
+    with pytest.raises(ConfigError, match="decode_buckets"):
+        dataclasses.replace(GEN, decode_buckets=(16,))
+
+
+def test_same_tokens_as_one_shape_engine(bucketed, one_shape):
+    """Mixed lengths, n=2, stop tokens: requests finish at different rounds, the survivors move to
+    lower slots and decode at smaller buckets; tokens equal the one-shape engine's."""
+    prompts, sps = _workload(0, 12)
+    prompts.append([3, 1, 4])  # a long one: decodes alone (bucket 1) at the end
+    sps.append(SamplingParams(max_tokens=90, temperature=0.0, logprobs=1))
+    before = bucketed.stats.summary()
+    _assert_close(bucketed.generate(prompts, sps), one_shape.generate(prompts, sps))
+    after = bucketed.stats.summary()
+    rounds = after["decode_rounds_per_bucket"]
+    assert {1, 8} <= set(rounds), rounds  # the tail of the run decodes at small buckets
+    assert after["slot_moves"] > before["slot_moves"]
+    assert one_shape.stats.summary()["decode_rounds_per_bucket"].keys() == {8}
+    assert one_shape.stats.summary()["slot_moves"] == 0
+
+
+def test_sampled_requests_reproducible_alone(bucketed, one_shape):
+    """A sampled request alone runs at bucket 1 every time: the same tokens on every call."""
+    prompt, sp = [5, 6, 7, 8], SamplingParams(max_tokens=20, temperature=1.0, seed=9, logprobs=1)
+    first = bucketed.generate([prompt], sp)[0]
+    rounds = dict(bucketed.stats.summary()["decode_rounds_per_bucket"])
+    again = bucketed.generate([prompt], sp)[0]
+    assert again.outputs[0].token_ids == first.outputs[0].token_ids
+    assert again.outputs[0].logprobs == first.outputs[0].logprobs
+    new = bucketed.stats.summary()["decode_rounds_per_bucket"]
+    assert new[1] > rounds.get(1, 0) and {k: v for k, v in new.items() if k != 1} == {
+        k: v for k, v in rounds.items() if k != 1
+    }
+    _assert_close([first], one_shape.generate([prompt], sp))
+
+
+def test_lone_request_decodes_in_bucket_one_after_others_leave(bucketed):
+    """A long request admitted last (highest slot) moves to slot 0 when the short ones finish."""
+    short = SamplingParams(max_tokens=2, temperature=0.0)
+    long = SamplingParams(max_tokens=40, temperature=0.0)
+    before = bucketed.stats.summary()
+    outs = bucketed.generate([[1, 2, 3]] * 5 + [[9, 8, 7]], [short] * 5 + [long])
+    assert [len(o.outputs[0].token_ids) for o in outs] == [2] * 5 + [40]
+    after = bucketed.stats.summary()
+    assert after["slot_moves"] > before["slot_moves"]
+    assert after["decode_rounds_per_bucket"][1] - before["decode_rounds_per_bucket"].get(1, 0) >= 10
+    assert outs[-1].outputs[0].token_ids == bucketed.generate([[9, 8, 7]], long)[0].outputs[0].token_ids
+
+
+def test_compile_bound_and_zero_after_warmup(model, params):
+    llm = LLM.from_params(model, params, config=GEN)
+    compiled = llm.warmup()
+    assert {k[1] for k in compiled if k[0] == "decode"} == set(GEN.decode_batch_buckets())
+    assert len(compiled) <= len(GEN.prefill_chunk_buckets) + len(GEN.decode_batch_buckets()) + 3
+    prompts, sps = _workload(1, 40, greedy=False)
+    with count_compiles() as c:
+        outs = llm.generate(prompts, sps)
+    assert c.count == 0
+    assert all(len(o.outputs) == s.n for o, s in zip(outs, sps, strict=True))
+    llm.close()
+
+
+def test_buckets_on_a_data_parallel_mesh(model, params, one_shape):
+    """Slots split over data=2: automatic buckets are multiples of 2; tokens unchanged."""
+    mesh = make_mesh("data=2,model=4")
+    llm = LLM.from_params(model, params, config=GEN, mesh=mesh)
+    assert llm.engine.decode_buckets == (2, 4, 8)
+    prompts, sps = _workload(2, 10)
+    _assert_close(llm.generate(prompts, sps), one_shape.generate(prompts, sps))
+    assert set(llm.stats.summary()["decode_rounds_per_bucket"]) <= {2, 4, 8}
+    llm.close()
