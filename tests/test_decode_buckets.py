@@ -18,7 +18,14 @@ from jinfer.sharding import make_mesh
 from jinfer.testing import perturbed_params, tiny_llama_config
 
 CFG = tiny_llama_config(256, max_position_embeddings=256)
-GEN = GenerationConfig(max_batch=8, max_len=96, prefill_buckets=(8, 16, 32), decode_steps=3, max_logprobs=2)
+GEN = GenerationConfig(
+    max_batch=8,
+    max_len=96,
+    prefill_buckets=(8, 16, 32),
+    decode_steps=3,
+    max_logprobs=2,
+    decode_buckets=(1, 2, 4, 8),
+)
 # Greedy tokens must match the one-shape engine exactly; logprobs may differ in the last bits
 # (other matrix shapes sum in another order on XLA:CPU): this is the tolerance we state.
 LOGPROB_ATOL = 1e-5
@@ -76,10 +83,16 @@ def _assert_close(a, b):
                 np.testing.assert_allclose(list(da.values()), list(db.values()), atol=LOGPROB_ATOL)
 
 
-def test_buckets_are_powers_of_two_and_the_slot_count():
-    assert GEN.decode_batch_buckets() == (1, 2, 4, 8)
-    assert dataclasses.replace(GEN, max_batch=6).decode_batch_buckets() == (1, 2, 4, 6)
-    assert GEN.decode_batch_buckets(multiple=2) == (2, 4, 8)
+def test_automatic_buckets():
+    assert GEN.decode_batch_buckets() == (1, 2, 4, 8)  # GEN sets them: the tests exercise more moves
+    auto = dataclasses.replace(GEN, decode_buckets=None)
+    assert auto.decode_batch_buckets() == (1, 8)
+    assert dataclasses.replace(auto, max_batch=64).decode_batch_buckets() == (1, 8, 16, 32, 64)
+    assert dataclasses.replace(auto, max_batch=48).decode_batch_buckets() == (1, 8, 16, 32, 48)
+    assert dataclasses.replace(auto, max_batch=6).decode_batch_buckets() == (1, 6)
+    assert dataclasses.replace(auto, max_batch=1).decode_batch_buckets() == (1,)
+    assert dataclasses.replace(auto, max_batch=64).decode_batch_buckets(multiple=2) == (2, 8, 16, 32, 64)
+    assert dataclasses.replace(auto, max_batch=64).decode_batch_buckets(multiple=16) == (16, 32, 64)
     assert dataclasses.replace(GEN, batch_invariant=True).decode_batch_buckets() == (8,)
     assert dataclasses.replace(GEN, decode_buckets=(3, 1)).decode_batch_buckets() == (1, 3, 8)
     with pytest.raises(ConfigError, match="decode_buckets"):
@@ -146,9 +159,9 @@ def test_compile_bound_and_zero_after_warmup(model, params):
 def test_buckets_on_a_data_parallel_mesh(model, params, one_shape):
     """Slots split over data=2: automatic buckets are multiples of 2; tokens unchanged."""
     mesh = make_mesh("data=2,model=4")
-    llm = LLM.from_params(model, params, config=GEN, mesh=mesh)
-    assert llm.engine.decode_buckets == (2, 4, 8)
+    llm = LLM.from_params(model, params, config=dataclasses.replace(GEN, decode_buckets=None), mesh=mesh)
+    assert llm.engine.decode_buckets == (2, 8)
     prompts, sps = _workload(2, 10)
     _assert_close(llm.generate(prompts, sps), one_shape.generate(prompts, sps))
-    assert set(llm.stats.summary()["decode_rounds_per_bucket"]) <= {2, 4, 8}
+    assert set(llm.stats.summary()["decode_rounds_per_bucket"]) == {2, 8}
     llm.close()
