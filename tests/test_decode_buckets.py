@@ -32,27 +32,25 @@ LOGPROB_ATOL = 1e-5
 
 
 @pytest.fixture(scope="module")
-def model():
-    return FlaxModel.from_name("Llama", CFG)
+def weights():
+    model = FlaxModel.from_name("Llama", CFG)
+    return model, perturbed_params(model)
+
+
+def _llm(weights, **changes):
+    return LLM.from_params(*weights, config=dataclasses.replace(GEN, **changes))
 
 
 @pytest.fixture(scope="module")
-def params(model):
-    return perturbed_params(model)
+def bucketed(weights):
+    with _llm(weights) as llm:
+        yield llm
 
 
 @pytest.fixture(scope="module")
-def bucketed(model, params):
-    llm = LLM.from_params(model, params, config=GEN)
-    yield llm
-    llm.close()
-
-
-@pytest.fixture(scope="module")
-def one_shape(model, params):
-    llm = LLM.from_params(model, params, config=dataclasses.replace(GEN, batch_invariant=True))
-    yield llm
-    llm.close()
+def one_shape(weights):
+    with _llm(weights, batch_invariant=True) as llm:
+        yield llm
 
 
 def _workload(seed, count, greedy=True):
@@ -143,8 +141,8 @@ def test_lone_request_decodes_in_bucket_one_after_others_leave(bucketed):
     assert outs[-1].outputs[0].token_ids == bucketed.generate([[9, 8, 7]], long)[0].outputs[0].token_ids
 
 
-def test_compile_bound_and_zero_after_warmup(model, params):
-    llm = LLM.from_params(model, params, config=GEN)
+def test_compile_bound_and_zero_after_warmup(weights):
+    llm = _llm(weights)
     compiled = llm.warmup()
     assert {k[1] for k in compiled if k[0] == "decode"} == set(GEN.decode_batch_buckets())
     assert len(compiled) <= len(GEN.prefill_chunk_buckets) + len(GEN.decode_batch_buckets()) + 3
@@ -156,10 +154,11 @@ def test_compile_bound_and_zero_after_warmup(model, params):
     llm.close()
 
 
-def test_buckets_on_a_data_parallel_mesh(model, params, one_shape):
+def test_buckets_on_a_data_parallel_mesh(weights, one_shape):
     """Slots split over data=2: automatic buckets are multiples of 2; tokens unchanged."""
-    mesh = make_mesh("data=2,model=4")
-    llm = LLM.from_params(model, params, config=dataclasses.replace(GEN, decode_buckets=None), mesh=mesh)
+    llm = LLM.from_params(
+        *weights, config=dataclasses.replace(GEN, decode_buckets=None), mesh=make_mesh("data=2,model=4")
+    )
     assert llm.engine.decode_buckets == (2, 8)
     prompts, sps = _workload(2, 10)
     _assert_close(llm.generate(prompts, sps), one_shape.generate(prompts, sps))
