@@ -28,6 +28,7 @@ class GenerationStats:
     requests_aborted: int = 0
     requests_failed: int = 0
     gauges: Callable[[], dict[str, int]] | None = None
+    choices: Any = None  # the engine's jinfer.defaults.EngineChoices (what was chosen and why)
 
     def record_compile(self, key: tuple, seconds: float) -> None:
         self.compile_seconds[key] = seconds
@@ -80,4 +81,6 @@ class GenerationStats:
         }
         if self.gauges is not None:
             out.update(self.gauges())
+        if self.choices is not None:
+            out["engine"] = self.choices.as_dict()
         return out
