@@ -31,7 +31,7 @@ max_len and max_batch together, when neither is given:
   take 90 MiB per slot, 22 slots fit 2 GiB (< 32), so max_len 1,024 (45 MiB per slot): 32 slots.
   In bfloat16 on a GPU with 100 GiB free: max_len 4,096, 128 slots.
 
-max_len alone (max_batch given): the context length capped at `MAX_LEN_CAP` (2,048) and by the KV
+max_len alone (max_batch given): the context length capped at `LEN_CAP` (as above) and by the KV
 budget / max_batch, rounded down to a power of two when a cap binds, never below min(context, 256)
 (so a default never raises). max_batch alone (max_len given): step 2 for that max_len.
 
@@ -53,11 +53,10 @@ from typing import Any
 GiB = 2**30
 MiB = 2**20
 CPU_KV_BUDGET_BYTES = 2 * GiB
-KV_CACHE_BUDGET_BYTES = CPU_KV_BUDGET_BYTES  # the CPU budget (name kept for callers)
 ACCELERATOR_KV_FRACTION = 0.5
 ACCELERATORS = ("tpu", "gpu", "cuda", "rocm")
-MAX_LEN_CAP = 2048
 LEN_CAP = {"cpu": 2048, "accelerator": 4096}
+MAX_LEN_CAP = LEN_CAP["cpu"]
 MAX_SLOTS = {"cpu": 64, "accelerator": 128}
 PREFERRED_SLOTS = 32
 MIN_SHORTENED_LEN = 1024
@@ -108,7 +107,7 @@ class EngineChoices:
 
 
 def backend_kind(backend: str) -> str:
-    """ "accelerator" for TPU/GPU platform names, "cpu" for anything else."""
+    """Returns "accelerator" for TPU/GPU platform names, "cpu" for anything else."""
     return "accelerator" if str(backend).lower() in ACCELERATORS else "cpu"
 
 
@@ -215,13 +214,17 @@ def default_shape(config: Any, cache_bytes: int, budget: int, backend: str = "cp
 
 
 def default_max_len(
-    config: Any, max_batch: int, cache_bytes: int = 4, budget: int = CPU_KV_BUDGET_BYTES
+    config: Any,
+    max_batch: int,
+    cache_bytes: int = 4,
+    budget: int = CPU_KV_BUDGET_BYTES,
+    len_cap: int = MAX_LEN_CAP,
 ) -> int:
     """Tokens per slot when the caller gives max_batch but no max_len (see the module docstring)."""
     context = model_context_length(config)
     per_token = _per_token(config, cache_bytes)
-    fit = budget // max(1, per_token * max(1, max_batch)) if per_token else MAX_LEN_CAP
-    cap = min(MAX_LEN_CAP, fit)
+    fit = budget // max(1, per_token * max(1, max_batch)) if per_token else len_cap
+    cap = min(len_cap, fit)
     if context is not None and context <= cap:
         return max(2, context)
     cap = _pow2_floor(max(2, cap))
@@ -303,10 +306,11 @@ def engine_shape(
         n, why = default_max_batch(config, max_len, itemsize, budget, backend)
         slots, length = Choice(n, f"{why} (budget: {where})"), Choice(max_len, "given (max_len=)")
     elif max_len is None:
-        n = default_max_len(config, max_batch, itemsize, budget)
+        cap = LEN_CAP[backend_kind(backend)]
+        n = default_max_len(config, max_batch, itemsize, budget, cap)
         slots = Choice(max_batch, given)
         length = Choice(
-            n, f"the model's context within KV budget {_size(budget)} / {max_batch} slots, cap {MAX_LEN_CAP}"
+            n, f"the model's context within KV budget {_size(budget)} / {max_batch} slots, cap {cap}"
         )
     else:
         slots, length = Choice(max_batch, given), Choice(max_len, "given (max_len=)")

@@ -22,9 +22,9 @@ other argument and one plain `generate()` call per timed run (`llm.engine_choice
            set, then 3 other prompt sets (the prefix cache cannot replay a timed set). Peers:
            HF generate() in batches of 16, llama.cpp one prompt at a time, same sets.
   offline  `jinfer run-batch --input IN --output OUT` (default flags; greedy and max_tokens per
-           line) as a subprocess over 256 prompts, 3 runs with one fresh compilation cache dir
-           (the first cold); process wall and the run's own output tokens/s. Peers: the offline
-           workers above on the same prompts.
+           line) as a subprocess over 256 prompts, 1 + 3 runs sharing one fresh compilation
+           cache dir (the first, cold, is reported apart); medians of the process wall and of the
+           run's own output tokens/s. Peers: the offline workers above on the same prompts.
   cli      the cold/warm CLI workload above.
 Compilations after warm-up (`llm.warmup()` and one untimed generate()) are reported for every
 jinfer row (run-batch: the compile seconds its summary prints for the warm-cache runs).
@@ -501,7 +501,9 @@ def importable(system: str) -> str | None:
     """None when the system can run in this interpreter, else why not."""
     import importlib.util
 
-    need = {"hf": ("torch", "transformers", "gguf"), "llama.cpp": ("llama_cpp",)}.get(system, ("jax",))
+    need = {"hf": ("torch", "transformers", "gguf", "accelerate"), "llama.cpp": ("llama_cpp",)}.get(
+        system, ("jax",)
+    )
     missing = [m for m in need if importlib.util.find_spec(m) is None]
     return f"not importable: {', '.join(missing)}" if missing else None
 
