@@ -84,8 +84,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     prompts = args.prompt or [line.rstrip("\n") for line in sys.stdin if line.strip()]
     if not prompts:
         raise ConfigError("no prompt: give PROMPT arguments, or one prompt per line on stdin")
-    # Decode runs every slot each step: one prompt needs one slot.
-    max_batch = args.max_batch or max(1, min(8, len(prompts)))
+    from jinfer.defaults import cli_max_batch
+
+    max_batch = args.max_batch or cli_max_batch(len(prompts))
     llm = LLM(
         args.model,
         mesh=args.mesh,
@@ -94,6 +95,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         max_len=args.max_len,
         quantize=args.quantize,
     )
+    if args.verbose:
+        _print_engine_choices(llm, None if args.max_batch else max_batch, len(prompts))
     defaults = llm.default_params()
     overrides = (
         {"max_tokens": 128, **_sampling_overrides(args)}
@@ -128,6 +131,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
         sys.stdout.flush()
     sys.stdout.write("\n")
     return 0
+
+
+def _print_engine_choices(llm, cli_slots: int | None, n_prompts: int) -> None:
+    """`generate --verbose`: what the engine was built with and why, on stderr."""
+    for line in llm.engine_choices.lines():
+        if cli_slots is not None and line.startswith("max_batch="):
+            line = f"max_batch={cli_slots}: jinfer generate's {n_prompts} prompt(s) need no more slots"
+        print(f"jinfer: {line}", file=sys.stderr)
 
 
 def _jsonable_logprobs(logprobs):
@@ -251,7 +262,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--raw", action="store_true", help="do not apply the chat template")
     p.add_argument("--json", action="store_true", help="print one JSON object per output, with token ids")
     p.add_argument(
-        "--max-batch", type=int_at_least(1), default=None, help="decode slots (default: prompts, at most 8)"
+        "--max-batch",
+        type=int_at_least(1),
+        default=None,
+        help="decode slots (default: the prompts' count rounded up to a power of two when <= 8, "
+        "else what the KV-cache budget holds)",
+    )
+    p.add_argument(
+        "--verbose", action="store_true", help="print the engine's dtype, slots, buckets, layout and why"
     )
     p.add_argument(
         "--max-len",

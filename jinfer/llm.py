@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
 from jax.sharding import Mesh
 
@@ -40,11 +41,14 @@ class LLM:
       model: a jinfer model directory, a known model name (see `jinfer.hub`), or a Hugging Face
         model id ("org/name[@revision]"), fetched with huggingface_hub and converted once.
       mesh: a Mesh, a spec such as "data=2,model=4", or None (one device).
-      dtype: parameter dtype on restore ("float32", "bfloat16"); None keeps the saved dtype.
-      max_batch: decode slots. max_len: tokens per slot (prompt + generation); None: the
-        model's context length within a KV-cache budget (see `jinfer.defaults`).
+      dtype: parameter dtype on restore ("float32", "bfloat16"); None: bfloat16 on TPU/GPU, the
+        saved dtype on CPU.
+      max_batch: decode slots; None: as many as a KV-cache memory budget holds (a power of two,
+        at most 64 on CPU / 128 on TPU/GPU). max_len: tokens per slot (prompt + generation);
+        None: the model's context length within that budget. See `jinfer.defaults` for the rule;
+        `llm.engine_choices` records what was chosen and why.
       buckets: prompt-length buckets compiled for prefill (default: 16, 32, ... up to
-        min(max_len, 512)).
+        min(max_len, 512) on CPU; 128, 256, 512, 1024 on TPU/GPU).
       decode_steps: decode steps per host round trip.
       quantize: "int8" quantizes a float checkpoint's weights at load time (weight-only,
         per-channel; see `jinfer.quant`). Checkpoints converted with `--quantize int8` load as is.
@@ -67,7 +71,7 @@ class LLM:
         model: str | Path,
         mesh: Mesh | str | None = None,
         dtype: str | None = None,
-        max_batch: int = 8,
+        max_batch: int | None = None,
         max_len: int | None = None,
         buckets: Sequence[int] | None = None,
         decode_steps: int = 8,
@@ -80,16 +84,24 @@ class LLM:
         from jinfer.memory import plan_llm_memory
 
         mesh = make_mesh(mesh) if isinstance(mesh, str) else mesh
-        gen_config = None
+        backend = defaults.backend_of(mesh)
+        dtype, dtype_reason = defaults.default_dtype(backend, dtype)
+        gen_config = shape = None
 
         def plan(flax_model: FlaxModel) -> None:  # after the config is read, before any array is
-            nonlocal gen_config, max_len
-            if max_len is None:  # the model's context length within a KV-cache budget
-                itemsize = defaults.cache_itemsize(
-                    flax_model.abstract_params(), engine_options.get("cache_dtype") or dtype
-                )
-                max_len = defaults.default_max_len(flax_model.config, max_batch, itemsize)
-            gen_config = _generation_config(max_batch, max_len, buckets, decode_steps, engine_options)
+            nonlocal gen_config, shape
+            device = mesh.devices.flat[0] if mesh is not None else jax.devices()[0]
+            cache_dtype = engine_options.get("cache_dtype")
+            shape = defaults.engine_shape(
+                flax_model, backend, device, dtype, cache_dtype, max_batch, max_len, buckets
+            )
+            gen_config = _generation_config(
+                shape.max_batch.value,
+                shape.max_len.value,
+                shape.prefill_buckets.value,
+                decode_steps,
+                engine_options,
+            )
             plan_llm_memory(flax_model, gen_config, mesh, dtype)
 
         loaded = loading.load(model, mesh=mesh, rules=rules, dtype=dtype, quantize=quantize, plan=plan)
@@ -97,7 +109,11 @@ class LLM:
         tokenizer = Tokenizer.from_dir(path) if (path / "tokenizer.json").is_file() else None
         gen_defaults = _read_json(path / "generation_config.json")
         del model
-        self._setup(flax_model, params, tokenizer, gen_config, mesh, rules, gen_defaults, layout, owned=True)
+        reasons = {"dtype": dtype_reason, **{k: getattr(shape, k).reason for k in ("max_batch", "max_len")}}
+        reasons["prefill_buckets"] = shape.prefill_buckets.reason
+        self._setup(
+            flax_model, params, tokenizer, gen_config, mesh, rules, gen_defaults, layout, True, reasons
+        )
         self.path = path
 
     @classmethod
@@ -123,9 +139,12 @@ class LLM:
         self.path = None
         return self
 
-    def _setup(self, model, params, tokenizer, config, mesh, rules, gen_defaults, layout, owned=False):
+    def _setup(
+        self, model, params, tokenizer, config, mesh, rules, gen_defaults, layout, owned=False, reasons=None
+    ):
         from jinfer import loading
 
+        transposed_before = model.transposed
         model, params = loading.runtime_layout(model, params, layout, config.max_batch, mesh, rules, owned)
         self.model = model
         self.tokenizer = tokenizer
@@ -134,6 +153,10 @@ class LLM:
         self.engine = ModelRunner(model, params, config, mesh=mesh, rules=rules, stats=self._stats)
         self.scheduler = Scheduler(self.engine, KVCacheManager(self.engine), self._stats, tokenizer)
         self._stats.gauges = self.scheduler.gauges
+        self.engine_choices = _engine_choices(
+            config, params, mesh, layout, model.transposed, transposed_before, reasons
+        )
+        self._stats.choices = self.engine_choices
         self._loop = EngineLoop(self.scheduler, max_queue=config.max_queue)
         self._finalizer = weakref.finalize(self, self._loop.close)  # the loop never refers to self
         self.generation_defaults = gen_defaults
@@ -387,3 +410,27 @@ def _generation_config(max_batch, max_len, buckets, decode_steps, options) -> Ge
     else:
         kw["prefill_buckets"] = defaults.default_prefill_buckets(max_len)
     return GenerationConfig(**kw)
+
+
+def _engine_choices(config, params, mesh, layout, transposed, transposed_before, reasons):
+    """The EngineChoices record of an engine: `reasons` from LLM.__init__, else "given"."""
+    from jinfer import defaults
+
+    reasons = reasons or {}
+    given = "given (LLM.from_params)"
+    floats = [x.dtype for x in jax.tree.leaves(params) if jax.numpy.issubdtype(x.dtype, jax.numpy.floating)]
+    dtype = str(max(floats, key=lambda d: d.itemsize)) if floats else "none"
+    cache = config.cache_dtype or dtype
+    backend = defaults.backend_of(mesh)
+    layout_choice = defaults.layout_choice(layout, transposed, backend, config.max_batch)
+    if transposed_before:
+        layout_choice = defaults.Choice("out_major", "as loaded (the model already holds out_major weights)")
+    return defaults.EngineChoices(
+        backend=backend,
+        dtype=defaults.Choice(dtype, f"{reasons.get('dtype', given)}; KV cache {cache}"),
+        max_batch=defaults.Choice(config.max_batch, reasons.get("max_batch", given)),
+        max_len=defaults.Choice(config.max_len, reasons.get("max_len", given)),
+        prefill_buckets=defaults.Choice(config.prefill_buckets, reasons.get("prefill_buckets", given)),
+        decode_buckets=defaults.decode_buckets_choice(config),
+        layout=layout_choice,
+    )

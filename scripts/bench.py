@@ -15,6 +15,23 @@ Workloads:
   cli      `jinfer --compilation-cache DIR generate ...` in fresh processes, cold (empty DIR)
            then warm (populated DIR): process start -> first output byte.
 
+--defaults: what a user who sets nothing gets. The only jinfer system is `jinfer.LLM(name)` with no
+other argument and one plain `generate()` call per timed run (`llm.engine_choices` is recorded):
+  batch1   one chat prompt, 128 greedy tokens (EOS ignored): generate() wall -> tokens/s.
+  chat48   48 mixed chat prompts (max_tokens drawn from 16..256) in one generate() call; a warm-up
+           set, then 3 other prompt sets (the prefix cache cannot replay a timed set). Peers:
+           HF generate() in batches of 16, llama.cpp one prompt at a time, same sets.
+  offline  `jinfer run-batch --input IN --output OUT` (default flags; greedy and max_tokens per
+           line) as a subprocess over 256 prompts, 1 + 3 runs sharing one fresh compilation
+           cache dir (the first, cold, is reported apart); medians of the process wall and of the
+           run's own output tokens/s. Peers: the offline workers above on the same prompts.
+  cli      the cold/warm CLI workload above.
+Compilations after warm-up (`llm.warmup()` and one untimed generate()) are reported for every
+jinfer row (run-batch: the compile seconds its summary prints for the warm-cache runs).
+
+    python scripts/bench.py --defaults --quick                          # smoke test
+    python scripts/bench.py --defaults --json defaults.json             # full run
+
 Run in the benchmark venv (see BENCHMARKS.md):
 
     /work/venv-bench/bin/python scripts/bench.py --quick              # 32 offline prompts, 1 repeat
@@ -28,6 +45,7 @@ import argparse
 import json
 import os
 import random
+import re
 import resource
 import statistics
 import subprocess
@@ -36,7 +54,18 @@ import tempfile
 import time
 from pathlib import Path
 
-GGUF = Path("/work/cache/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GGUF = next(  # the benchmark machine's copy, else the one jinfer.hub downloaded (converted from)
+    (
+        p
+        for p in (
+            Path("/work/cache/smollm2") / GGUF_NAME,
+            Path(os.environ.get("JINFER_HOME", "~/.cache/jinfer")).expanduser() / "downloads" / GGUF_NAME,
+        )
+        if p.is_file()
+    ),
+    Path("/work/cache/smollm2") / GGUF_NAME,
+)
 HF_TOKENIZER = Path("/work/cache/smollm2/hf_tokenizer")
 MODEL_NAME = "smollm2-135m-instruct"
 SYSTEMS = ("jinfer-f32", "jinfer-bf16", "jinfer-int8", "hf", "llama.cpp")
@@ -285,7 +314,10 @@ def hf_model():
         str(GGUF.parent), gguf_file=GGUF.name, torch_dtype=torch.float32
     )
     model.eval()
-    tok = AutoTokenizer.from_pretrained(str(HF_TOKENIZER))
+    if HF_TOKENIZER.is_dir():
+        tok = AutoTokenizer.from_pretrained(str(HF_TOKENIZER))
+    else:  # the GGUF carries the same tokenizer
+        tok = AutoTokenizer.from_pretrained(str(GGUF.parent), gguf_file=GGUF.name)
     tok.padding_side = "left"
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
@@ -469,7 +501,9 @@ def importable(system: str) -> str | None:
     """None when the system can run in this interpreter, else why not."""
     import importlib.util
 
-    need = {"hf": ("torch", "transformers", "gguf"), "llama.cpp": ("llama_cpp",)}.get(system, ("jax",))
+    need = {"hf": ("torch", "transformers", "gguf", "accelerate"), "llama.cpp": ("llama_cpp",)}.get(
+        system, ("jax",)
+    )
     missing = [m for m in need if importlib.util.find_spec(m) is None]
     return f"not importable: {', '.join(missing)}" if missing else None
 
@@ -655,12 +689,309 @@ def print_table(results: dict) -> None:
         print("  ".join(str(x).rjust(w) for x, w in zip(line, widths, strict=True)))
 
 
+# -- --defaults mode: `jinfer.LLM(name)` with no other argument ---------------------------------------
+DEFAULTS_SYSTEMS = ("jinfer", "hf", "llama.cpp")
+DEFAULTS_WORKLOADS = ("batch1", "chat48", "offline", "cli")
+CHAT_PROMPTS = 48
+CHAT_SEEDS = (100, 101, 102, 103)  # the first set warms up; each timed run gets its own set
+BATCH1_MESSAGES = [{"role": "user", "content": "Write a short story about a robot who learns to paint."}]
+TARGETS = {  # issue 15 acceptance: jinfer with defaults over each peer
+    ("batch1", "hf"): 2.5,
+    ("chat48", "hf"): 4.0,
+    ("chat48", "llama.cpp"): 2.0,
+    ("offline", "hf"): 4.0,
+    ("offline", "llama.cpp"): 2.0,
+}
+
+
+def jinfer_default_llm():
+    """`jinfer.LLM(name)` exactly as a user who sets nothing writes it, and its load seconds."""
+    import jinfer
+
+    t0 = time.perf_counter()
+    llm = jinfer.LLM(MODEL_NAME)
+    return llm, time.perf_counter() - t0
+
+
+def warmup_compile(llm) -> float:
+    """Seconds of `llm.warmup()`: every program the engine can run, compiled before timing."""
+    t0 = time.perf_counter()
+    llm.warmup()
+    return time.perf_counter() - t0
+
+
+def timed_generate(llm, prompts, params) -> tuple[float, int]:
+    """(seconds, output tokens) of one plain generate() call."""
+    t0 = time.perf_counter()
+    outs = llm.generate(prompts, params)
+    return time.perf_counter() - t0, sum(len(o.token_ids) for o in outs)
+
+
+def jinfer_defaults_batch1(cfg: dict) -> dict:
+    from jinfer.compile import COMPILES
+    from jinfer.sampling import SamplingParams
+
+    llm, load_s = jinfer_default_llm()
+    compile_s = warmup_compile(llm)
+    params = SamplingParams(max_tokens=BATCH1_NEW_TOKENS, temperature=0.0, ignore_eos=True)
+    warmup_s, produced = timed_generate(llm, BATCH1_MESSAGES, params)
+    start = COMPILES.snapshot()
+    walls = [timed_generate(llm, BATCH1_MESSAGES, params)[0] for _ in range(cfg["repeats"])]
+    after = COMPILES.snapshot()
+    return {
+        "produced_tokens": produced,
+        "wall_s": med(walls),
+        "e2e_tokens_per_s": produced / med(walls),
+        "walls": walls,
+        "load_s": load_s,
+        "warmup_compile_s": compile_s,
+        "warmup_s": warmup_s,
+        "compiles_after_warmup": after[0] - start[0],
+        "engine_choices": llm.engine_choices.as_dict(),
+    }
+
+
+def jinfer_defaults_chat48(cfg: dict) -> dict:
+    from jinfer.compile import COMPILES
+    from jinfer.sampling import SamplingParams
+
+    llm, load_s = jinfer_default_llm()
+    compile_s = warmup_compile(llm)
+
+    def run(chat: list) -> tuple[float, int]:
+        params = [SamplingParams(max_tokens=m, temperature=0.0) for _, m in chat]
+        return timed_generate(llm, [messages for messages, _ in chat], params)
+
+    warmup_s, _ = run(cfg["chat_sets"][0])
+    start = COMPILES.snapshot()
+    runs = [run(chat) for chat in cfg["chat_sets"][1:]]
+    after = COMPILES.snapshot()
+    return {
+        **sets_summary(runs),
+        "load_s": load_s,
+        "warmup_compile_s": compile_s,
+        "warmup_s": warmup_s,
+        "compiles_after_warmup": after[0] - start[0],
+        "engine_choices": llm.engine_choices.as_dict(),
+    }
+
+
+def sets_summary(runs: list[tuple[float, int]]) -> dict:
+    """Median tokens/s over runs of (seconds, output tokens), one prompt set each."""
+    return {
+        "tokens_per_s": med([t / w for w, t in runs]),
+        "wall_s": med([w for w, _ in runs]),
+        "output_tokens": [t for _, t in runs],
+        "runs": len(runs),
+    }
+
+
+def peer_chat48(cfg: dict) -> dict:
+    """A peer's offline worker over the chat sets: the first warms up, the others are timed."""
+    worker = WORKERS[(cfg["system"], "offline")]
+    runs = []
+    for i, (ids, max_tokens) in enumerate(cfg["chat_ids"]):
+        r = worker({**cfg, "prompts": ids, "max_tokens": max_tokens, "repeats": 1})
+        if i:
+            runs.append((r["wall_s"], r["output_tokens"]))
+    return sets_summary(runs)
+
+
+WORKERS.update(
+    {
+        ("jinfer", "defaults_batch1"): jinfer_defaults_batch1,
+        ("jinfer", "defaults_chat48"): jinfer_defaults_chat48,
+        ("hf", "defaults_batch1"): hf_batch1,
+        ("llama.cpp", "defaults_batch1"): llama_batch1,
+        ("hf", "defaults_chat48"): peer_chat48,
+        ("llama.cpp", "defaults_chat48"): peer_chat48,
+        ("hf", "defaults_offline"): hf_offline,
+        ("llama.cpp", "defaults_offline"): llama_offline,
+    }
+)
+
+_SUMMARY = re.compile(
+    r"(\d+) ok, (\d+) failed.*?(\d+) prompt \+ (\d+) output tokens in ([\d.]+)s .*?"
+    r"([\d.]+) output tokens/s\), compile ([\d.]+)s",
+    re.DOTALL,
+)
+
+
+def jinfer_defaults_offline(chat: list, repeats: int, timeout: float) -> dict:
+    """`jinfer run-batch --input IN --output OUT` (default flags) in fresh processes."""
+    env = {k: v for k, v in os.environ.items() if k != "JINFER_COMPILATION_CACHE"}
+    runs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        inp = Path(tmp) / "in.jsonl"
+        rows = (
+            {"custom_id": f"r{i}", "messages": m, "max_tokens": n, "temperature": 0}
+            for i, (m, n) in enumerate(chat)
+        )
+        inp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        for r in range(repeats):
+            out = Path(tmp) / f"out{r}.jsonl"
+            cache = str(Path(tmp) / "xla")  # fresh for this benchmark: the first run is cold
+            cmd = [sys.executable, "-m", "jinfer.cli", "--compilation-cache", cache, "run-batch"]
+            t0 = time.perf_counter()
+            proc = subprocess.run(
+                [*cmd, "--input", str(inp), "--output", str(out)],
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                env=env,
+            )
+            wall = time.perf_counter() - t0
+            m = _SUMMARY.search(proc.stderr)
+            if proc.returncode or m is None:
+                return {"status": "error", "error": f"exit {proc.returncode}: {proc.stderr[-1500:]}"}
+            ok, failed, _, tokens, run_s, tok_s, compile_s = m.groups()
+            runs.append(
+                {
+                    "process_wall_s": wall,
+                    "run_s": float(run_s),
+                    "output_tokens": int(tokens),
+                    "tokens_per_s": float(tok_s),
+                    "compile_s": float(compile_s),
+                    "ok": int(ok),
+                    "failed": int(failed),
+                }
+            )
+    timed = runs[1:] or runs  # the first run compiles (cold cache)
+    return {
+        "status": "ok",
+        "tokens_per_s": med([r["tokens_per_s"] for r in timed]),
+        "process_tokens_per_s": med([r["output_tokens"] / r["process_wall_s"] for r in timed]),
+        "wall_s": med([r["process_wall_s"] for r in timed]),
+        "cold_process_wall_s": runs[0]["process_wall_s"],
+        "compile_s_after_warmup": med([r["compile_s"] for r in timed]),
+        "prompts": len(chat),
+        "runs": runs,
+    }
+
+
+def run_defaults(args) -> None:
+    """--defaults: every jinfer row is `jinfer.LLM(name)` + one plain generate() (see the docstring)."""
+    from jinfer import hub
+    from jinfer.tokenizer import Tokenizer
+
+    quick = args.quick
+    repeats = args.repeats or (1 if quick else 3)
+    systems = [s for s in (args.systems or ",".join(DEFAULTS_SYSTEMS)).split(",") if s]
+    workloads = [w for w in (args.workloads or ",".join(DEFAULTS_WORKLOADS)).split(",") if w]
+    model_dir = hub.resolve_model(MODEL_NAME)
+    tok = Tokenizer.from_dir(model_dir)
+    n_chat = 8 if quick else CHAT_PROMPTS
+    chat_sets = [build_prompts(n_chat, seed) for seed in CHAT_SEEDS[: repeats + 1]]
+    chat_ids = [([tok.encode_chat(m) for m, _ in c], [n for _, n in c]) for c in chat_sets]
+    n_off = args.prompts or (16 if quick else 256)
+    off_ids, off_max = encode_prompts(model_dir, n_off)
+    base = {"repeats": repeats, "batch1_prompt": tok.encode_chat(BATCH1_MESSAGES)}
+    cfgs = {
+        "batch1": base,
+        "chat48": {"chat_sets": chat_sets, "chat_ids": chat_ids},
+        "offline": {"prompts": off_ids, "max_tokens": off_max, "repeats": repeats},
+    }
+    report = {"mode": "defaults", "machine": machine_info(), "uptime_start": uptime(), "args": vars(args)}
+    print(f"# --defaults: {report['machine']}\n# load at start: {report['uptime_start']}", flush=True)
+    results: dict[str, dict] = {s: {} for s in systems}
+    for wl in (w for w in workloads if w != "cli"):
+        for system in systems:
+            print(f"# {system} {wl} ...", flush=True)
+            why = importable("jinfer-f32" if system == "jinfer" else system)
+            if why:
+                results[system][wl] = {"status": "skipped", "error": why}
+            elif system == "jinfer" and wl == "offline":
+                chat = build_prompts(n_off)
+                results[system][wl] = jinfer_defaults_offline(chat, repeats + 1, args.timeout)
+            else:
+                results[system][wl] = spawn(system, f"defaults_{wl}", cfgs[wl], args.timeout)
+            r = results[system][wl]
+            if r.get("status") != "ok":
+                print(f"#   {r.get('status')}: {str(r.get('error', ''))[:300]}", flush=True)
+    report["results"] = results
+    if "cli" in workloads:
+        print("# CLI cold vs warm compilation cache ...", flush=True)
+        report["cli_compilation_cache"] = cli_cold_warm(repeats, args.timeout)
+    report["ratios"] = defaults_ratios(results)
+    report["uptime_end"] = uptime()
+    print_defaults(report)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2, default=str))
+
+
+def defaults_ratios(results: dict) -> dict:
+    """jinfer over each peer per workload (batch1: end-to-end tokens/s; others: output tokens/s)."""
+    key = {"batch1": "e2e_tokens_per_s", "chat48": "tokens_per_s", "offline": "tokens_per_s"}
+    out = {}
+    for wl, k in key.items():
+        j = results.get("jinfer", {}).get(wl, {})
+        for peer in ("hf", "llama.cpp"):
+            p = results.get(peer, {}).get(wl, {})
+            if j.get("status") == "ok" and p.get("status") == "ok":
+                ratio = j[k] / p[k]
+                target = TARGETS.get((wl, peer))
+                out[f"{wl} jinfer/{peer}"] = {
+                    "ratio": ratio,
+                    "target": target,
+                    "met": target is None or ratio >= target,
+                }
+    return out
+
+
+def print_defaults(report: dict) -> None:
+    key = {"batch1": "e2e_tokens_per_s", "chat48": "tokens_per_s", "offline": "tokens_per_s"}
+    print("\nworkload  system      tok/s    wall s  compiles after warm-up")
+    for system, by_wl in report["results"].items():
+        for wl, r in by_wl.items():
+            if r.get("status") != "ok":
+                print(f"{wl:8}  {system:10}  {r.get('status')}")
+                continue
+            post = r.get("compiles_after_warmup", r.get("compile_s_after_warmup", ""))
+            if wl == "offline" and system == "jinfer":
+                post = f"compile {post:.2f} s in warm runs"
+            print(f"{wl:8}  {system:10}  {r[key[wl]]:7.1f}  {r['wall_s']:7.2f}  {post}")
+    for name, r in report["ratios"].items():
+        target = (
+            "" if r["target"] is None else f" (target >= {r['target']}x: {'met' if r['met'] else 'MISSED'})"
+        )
+        print(f"{name}: {r['ratio']:.2f}x{target}")
+    if "cli_compilation_cache" in report:
+        c = report["cli_compilation_cache"]
+        print(
+            f"CLI first output: cold {c['cold_first_output_s']:.2f} s, warm {c['warm_first_output_s']:.2f} s"
+        )
+    choices = next(
+        (
+            r.get("engine_choices")
+            for r in report["results"].get("jinfer", {}).values()
+            if r.get("engine_choices")
+        ),
+        None,
+    )
+    for name, c in (choices or {}).items():
+        print(
+            f"jinfer default backend={c}"
+            if name == "backend"
+            else f"jinfer default {name}={c['value']}: {c['reason']}"
+        )
+    print(f"# load at end: {report['uptime_end']}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--quick", action="store_true", help="32 offline prompts, 1 repeat, 1 CLI cold/warm pair")
-    ap.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma list of {SYSTEMS}")
-    ap.add_argument("--workloads", default="batch1,offline,cli", help="comma list of batch1,offline,cli")
+    ap.add_argument(
+        "--defaults", action="store_true", help="jinfer.LLM(name) with no other argument (see above)"
+    )
+    ap.add_argument(
+        "--systems", default=None, help=f"comma list of {SYSTEMS} (--defaults: {DEFAULTS_SYSTEMS})"
+    )
+    ap.add_argument(
+        "--workloads",
+        default=None,
+        help=f"comma list of batch1,offline,cli (--defaults: {','.join(DEFAULTS_WORKLOADS)})",
+    )
     ap.add_argument("--prompts", type=int, default=None, help="offline prompts (default 256, quick 32)")
     ap.add_argument(
         "--repeats", type=int, default=None, help="timed repetitions, median reported (default 3)"
@@ -672,6 +1003,10 @@ def main() -> None:
     args = ap.parse_args()
     if args.worker:
         return run_worker(args.worker)
+    if args.defaults:
+        return run_defaults(args)
+    args.systems = args.systems or ",".join(SYSTEMS)
+    args.workloads = args.workloads or "batch1,offline,cli"
 
     from jinfer import hub
 

@@ -35,13 +35,22 @@ def test_cli_generate_with_default_max_len_on_a_256_position_model(tmp_path):
     path = make_tiny_llm_dir(tmp_path / "m", max_position_embeddings=256)
     cli = [sys.executable, "-m", "jinfer.cli", "--compilation-cache", "off", "generate"]
     r = subprocess.run(
-        [*cli, "--model", str(path), "--raw", "--max-tokens", "3", "--json", "Hello"],
+        [*cli, "--model", str(path), "--raw", "--max-tokens", "3", "--json", "--verbose", "Hello"],
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert r.returncode == 0, r.stderr
     assert '"completion_tokens": 3' in r.stdout
+    # --verbose says what was chosen and why, one line per setting, on stderr.
+    lines = dict(line.removeprefix("jinfer: ").split("=", 1) for line in r.stderr.splitlines() if "=" in line)
+    assert lines["backend"] == "cpu"
+    assert lines["max_batch"] == "1: jinfer generate's 1 prompt(s) need no more slots"
+    assert lines["max_len"].startswith("256: the model's context within KV budget")
+    assert lines["dtype"].startswith("float32: CPU default: the checkpoint's dtype")
+    assert lines["prefill_buckets"].startswith("16,32,64,128,256: CPU default")
+    assert lines["layout"].startswith("out_major: auto: one-slot engine on CPU")
+    assert "decode_buckets" in lines
 
 
 SMOLLM2 = LlamaConfig()  # SmolLM2-135M: 8,192 positions, 30 layers, 3 kv heads of 64
@@ -50,9 +59,10 @@ SMOLLM2 = LlamaConfig()  # SmolLM2-135M: 8,192 positions, 30 layers, 3 kv heads 
 @pytest.mark.parametrize(
     "config,max_batch,itemsize,expected",
     [
-        (SMOLLM2, 8, 4, 1024),  # KV budget: 512 MiB / (8 slots * 46,080 B) = 1,456 -> 1,024
+        (SMOLLM2, 8, 4, 2048),  # KV budget: 2 GiB / (8 slots * 46,080 B) = 5,825: the cap binds
         (SMOLLM2, 1, 4, 2048),  # the per-slot cap binds
-        (SMOLLM2, 32, 2, 512),  # bf16 cache, 32 slots: 728 -> 512
+        (SMOLLM2, 64, 4, 512),  # 64 slots: 728 -> 512
+        (SMOLLM2, 64, 2, 1024),  # bf16 cache, 64 slots: 1,456 -> 1,024
         (LlamaConfig(max_position_embeddings=300), 8, 4, 300),  # context below every cap
         (LlamaConfig(num_layers=400, num_heads=32, num_kv_heads=32, head_dim=128), 64, 4, 256),  # floor
         (LlamaConfig(num_layers=400, num_heads=32, num_kv_heads=32, max_position_embeddings=100), 64, 4, 100),
@@ -70,3 +80,98 @@ def test_default_buckets_for_tiny_contexts():
     assert defaults.default_prefill_buckets(8) == (8,)
     assert defaults.default_prefill_buckets(100) == (16, 32, 64)
     assert defaults.default_prefill_buckets(4096) == (16, 32, 64, 128, 256, 512)
+
+
+GiB, MiB = 2**30, 2**20
+
+
+@pytest.mark.parametrize(
+    "config,itemsize,budget,backend,slots,max_len",
+    [
+        # f32 on CPU: 2,048 positions are 90 MiB a slot, 22 fit (< 32): 1,024 positions, 45 fit -> 32.
+        (SMOLLM2, 4, 2 * GiB, "cpu", 32, 1024),
+        (SMOLLM2, 4, 1 * GiB, "cpu", 16, 1024),  # 22 fit at the 1,024 floor -> 16
+        (SMOLLM2, 2, 50 * GiB, "gpu", 128, 4096),  # bf16 on a big accelerator: both caps bind
+        (SMOLLM2, 2, 2 * GiB, "tpu", 32, 2048),  # 4,096 positions: 22 fit; 2,048: 45 -> 32
+        (SMOLLM2, 4, 10 * MiB, "cpu", 1, 1024),  # not even one slot: one (the memory plan decides)
+        (LlamaConfig(max_position_embeddings=512), 4, 2 * GiB, "cpu", 64, 512),  # short context: cap 64
+    ],
+)
+def test_default_slots_and_length_from_the_kv_budget(config, itemsize, budget, backend, slots, max_len):
+    batch, length = defaults.default_shape(config, itemsize, budget, backend)
+    assert (batch.value, length.value) == (slots, max_len)
+    per_slot = defaults.kv_bytes_per_token(config, itemsize) * max_len
+    assert slots == 1 or slots * per_slot <= budget
+    assert f"/ {per_slot / MiB:.1f} MiB per slot at max_len {max_len}" in batch.reason
+
+
+def test_kv_budget_and_accelerator_defaults_by_backend():
+    assert defaults.kv_budget("cpu", 100 * GiB)[0] == 2 * GiB
+    assert defaults.kv_budget("cpu", None)[0] == 2 * GiB
+    assert defaults.kv_budget("cpu", 4 * GiB) == (GiB, "a quarter of the host's 4.00 GiB available RAM")
+    assert defaults.kv_budget("tpu", 16 * GiB, 4 * GiB)[0] == 6 * GiB  # half of what the params leave
+    assert defaults.kv_budget("gpu", 16 * GiB, 4 * GiB)[0] == 6 * GiB
+    for backend in ("tpu", "gpu", "cuda", "rocm"):
+        assert defaults.default_dtype(backend, None)[0] == "bfloat16"
+        assert defaults.default_dtype(backend, "float32") == ("float32", "given (dtype=)")
+        assert defaults.default_prefill_buckets(8192, backend) == (128, 256, 512, 1024)
+        assert defaults.default_prefill_buckets(300, backend) == (128, 256)
+        assert defaults.default_prefill_buckets(100, backend) == (100,)
+    assert defaults.default_dtype("cpu", None)[0] is None  # the checkpoint's dtype
+    assert defaults.default_prefill_buckets(8192, "cpu") == (16, 32, 64, 128, 256, 512)
+    # max_len given, max_batch not: slots for that length (SmolLM2 f32: 91 fit at 512, 22 at 2,048).
+    assert defaults.default_max_batch(SMOLLM2, 512, 4, 2 * GiB)[0] == 64
+    assert defaults.default_max_batch(SMOLLM2, 2048, 4, 2 * GiB)[0] == 16
+    assert [defaults.cli_max_batch(n) for n in (1, 2, 3, 5, 8, 9, 100)] == [1, 2, 4, 8, 8, None, None]
+
+
+def test_llm_records_what_it_chose_and_why(tmp_path, monkeypatch):
+    from jinfer import memory
+
+    path = make_tiny_llm_dir(tmp_path / "m", max_position_embeddings=512)
+    monkeypatch.setattr(memory, "host_available_bytes", lambda: 64 * GiB)  # any host with >= 8 GiB free
+    llm = LLM(path)  # tiny KV (512 B per token): the slot cap binds
+    c = llm.engine_choices
+    assert (c.backend, c.dtype.value, c.layout.value) == ("cpu", "float32", "canonical")
+    assert c.max_batch.value == llm.engine.config.max_batch == 64
+    assert c.max_batch.reason.startswith("KV budget 2.00 GiB / 256.0 KiB per slot at max_len 512 = 8192")
+    assert "capped at 64 (cpu maximum)" in c.max_batch.reason
+    assert (c.max_len.value, c.max_len.reason) == (512, "the model's context (512)")
+    assert c.prefill_buckets.value == llm.engine.config.prefill_buckets == (16, 32, 64, 128, 256, 512)
+    assert c.layout.reason.startswith("auto: canonical on 64 slots")
+    assert llm.stats.summary()["engine"]["max_batch"] == {"value": 64, "reason": c.max_batch.reason}
+    assert llm.stats.summary()["engine"]["prefill_buckets"]["value"] == [16, 32, 64, 128, 256, 512]
+    llm.close()
+    # Explicit arguments win and say so.
+    llm = LLM(path, dtype="bfloat16", max_batch=2, max_len=64, buckets=(32, 16), layout="out_major")
+    c = llm.engine_choices
+    assert (c.dtype.value, c.max_batch.value, c.max_len.value, c.prefill_buckets.value) == (
+        "bfloat16",
+        2,
+        64,
+        (16, 32),
+    )
+    assert [
+        c.dtype.reason,
+        c.max_batch.reason,
+        c.max_len.reason,
+        c.prefill_buckets.reason,
+        c.layout.reason,
+    ] == [
+        "given (dtype=); KV cache bfloat16",
+        "given (max_batch=)",
+        "given (max_len=)",
+        "given (buckets=)",
+        "given (layout='out_major')",
+    ]
+    llm.close()
+    # Little host RAM: the budget shrinks to a quarter of it, and the default still fits the memory plan.
+    monkeypatch.setattr(memory, "host_available_bytes", lambda: 8 * MiB)
+    llm = LLM(path)
+    c = llm.engine_choices
+    assert c.max_batch.value == 8  # 2 MiB / 256 KiB per slot at 512 positions
+    assert "a quarter of the host's 8.0 MiB available RAM" in c.max_batch.reason
+    assert len(llm.generate("Hello", GREEDY)[0].token_ids) == 5
+    llm.close()
+    with pytest.raises(memory.MemoryPlanError):  # explicit sizes that cannot fit are still refused
+        LLM(path, max_batch=64, max_len=512)

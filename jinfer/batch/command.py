@@ -52,7 +52,12 @@ def add_run_batch_args(p: argparse.ArgumentParser) -> None:
         "--logprobs", type=int_at_least(0), default=None, help="top-N log-probabilities per generated token"
     )
     p.add_argument("--return-token-ids", action="store_true", help="add token_ids to every row")
-    p.add_argument("--max-batch", type=int_at_least(1), default=8, help="decode slots")
+    p.add_argument(
+        "--max-batch",
+        type=int_at_least(1),
+        default=None,
+        help="decode slots (default: what the KV-cache budget holds; see jinfer.defaults)",
+    )
     p.add_argument(
         "--max-len",
         type=int_at_least(2),

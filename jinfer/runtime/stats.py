@@ -34,6 +34,7 @@ class GenerationStats:
     decode_device_seconds: float = 0.0
     decode_host_seconds: float = 0.0
     gauges: Callable[[], dict[str, int]] | None = None
+    choices: Any = None  # the engine's jinfer.defaults.EngineChoices (what was chosen and why)
 
     def record_compile(self, key: tuple, seconds: float) -> None:
         self.compile_seconds[key] = seconds
@@ -106,4 +107,6 @@ class GenerationStats:
         }
         if self.gauges is not None:
             out.update(self.gauges())
+        if self.choices is not None:
+            out["engine"] = self.choices.as_dict()
         return out

@@ -21,7 +21,7 @@ class ServeConfig:
     mesh: str | None = None
     dtype: str | None = None
     quantize: str | None = None
-    max_batch: int = 8
+    max_batch: int | None = None  # None: what the KV-cache budget holds (jinfer.defaults)
     max_len: int | None = None  # the model's context length within a memory budget (jinfer.defaults)
     buckets: tuple[int, ...] | None = None
     max_queue: int = 256

@@ -20,7 +20,10 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
     p.add_argument(
-        "--max-batch", type=int, default=d.max_batch, help="decode slots (requests generating at once)"
+        "--max-batch",
+        type=int,
+        default=d.max_batch,
+        help="decode slots (requests generating at once; default: what the KV-cache budget holds)",
     )
     p.add_argument(
         "--max-len",
