@@ -9,6 +9,7 @@ compiles in other threads (and eager jnp ops, which compile tiny kernels) are co
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import functools
@@ -304,11 +305,15 @@ def _lower_exported(
             tmp = path.with_suffix(f".tmp{os.getpid()}")
             tmp.write_bytes(exported.serialize())
             tmp.replace(path)
-        outer = jax.jit(
-            lambda *a: exported.call(*_keys_to_str(a)),
-            donate_argnums=donate_argnums,
-            out_shardings=out_shardings,
-        )
+
+        def call_exported(*a):
+            return exported.call(*_keys_to_str(a))
+
+        # The key in the module name keeps XLA's cache key distinct per traced program, so a
+        # program new to jinfer's executable cache is compiled for real (and then stored) rather
+        # than loaded from XLA's cache, whose executables do not serialize again faithfully.
+        call_exported.__name__ = call_exported.__qualname__ = f"jinfer_{key}"
+        outer = jax.jit(call_exported, donate_argnums=donate_argnums, out_shardings=out_shardings)
         return outer.lower(*args)
     except Exception as e:  # the cache must never break compilation
         logger.warning("jinfer: traced-program cache unavailable (%s: %s); tracing", type(e).__name__, e)
@@ -369,9 +374,18 @@ class CachedLowering:
         return self._directory / f"{hashlib.sha256(material.encode()).hexdigest()[:32]}.jaxexe"
 
     def compile(self, compiler_options: dict[str, Any] | None = None) -> Any:
-        """The compiled executable: loaded from the executable cache, or compiled and stored."""
+        """The compiled executable: loaded from the executable cache, or compiled and stored.
+
+        Inside `prefetching()` only an executable already on disk is loaded (else NotCachedError)
+        and handed to the next `compile()` of the same program, in any thread."""
         path = self._path(compiler_options)
-        compiled = _load_executable(path)
+        if getattr(_PREFETCH, "active", False):
+            return _prefetch_executable(path)
+        with _HANDOFF_LOCK:
+            future = _HANDOFF.pop(path, None)
+        compiled = future.result() if future is not None else None
+        if compiled is None:
+            compiled = _load_executable(path)
         if compiled is not None:
             return compiled
         lowered = self.lowered()
@@ -384,6 +398,45 @@ class CachedLowering:
         if COMPILES.thread_cache_hits() == hits:
             _store_executable(path, compiled)
         return compiled
+
+
+class NotCachedError(LookupError):
+    """Raised inside `prefetching()` for a program whose executable is not on disk yet."""
+
+
+_PREFETCH = threading.local()
+_HANDOFF: dict[Path, concurrent.futures.Future] = {}  # executables loaded ahead, by file
+_HANDOFF_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def prefetching() -> Iterator[None]:
+    """In this thread, `CachedLowering.compile()` loads cached executables ahead of their use
+    (e.g. while the checkpoint is restored) and never traces or compiles. Loaded executables
+    wait for the next `compile()` of the same program; leftovers of an earlier prefetch are dropped."""
+    with _HANDOFF_LOCK:
+        _HANDOFF.clear()
+    _PREFETCH.active = True
+    try:
+        yield
+    finally:
+        _PREFETCH.active = False
+
+
+def _prefetch_executable(path: Path) -> Any:
+    if not path.is_file():
+        raise NotCachedError(path.name)
+    future: concurrent.futures.Future = concurrent.futures.Future()
+    with _HANDOFF_LOCK:
+        if path in _HANDOFF:
+            return None
+        _HANDOFF[path] = future
+    compiled = None
+    try:
+        compiled = _load_executable(path)
+    finally:
+        future.set_result(compiled)  # a waiting compile() falls back to its own path on None
+    return compiled
 
 
 def _load_executable(path: Path) -> Any:

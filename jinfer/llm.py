@@ -74,7 +74,7 @@ class LLM:
         layout: str = "auto",
         **engine_options: Any,
     ):
-        from jinfer import defaults, loading
+        from jinfer import defaults, loading, prefetch
         from jinfer.memory import plan_llm_memory
 
         mesh = make_mesh(mesh) if isinstance(mesh, str) else mesh
@@ -89,6 +89,8 @@ class LLM:
                 max_len = defaults.default_max_len(flax_model.config, max_batch, itemsize)
             gen_config = _generation_config(max_batch, max_len, buckets, decode_steps, engine_options)
             plan_llm_memory(flax_model, gen_config, mesh, dtype)
+            if not quantize or flax_model.quantization is not None:  # load executables meanwhile
+                prefetch.start(flax_model, gen_config, mesh, rules, layout, dtype)
 
         loaded = loading.load(model, mesh=mesh, rules=rules, dtype=dtype, quantize=quantize, plan=plan)
         path, flax_model, params = loaded.path, loaded.model, loaded.params

@@ -22,15 +22,29 @@ SCRIPT = textwrap.dedent("""
         setattr(export, name, wrapper)
     counting("export")
     counting("deserialize")
+    import threading
+    from jinfer import compile as compile_lib
     from jinfer.compile import COMPILES
     from jinfer.llm import LLM
     from jinfer.sampling import SamplingParams
+    loads = []
+    load = compile_lib._load_executable
+    def counting_load(path):
+        compiled = load(path)
+        if compiled is not None:
+            loads.append(str(path))
+        return compiled
+    compile_lib._load_executable = counting_load
     llm = LLM(sys.argv[1], max_batch=1, max_len=64, buckets=(16, 32))
+    for thread in threading.enumerate():  # executables loaded ahead (jinfer.prefetch): let it finish
+        if thread.name == "jinfer-prefetch":
+            thread.join()
     llm.warmup()
     greedy = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
     out = llm.generate([[5, 9, 17, 3], [7, 1]], greedy)
     print("RESULT", json.dumps({"tokens": [o.outputs[0].token_ids for o in out], "exports": calls["export"],
-                                "deserialized": calls["deserialize"], "hits": COMPILES.cache_hits}))
+                                "deserialized": calls["deserialize"], "hits": COMPILES.cache_hits,
+                                "loads": len(loads), "distinct_loads": len(set(loads))}))
 """)
 
 
@@ -57,6 +71,9 @@ def test_second_process_reuses_traced_programs_and_survives_corrupt_ones(tmp_pat
     assert warm["exports"] == warm["deserialized"] == 0
     assert warm["hits"] >= 6
     assert warm["tokens"] == cold["tokens"]
+    # first token, prefill x2 and decode were loaded during the restore and handed to the engine,
+    # which loaded only the other two: each executable read once
+    assert cold["loads"] == 0 and warm["loads"] == warm["distinct_loads"] == 6
     for path in executables:  # a corrupt executable: compiled again from the traced program
         path.write_bytes(path.read_bytes()[:100])
     again = _run(model_dir, cache)
