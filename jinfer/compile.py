@@ -274,6 +274,8 @@ def lower(
     key = hashlib.sha256(
         repr((identity, args, donate_argnums, jax.__version__, _source_digest())).encode()
     ).hexdigest()[:32]
+    if jax.process_count() > 1:  # executables spanning processes: XLA's cache only
+        return _lower_exported(fn, args, key, donate_argnums, out_shardings)
     return CachedLowering(
         functools.partial(_lower_exported, fn, args, key, donate_argnums, out_shardings),
         key=f"{key}:{out_shardings!r}",
@@ -448,8 +450,13 @@ def _load_executable(path: Path) -> Any:
 
     start = time.perf_counter()
     try:
-        serialized, in_tree, out_tree = pickle.loads(path.read_bytes())
-        compiled = serialize_executable.deserialize_and_load(serialized, in_tree, out_tree)
+        serialized, in_tree, out_tree, device_ids = pickle.loads(path.read_bytes())
+        by_id = {d.id: d for d in jax.devices()}
+        # the devices it was compiled for, in order (by default all devices would be assumed)
+        devices = [by_id[i] for i in device_ids]
+        compiled = serialize_executable.deserialize_and_load(
+            serialized, in_tree, out_tree, execution_devices=devices
+        )
     except Exception as e:  # truncated, corrupt or from another jaxlib: compile again
         logger.warning("jinfer: cached executable %s unusable (%s); compiling", path.name, type(e).__name__)
         with contextlib.suppress(OSError):
@@ -465,7 +472,8 @@ def _store_executable(path: Path, compiled: Any) -> None:
     from jax.experimental import serialize_executable
 
     try:
-        data = pickle.dumps(serialize_executable.serialize(compiled))
+        device_ids = [d.id for d in compiled._executable._unloaded_executable.device_list]
+        data = pickle.dumps((*serialize_executable.serialize(compiled), device_ids))
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}-{threading.get_ident()}")
         tmp.write_bytes(data)
