@@ -16,7 +16,9 @@ renamed to DIR only after the completion marker is written.
 Integrity: Orbax/TensorStore have no checksums (a flipped byte restores silently as garbage), so
 `restore_params(verify=True)` re-hashes every file under params/ against integrity.json BEFORE
 restoring. Hashing files (not arrays) never materialises an array on one host, works the same for
-sharded restores and dtype casts, and also catches truncated and missing files.
+sharded restores and dtype casts, and also catches truncated and missing files. Files verified by
+an earlier load and unchanged since (size, inode, mtime and ctime as recorded in
+DIR/.jinfer_verified.json) are not re-read; see `jinfer.digest_record` for what that still catches.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ import numpy as np
 
 from jinfer import integrity as integrity_lib
 from jinfer import limits
+from jinfer.digest_record import DigestRecord
 from jinfer.errors import (
     CheckpointError,
     CheckpointNotFoundError,
@@ -376,8 +379,13 @@ def _load_integrity(path: Path) -> dict[str, Any]:
     return integrity
 
 
-def verify_files(path: str | os.PathLike, integrity: Mapping[str, Any] | None = None) -> None:
+def verify_files(
+    path: str | os.PathLike, integrity: Mapping[str, Any] | None = None, full: bool = False
+) -> None:
     """Re-hashes every file under DIR/params/ against integrity.json (streaming, 1 MiB reads).
+
+    A file verified before and unchanged since is skipped (`jinfer.digest_record`) unless `full`
+    (or $JINFER_VERIFY=full).
 
     Raises CheckpointNotFoundError for a missing file and CorruptCheckpointError for a file whose
     size (truncation) or sha256 (flipped bytes) differs, naming the file and the parameters in it.
@@ -393,14 +401,19 @@ def verify_files(path: str | os.PathLike, integrity: Mapping[str, Any] | None = 
             f"{path}: {len(missing)} parameter file(s) missing under {PARAMS_DIR}/: "
             + "; ".join(f"{rel} ({_holders(files[rel])})" for rel in missing)
         )
+    stats = {rel: (params_dir / rel).stat() for rel in files}
     for rel, rec in files.items():
-        size = (params_dir / rel).stat().st_size
+        size = stats[rel].st_size
         if size != rec["size"]:
             raise CorruptCheckpointError(
                 f"{path}: {PARAMS_DIR}/{rel} has {size} bytes but {rec['size']} were saved (truncated or "
                 f"overwritten); it holds {_holders(rec)}"
             )
-    rels = list(files)
+    # Files verified before and unchanged since (same size, inode, mtime, ctime) are not re-read.
+    record = DigestRecord(path, integrity, use_record=not full)
+    rels = [
+        rel for rel in files if not record.verified(f"{PARAMS_DIR}/{rel}", stats[rel], files[rel]["sha256"])
+    ]
     with concurrent.futures.ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
         digests = list(pool.map(lambda rel: _sha256_file(params_dir / rel), rels))
     bad = [rel for rel, d in zip(rels, digests, strict=True) if d != files[rel]["sha256"]]
@@ -409,6 +422,9 @@ def verify_files(path: str | os.PathLike, integrity: Mapping[str, Any] | None = 
             f"{path}: sha256 mismatch (bytes changed since the save) in "
             + "; ".join(f"{PARAMS_DIR}/{rel}, which holds {_holders(files[rel])}" for rel in bad)
         )
+    for rel, digest in zip(rels, digests, strict=True):
+        record.add(f"{PARAMS_DIR}/{rel}", stats[rel], digest)
+    record.save()
 
 
 def _holders(rec: Mapping[str, Any]) -> str:

@@ -252,6 +252,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="persistent XLA compilation cache directory (default: $JINFER_COMPILATION_CACHE "
         "or the user cache dir; 'off' disables)",
     )
+    parser.add_argument(
+        "--verify",
+        action="store_true",
+        help="re-hash every model file against integrity.json, also those verified by an earlier "
+        "run and unchanged since (same as JINFER_VERIFY=full)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("generate", help="generate text from a prompt (chat template applied)")
@@ -370,6 +376,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return e.code if isinstance(e.code, int) else EXIT_USAGE
     args.debug = debug
     try:
+        if args.verify:
+            import os
+
+            from jinfer.digest_record import VERIFY_ENV
+
+            os.environ[VERIFY_ENV] = "full"
         _setup_compilation_cache(args.compilation_cache)
         return args.func(args) or 0
     except KeyboardInterrupt:

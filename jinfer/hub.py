@@ -123,8 +123,6 @@ def _check_local(path: Path) -> Path:
 
 def ensure_known_model(name: str, progress: bool = True) -> Path:
     """$JINFER_HOME/models/<name>, downloading and converting it on first use."""
-    from jinfer.convert import convert
-
     model = KNOWN_MODELS[name]
     home = jinfer_home()
     dest = home / "models" / name
@@ -134,6 +132,8 @@ def ensure_known_model(name: str, progress: bool = True) -> Path:
     with _file_lock(dest.parent / f".{name}.lock"):
         if _usable(dest):  # another process finished while we waited
             return dest
+        from jinfer.convert import convert  # imported only when converting: not on a warm start
+
         gguf_path = _obtain_gguf(model, home / "downloads", progress)
         _say(progress, f"jinfer: converting {gguf_path.name} to {dest} ({model.dtype}), once")
         convert(gguf_path, dest, dtype=model.dtype, progress=progress, overwrite=dest.exists())

@@ -6,7 +6,8 @@ top-level file that decides outputs (`model_files`: config.json, generation_conf
 tokenizer files, ...). Loading refuses, with a `CorruptCheckpointError` naming the file:
   - a manifest that is missing, empty, partial (a file on disk it does not list) or malformed
     (entries of the wrong type, paths that leave the directory);
-  - a file whose size or sha256 differs from the record;
+  - a file whose size or sha256 differs from the record (a file verified by an earlier load and
+    unchanged since is not re-hashed: `jinfer.digest_record`);
   - a version-1 manifest (written by jinfer before 0.x; it covers the parameters only): run
     `jinfer rehash DIR` to record the current files, or convert the model again. Known models
     in $JINFER_HOME are converted again automatically (`jinfer.hub`).
@@ -28,6 +29,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from jinfer.digest_record import DigestRecord
 from jinfer.errors import CheckpointNotFoundError, CorruptCheckpointError
 
 log = logging.getLogger("jinfer.integrity")
@@ -152,15 +154,21 @@ def verify_model_files(path: Path, integrity: Mapping[str, Any]) -> None:
             f"{path}: {', '.join(unlisted)} not covered by {INTEGRITY_FILE} (added, or the manifest was "
             f"edited); remove the file, or run `jinfer rehash {path}` if you added it on purpose"
         )
+    record = DigestRecord(path, integrity)
     for name, rec in recorded.items():
         file = path / name
         if not file.is_file():
             raise CheckpointNotFoundError(f"{path}: {name} is listed in {INTEGRITY_FILE} but missing")
-        if file.stat().st_size != rec["size"] or sha256_file(file) != rec["sha256"]:
+        st = file.stat()
+        if st.st_size == rec["size"] and record.verified(name, st, rec["sha256"]):
+            continue  # verified before, unchanged since (jinfer.digest_record)
+        if st.st_size != rec["size"] or sha256_file(file) != rec["sha256"]:
             raise CorruptCheckpointError(
                 f"{path}: {name} changed since the model was saved (sha256 mismatch); restore it, convert "
                 f"again, or run `jinfer rehash {path}` if you edited it on purpose"
             )
+        record.add(name, st, rec["sha256"])
+    record.save()
 
 
 def check_params_coverage(path: Path, params_dir: Path, files: Mapping[str, Any]) -> None:
@@ -197,7 +205,7 @@ def rehash_model_dir(path: str | os.PathLike) -> list[str]:
     except CorruptCheckpointError as e:
         if "'model_files'" not in str(e):
             raise
-    checkpoint.verify_files(path, integrity)
+    checkpoint.verify_files(path, integrity, full=True)
     old = integrity.get("model_files") if isinstance(integrity.get("model_files"), dict) else {}
     new = model_file_manifest(path)
     changes = [

@@ -80,7 +80,7 @@ class LLM:
         layout: str = "auto",
         **engine_options: Any,
     ):
-        from jinfer import defaults, loading
+        from jinfer import defaults, loading, prefetch
         from jinfer.memory import plan_llm_memory
 
         mesh = make_mesh(mesh) if isinstance(mesh, str) else mesh
@@ -103,6 +103,8 @@ class LLM:
                 engine_options,
             )
             plan_llm_memory(flax_model, gen_config, mesh, dtype)
+            if not quantize or flax_model.quantization is not None:  # load executables meanwhile
+                prefetch.start(flax_model, gen_config, mesh, rules, layout, dtype)
 
         loaded = loading.load(model, mesh=mesh, rules=rules, dtype=dtype, quantize=quantize, plan=plan)
         path, flax_model, params = loaded.path, loaded.model, loaded.params

@@ -1,4 +1,5 @@
-"""Warm start: the traced-program cache (jinfer.compile.lower) next to the compilation cache."""
+"""Warm start: the traced-program and executable caches (jinfer.compile.lower) next to the
+compilation cache."""
 
 import json
 import os
@@ -12,21 +13,38 @@ from jinfer.testing import make_tiny_llm_dir
 SCRIPT = textwrap.dedent("""
     import json, sys
     from jax import export
-    calls = {"export": 0}
-    original = export.export
-    def counting(*a, **k):
-        calls["export"] += 1
-        return original(*a, **k)
-    export.export = counting
+    calls = {"export": 0, "deserialize": 0}
+    def counting(name):
+        original = getattr(export, name)
+        def wrapper(*a, **k):
+            calls[name] += 1
+            return original(*a, **k)
+        setattr(export, name, wrapper)
+    counting("export")
+    counting("deserialize")
+    import threading
+    from jinfer import compile as compile_lib
     from jinfer.compile import COMPILES
     from jinfer.llm import LLM
     from jinfer.sampling import SamplingParams
+    loads = []
+    load = compile_lib._load_executable
+    def counting_load(path):
+        compiled = load(path)
+        if compiled is not None:
+            loads.append(str(path))
+        return compiled
+    compile_lib._load_executable = counting_load
     llm = LLM(sys.argv[1], max_batch=1, max_len=64, buckets=(16, 32))
+    for thread in threading.enumerate():  # executables loaded ahead (jinfer.prefetch): let it finish
+        if thread.name == "jinfer-prefetch":
+            thread.join()
     llm.warmup()
     greedy = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
     out = llm.generate([[5, 9, 17, 3], [7, 1]], greedy)
     print("RESULT", json.dumps({"tokens": [o.outputs[0].token_ids for o in out], "exports": calls["export"],
-                                "hits": COMPILES.cache_hits}))
+                                "deserialized": calls["deserialize"], "hits": COMPILES.cache_hits,
+                                "loads": len(loads), "distinct_loads": len(set(loads))}))
 """)
 
 
@@ -45,12 +63,21 @@ def test_second_process_reuses_traced_programs_and_survives_corrupt_ones(tmp_pat
     cache = tmp_path / "cache"
     cold = _run(model_dir, cache)
     programs = sorted((cache / "jinfer-exports").glob("*.jaxexport"))
+    executables = sorted((cache / "jinfer-executables").glob("*.jaxexe"))
     # prefill x2 buckets, first token, slot copy, decode, prefix-cache block save: each traced once
-    assert cold["exports"] == len(programs) == 6
+    assert cold["exports"] == len(programs) == len(executables) == 6
     warm = _run(model_dir, cache)
-    assert warm["exports"] == 0  # nothing traced: every program came from disk
-    assert warm["hits"] >= 6  # and every executable from the compilation cache
+    # nothing traced, no traced program even read: every executable was loaded as compiled
+    assert warm["exports"] == warm["deserialized"] == 0
+    assert warm["hits"] >= 6
     assert warm["tokens"] == cold["tokens"]
+    # first token, prefill x2 and decode were loaded during the restore and handed to the engine,
+    # which loaded only the other two: each executable read once
+    assert cold["loads"] == 0 and warm["loads"] == warm["distinct_loads"] == 6
+    for path in executables:  # a corrupt executable: compiled again from the traced program
+        path.write_bytes(path.read_bytes()[:100])
+    again = _run(model_dir, cache)
+    assert again["tokens"] == cold["tokens"] and again["exports"] == 0 and again["deserialized"] == 6
     for path in programs:  # a corrupt (e.g. truncated) program is traced again, never trusted
         path.write_bytes(path.read_bytes()[:100])
     again = _run(model_dir, cache)

@@ -1,0 +1,88 @@
+"""Loading an engine's compiled programs while its checkpoint is restored (warm starts).
+
+On a warm start (the executables are in the compilation cache directory, see
+`jinfer.compile.CachedLowering`), the programs a first request needs (first-token sampler,
+prefill chunks, decode) are deserialized in a background thread while the main thread restores
+and lays out the weights; the engine then takes them from `jinfer.compile`'s hand-off instead of
+loading them after the restore. Only executables already on disk are loaded: nothing is traced or
+compiled here, so a cold start does no extra work. Everything is keyed exactly as the engine keys
+it; a program prefetched under another key is simply not used (the engine loads its own).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh
+
+from jinfer import compile as compile_lib
+from jinfer.modeling import FlaxModel
+from jinfer.runtime.config import GenerationConfig
+from jinfer.runtime.runner import ModelRunner
+from jinfer.sharding import ShardingRules, single_device_mesh
+
+log = logging.getLogger(__name__)
+
+
+class _ProgramLoader(ModelRunner):
+    """A ModelRunner over abstract params that only loads executables: it holds no KV cache."""
+
+    def _zero_cache(self) -> Any:
+        return self._abstract_cache
+
+
+def start(
+    model: FlaxModel,
+    config: GenerationConfig,
+    mesh: Mesh | None,
+    rules: ShardingRules | None,
+    layout: str,
+    dtype: Any,
+) -> threading.Thread | None:
+    """Starts loading the cached executables of the engine `LLM` will build; None when there is
+    nothing to gain (no compilation cache, several processes)."""
+    if compile_lib._exports_dir() is None or jax.process_count() > 1:
+        return None
+    thread = threading.Thread(
+        target=_load, args=(model, config, mesh, rules, layout, dtype), name="jinfer-prefetch"
+    )
+    thread.daemon = True
+    thread.start()
+    return thread
+
+
+def _abstract_params(model: FlaxModel, mesh: Mesh, rules: ShardingRules | None, dtype: Any) -> Any:
+    """What `loading.load` + `runtime_layout` will produce: shapes, dtypes (floating leaves cast to
+    `dtype`; None: as the model declares them), shardings."""
+
+    def spec(x, sharding):
+        dt = jnp.dtype(dtype) if dtype is not None and jnp.issubdtype(x.dtype, jnp.floating) else x.dtype
+        return jax.ShapeDtypeStruct(x.shape, dt, sharding=sharding)
+
+    return jax.tree.map(spec, model.abstract_params(), model.shardings(mesh, rules))
+
+
+def _load(model, config, mesh, rules, layout, dtype) -> None:
+    from jinfer import loading
+
+    try:
+        with compile_lib.prefetching():
+            if loading.wants_out_major(layout, model, config.max_batch) and not model.transposed:
+                model = model.out_major()
+            mesh = mesh or single_device_mesh()
+            params = _abstract_params(model, mesh, rules, dtype)
+            runner = _ProgramLoader(model, params, config, mesh=mesh, rules=rules)
+            chunks = sorted(config.prefill_chunk_buckets, reverse=True)  # chat prompts fill the largest
+            builds = [runner._first_token_exe, lambda: runner._prefill_exe(chunks[0]), runner._decode_exe]
+            builds += [lambda b=b: runner._prefill_exe(b) for b in chunks[1:]]
+            for build in builds:
+                try:
+                    build()
+                except compile_lib.NotCachedError:
+                    continue
+    except Exception as e:  # prefetching is an optimisation: the engine loads what is missing
+        log.debug("jinfer: prefetching executables stopped (%s: %s)", type(e).__name__, e)
