@@ -364,7 +364,14 @@ class RaySummary(Summary):
             super().format()
             + f"\n  on Ray: {self.replicas} replica(s), {self.replicas_lost} lost and replaced, "
             f"{self.chunks_retried} chunk(s) re-run, chunks per replica {self.chunks_per_replica}"
+            + self._startup()
         )
+
+    def _startup(self) -> str:
+        t = self.timeline
+        if "replicas_ready" not in t:
+            return ""
+        return f"; Ray up after {t['ray_ready']:.1f}s, replicas ready after {t['replicas_ready']:.1f}s"
 
 
 @dataclasses.dataclass
@@ -486,6 +493,8 @@ def run_batch_on_ray(
     with _ray_session(ray_opts, ray_opts.replicas or 1, cpus_each) as ray:
         timeline["ray_ready"] = time.monotonic() - start
         count = ray_opts.replicas or _nodes_that_fit(ray, actor_options(ray_opts.resources_per_replica))
+        if scanning.done():  # as a rule the scan is over by now: a bad input starts no replica
+            scanning.result()
         model = Path(llm_or_model).absolute() if Path(llm_or_model).exists() else llm_or_model
         args = (str(model), defaults, replica_opts, _compilation_cache_dir())
         pool = _ReplicaPool(ray, ray_opts, args, count)  # replicas load the model from here on
@@ -529,6 +538,9 @@ class _Background:
             self._value = fn(*args)
         except BaseException as e:  # handed to the caller of result()
             self._error = e
+
+    def done(self) -> bool:
+        return not self._thread.is_alive()
 
     def result(self) -> Any:
         self._thread.join()
