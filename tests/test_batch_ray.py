@@ -16,6 +16,7 @@ import pytest
 import ray
 
 from jinfer.batch import run_batch
+from jinfer.batch.files import DuplicateIdError
 from jinfer.batch.ray import (
     REPLICA_NAME_PREFIX,
     RayOptions,
@@ -108,6 +109,15 @@ def assert_each_id_once(path):
     return ids
 
 
+def assert_timeline(timeline):
+    """The driver's start-up timestamps (seconds since run_batch was called) come in order."""
+    order = ["ray_ready", "replicas_created", "replicas_ready", "first_row", "last_row"]
+    assert [timeline[k] for k in order] == sorted(timeline[k] for k in order), timeline
+    assert timeline["ray_ready"] >= 0
+    # The slowest replica's model load happened between its creation and the driver seeing it ready.
+    assert 0 < timeline["replica_load_max"] <= timeline["replicas_ready"] - timeline["replicas_created"]
+
+
 def run_on_ray(setup, out, **ray_options):
     return run_batch(
         str(setup["model"]),
@@ -134,6 +144,7 @@ def test_two_replicas_write_the_single_process_lines(setup, tmp_path):
     assert manifest == json.loads(Path(f"{setup['ref']}.manifest.json").read_text())
     saved = json.loads(Path(f"{out}.summary.json").read_text())
     assert saved["replicas"] == 2 and saved["complete"] and saved["ok"] == 25
+    assert_timeline(saved["timeline"])
     # The output is a local run's output: the local runner resumes it and finds nothing to do.
     again = run_batch(setup["llm"], setup["input"], out, SAMPLED, seed=7, progress=False)
     assert again.skipped == 30 and again.ok == again.failed == 0
@@ -254,6 +265,21 @@ def test_sigkilled_driver_rerun_resumes_without_recomputing(setup, tmp_path):
     assert summary["ok"] + summary["failed"] == 30 - skipped  # nothing written was computed again
 
 
+def test_ray_alone_starts_and_stops_its_own_instance(setup, tmp_path):
+    """`--ray` without an address: the command starts a local Ray instance for the run (not the
+    module's one), writes the single-process lines and its summary, and stops the instance."""
+    out = tmp_path / "out.jsonl"
+    command = cli(setup, out)
+    command[command.index("--ray") + 1 : command.index("--ray") + 4] = ["--replicas", "1"]
+    p = subprocess.run(command, cwd=REPO, env=env(), capture_output=True, timeout=300)
+    assert p.returncode == 0, p.stderr.decode()[-3000:]
+    assert line_set(out) == line_set(setup["ref"])
+    summary = json.loads(Path(f"{out}.summary.json").read_text())
+    assert summary["complete"] and summary["replicas"] == 1 and summary["chunks_per_replica"] == [15]
+    assert_timeline(summary["timeline"])
+    assert "Started a local Ray instance" not in p.stderr.decode()  # start-up logs at WARNING
+
+
 def test_ray_data_row_mapper_gives_run_batch_rows(setup):
     mapper = RowMapper(setup["llm"], SAMPLED, seed=7)  # a path works too; the loaded LLM saves time
     lines = setup["input"].read_text().splitlines()
@@ -286,6 +312,14 @@ def test_bad_ray_options_get_specific_errors(setup):
         _nodes_that_fit(ray, actor_options({"num_gpus": 1}))
     with pytest.raises(ConfigError, match="not a loaded model"):
         run_batch(object(), "in.jsonl", "out.jsonl", ray=RayOptions())
+    with pytest.raises(ConfigError, match=r"directory .*no-such-dir does not exist; create it first"):
+        run_batch(setup["model"], setup["input"], setup["root"] / "no-such-dir" / "o.jsonl", ray=RayOptions())
+    # The input scan runs while the replicas load: its error still ends the run before any row.
+    dup = setup["root"] / "dup.jsonl"
+    dup.write_text(setup["input"].read_text().splitlines()[0] + "\n" + setup["input"].read_text())
+    with pytest.raises(DuplicateIdError, match='"q00" on lines 1, 2'):
+        run_batch(setup["model"], dup, setup["root"] / "dup-out.jsonl", ray=RayOptions(replicas=1))
+    assert not (setup["root"] / "dup-out.jsonl").exists()
     missing = setup["root"] / "no-such-model"
     with pytest.raises(ReplicaLostError, match=r"a replica could not load the model .*no-such-model"):
         run_batch(missing, setup["input"], setup["root"] / "never.jsonl", ray=RayOptions(replicas=1))

@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import os
 import queue
 import sys
@@ -263,7 +264,13 @@ class Replica:
             enable_compilation_cache(cache_dir)
         else:
             maybe_enable_from_env()  # $JINFER_COMPILATION_CACHE of the worker (runtime_env env_vars)
+        t0 = time.monotonic()
         self._run = _ChunkRun(opts, llm_or_model, defaults)
+        self.load_seconds = time.monotonic() - t0
+
+    def ready(self) -> tuple[dict[str, Any], float]:
+        """(manifest, seconds this replica took to load the model): answered once it is loaded."""
+        return self._run.manifest, self.load_seconds
 
     def manifest(self) -> dict[str, Any]:
         """The manifest this replica's rows belong to (model, engine, sampling defaults, seed)."""
@@ -346,13 +353,25 @@ class RaySummary(Summary):
     replicas_lost: int = 0
     chunks_retried: int = 0
     chunks_per_replica: list[int] = dataclasses.field(default_factory=list)
+    # Seconds since the run started (run_batch was called) at which: Ray was up ("ray_ready"), the
+    # replica actors were requested ("replicas_created"), every replica had loaded the model
+    # ("replicas_ready"; "replica_load_max": the slowest replica's model load itself), the first and
+    # the last row were written ("first_row", "last_row").
+    timeline: dict[str, float] = dataclasses.field(default_factory=dict)
 
     def format(self) -> str:
         return (
             super().format()
             + f"\n  on Ray: {self.replicas} replica(s), {self.replicas_lost} lost and replaced, "
             f"{self.chunks_retried} chunk(s) re-run, chunks per replica {self.chunks_per_replica}"
+            + self._startup()
         )
+
+    def _startup(self) -> str:
+        t = self.timeline
+        if "replicas_ready" not in t:
+            return ""
+        return f"; Ray up after {t['ray_ready']:.1f}s, replicas ready after {t['replicas_ready']:.1f}s"
 
 
 @dataclasses.dataclass
@@ -371,12 +390,16 @@ def _ray_session(ray_opts: RayOptions, replicas_hint: int, cpus_each: float) -> 
         yield ray  # the caller's session (a notebook's ray.init()): leave it running
         return
     if ray_opts.address is None:
-        cpus = max(os.cpu_count() or 1, int(np.ceil(replicas_hint * cpus_each)))
+        # Only the CPUs the replicas reserve: Ray prestarts one idle worker process per CPU, and
+        # on a small host the unused ones compete with the replicas' start-up. (A replica still
+        # computes on every core: the CPU count is Ray's bookkeeping, not an affinity mask.)
+        cpus = max(1, int(np.ceil(replicas_hint * cpus_each)))
         ray.init(
             address="local",
             num_cpus=cpus,
             include_dashboard=False,
             object_store_memory=ray_opts.object_store_memory,
+            logging_level=logging.WARNING,  # no INFO line about the instance it starts
         )
     else:
         ray.init(address=ray_opts.address)
@@ -397,6 +420,7 @@ class _ReplicaPool:
         self.actors: list[Any] = []
         self.generation = [0] * count
         self.lost = 0
+        self.load_seconds: list[float] = []
         for slot in range(count):
             self.actors.append(self._start(slot))
 
@@ -412,12 +436,14 @@ class _ReplicaPool:
         from ray.exceptions import RayActorError
 
         try:
-            manifests = self.ray.get([a.manifest.remote() for a in self.actors])
+            ready = self.ray.get([a.ready.remote() for a in self.actors])
         except RayActorError as e:
             raise ReplicaLostError(
                 f"a replica could not load the model {self.args[0]!r} (it must be readable at that path "
                 f"on every node): {e}"
             ) from e
+        manifests = [m for m, _ in ready]
+        self.load_seconds = [round(t, 3) for _, t in ready]
         for slot, m in enumerate(manifests[1:], start=1):
             if m != manifests[0]:
                 diffs = files._diff(manifests[0], m)
@@ -446,7 +472,12 @@ class _ReplicaPool:
 def run_batch_on_ray(
     llm_or_model: Any, input: Path, output: Path, defaults: Any, opts: BatchOptions
 ) -> RaySummary:
-    """The Ray flavour of `run_batch` (called by it when `BatchOptions.ray` is set)."""
+    """The Ray flavour of `run_batch` (called by it when `BatchOptions.ray` is set).
+
+    Start-up is overlapped: the input scan runs in a thread while Ray starts and the replicas load
+    the model, and the summary is written before a self-started Ray instance is stopped.
+    """
+    start = time.monotonic()
     ray_opts = opts.ray
     if not isinstance(llm_or_model, (str, os.PathLike)):
         raise ConfigError(
@@ -454,16 +485,25 @@ def run_batch_on_ray(
         )
     if not input.is_file():
         raise ConfigError(f"input file {input} does not exist")
-    scan = files.scan_input(input)  # duplicates are refused before Ray starts
+    files.check_output_path(input, output)
+    scanning = _Background(files.scan_input, input)  # its errors (duplicates) surface below
     replica_opts = dataclasses.replace(opts, ray=None, max_errors=None, progress=False)
     cpus_each = float(actor_options(ray_opts.resources_per_replica).get("num_cpus", 1) or 0)
+    timeline: dict[str, float] = {}
     with _ray_session(ray_opts, ray_opts.replicas or 1, cpus_each) as ray:
+        timeline["ray_ready"] = time.monotonic() - start
         count = ray_opts.replicas or _nodes_that_fit(ray, actor_options(ray_opts.resources_per_replica))
+        if scanning.done():  # as a rule the scan is over by now: a bad input starts no replica
+            scanning.result()
         model = Path(llm_or_model).absolute() if Path(llm_or_model).exists() else llm_or_model
         args = (str(model), defaults, replica_opts, _compilation_cache_dir())
-        pool = _ReplicaPool(ray, ray_opts, args, count)
+        pool = _ReplicaPool(ray, ray_opts, args, count)  # replicas load the model from here on
+        timeline["replicas_created"] = time.monotonic() - start
         try:
+            scan = scanning.result()
             manifest = pool.manifest()
+            timeline["replicas_ready"] = time.monotonic() - start
+            timeline["replica_load_max"] = max(pool.load_seconds)  # model load inside the slowest replica
             files.check_manifest(output, manifest, opts.force, write=True)
             files.merge_shards(output, files.shard_files(output))  # leftovers of a jax.distributed run
             done = files.scan_output(output, repair=True)
@@ -471,12 +511,42 @@ def run_batch_on_ray(
             summary = RaySummary(str(output), opts.task, scan.lines, skipped=skipped, replicas=count)
             summary.chunks_per_replica = [0] * count
             summary.processes = count
+            summary.timeline = timeline
             scan.shard_hashes = np.zeros(0, np.uint64)
-            _Driver(ray, pool, ray_opts, opts, summary).run(_chunks(input, done, ray_opts.chunk_lines))
+            _Driver(ray, pool, ray_opts, opts, summary, start).run(_chunks(input, done, ray_opts.chunk_lines))
         finally:
             pool.close()
-    files.write_json_atomic(files.summary_path(output), summary.to_dict())
+        # The output is complete: the summary does not wait for Ray to stop.
+        timeline.update({k: round(v, 3) for k, v in timeline.items()})
+        files.write_json_atomic(files.summary_path(output), summary.to_dict())
     return summary
+
+
+class _Background:
+    """`fn(*args)` in a daemon thread; `result()` waits for it and re-raises its error."""
+
+    def __init__(self, fn: Any, *args: Any):
+        self._value: Any = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(
+            target=self._call, args=(fn, *args), name="jinfer-ray-scan", daemon=True
+        )
+        self._thread.start()
+
+    def _call(self, fn: Any, *args: Any) -> None:
+        try:
+            self._value = fn(*args)
+        except BaseException as e:  # handed to the caller of result()
+            self._error = e
+
+    def done(self) -> bool:
+        return not self._thread.is_alive()
+
+    def result(self) -> Any:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._value
 
 
 def _nodes_that_fit(ray: Any, options: dict[str, Any]) -> int:
@@ -523,9 +593,16 @@ class _Driver:
     """Hands chunks to replicas, re-queues the chunks of lost replicas, appends rows once."""
 
     def __init__(
-        self, ray: Any, pool: _ReplicaPool, ray_opts: RayOptions, opts: BatchOptions, summary: RaySummary
+        self,
+        ray: Any,
+        pool: _ReplicaPool,
+        ray_opts: RayOptions,
+        opts: BatchOptions,
+        summary: RaySummary,
+        start: float,
     ):
         self.ray, self.pool, self.ray_opts, self.opts, self.summary = ray, pool, ray_opts, opts, summary
+        self.start = start  # time.monotonic() when the run started (the timeline's zero)
         self.inflight: dict[Any, tuple[_Chunk, int, int]] = {}  # ref -> (chunk, slot, generation)
         self.load = [0] * pool.count
         self.retry: deque[_Chunk] = deque()
@@ -553,6 +630,7 @@ class _Driver:
             progress.close()
         summary.seconds = time.monotonic() - t0
         summary.compile_seconds = max(self.compile_seconds)
+        summary.timeline["last_row"] = time.monotonic() - self.start
 
     def _fill(self, chunks: Iterator[_Chunk], exhausted: bool) -> bool:
         while self.summary.stopped is None:
@@ -606,6 +684,8 @@ class _Driver:
     def _write(self, result: dict[str, Any], writer: files.RowWriter, progress: _Progress) -> bool:
         """Appends a chunk's rows; True once more than --max-errors lines failed."""
         s, limit = self.summary, self.opts.max_errors
+        if result["rows"] and "first_row" not in s.timeline:
+            s.timeline["first_row"] = time.monotonic() - self.start
         s.prefill_tokens += result["prefill_tokens"]
         s.padded_prefill_tokens += result["padded_prefill_tokens"]
         for row, (failed, prompt_tokens, completion_tokens) in zip(
