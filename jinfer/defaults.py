@@ -329,18 +329,18 @@ def _budget_for(backend: str, device: Any, abstract: Any, dtype: str | None) -> 
     return budget, where
 
 
-def decode_buckets_choice(config: Any) -> Choice:
-    """The decode batch shapes of a GenerationConfig (active-slot buckets when the runtime has them)."""
-    buckets = getattr(config, "decode_buckets", None)
-    if getattr(config, "batch_invariant", False) or not buckets:
-        why = (
-            "batch_invariant=True: one decode shape"
-            if getattr(config, "batch_invariant", False)
-            else ("one decode shape (all slots every step)")
-        )
-        return Choice((config.max_batch,), why)
+def decode_buckets_choice(config: Any, buckets: Sequence[int]) -> Choice:
+    """The decode batch shapes an engine compiled (`ModelRunner.decode_buckets`), and why."""
     buckets = tuple(buckets)
-    return Choice(buckets, "each step runs at the smallest bucket holding the live requests")
+    if config.batch_invariant:
+        return Choice(buckets, "batch_invariant=True: one decode shape (all slots every step)")
+    if config.decode_buckets is not None:
+        return Choice(buckets, "given; each step runs at the smallest bucket holding the live requests")
+    return Choice(
+        buckets,
+        "automatic: 1, then 8, 16, ... up to max_batch (2-8 rows cost about the same on CPU); each "
+        "step runs at the smallest bucket holding the live requests",
+    )
 
 
 def layout_choice(layout: str, transposed: bool, backend: str, max_batch: int) -> Choice:

@@ -156,7 +156,14 @@ class LLM:
         self.scheduler = Scheduler(self.engine, KVCacheManager(self.engine), self._stats, tokenizer)
         self._stats.gauges = self.scheduler.gauges
         self.engine_choices = _engine_choices(
-            config, params, mesh, layout, model.transposed, transposed_before, reasons
+            config,
+            params,
+            mesh,
+            layout,
+            model.transposed,
+            transposed_before,
+            reasons,
+            self.engine.decode_buckets,
         )
         self._stats.choices = self.engine_choices
         self._loop = EngineLoop(self.scheduler, max_queue=config.max_queue)
@@ -414,7 +421,7 @@ def _generation_config(max_batch, max_len, buckets, decode_steps, options) -> Ge
     return GenerationConfig(**kw)
 
 
-def _engine_choices(config, params, mesh, layout, transposed, transposed_before, reasons):
+def _engine_choices(config, params, mesh, layout, transposed, transposed_before, reasons, decode_buckets):
     """The EngineChoices record of an engine: `reasons` from LLM.__init__, else "given"."""
     from jinfer import defaults
 
@@ -433,6 +440,6 @@ def _engine_choices(config, params, mesh, layout, transposed, transposed_before,
         max_batch=defaults.Choice(config.max_batch, reasons.get("max_batch", given)),
         max_len=defaults.Choice(config.max_len, reasons.get("max_len", given)),
         prefill_buckets=defaults.Choice(config.prefill_buckets, reasons.get("prefill_buckets", given)),
-        decode_buckets=defaults.decode_buckets_choice(config),
+        decode_buckets=defaults.decode_buckets_choice(config, decode_buckets),
         layout=layout_choice,
     )
