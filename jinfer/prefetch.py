@@ -77,8 +77,11 @@ def _load(model, config, mesh, rules, layout, dtype) -> None:
             params = _abstract_params(model, mesh, rules, dtype)
             runner = _ProgramLoader(model, params, config, mesh=mesh, rules=rules)
             chunks = sorted(config.prefill_chunk_buckets, reverse=True)  # chat prompts fill the largest
-            builds = [runner._first_token_exe, lambda: runner._prefill_exe(chunks[0]), runner._decode_exe]
+            decode = runner.decode_buckets  # a lone request decodes at the smallest
+            builds = [runner._first_token_exe, lambda: runner._prefill_exe(chunks[0])]
+            builds += [lambda: runner._decode_exe(decode[0])]
             builds += [lambda b=b: runner._prefill_exe(b) for b in chunks[1:]]
+            builds += [lambda b=b: runner._decode_exe(b) for b in decode[1:]]
             for build in builds:
                 try:
                     build()
