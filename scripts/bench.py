@@ -693,7 +693,7 @@ def print_table(results: dict) -> None:
 DEFAULTS_SYSTEMS = ("jinfer", "hf", "llama.cpp")
 DEFAULTS_WORKLOADS = ("batch1", "chat48", "offline", "cli")
 CHAT_PROMPTS = 48
-CHAT_SEEDS = (100, 101, 102, 103)  # the first set warms up; each timed run gets its own set
+CHAT_SEED = 100  # sets CHAT_SEED, +1, ...: the first warms up; each timed run gets its own set
 BATCH1_MESSAGES = [{"role": "user", "content": "Write a short story about a robot who learns to paint."}]
 TARGETS = {  # issue 15 acceptance: jinfer with defaults over each peer
     ("batch1", "hf"): 2.5,
@@ -881,7 +881,7 @@ def run_defaults(args) -> None:
     model_dir = hub.resolve_model(MODEL_NAME)
     tok = Tokenizer.from_dir(model_dir)
     n_chat = 8 if quick else CHAT_PROMPTS
-    chat_sets = [build_prompts(n_chat, seed) for seed in CHAT_SEEDS[: repeats + 1]]
+    chat_sets = [build_prompts(n_chat, CHAT_SEED + i) for i in range(repeats + 1)]
     chat_ids = [([tok.encode_chat(m) for m, _ in c], [n for _, n in c]) for c in chat_sets]
     n_off = args.prompts or (16 if quick else 256)
     off_ids, off_max = encode_prompts(model_dir, n_off)
