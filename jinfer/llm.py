@@ -84,12 +84,13 @@ class LLM:
         from jinfer.memory import plan_llm_memory
 
         mesh = make_mesh(mesh) if isinstance(mesh, str) else mesh
-        backend = defaults.backend_of(mesh)
-        dtype, dtype_reason = defaults.default_dtype(backend, dtype)
-        gen_config = shape = None
+        gen_config = shape = dtype_reason = None
 
-        def plan(flax_model: FlaxModel) -> None:  # after the config is read, before any array is
-            nonlocal gen_config, shape
+        def plan(flax_model: FlaxModel) -> str | None:  # after the config is read, before any array is
+            # The backend is first asked here: a config that fails validation never starts one.
+            nonlocal gen_config, shape, dtype, dtype_reason
+            backend = defaults.backend_of(mesh)
+            dtype, dtype_reason = defaults.default_dtype(backend, dtype)
             device = mesh.devices.flat[0] if mesh is not None else jax.devices()[0]
             cache_dtype = engine_options.get("cache_dtype")
             shape = defaults.engine_shape(
@@ -105,6 +106,7 @@ class LLM:
             plan_llm_memory(flax_model, gen_config, mesh, dtype)
             if not quantize or flax_model.quantization is not None:  # load executables meanwhile
                 prefetch.start(flax_model, gen_config, mesh, rules, layout, dtype)
+            return dtype  # the dtype to restore in
 
         loaded = loading.load(model, mesh=mesh, rules=rules, dtype=dtype, quantize=quantize, plan=plan)
         path, flax_model, params = loaded.path, loaded.model, loaded.params

@@ -64,14 +64,16 @@ def load(
     task: str | None = None,
     user: str = "this",
     verify: bool = True,
-    plan: Callable[[FlaxModel], None] | None = None,
+    plan: Callable[[FlaxModel], Any] | None = None,
 ) -> LoadedModel:
     """Resolves, reads the config, restores into the shards of `mesh` (None: one device) and
     quantizes (`quantize="int8"` on a float checkpoint).
 
     `task`, when given, is checked before any array is read: a model of another task raises
     ConfigError naming `user` (e.g. "Embedder"). `plan(model)`, when given, runs after the config is
-    read and before any array is restored (e.g. checking that the engine fits in memory).
+    read and before any array is restored (e.g. checking that the engine fits in memory); a dtype
+    it returns replaces `dtype` for the restore (e.g. a backend's default, chosen only once the
+    config is known to be sane).
     """
     path = resolve(model, dtype)
     spec, config, meta = checkpoint.load_config(path)
@@ -82,7 +84,7 @@ def load(
         )
     flax_model = FlaxModel(spec, config, meta.get("quantization"))
     if plan is not None:
-        plan(flax_model)
+        dtype = plan(flax_model) or dtype
     params = checkpoint.restore_params(path, flax_model, mesh=mesh, rules=rules, dtype=dtype, verify=verify)
     if quantize and flax_model.quantization is None:
         flax_model, params = quantize_on_device(flax_model, params, quantize, mesh, rules)
