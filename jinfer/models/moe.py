@@ -49,9 +49,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jinfer.errors import ConfigError, UnsupportedArchitectureError
-from jinfer.kvcache import KVCache
 from jinfer.models import layers as L
-from jinfer.models.llama import RopeScaling, normalize_rope_scaling
+from jinfer.models.llama import Llama, RopeScaling, normalize_rope_scaling
 from jinfer.models.registry import ModelSpec, register
 
 DISPATCHES = ("auto", "tiled", "ragged", "dense")
@@ -330,8 +329,10 @@ class MoEBlock(nnx.Module):
         return x, layer_cache
 
 
-class MoEDecoder(nnx.Module):
-    """Sparse MoE causal LM (see the module docstring for the contract and parameter names)."""
+class MoEDecoder(Llama):
+    """Sparse MoE causal LM (see the module docstring for the contract and parameter names): a
+    Llama-style decoder (embedding, blocks, final norm, lm head; `__call__` and `logits` are
+    Llama's) whose blocks route each token to its top experts."""
 
     def __init__(self, config: MoEConfig, *, rngs: nnx.Rngs):
         c = config
@@ -341,25 +342,6 @@ class MoEDecoder(nnx.Module):
         self.final_norm = L.ones_param(rngs, (c.hidden_size,), ("embed",))
         if not c.tie_word_embeddings:
             self.lm_head = L.make_param(rngs, (c.hidden_size, c.vocab_size), ("embed", "vocab"))
-
-    def __call__(
-        self,
-        tokens: jax.Array,
-        positions: jax.Array,
-        cache: KVCache | None = None,
-        prompt_start: bool = False,
-    ) -> tuple[jax.Array, KVCache | None]:
-        """tokens, positions [b, t] int32 (position < 0: padding) -> (normed hidden [b, t, d], cache).
-
-        `prompt_start=True`: the tokens start the sequence (a fresh prefill), so they attend within
-        the call only (their keys/values are still written to the cache)."""
-        x = L.embed_lookup(self.embed[...], tokens)
-        x, cache = L.run_decoder_layers(self.layers, x, positions, cache, prompt_start)
-        return L.rms_norm(x, self.final_norm[...], self.config.rms_norm_eps), cache
-
-    def logits(self, hidden: jax.Array) -> jax.Array:
-        """hidden [..., d] (from __call__) -> float32 logits [..., vocab]."""
-        return L.lm_head_logits(self, hidden)
 
 
 def hf_param_map(config: MoEConfig) -> L.HFParamMap:
