@@ -84,11 +84,11 @@ class LLM:
         from jinfer.memory import plan_llm_memory
 
         mesh = make_mesh(mesh) if isinstance(mesh, str) else mesh
-        gen_config = shape = dtype_reason = None
+        gen_config = shape = dtype_reason = prefetching = None
 
         def plan(flax_model: FlaxModel) -> str | None:  # after the config is read, before any array is
             # The backend is first asked here: a config that fails validation never starts one.
-            nonlocal gen_config, shape, dtype, dtype_reason
+            nonlocal gen_config, shape, dtype, dtype_reason, prefetching
             backend = defaults.backend_of(mesh)
             dtype, dtype_reason = defaults.default_dtype(backend, dtype)
             device = mesh.devices.flat[0] if mesh is not None else jax.devices()[0]
@@ -105,19 +105,26 @@ class LLM:
             )
             plan_llm_memory(flax_model, gen_config, mesh, dtype)
             if not quantize or flax_model.quantization is not None:  # load executables meanwhile
-                prefetch.start(flax_model, gen_config, mesh, rules, layout, dtype)
+                prefetching = prefetch.start(flax_model, gen_config, mesh, rules, layout, dtype)
             return dtype  # the dtype to restore in
 
-        loaded = loading.load(model, mesh=mesh, rules=rules, dtype=dtype, quantize=quantize, plan=plan)
-        path, flax_model, params = loaded.path, loaded.model, loaded.params
-        tokenizer = Tokenizer.from_dir(path) if (path / "tokenizer.json").is_file() else None
-        gen_defaults = _read_json(path / "generation_config.json")
-        del model
-        reasons = {"dtype": dtype_reason, **{k: getattr(shape, k).reason for k in ("max_batch", "max_len")}}
-        reasons["prefill_buckets"] = shape.prefill_buckets.reason
-        self._setup(
-            flax_model, params, tokenizer, gen_config, mesh, rules, gen_defaults, layout, True, reasons
-        )
+        try:
+            loaded = loading.load(model, mesh=mesh, rules=rules, dtype=dtype, quantize=quantize, plan=plan)
+            path, flax_model, params = loaded.path, loaded.model, loaded.params
+            tokenizer = Tokenizer.from_dir(path) if (path / "tokenizer.json").is_file() else None
+            gen_defaults = _read_json(path / "generation_config.json")
+            del model
+            reasons = {
+                "dtype": dtype_reason,
+                **{k: getattr(shape, k).reason for k in ("max_batch", "max_len")},
+            }
+            reasons["prefill_buckets"] = shape.prefill_buckets.reason
+            self._setup(
+                flax_model, params, tokenizer, gen_config, mesh, rules, gen_defaults, layout, True, reasons
+            )
+        finally:
+            if prefetching is not None:  # what it loaded is handed off; nothing loads behind requests
+                prefetching.stop()
         self.path = path
 
     @classmethod

@@ -7,6 +7,8 @@ and lays out the weights; the engine then takes them from `jinfer.compile`'s han
 loading them after the restore. Only executables already on disk are loaded: nothing is traced or
 compiled here, so a cold start does no extra work. Everything is keyed exactly as the engine keys
 it; a program prefetched under another key is simply not used (the engine loads its own).
+`LLM` stops the loader (`Prefetch.stop`) before its constructor returns: no loading goes on behind
+a request, and a loaded executable never lands inside a caller's `count_compiles()` block.
 """
 
 from __future__ import annotations
@@ -35,6 +37,21 @@ class _ProgramLoader(ModelRunner):
         return self._abstract_cache
 
 
+class Prefetch:
+    """The background loader started by `start`; `stop()` ends it after the executable it is
+    loading (what it loaded stays handed off to the engine) and joins its thread."""
+
+    def __init__(self, *args: Any):
+        self._stopping = threading.Event()
+        self.thread = threading.Thread(target=_load, args=(*args, self._stopping), name="jinfer-prefetch")
+        self.thread.daemon = True
+        self.thread.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self.thread.join()
+
+
 def start(
     model: FlaxModel,
     config: GenerationConfig,
@@ -42,17 +59,12 @@ def start(
     rules: ShardingRules | None,
     layout: str,
     dtype: Any,
-) -> threading.Thread | None:
+) -> Prefetch | None:
     """Starts loading the cached executables of the engine `LLM` will build; None when there is
     nothing to gain (no compilation cache, several processes)."""
     if compile_lib._exports_dir() is None or jax.process_count() > 1:
         return None
-    thread = threading.Thread(
-        target=_load, args=(model, config, mesh, rules, layout, dtype), name="jinfer-prefetch"
-    )
-    thread.daemon = True
-    thread.start()
-    return thread
+    return Prefetch(model, config, mesh, rules, layout, dtype)
 
 
 def _abstract_params(model: FlaxModel, mesh: Mesh, rules: ShardingRules | None, dtype: Any) -> Any:
@@ -66,7 +78,7 @@ def _abstract_params(model: FlaxModel, mesh: Mesh, rules: ShardingRules | None, 
     return jax.tree.map(spec, model.abstract_params(), model.shardings(mesh, rules))
 
 
-def _load(model, config, mesh, rules, layout, dtype) -> None:
+def _load(model, config, mesh, rules, layout, dtype, stopping: threading.Event) -> None:
     from jinfer import loading
 
     try:
@@ -83,6 +95,8 @@ def _load(model, config, mesh, rules, layout, dtype) -> None:
             builds += [lambda b=b: runner._prefill_exe(b) for b in chunks[1:]]
             builds += [lambda b=b: runner._decode_exe(b) for b in decode[1:]]
             for build in builds:
+                if stopping.is_set():
+                    return
                 try:
                     build()
                 except compile_lib.NotCachedError:

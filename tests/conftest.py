@@ -8,3 +8,25 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax
 
 jax.config.update("jax_enable_x64", False)
+
+import pytest  # noqa: E402
+
+_CACHE_OPTIONS = (
+    "jax_compilation_cache_dir",
+    "jax_persistent_cache_min_compile_time_secs",
+    "jax_persistent_cache_min_entry_size_bytes",
+)
+
+
+@pytest.fixture(autouse=True)
+def _restore_compilation_cache():
+    """A test that turns on a compilation cache (e.g. an in-process `jinfer.cli.main`, which
+    defaults to the user's cache directory) must not switch it on for the tests after it."""
+    before = {name: getattr(jax.config, name) for name in _CACHE_OPTIONS}
+    yield
+    if any(getattr(jax.config, name) != value for name, value in before.items()):
+        from jax.experimental.compilation_cache import compilation_cache
+
+        for name, value in before.items():
+            jax.config.update(name, value)
+        compilation_cache.reset_cache()

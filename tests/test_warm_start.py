@@ -82,3 +82,42 @@ def test_second_process_reuses_traced_programs_and_survives_corrupt_ones(tmp_pat
         path.write_bytes(path.read_bytes()[:100])
     again = _run(model_dir, cache)
     assert again["tokens"] == cold["tokens"] and again["exports"] == 6
+
+
+def test_llm_returns_after_its_prefetch_stopped_and_loads_nothing_behind_requests(tmp_path, monkeypatch):
+    # A prefetch that outlived the constructor loaded executables during the caller's first
+    # generate(): CI counted one "compile" inside a zero-compile block. Loads here take 0.3 s each.
+    import threading
+    import time
+
+    from jinfer import compile as compile_lib
+    from jinfer.compile import count_compiles, enable_compilation_cache
+    from jinfer.llm import LLM
+    from jinfer.sampling import SamplingParams
+
+    model_dir = make_tiny_llm_dir(tmp_path / "model")
+    enable_compilation_cache(tmp_path / "cache")  # conftest turns it off again after the test
+    greedy = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    prompts = [[5, 9, 17, 3], [7, 1]]
+    with LLM(model_dir, max_batch=2, max_len=64, buckets=(16, 32)) as cold:
+        expected = [o.outputs[0].token_ids for o in cold.generate(prompts, greedy)]
+    assert sorted((tmp_path / "cache" / "jinfer-executables").glob("*.jaxexe"))
+
+    load = compile_lib._load_executable
+    prefetched = []
+
+    def slow_load(path):
+        if threading.current_thread().name == "jinfer-prefetch":
+            time.sleep(0.3)
+            prefetched.append(path)
+        return load(path)
+
+    monkeypatch.setattr(compile_lib, "_load_executable", slow_load)
+    with LLM(model_dir, max_batch=2, max_len=64, buckets=(16, 32)) as warm:
+        assert prefetched  # it did start, and loaded at least one program ahead
+        assert not [t for t in threading.enumerate() if t.name == "jinfer-prefetch" and t.is_alive()]
+        warm.warmup()
+        with count_compiles() as c:
+            tokens = [o.outputs[0].token_ids for o in warm.generate(prompts, greedy)]
+        assert c.count == 0
+        assert tokens == expected
