@@ -16,6 +16,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
+from jinfer import compile as compile_lib
 from jinfer.errors import ConfigError, InputError
 from jinfer.modeling import FlaxModel
 from jinfer.runtime.config import GenerationConfig
@@ -85,6 +86,7 @@ class LLM:
 
         mesh = make_mesh(mesh) if isinstance(mesh, str) else mesh
         gen_config = shape = dtype_reason = prefetching = None
+        compile_lib.maybe_enable_from_env()  # before the prefetch looks for cached executables
 
         def plan(flax_model: FlaxModel) -> str | None:  # after the config is read, before any array is
             # The backend is first asked here: a config that fails validation never starts one.
@@ -157,11 +159,16 @@ class LLM:
 
         transposed_before = model.transposed
         model, params = loading.runtime_layout(model, params, layout, config.max_batch, mesh, rules, owned)
+        one_row = None
+        if loading.wants_one_row_copy(layout, model, params, config.decode_batch_buckets(), mesh):
+            one_row = loading.one_row_copy(model, params, mesh, rules)
         self.model = model
         self.tokenizer = tokenizer
         self._stats = GenerationStats()
         # `engine` is the model runner (compiled programs, params, KV cache); the loop drives it.
-        self.engine = ModelRunner(model, params, config, mesh=mesh, rules=rules, stats=self._stats)
+        self.engine = ModelRunner(
+            model, params, config, mesh=mesh, rules=rules, stats=self._stats, one_row=one_row
+        )
         self.scheduler = Scheduler(self.engine, KVCacheManager(self.engine), self._stats, tokenizer)
         self._stats.gauges = self.scheduler.gauges
         self.engine_choices = _engine_choices(
@@ -173,6 +180,7 @@ class LLM:
             transposed_before,
             reasons,
             self.engine.decode_buckets,
+            one_row,
         )
         self._stats.choices = self.engine_choices
         self._loop = EngineLoop(self.scheduler, max_queue=config.max_queue)
@@ -430,7 +438,9 @@ def _generation_config(max_batch, max_len, buckets, decode_steps, options) -> Ge
     return GenerationConfig(**kw)
 
 
-def _engine_choices(config, params, mesh, layout, transposed, transposed_before, reasons, decode_buckets):
+def _engine_choices(
+    config, params, mesh, layout, transposed, transposed_before, reasons, decode_buckets, one_row=None
+):
     """The EngineChoices record of an engine: `reasons` from LLM.__init__, else "given"."""
     from jinfer import defaults
 
@@ -443,6 +453,10 @@ def _engine_choices(config, params, mesh, layout, transposed, transposed_before,
     layout_choice = defaults.layout_choice(layout, transposed, backend, config.max_batch)
     if transposed_before:
         layout_choice = defaults.Choice("out_major", "as loaded (the model already holds out_major weights)")
+    if one_row is not None:
+        from jinfer.loading import tree_bytes
+
+        layout_choice = defaults.one_row_layout_choice(layout_choice, tree_bytes(one_row[1]))
     return defaults.EngineChoices(
         backend=backend,
         dtype=defaults.Choice(dtype, f"{reasons.get('dtype', given)}; KV cache {cache}"),

@@ -87,7 +87,10 @@ def _load(model, config, mesh, rules, layout, dtype, stopping: threading.Event) 
                 model = model.out_major()
             mesh = mesh or single_device_mesh()
             params = _abstract_params(model, mesh, rules, dtype)
-            runner = _ProgramLoader(model, params, config, mesh=mesh, rules=rules)
+            one_row = None
+            if loading.wants_one_row_copy(layout, model, params, config.decode_batch_buckets(), mesh):
+                one_row = (model.out_major(), _abstract_params(model.out_major(), mesh, rules, dtype))
+            runner = _ProgramLoader(model, params, config, mesh=mesh, rules=rules, one_row=one_row)
             chunks = sorted(config.prefill_chunk_buckets, reverse=True)  # chat prompts fill the largest
             decode = runner.decode_buckets  # a lone request decodes at the smallest
             builds = [runner._first_token_exe, lambda: runner._prefill_exe(chunks[0])]

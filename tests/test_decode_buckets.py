@@ -5,6 +5,7 @@ requests (kept in the lowest slots), with the same tokens as the one-shape engin
 import dataclasses
 import random
 
+import jax
 import numpy as np
 import pytest
 
@@ -164,3 +165,29 @@ def test_buckets_on_a_data_parallel_mesh(weights, one_shape):
     _assert_close(llm.generate(prompts, sps), one_shape.generate(prompts, sps))
     assert set(llm.stats.summary()["decode_rounds_per_bucket"]) == {2, 8}
     llm.close()
+
+
+def test_one_row_copy_decodes_bucket_one_on_output_major_weights(weights, bucketed, one_shape):
+    """On CPU, layout "auto" adds an output-major copy of the weights for bucket-1 decode (faster
+    matrix-vector products); prefill and larger buckets keep the canonical weights. An explicit
+    layout, one decode shape, or a data-parallel mesh make no copy."""
+    runner = bucketed.engine
+    assert runner.one_row is not None and runner.one_row[0].transposed and not runner.model.transposed
+    assert "out_major copy for decode bucket 1" in bucketed.engine_choices.layout.value
+    # the matrices are new (transposed) arrays; other leaves (norm scales, ...) are shared
+    leaves, row_leaves = jax.tree.leaves(runner.params), jax.tree.leaves(runner.one_row[1])
+    shared = [a is b for a, b in zip(leaves, row_leaves, strict=True)]
+    assert any(shared) and not all(shared)
+    prompt, greedy = [7, 3, 9, 1], SamplingParams(max_tokens=40, temperature=0.0, logprobs=1)
+    with _llm(weights, decode_buckets=None) as auto, _llm(weights, decode_buckets=None) as again:
+        assert auto.engine.one_row is not None
+        _assert_close(auto.generate([prompt], greedy), one_shape.generate([prompt], greedy))
+        assert auto.stats.summary()["decode_rounds_per_bucket"] == {1: 13}  # 40 tokens: 1 + 13 rounds x 3
+        # the same engine built again gives the same bits
+        assert auto.generate([prompt], greedy)[0].outputs[0].logprobs == (
+            again.generate([prompt], greedy)[0].outputs[0].logprobs
+        )
+    for kwargs in ({"layout": "canonical"}, {"layout": "out_major"}):
+        with LLM.from_params(*weights, config=dataclasses.replace(GEN, decode_buckets=None), **kwargs) as llm:
+            assert llm.engine.one_row is None
+    assert one_shape.engine.one_row is None

@@ -89,7 +89,11 @@ class ModelRunner:
         mesh: Mesh | None = None,
         rules: ShardingRules | None = None,
         stats: GenerationStats | None = None,
+        one_row: tuple[FlaxModel, Any] | None = None,
     ):
+        """`one_row`: (model, params) that decode bucket 1 runs instead of (`model`, `params`): the
+        same weights in another layout (`jinfer.loading.one_row_copy`); prefill and larger buckets
+        run `params`."""
         if model.spec.task != "causal_lm":
             raise ConfigError(
                 f"model class {model.spec.name!r} is a {model.spec.task!r} model, not causal_lm"
@@ -108,6 +112,7 @@ class ModelRunner:
         self.rules = rules or ShardingRules()
         self.vocab_size = int(mc.vocab_size)
         self.params = params
+        self.one_row = one_row
         self.stats = stats or GenerationStats()
         self._forward = model.apply_fn()
         self._logits = model.apply_fn("logits")
@@ -149,9 +154,10 @@ class ModelRunner:
     def _executable(self, key: tuple, build: Callable[[], Any]) -> Any:
         return self._executables.get(key, build)
 
-    def _abstract_params(self) -> Any:
+    def _abstract_params(self, params: Any = None) -> Any:
         return jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), self.params
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+            self.params if params is None else params,
         )
 
     def _scalar(self, dtype=jnp.int32) -> jax.ShapeDtypeStruct:
@@ -160,9 +166,11 @@ class ModelRunner:
     def _spec(self, shape, dtype) -> jax.ShapeDtypeStruct:
         return jax.ShapeDtypeStruct(shape, dtype, sharding=self._replicated)
 
-    def _lower(self, name: str, fn: Callable, args: tuple, **jit_kwargs: Any) -> Any:
+    def _lower(
+        self, name: str, fn: Callable, args: tuple, model: FlaxModel | None = None, **jit_kwargs: Any
+    ) -> Any:
         """jax.jit(fn, **jit_kwargs).lower(*args), via jinfer.compile's traced-program cache."""
-        identity = repr((name, self.model, self.config.compiled_shape(), self.rules))
+        identity = repr((name, model or self.model, self.config.compiled_shape(), self.rules))
         return compile_lib.lower(fn, args, identity=identity, **jit_kwargs)
 
     def _cache_shardings(self) -> Any:
@@ -317,11 +325,13 @@ class ModelRunner:
         """Decode of cache rows 0 .. bucket - 1 (default: every slot)."""
         bucket = bucket or self.config.max_batch
         steps, n = self.config.decode_steps, self.config.max_logprobs
+        model, params = self._decode_weights(bucket)
+        forward, logits_fn = model.apply_fn(), model.apply_fn("logits")
 
         def step(params, cache, state: DecodeState):
             positions = jnp.where(state.active, state.positions, -1)
-            hidden, cache = self._forward(params, state.tokens[:, None], positions[:, None], cache)
-            logits = self._logits(params, hidden[:, 0])
+            hidden, cache = forward(params, state.tokens[:, None], positions[:, None], cache)
+            logits = logits_fn(params, hidden[:, 0])
             token = sampling.sample(logits, state.sampler, state.positions + 1)
             logprob, top_ids, top_lp = sampling.token_logprobs(logits, token, n)
             out_token = jnp.where(state.active, token, -1)
@@ -352,22 +362,30 @@ class ModelRunner:
             lowered = self._lower(
                 f"decode{bucket}",
                 decode,
-                (self._abstract_params(), self._abstract_cache, abstract_state),
+                (self._abstract_params(params), self._abstract_cache, abstract_state),
+                model=model,
                 donate_argnums=(1,),
                 out_shardings=(self._cache_shardings(), self._replicated, self._replicated),
             )
-            return _compile(lowered, self._decode_compiler_options())
+            return _compile(lowered, self._decode_compiler_options(model is not self.model))
 
         return self._executable(("decode", bucket), build)
 
-    def _decode_compiler_options(self) -> dict[str, Any] | None:
+    def _decode_weights(self, bucket: int) -> tuple[FlaxModel, Any]:
+        """(model, params) decode runs at `bucket` rows: the one-row copy at bucket 1, if any."""
+        if bucket == 1 and self.one_row is not None:
+            return self.one_row
+        return self.model, self.params
+
+    def _decode_compiler_options(self, one_row_layout: bool = False) -> dict[str, Any] | None:
         """XLA options for the decode executable.
 
         XLA:CPU's YNNPACK fusions speed up batched matmuls but slow down the matrix-vector
         products of one-slot decode: measured on a 32M-parameter Llama, +16-25 % batch-1 tokens/s
-        without them, -40 % at 8 slots with them off. So they are turned off for 1-slot engines only.
+        without them, -40 % at 8 slots with them off. So they are turned off for 1-slot engines and
+        for the one-row copy's decode only.
         """
-        if jax.default_backend() == "cpu" and self.config.max_batch == 1:
+        if jax.default_backend() == "cpu" and (self.config.max_batch == 1 or one_row_layout):
             return {"xla_cpu_experimental_ynn_fusion_type": ""}
         return None
 
@@ -459,7 +477,8 @@ class ModelRunner:
         """Runs decode_steps steps on slots 0 .. bucket - 1 (`state` holds those rows; default:
         every slot); returns their new state and (tokens [b, j] (-1 where inactive), logprob
         [b, j], top ids [b, j, n], top logprobs [b, j, n]) on the host."""
-        self.cache, new_state, outs = self._decode_exe(bucket)(self.params, self.cache, state)
+        params = self._decode_weights(bucket or self.config.max_batch)[1]
+        self.cache, new_state, outs = self._decode_exe(bucket)(params, self.cache, state)
         return jax.tree.map(np.array, new_state), tuple(np.asarray(x) for x in outs)
 
     def score(self, ids: Sequence[int], start: int) -> np.ndarray:
