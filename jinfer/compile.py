@@ -29,6 +29,9 @@ logger = logging.getLogger(__name__)
 BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 CACHE_HIT_EVENT = "/jax/compilation_cache/cache_hits"
 CACHE_ENV_VAR = "JINFER_COMPILATION_CACHE"
+MAX_BYTES_ENV_VAR = "JINFER_COMPILATION_CACHE_MAX_BYTES"
+DEFAULT_MAX_BYTES = 4 * 2**30
+_MAX_BYTES = DEFAULT_MAX_BYTES  # per store; set by enable_compilation_cache
 
 
 class CompileCounter:
@@ -151,20 +154,31 @@ def count_compiles() -> Iterator[CompileDelta]:
     yield compiles_since()
 
 
-def enable_compilation_cache(directory: str | os.PathLike) -> Path:
+def enable_compilation_cache(directory: str | os.PathLike, max_bytes: int | None = None) -> Path:
     """Turns on JAX's persistent compilation cache in `directory` (created if missing).
 
     Sets `jax_compilation_cache_dir` and caches every executable regardless of compile time or
     size (`jax_persistent_cache_min_compile_time_secs=0`, `..._min_entry_size_bytes=0`; the
-    default 1 s threshold skips most CPU compiles). The cache directory is trusted code: do not
-    share it with untrusted users. Returns the resolved directory.
+    default 1 s threshold skips most CPU compiles). Each of the directory's three stores (XLA's
+    executables, jinfer's executables and its traced programs) is kept under `max_bytes` (default
+    $JINFER_COMPILATION_CACHE_MAX_BYTES, else 4 GiB; -1: unbounded) by removing the least recently
+    used entries: every jinfer upgrade or model change adds new ones. The cache directory is
+    trusted code: do not share it with untrusted users. Returns the resolved directory.
     """
+    global _MAX_BYTES
     path = Path(directory).expanduser().resolve()
     path.mkdir(parents=True, exist_ok=True)
+    if max_bytes is None:
+        max_bytes = int(os.environ.get(MAX_BYTES_ENV_VAR, DEFAULT_MAX_BYTES))
+    _MAX_BYTES = max_bytes
     previous = jax.config.jax_compilation_cache_dir
     jax.config.update("jax_compilation_cache_dir", str(path))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    with contextlib.suppress(Exception):  # jax evicts its own entries (it needs `filelock`)
+        import filelock  # noqa: F401
+
+        jax.config.update("jax_compilation_cache_max_size", max_bytes)
     if previous and previous != str(path):
         # JAX opens the cache once; point it at the new directory.
         from jax.experimental.compilation_cache import compilation_cache
@@ -172,6 +186,35 @@ def enable_compilation_cache(directory: str | os.PathLike) -> Path:
         compilation_cache.reset_cache()
     logger.info("jinfer: persistent compilation cache at %s", path)
     return path
+
+
+def trim_store(directory: Path, max_bytes: int | None = None) -> int:
+    """Removes the least recently used files of one of jinfer's cache stores until it holds at
+    most `max_bytes` (default: the limit `enable_compilation_cache` set); returns bytes removed.
+    Recency is the file's mtime, which a load refreshes."""
+    max_bytes = _MAX_BYTES if max_bytes is None else max_bytes
+    if max_bytes < 0:
+        return 0
+    entries, stale = [], time.time() - 3600  # a temporary file this old was left by a crash
+    for path in directory.glob("*"):
+        with contextlib.suppress(OSError):
+            st = path.stat()
+            if path.is_file() and (".tmp" not in path.suffix or st.st_mtime < stale):
+                entries.append((st.st_mtime, st.st_size, path))
+    total, removed = sum(e[1] for e in entries), 0
+    for _, size, path in sorted(entries):
+        if total <= max_bytes:
+            break
+        with contextlib.suppress(OSError):  # another process may have removed it
+            path.unlink()
+            removed += size
+        total -= size
+    return removed
+
+
+def _touch(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        os.utime(path)
 
 
 def maybe_enable_from_env() -> Path | None:
@@ -308,6 +351,9 @@ def _lower_exported(
             tmp = path.with_suffix(f".tmp{os.getpid()}")
             tmp.write_bytes(exported.serialize())
             tmp.replace(path)
+            trim_store(directory)
+        else:
+            _touch(path)
 
         def call_exported(*a):
             return exported.call(*_keys_to_str(a))
@@ -464,6 +510,7 @@ def _load_executable(path: Path) -> Any:
             path.unlink()
         return None
     COMPILES.record_load(time.perf_counter() - start)
+    _touch(path)
     return compiled
 
 
@@ -479,5 +526,6 @@ def _store_executable(path: Path, compiled: Any) -> None:
         tmp = path.with_suffix(f".tmp{os.getpid()}-{threading.get_ident()}")
         tmp.write_bytes(data)
         tmp.replace(path)
+        trim_store(path.parent)
     except Exception as e:  # not serializable on this backend, disk full, ...: just not cached
         logger.info("jinfer: executable not cached (%s: %s)", type(e).__name__, e)

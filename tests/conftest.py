@@ -15,6 +15,7 @@ _CACHE_OPTIONS = (
     "jax_compilation_cache_dir",
     "jax_persistent_cache_min_compile_time_secs",
     "jax_persistent_cache_min_entry_size_bytes",
+    "jax_compilation_cache_max_size",
 )
 
 

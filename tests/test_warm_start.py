@@ -121,3 +121,44 @@ def test_llm_returns_after_its_prefetch_stopped_and_loads_nothing_behind_request
             tokens = [o.outputs[0].token_ids for o in warm.generate(prompts, greedy)]
         assert c.count == 0
         assert tokens == expected
+
+
+def test_cache_stores_keep_under_their_size_limit_least_recently_used_first(tmp_path):
+    import time
+
+    import jax
+
+    from jinfer import compile as compile_lib
+    from jinfer.llm import LLM
+    from jinfer.sampling import SamplingParams
+
+    store = tmp_path / "store"
+    store.mkdir()
+    now = time.time()
+    for i, name in enumerate(("a", "b", "c")):  # a oldest, c newest; 100 bytes each
+        (store / name).write_bytes(bytes(100))
+        os.utime(store / name, (now - 100 + i, now - 100 + i))
+    (store / "d.tmp123").write_bytes(bytes(100))  # being written by another process: kept
+    assert compile_lib.trim_store(store, 250) == 100
+    assert sorted(p.name for p in store.iterdir()) == ["b", "c", "d.tmp123"]
+    compile_lib._touch(store / "b")  # a load makes it the most recent
+    assert compile_lib.trim_store(store, 150) == 100
+    assert sorted(p.name for p in store.iterdir()) == ["b", "d.tmp123"]
+    assert compile_lib.trim_store(store, -1) == 0  # unbounded
+
+    # End to end: the same engine's programs in an unbounded cache, then in one half that size.
+    model_dir = make_tiny_llm_dir(tmp_path / "model")
+    greedy = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    sizes, tokens = {}, {}
+    for name, limit in (("full", -1), ("half", None)):
+        cache = tmp_path / name
+        if limit is None:
+            limit = sizes["full"] // 2
+        compile_lib.enable_compilation_cache(cache, max_bytes=limit)  # conftest restores the setting
+        assert jax.config.jax_compilation_cache_max_size == limit
+        with LLM(model_dir, max_batch=2, max_len=64, buckets=(16, 32)) as llm:
+            llm.warmup()
+            tokens[name] = llm.generate([[5, 9, 17, 3]], greedy)[0].outputs[0].token_ids
+        sizes[name] = sum(p.stat().st_size for p in (cache / compile_lib.EXECUTABLES_SUBDIR).iterdir())
+    assert sizes["full"] > 0 and 0 < sizes["half"] <= sizes["full"] // 2
+    assert tokens["half"] == tokens["full"]
