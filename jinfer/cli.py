@@ -351,6 +351,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+COMPILING_COMMANDS = frozenset({"generate", "embed", "run-batch", "serve"})
+
+
 def _setup_compilation_cache(value: str | None) -> None:
     import os
 
@@ -382,7 +385,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from jinfer.digest_record import VERIFY_ENV
 
             os.environ[VERIFY_ENV] = "full"
-        _setup_compilation_cache(args.compilation_cache)
+        if args.command in COMPILING_COMMANDS:  # inspect, convert, ... leave no cache behind
+            _setup_compilation_cache(args.compilation_cache)
         return args.func(args) or 0
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED

@@ -161,24 +161,26 @@ def enable_compilation_cache(directory: str | os.PathLike, max_bytes: int | None
     size (`jax_persistent_cache_min_compile_time_secs=0`, `..._min_entry_size_bytes=0`; the
     default 1 s threshold skips most CPU compiles). Each of the directory's three stores (XLA's
     executables, jinfer's executables and its traced programs) is kept under `max_bytes` (default
-    $JINFER_COMPILATION_CACHE_MAX_BYTES, else 4 GiB; -1: unbounded) by removing the least recently
-    used entries: every jinfer upgrade or model change adds new ones. The cache directory is
-    trusted code: do not share it with untrusted users. Returns the resolved directory.
+    $JINFER_COMPILATION_CACHE_MAX_BYTES, else 4 GiB; -1: unbounded), removing the least recently
+    used entries first (XLA's: the oldest written, trimmed when the cache is turned on; jinfer's:
+    after each store, a load counting as a use): every jinfer upgrade or model change adds entries.
+    The cache directory is trusted code: do not share it with untrusted users. Returns the resolved
+    directory.
     """
     global _MAX_BYTES
     path = Path(directory).expanduser().resolve()
     path.mkdir(parents=True, exist_ok=True)
     if max_bytes is None:
-        max_bytes = int(os.environ.get(MAX_BYTES_ENV_VAR, DEFAULT_MAX_BYTES))
+        max_bytes = _max_bytes_from_env()
     _MAX_BYTES = max_bytes
+    # XLA's own entries (files at the top): trimmed here, oldest written first. jax's own limit
+    # (`jax_compilation_cache_max_size`) is not used: in jax 0.10.2 it fails every write in a
+    # directory whose entries were stored without it (they have no "-atime" files; jax#39880).
+    trim_store(path, max_bytes)
     previous = jax.config.jax_compilation_cache_dir
     jax.config.update("jax_compilation_cache_dir", str(path))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    with contextlib.suppress(Exception):  # jax evicts its own entries (it needs `filelock`)
-        import filelock  # noqa: F401
-
-        jax.config.update("jax_compilation_cache_max_size", max_bytes)
     if previous and previous != str(path):
         # JAX opens the cache once; point it at the new directory.
         from jax.experimental.compilation_cache import compilation_cache
@@ -186,6 +188,21 @@ def enable_compilation_cache(directory: str | os.PathLike, max_bytes: int | None
         compilation_cache.reset_cache()
     logger.info("jinfer: persistent compilation cache at %s", path)
     return path
+
+
+def _max_bytes_from_env() -> int:
+    value = os.environ.get(MAX_BYTES_ENV_VAR)
+    if value is None:
+        return DEFAULT_MAX_BYTES
+    try:
+        return int(value)
+    except ValueError:
+        from jinfer.errors import ConfigError
+
+        raise ConfigError(
+            f"${MAX_BYTES_ENV_VAR}={value!r} is not a whole number of bytes "
+            f"(e.g. {DEFAULT_MAX_BYTES}; -1: unbounded)"
+        ) from None
 
 
 def trim_store(directory: Path, max_bytes: int | None = None) -> int:

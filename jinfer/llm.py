@@ -27,7 +27,7 @@ from jinfer.runtime.runner import ModelRunner
 from jinfer.runtime.scheduler import Request, RequestDelta, Scheduler
 from jinfer.runtime.stats import GenerationStats
 from jinfer.sampling import SamplingParams
-from jinfer.sharding import ShardingRules, make_mesh
+from jinfer.sharding import ShardingRules, make_mesh, single_device_mesh
 from jinfer.tokenizer import Tokenizer
 
 Prompt = str | Sequence[int] | Sequence[dict[str, Any]]
@@ -82,15 +82,16 @@ class LLM:
         **engine_options: Any,
     ):
         from jinfer import defaults, loading, prefetch
-        from jinfer.memory import plan_llm_memory
+        from jinfer.memory import MemoryPlanError, plan_llm_memory
 
         mesh = make_mesh(mesh) if isinstance(mesh, str) else mesh
         gen_config = shape = dtype_reason = prefetching = None
+        one_row = True
         compile_lib.maybe_enable_from_env()  # before the prefetch looks for cached executables
 
         def plan(flax_model: FlaxModel) -> str | None:  # after the config is read, before any array is
             # The backend is first asked here: a config that fails validation never starts one.
-            nonlocal gen_config, shape, dtype, dtype_reason, prefetching
+            nonlocal gen_config, shape, dtype, dtype_reason, prefetching, one_row
             backend = defaults.backend_of(mesh)
             dtype, dtype_reason = defaults.default_dtype(backend, dtype)
             device = mesh.devices.flat[0] if mesh is not None else jax.devices()[0]
@@ -105,9 +106,22 @@ class LLM:
                 decode_steps,
                 engine_options,
             )
-            plan_llm_memory(flax_model, gen_config, mesh, dtype)
+            one_row_bytes = 0
+            abstract = loading.abstract_params(flax_model, mesh or single_device_mesh(), rules, dtype)
+            if loading.wants_one_row_copy(
+                layout, flax_model, abstract, gen_config.decode_batch_buckets(), mesh
+            ):
+                one_row_bytes = loading.one_row_copy_bytes(flax_model, abstract)
+            try:
+                plan_llm_memory(flax_model, gen_config, mesh, dtype, extra_param_bytes=one_row_bytes)
+            except MemoryPlanError:
+                if not one_row_bytes:
+                    raise
+                one_row_bytes = 0  # no one-row copy rather than no engine
+                plan_llm_memory(flax_model, gen_config, mesh, dtype)
+            one_row = one_row_bytes > 0
             if not quantize or flax_model.quantization is not None:  # load executables meanwhile
-                prefetching = prefetch.start(flax_model, gen_config, mesh, rules, layout, dtype)
+                prefetching = prefetch.start(flax_model, gen_config, mesh, rules, layout, dtype, one_row)
             return dtype  # the dtype to restore in
 
         try:
@@ -122,7 +136,17 @@ class LLM:
             }
             reasons["prefill_buckets"] = shape.prefill_buckets.reason
             self._setup(
-                flax_model, params, tokenizer, gen_config, mesh, rules, gen_defaults, layout, True, reasons
+                flax_model,
+                params,
+                tokenizer,
+                gen_config,
+                mesh,
+                rules,
+                gen_defaults,
+                layout,
+                True,
+                reasons,
+                one_row,
             )
         finally:
             if prefetching is not None:  # what it loaded is handed off; nothing loads behind requests
@@ -153,14 +177,28 @@ class LLM:
         return self
 
     def _setup(
-        self, model, params, tokenizer, config, mesh, rules, gen_defaults, layout, owned=False, reasons=None
+        self,
+        model,
+        params,
+        tokenizer,
+        config,
+        mesh,
+        rules,
+        gen_defaults,
+        layout,
+        owned=False,
+        reasons=None,
+        one_row_allowed=True,
     ):
         from jinfer import loading
 
         transposed_before = model.transposed
         model, params = loading.runtime_layout(model, params, layout, config.max_batch, mesh, rules, owned)
-        one_row = None
-        if loading.wants_one_row_copy(layout, model, params, config.decode_batch_buckets(), mesh):
+        one_row, one_row_bytes = None, 0
+        if one_row_allowed and loading.wants_one_row_copy(
+            layout, model, params, config.decode_batch_buckets(), mesh
+        ):
+            one_row_bytes = loading.one_row_copy_bytes(model, params)
             one_row = loading.one_row_copy(model, params, mesh, rules)
         self.model = model
         self.tokenizer = tokenizer
@@ -180,7 +218,7 @@ class LLM:
             transposed_before,
             reasons,
             self.engine.decode_buckets,
-            one_row,
+            one_row_bytes,
         )
         self._stats.choices = self.engine_choices
         self._loop = EngineLoop(self.scheduler, max_queue=config.max_queue)
@@ -439,7 +477,7 @@ def _generation_config(max_batch, max_len, buckets, decode_steps, options) -> Ge
 
 
 def _engine_choices(
-    config, params, mesh, layout, transposed, transposed_before, reasons, decode_buckets, one_row=None
+    config, params, mesh, layout, transposed, transposed_before, reasons, decode_buckets, one_row_bytes=0
 ):
     """The EngineChoices record of an engine: `reasons` from LLM.__init__, else "given"."""
     from jinfer import defaults
@@ -453,10 +491,8 @@ def _engine_choices(
     layout_choice = defaults.layout_choice(layout, transposed, backend, config.max_batch)
     if transposed_before:
         layout_choice = defaults.Choice("out_major", "as loaded (the model already holds out_major weights)")
-    if one_row is not None:
-        from jinfer.loading import tree_bytes
-
-        layout_choice = defaults.one_row_layout_choice(layout_choice, tree_bytes(one_row[1]))
+    if one_row_bytes:
+        layout_choice = defaults.one_row_layout_choice(layout_choice, one_row_bytes)
     return defaults.EngineChoices(
         backend=backend,
         dtype=defaults.Choice(dtype, f"{reasons.get('dtype', given)}; KV cache {cache}"),

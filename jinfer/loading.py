@@ -145,8 +145,9 @@ def wants_one_row_copy(
 ) -> bool:
     """layout "auto" on CPU in a single process and on one device, for a canonical model with
     typed weights whose engine also decodes at one row (decode bucket 1 beside larger ones), when
-    a second copy of `params` (arrays or ShapeDtypeStructs) fits `ONE_ROW_COPY_MAX_FRACTION` of
-    the host's physical memory.
+    the copy (`one_row_copy_bytes` of `params`, arrays or ShapeDtypeStructs) takes at most
+    `ONE_ROW_COPY_MAX_FRACTION` of the host's physical memory. (`LLM` also counts the copy in its
+    memory plan and goes without it when the engine would not fit with it.)
 
     Why: on XLA:CPU one row's matrix-vector products run faster on [out, in] weights (SmolLM2-135M
     f32, one request on a 32-slot engine: 52-54 vs 37-38 tokens/s), while batched rows run slower
@@ -162,14 +163,25 @@ def wants_one_row_copy(
         physical = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (AttributeError, OSError, ValueError):  # unknown: no copy rather than a risky one
         return False
-    return tree_bytes(params) <= ONE_ROW_COPY_MAX_FRACTION * physical
+    return one_row_copy_bytes(model, params) <= ONE_ROW_COPY_MAX_FRACTION * physical
 
 
-def tree_bytes(tree: Any) -> int:
-    """Bytes of a tree of arrays or ShapeDtypeStructs (quantized leaves count their parts)."""
-    import math
+def abstract_params(model: FlaxModel, mesh: Mesh, rules: ShardingRules | None, dtype: Any) -> Any:
+    """What `load` will restore, without reading it: shapes, dtypes (floating leaves cast to
+    `dtype`; None: as the model declares them) and shardings on `mesh`."""
 
-    return sum(math.prod(x.shape) * jax.numpy.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+    def spec(x, sharding):
+        floating = jax.numpy.issubdtype(x.dtype, jax.numpy.floating)
+        dt = jax.numpy.dtype(dtype) if dtype is not None and floating else x.dtype
+        return jax.ShapeDtypeStruct(x.shape, dt, sharding=sharding)
+
+    return jax.tree.map(spec, model.abstract_params(), model.shardings(mesh, rules))
+
+
+def one_row_copy_bytes(model: FlaxModel, params: Any) -> int:
+    """Bytes a one-row copy of `params` adds: the weights it transposes (the other leaves, norm
+    scales and embedding tables, are shared with the canonical params)."""
+    return quant.transposed_bytes(params, model.float_logical_axes())
 
 
 def one_row_copy(model: FlaxModel, params: Any, mesh: Mesh | None, rules) -> tuple[FlaxModel, Any]:

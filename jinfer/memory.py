@@ -89,9 +89,12 @@ def _kv_bytes_per_slot(cfg: Any, max_len: int, itemsize: int) -> int:
     return getattr(cfg, "num_layers", 1) * 2 * max_len * kv_heads * head_dim * itemsize
 
 
-def plan_llm_memory(model: Any, gen_config: Any, mesh: Any, dtype: Any = None) -> MemoryPlan:
+def plan_llm_memory(
+    model: Any, gen_config: Any, mesh: Any, dtype: Any = None, extra_param_bytes: int = 0
+) -> MemoryPlan:
     """The MemoryPlan of an LLM engine (no device memory touched); raises MemoryPlanError when it
-    does not fit. `dtype`: the load dtype of floating params (None: as saved)."""
+    does not fit. `dtype`: the load dtype of floating params (None: as saved);
+    `extra_param_bytes`: weights held besides the params (e.g. a one-row decode copy)."""
     import jax
     import jax.numpy as jnp
 
@@ -119,6 +122,7 @@ def plan_llm_memory(model: Any, gen_config: Any, mesh: Any, dtype: Any = None) -
     if devices[0].platform != "cpu":  # each accelerator holds its shard of params and cache
         params //= model_axis
         per_slot //= len(devices)
+    params += extra_param_bytes
     # (simulated CPU devices share one host: the totals are compared with host RAM)
     kv = max_batch * _kv_bytes_per_slot(cfg, max_len, itemsize)
     kv //= len(devices) if devices[0].platform != "cpu" else 1

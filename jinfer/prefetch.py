@@ -18,7 +18,6 @@ import threading
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from jinfer import compile as compile_lib
@@ -37,9 +36,15 @@ class _ProgramLoader(ModelRunner):
         return self._abstract_cache
 
 
+# The first token, the largest prefill chunk and the smallest decode bucket: any first request
+# needs them, so `stop()` lets them finish; it skips the rest.
+FIRST_REQUEST_PROGRAMS = 3
+
+
 class Prefetch:
-    """The background loader started by `start`; `stop()` ends it after the executable it is
-    loading (what it loaded stays handed off to the engine) and joins its thread."""
+    """The background loader started by `start`; `stop()` ends it once the programs every first
+    request needs are loaded (`FIRST_REQUEST_PROGRAMS`) and joins its thread. What it loaded
+    stays handed off to the engine."""
 
     def __init__(self, *args: Any):
         self._stopping = threading.Event()
@@ -59,26 +64,17 @@ def start(
     rules: ShardingRules | None,
     layout: str,
     dtype: Any,
+    one_row: bool,
 ) -> Prefetch | None:
-    """Starts loading the cached executables of the engine `LLM` will build; None when there is
-    nothing to gain (no compilation cache, several processes)."""
+    """Starts loading the cached executables of the engine `LLM` will build (`one_row`: with a
+    one-row decode copy); None when there is nothing to gain (no compilation cache, several
+    processes)."""
     if compile_lib._exports_dir() is None or jax.process_count() > 1:
         return None
-    return Prefetch(model, config, mesh, rules, layout, dtype)
+    return Prefetch(model, config, mesh, rules, layout, dtype, one_row)
 
 
-def _abstract_params(model: FlaxModel, mesh: Mesh, rules: ShardingRules | None, dtype: Any) -> Any:
-    """What `loading.load` + `runtime_layout` will produce: shapes, dtypes (floating leaves cast to
-    `dtype`; None: as the model declares them), shardings."""
-
-    def spec(x, sharding):
-        dt = jnp.dtype(dtype) if dtype is not None and jnp.issubdtype(x.dtype, jnp.floating) else x.dtype
-        return jax.ShapeDtypeStruct(x.shape, dt, sharding=sharding)
-
-    return jax.tree.map(spec, model.abstract_params(), model.shardings(mesh, rules))
-
-
-def _load(model, config, mesh, rules, layout, dtype, stopping: threading.Event) -> None:
+def _load(model, config, mesh, rules, layout, dtype, one_row: bool, stopping: threading.Event) -> None:
     from jinfer import loading
 
     try:
@@ -86,19 +82,19 @@ def _load(model, config, mesh, rules, layout, dtype, stopping: threading.Event) 
             if loading.wants_out_major(layout, model, config.max_batch) and not model.transposed:
                 model = model.out_major()
             mesh = mesh or single_device_mesh()
-            params = _abstract_params(model, mesh, rules, dtype)
-            one_row = None
-            if loading.wants_one_row_copy(layout, model, params, config.decode_batch_buckets(), mesh):
-                one_row = (model.out_major(), _abstract_params(model.out_major(), mesh, rules, dtype))
-            runner = _ProgramLoader(model, params, config, mesh=mesh, rules=rules, one_row=one_row)
+            params = loading.abstract_params(model, mesh, rules, dtype)
+            row = None
+            if one_row:
+                row = (model.out_major(), loading.abstract_params(model.out_major(), mesh, rules, dtype))
+            runner = _ProgramLoader(model, params, config, mesh=mesh, rules=rules, one_row=row)
             chunks = sorted(config.prefill_chunk_buckets, reverse=True)  # chat prompts fill the largest
             decode = runner.decode_buckets  # a lone request decodes at the smallest
             builds = [runner._first_token_exe, lambda: runner._prefill_exe(chunks[0])]
             builds += [lambda: runner._decode_exe(decode[0])]
             builds += [lambda b=b: runner._prefill_exe(b) for b in chunks[1:]]
             builds += [lambda b=b: runner._decode_exe(b) for b in decode[1:]]
-            for build in builds:
-                if stopping.is_set():
+            for i, build in enumerate(builds):
+                if stopping.is_set() and i >= FIRST_REQUEST_PROGRAMS:
                     return
                 try:
                     build()

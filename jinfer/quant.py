@@ -194,6 +194,20 @@ def transpose_params(params: Any, float_axes: Any) -> Any:
     return _map_float_leaves(params, float_axes, lambda x, n: _out_major_leaf(x, n, jnp))
 
 
+def transposed_bytes(params: Any, float_axes: Any) -> int:
+    """Bytes of the leaves `transpose_params` rewrites (arrays or ShapeDtypeStructs; an int8
+    weight counts its values and scales); the other leaves keep their buffers."""
+    sizes = []
+
+    def visit(leaf, names):
+        if _out_major_layout(names) is not None:
+            sizes.extend(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(leaf))
+        return leaf
+
+    _map_float_leaves(params, float_axes, visit)
+    return sum(sizes)
+
+
 def transpose_params_inplace(params: dict, float_axes: Any, shardings: Any) -> dict:
     """`transpose_params` on the host, one weight at a time, placed with `shardings` (the
     transposed model's). Each weight replaces its original in `params` (nested dicts this function

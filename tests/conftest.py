@@ -15,7 +15,6 @@ _CACHE_OPTIONS = (
     "jax_compilation_cache_dir",
     "jax_persistent_cache_min_compile_time_secs",
     "jax_persistent_cache_min_entry_size_bytes",
-    "jax_compilation_cache_max_size",
 )
 
 
@@ -23,8 +22,12 @@ _CACHE_OPTIONS = (
 def _restore_compilation_cache():
     """A test that turns on a compilation cache (e.g. an in-process `jinfer.cli.main`, which
     defaults to the user's cache directory) must not switch it on for the tests after it."""
+    from jinfer import compile as compile_lib
+
     before = {name: getattr(jax.config, name) for name in _CACHE_OPTIONS}
+    max_bytes = compile_lib._MAX_BYTES
     yield
+    compile_lib._MAX_BYTES = max_bytes
     if any(getattr(jax.config, name) != value for name, value in before.items()):
         from jax.experimental.compilation_cache import compilation_cache
 

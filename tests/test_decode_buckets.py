@@ -161,6 +161,7 @@ def test_buckets_on_a_data_parallel_mesh(weights, one_shape):
         *weights, config=dataclasses.replace(GEN, decode_buckets=None), mesh=make_mesh("data=2,model=4")
     )
     assert llm.engine.decode_buckets == (2, 8)
+    assert llm.engine.one_row is None  # no bucket 1 (and several devices): no one-row copy
     prompts, sps = _workload(2, 10)
     _assert_close(llm.generate(prompts, sps), one_shape.generate(prompts, sps))
     assert set(llm.stats.summary()["decode_rounds_per_bucket"]) == {2, 8}

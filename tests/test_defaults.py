@@ -125,6 +125,36 @@ def test_kv_budget_and_accelerator_defaults_by_backend():
     assert [defaults.cli_max_batch(n) for n in (1, 2, 3, 5, 8, 9, 100)] == [1, 2, 4, 8, 8, None, None]
 
 
+def test_one_row_copy_is_in_the_memory_plan_and_dropped_when_it_does_not_fit(tmp_path, monkeypatch):
+    import jax
+
+    from jinfer import loading, memory
+    from jinfer.sharding import single_device_mesh
+
+    path = make_tiny_llm_dir(tmp_path / "m", max_position_embeddings=512)
+    config = dict(max_batch=8, max_len=128, buckets=(16, 32))
+    with LLM(path, **config) as llm:
+        assert llm.engine.one_row is not None
+        model, gen, params = llm.model, llm.engine.config, llm.engine.params
+        copy = loading.one_row_copy_bytes(model, params)
+        assert f"(+{defaults._size(copy)};" in llm.engine_choices.layout.reason
+    # only the transposed weights count (the embedding and norm scales are shared), and the plan's
+    # estimate from the abstract params is the real copy's size
+    assert 0 < copy < sum(x.nbytes for x in jax.tree.leaves(params))
+    assert (
+        loading.one_row_copy_bytes(model, loading.abstract_params(model, single_device_mesh(), None, None))
+        == copy
+    )
+    need = memory.plan_llm_memory(model, gen, None).total * memory._MARGIN
+    # room for the engine but not for the copy as well: the engine is built without the copy
+    monkeypatch.setattr(memory, "host_available_bytes", lambda: int(need + copy / 2))
+    with LLM(path, **config) as llm:
+        assert llm.engine.one_row is None and llm.engine_choices.layout.value == "canonical"
+    monkeypatch.setattr(memory, "host_available_bytes", lambda: int(need + copy * 2))
+    with LLM(path, **config) as llm:
+        assert llm.engine.one_row is not None
+
+
 def test_llm_records_what_it_chose_and_why(tmp_path, monkeypatch):
     from jinfer import memory
 

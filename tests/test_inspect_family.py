@@ -15,8 +15,12 @@ FIXTURES = Path(__file__).parent / "fixtures" / "hf"
 
 
 def test_inspect_names_the_source_family(tmp_path, capsys):
+    import jax
+
     out = convert(FIXTURES / "qwen2", tmp_path / "qwen2", progress=False)
+    cache_dir = jax.config.jax_compilation_cache_dir
     assert cli.main(["inspect", str(out)]) == 0
+    assert jax.config.jax_compilation_cache_dir == cache_dir  # inspect compiles nothing: no cache set up
     text = capsys.readouterr().out
     assert "model_class: Llama (nnx, causal_lm)" in text
     assert "converted from: Qwen2ForCausalLM (qwen2, from huggingface)" in text

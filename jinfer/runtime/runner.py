@@ -326,10 +326,10 @@ class ModelRunner:
         bucket = bucket or self.config.max_batch
         steps, n = self.config.decode_steps, self.config.max_logprobs
         model, params = self._decode_weights(bucket)
-        forward, logits_fn = model.apply_fn(), model.apply_fn("logits")
 
         def step(params, cache, state: DecodeState):
             positions = jnp.where(state.active, state.positions, -1)
+            forward, logits_fn = model.apply_fn(), model.apply_fn("logits")  # (traced once)
             hidden, cache = forward(params, state.tokens[:, None], positions[:, None], cache)
             logits = logits_fn(params, hidden[:, 0])
             token = sampling.sample(logits, state.sampler, state.positions + 1)
