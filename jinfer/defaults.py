@@ -357,7 +357,7 @@ def layout_choice(layout: str, transposed: bool, backend: str, max_batch: int) -
 
 
 def one_row_layout_choice(base: Choice, copy_bytes: int) -> Choice:
-    """`base` plus the output-major copy decode bucket 1 runs (jinfer.loading.wants_one_row_copy)."""
+    """`base` plus the output-major copy decode bucket 1 runs (jinfer.loading.one_row_copy_size)."""
     return Choice(
         f"{base.value} + out_major copy for decode bucket 1",
         f"{base.reason}; one request alone decodes on an output-major copy of the weights "

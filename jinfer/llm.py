@@ -106,12 +106,10 @@ class LLM:
                 decode_steps,
                 engine_options,
             )
-            one_row_bytes = 0
             abstract = loading.abstract_params(flax_model, mesh or single_device_mesh(), rules, dtype)
-            if loading.wants_one_row_copy(
+            one_row_bytes = loading.one_row_copy_size(
                 layout, flax_model, abstract, gen_config.decode_batch_buckets(), mesh
-            ):
-                one_row_bytes = loading.one_row_copy_bytes(flax_model, abstract)
+            )
             try:
                 plan_llm_memory(flax_model, gen_config, mesh, dtype, extra_param_bytes=one_row_bytes)
             except MemoryPlanError:
@@ -195,10 +193,11 @@ class LLM:
         transposed_before = model.transposed
         model, params = loading.runtime_layout(model, params, layout, config.max_batch, mesh, rules, owned)
         one_row, one_row_bytes = None, 0
-        if one_row_allowed and loading.wants_one_row_copy(
-            layout, model, params, config.decode_batch_buckets(), mesh
-        ):
-            one_row_bytes = loading.one_row_copy_bytes(model, params)
+        if one_row_allowed:
+            one_row_bytes = loading.one_row_copy_size(
+                layout, model, params, config.decode_batch_buckets(), mesh
+            )
+        if one_row_bytes:
             one_row = loading.one_row_copy(model, params, mesh, rules)
         self.model = model
         self.tokenizer = tokenizer

@@ -9,7 +9,7 @@
    (one decode slot on XLA:CPU, or when asked), turns weights into `OutMajor` ones, on the host,
    one weight at a time. A many-slot CPU engine keeps the canonical weights and, when a second
    copy is small next to the host's memory, adds an `OutMajor` copy for its one-row decode
-   (`wants_one_row_copy`, `one_row_copy`).
+   (`one_row_copy_size`, `one_row_copy`).
 
 `load` runs steps 1-4 (`LLM`, `Embedder` and `Engine.from_model_dir` call it); `LLM` runs step 5 on
 what it is given, whether loaded here or passed to `LLM.from_params`. The weight types themselves
@@ -140,30 +140,32 @@ def wants_out_major(layout: str, model: FlaxModel, max_batch: int) -> bool:
     return layout == "out_major"
 
 
-def wants_one_row_copy(
+def one_row_copy_size(
     layout: str, model: FlaxModel, params: Any, decode_buckets: tuple[int, ...], mesh: Mesh | None
-) -> bool:
-    """layout "auto" on CPU in a single process and on one device, for a canonical model with
-    typed weights whose engine also decodes at one row (decode bucket 1 beside larger ones), when
-    the copy (`one_row_copy_bytes` of `params`, arrays or ShapeDtypeStructs) takes at most
-    `ONE_ROW_COPY_MAX_FRACTION` of the host's physical memory. (`LLM` also counts the copy in its
-    memory plan and goes without it when the engine would not fit with it.)
+) -> int:
+    """Bytes of the one-row copy an engine should make (`one_row_copy_bytes` of `params`, arrays
+    or ShapeDtypeStructs), 0 for none. A copy is made for layout "auto" on CPU in a single process
+    and on one device, for a canonical model with typed weights whose engine also decodes at one
+    row (decode bucket 1 beside larger ones), when it takes at most `ONE_ROW_COPY_MAX_FRACTION` of
+    the host's physical memory. (`LLM` also counts it in its memory plan and goes without it when
+    the engine would not fit with it.)
 
     Why: on XLA:CPU one row's matrix-vector products run faster on [out, in] weights (SmolLM2-135M
     f32, one request on a 32-slot engine: 52-54 vs 37-38 tokens/s), while batched rows run slower
     on them (8 requests: 91 vs 118 tokens/s), so a many-slot engine keeps both layouts.
     """
     if layout != "auto" or model.transposed or not model.spec.typed_weights:
-        return False
+        return 0
     if jax.default_backend() != "cpu" or jax.process_count() > 1 or (mesh is not None and mesh.size > 1):
-        return False
+        return 0
     if decode_buckets[:1] != (1,) or len(decode_buckets) < 2:
-        return False
+        return 0
     try:
         physical = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (AttributeError, OSError, ValueError):  # unknown: no copy rather than a risky one
-        return False
-    return one_row_copy_bytes(model, params) <= ONE_ROW_COPY_MAX_FRACTION * physical
+        return 0
+    size = one_row_copy_bytes(model, params)
+    return size if size <= ONE_ROW_COPY_MAX_FRACTION * physical else 0
 
 
 def abstract_params(model: FlaxModel, mesh: Mesh, rules: ShardingRules | None, dtype: Any) -> Any:
