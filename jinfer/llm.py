@@ -58,8 +58,9 @@ class LLM:
         matmuls slower), or "auto" (out_major for one-slot engines on CPU, canonical otherwise).
       **engine_options: further GenerationConfig fields, e.g. `prefix_cache=False` (automatic
         prefix caching is on by default; outputs are bitwise identical either way),
-        `batch_invariant=True` (one decode shape: outputs bitwise independent of companions, see
-        the README's Reproducibility), `decode_buckets` (active-slot counts decode compiles for),
+        `batch_invariant=True` (one decode shape and one prompt per prefill call: outputs bitwise
+        independent of companions, see the README's Reproducibility), `decode_buckets`
+        (active-slot counts decode compiles for), `prefill_rows` (short prompts per prefill call),
         `prefix_cache_blocks` (its block budget), `max_queue` (waiting requests before `submit`
         raises OverloadedError), `prefill_chunk`, `cache_block`.
 
@@ -500,4 +501,7 @@ def _engine_choices(
         prefill_buckets=defaults.Choice(config.prefill_buckets, reasons.get("prefill_buckets", given)),
         decode_buckets=defaults.decode_buckets_choice(config, decode_buckets),
         layout=layout_choice,
+        prefill_rows=defaults.prefill_rows_choice(
+            config, config.prefill_batch_rows(mesh.size if mesh else 1)
+        ),
     )

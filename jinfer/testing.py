@@ -107,3 +107,15 @@ def make_tiny_llm_dir(path: str | Path, seed: int = 0, **config_overrides) -> Pa
         "generation_config.json": {"eos_token_id": eos, "do_sample": False, "max_new_tokens": 16},
     }
     return save_model_dir(path, "Llama", config, params, extra_files=extra, overwrite=True)
+
+
+def assert_outputs_close(a, b, atol: float) -> None:
+    """Two lists of RequestOutputs agree: the same tokens and finish reasons, and logprob dicts
+    with the same keys whose values differ by at most `atol`."""
+    for x, y in zip(a, b, strict=True):
+        for sa, sb in zip(x.outputs, y.outputs, strict=True):
+            assert sa.token_ids == sb.token_ids
+            assert sa.finish_reason == sb.finish_reason
+            for da, db in zip(sa.logprobs, sb.logprobs, strict=True):
+                assert da.keys() == db.keys()
+                np.testing.assert_allclose(list(da.values()), list(db.values()), atol=atol)

@@ -6,7 +6,6 @@ import dataclasses
 import random
 
 import jax
-import numpy as np
 import pytest
 
 from jinfer.compile import count_compiles
@@ -16,7 +15,7 @@ from jinfer.llm import LLM
 from jinfer.modeling import FlaxModel
 from jinfer.sampling import SamplingParams
 from jinfer.sharding import make_mesh
-from jinfer.testing import perturbed_params, tiny_llama_config
+from jinfer.testing import assert_outputs_close, perturbed_params, tiny_llama_config
 
 CFG = tiny_llama_config(256, max_position_embeddings=256)
 GEN = GenerationConfig(
@@ -73,13 +72,7 @@ def _workload(seed, count, greedy=True):
 
 
 def _assert_close(a, b):
-    for x, y in zip(a, b, strict=True):
-        for sa, sb in zip(x.outputs, y.outputs, strict=True):
-            assert sa.token_ids == sb.token_ids
-            assert sa.finish_reason == sb.finish_reason
-            for da, db in zip(sa.logprobs, sb.logprobs, strict=True):
-                assert da.keys() == db.keys()
-                np.testing.assert_allclose(list(da.values()), list(db.values()), atol=LOGPROB_ATOL)
+    assert_outputs_close(a, b, LOGPROB_ATOL)
 
 
 def test_automatic_buckets():
@@ -146,7 +139,10 @@ def test_compile_bound_and_zero_after_warmup(weights):
     llm = _llm(weights)
     compiled = llm.warmup()
     assert {k[1] for k in compiled if k[0] == "decode"} == set(GEN.decode_batch_buckets())
-    assert len(compiled) <= len(GEN.prefill_chunk_buckets) + len(GEN.decode_batch_buckets()) + 3
+    # one-prompt and 4-prompt prefill per chunk bucket, decode per bucket, first token, slot copy, block save
+    assert GEN.prefill_batch_rows() == 4
+    assert {k[2] for k in compiled if k[0] == "prefill_rows"} == set(GEN.prefill_chunk_buckets)
+    assert len(compiled) <= 2 * len(GEN.prefill_chunk_buckets) + len(GEN.decode_batch_buckets()) + 3
     prompts, sps = _workload(1, 40, greedy=False)
     with count_compiles() as c:
         outs = llm.generate(prompts, sps)

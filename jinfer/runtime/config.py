@@ -7,6 +7,7 @@ import dataclasses
 from jinfer.errors import ConfigError
 
 SMALL_DECODE_BUCKET = 8  # automatic decode buckets: 1, then 8, 16, ... (see decode_buckets)
+PREFILL_ROWS = 4  # automatic prefill_rows (see GenerationConfig)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +51,12 @@ class GenerationConfig:
         engine: a request's tokens and logprobs are then bitwise independent of how many requests
         decode beside it (decode buckets run different matrix shapes, whose results may differ in
         the last bits on XLA:CPU). Off by default: buckets are faster for few live requests.
+      prefill_rows: prompts prefilled together in one call (their first block each, padded to
+        one bucket), when that many are admitted at once; the rest run one per call. None =
+        automatic: `PREFILL_ROWS` on a one-device engine of at least 8 slots, else 1 (and always 1
+        with `batch_invariant`: rows of one call may differ in the last bits from the same
+        prompt run alone). On XLA:CPU the matrix products of 4 prompts of 64 tokens cost 0.71 ms
+        per token against 1.22 ms for one (SmolLM2-135M f32, BENCHMARKS.md).
     """
 
     max_batch: int = 8
@@ -66,6 +73,7 @@ class GenerationConfig:
     max_queue: int | None = None
     decode_buckets: tuple[int, ...] | None = None
     batch_invariant: bool = False
+    prefill_rows: int | None = None
 
     def __post_init__(self):
         buckets = tuple(sorted(set(int(b) for b in self.prefill_buckets)))
@@ -93,6 +101,8 @@ class GenerationConfig:
                     f"decode_buckets {tuple(self.decode_buckets)} must lie in [1, max_batch={self.max_batch}]"
                 )
             object.__setattr__(self, "decode_buckets", sizes)
+        if self.prefill_rows is not None and not 1 <= self.prefill_rows <= self.max_batch:
+            raise ConfigError(f"prefill_rows={self.prefill_rows} must lie in [1, max_batch={self.max_batch}]")
         if self.max_queue is not None and self.max_queue < 0:
             raise ConfigError(f"max_queue={self.max_queue} must be >= 0 (or None: unbounded)")
 
@@ -143,6 +153,14 @@ class GenerationConfig:
                 sizes.add(b)
             b *= 2
         return tuple(sorted(sizes))
+
+    def prefill_batch_rows(self, devices: int = 1) -> int:
+        """Prompts per batched prefill call on an engine of `devices` devices (1: no batching)."""
+        if self.batch_invariant:
+            return 1
+        if self.prefill_rows is not None:
+            return self.prefill_rows
+        return PREFILL_ROWS if devices == 1 and self.max_batch >= 2 * PREFILL_ROWS else 1
 
     @property
     def max_prompt_len(self) -> int:

@@ -14,6 +14,7 @@ import hashlib
 from collections.abc import Sequence
 
 import jax
+import numpy as np
 
 from jinfer.runtime.prefix_cache import PrefixCache, block_hashes
 from jinfer.runtime.runner import ModelRunner
@@ -74,6 +75,33 @@ class KVCacheManager:
                 self.prefix.touch(keys[::-1])
                 self.prefix.unpin(keys[: len(hit)])
         return logits, len(hit) * p
+
+    def prefill_many(
+        self, slots: Sequence[int], prompts: Sequence[Sequence[int]]
+    ) -> list[tuple[jax.Array | np.ndarray, int]]:
+        """`prefill` of several prompts, each into its slot, in order. Prompts of one block or
+        less (the prefix cache never holds anything for them: their last token's block is always
+        computed) run `runner.prefill_rows` per call when at least two do; the others run as in
+        `prefill`, each looking up the prefix cache at its turn. Returns what `prefill` returns,
+        per prompt."""
+        p, rows = self.block, self.runner.prefill_rows
+        out: list = [None] * len(prompts)
+        short = sorted((i for i, x in enumerate(prompts) if len(x) <= p), key=lambda i: len(prompts[i]))
+        if rows > 1 and len(short) > 1:
+            for g in range(0, len(short), rows):
+                group = short[g : g + rows]
+                if len(group) == 1:
+                    break  # alone: the one-prompt program, below
+                group_slots = [slots[i] for i in group]
+                logits = self.runner.prefill_first_pieces(group_slots, [prompts[i] for i in group])
+                for j, i in enumerate(group):
+                    out[i] = (logits[j : j + 1], 0)
+                    if len(prompts[i]) == p and self.prefix is not None:
+                        self._offer(block_hashes(prompts[i], p, self._identity, 1)[0], slots[i], 0)
+        for i, (slot, prompt) in enumerate(zip(slots, prompts, strict=True)):
+            if out[i] is None:
+                out[i] = self.prefill(slot, prompt)
+        return out
 
     def _offer(self, key: bytes, slot: int, start: int) -> None:
         if self.prefix.contains(key):

@@ -181,7 +181,11 @@ class ModelRunner:
         attends within the call; a `continuation` (a later chunk) attends to the slot's cached
         prefix as well."""
 
+        blocked = self.config.block < self.config.max_len
+
         def prefill(params, cache, slot, tokens, start, n_valid):
+            if blocked and not continuation:  # start is 0: write the piece's blocks only
+                return self._prefill_fresh(params, cache, slot[None], tokens, n_valid[None])
             idx = jnp.arange(tokens.shape[1], dtype=jnp.int32)
             positions = jnp.where(idx < n_valid, start + idx, -1)[None, :]
             row = jax.tree.map(
@@ -217,6 +221,52 @@ class ModelRunner:
             ).compile()
 
         return self._executable((name, bucket), build)
+
+    def _prefill_fresh(self, params, cache, slots, tokens, n_valid):
+        """Traced: prefill of pieces that start their sequences (positions 0 .. n_valid - 1 of
+        tokens [r, t]) into the cache rows `slots` [r]; returns (cache, last tokens' logits [r, v]).
+        Such pieces attend within the call, so they run on a small cache of their own blocks,
+        which are then written into their rows: no cache row is read or copied whole (the zeros
+        past a piece's end are never attended: positions are written before they are read).
+        Slots >= max_batch (padding rows) are dropped."""
+        rows, t = tokens.shape
+        idx = jnp.arange(t, dtype=jnp.int32)
+        positions = jnp.where(idx[None, :] < n_valid[:, None], idx[None, :], -1)
+        mc, block = self.model.config, self.config.block
+        fresh = KVCache.zeros(mc.num_layers, rows, t, mc.num_kv_heads, mc.head_dim, self.dtype, block=block)
+        hidden, fresh = self._forward(params, tokens, positions, fresh, prompt_start=True)
+        index = (slice(0, fresh.k[0].shape[0]), slots)  # [blocks, batch, ...]: these blocks, these rows
+        cache = jax.tree.map(lambda c, r: c.at[index].set(r, mode="drop", unique_indices=True), cache, fresh)
+        last = jnp.take_along_axis(hidden, jnp.maximum(n_valid - 1, 0)[:, None, None], axis=1)[:, 0]
+        return cache, self._logits(params, last)
+
+    @property
+    def prefill_rows(self) -> int:
+        """Prompts per batched prefill call (1: every prompt alone); see GenerationConfig."""
+        return self.config.prefill_batch_rows(self.mesh.size)
+
+    def _prefill_rows_exe(self, bucket: int) -> Any:
+        """Prefill of the first piece of `prefill_rows` prompts (start 0), each into its own slot;
+        returns the logits of each row's last token (see `_prefill_fresh`)."""
+        rows = self.prefill_rows
+
+        def build():
+            args = (
+                self._abstract_params(),
+                self._abstract_cache,
+                self._spec((rows,), jnp.int32),
+                self._spec((rows, bucket), jnp.int32),
+                self._spec((rows,), jnp.int32),
+            )
+            return self._lower(
+                "prefill_rows",
+                self._prefill_fresh,
+                args,
+                donate_argnums=(1,),
+                out_shardings=(self._cache_shardings(), self._replicated),
+            ).compile()
+
+        return self._executable(("prefill_rows", rows, bucket), build)
 
     def _first_token_exe(self) -> Any:
         n = self.config.max_logprobs
@@ -413,6 +463,8 @@ class ModelRunner:
             self._prefill_exe(b)
             if self.config.max_prompt_len > self.config.prefill_block:
                 self._prefill_exe(b, continuation=True)
+            if self.prefill_rows > 1:
+                self._prefill_rows_exe(b)
         if score:
             for b in self.config.prefill_buckets:
                 self._score_exe(b)
@@ -440,6 +492,28 @@ class ModelRunner:
             self.params, self.cache, np.int32(slot), tokens, np.int32(start), np.int32(len(piece))
         )
         return logits
+
+    def prefill_first_pieces(self, slots: Sequence[int], pieces: Sequence[Sequence[int]]) -> np.ndarray:
+        """Prefills the first pieces (start 0, each at most prefill_block tokens) of
+        `prefill_rows` prompts or fewer in one call, each into its slot; returns their last
+        tokens' logits (f32[len(pieces), v], on the host). Missing rows are padding (write nothing)."""
+        rows = self.prefill_rows
+        n = len(pieces)
+        if not 1 <= n <= rows or len(slots) != n or len(set(slots)) != n:
+            raise ValueError(f"{n} pieces for {len(slots)} distinct slots; need 1 .. {rows} of each")
+        bucket = smallest_bucket(self.config.prefill_buckets, max(len(p) for p in pieces))
+        padding = range(self.config.max_batch, self.config.max_batch + rows - n)  # out of range: dropped
+        slot_ids = np.array([*slots, *padding], np.int32)
+        tokens = np.zeros((rows, bucket), np.int32)
+        n_valid = np.zeros(rows, np.int32)
+        for i, piece in enumerate(pieces):
+            tokens[i, : len(piece)] = piece
+            n_valid[i] = len(piece)
+            self.stats.record_padding(len(piece), bucket)
+        self.stats.record_padding(0, bucket * (rows - n))
+        exe = self._prefill_rows_exe(bucket)
+        self.cache, logits = exe(self.params, self.cache, slot_ids, tokens, n_valid)
+        return np.asarray(logits)[:n]
 
     def first_token(self, logits: jax.Array, sampler: SamplerState, position: int) -> tuple[np.ndarray, ...]:
         """(token i32[1], logprob f32[1], top ids i32[1, n], top logprobs f32[1, n]) on the host."""

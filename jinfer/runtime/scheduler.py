@@ -187,33 +187,58 @@ class Scheduler:
         self._inbox.clear()
 
     def _admit(self, out: list, flush=None) -> list:
-        """Admits waiting requests while slots are free; with `flush`, hands over the deltas after
-        each admission (so the first request's first token does not wait for the others' prefill)."""
+        """Admits waiting requests while slots are free, up to `runner.prefill_rows` at a time
+        (their prefills may share calls); with `flush`, hands over the deltas after each group (so
+        the first requests' first tokens do not wait for the others' prefill)."""
+        rows = self.runner.prefill_rows
         while self.waiting and self.kv.free_slots >= self.waiting[0].request.params.n:
-            st = self.waiting.popleft()
-            self._waiting_ids.pop(st.id, None)
+            group, free = [], self.kv.free_slots
+            while self.waiting and len(group) < rows and free >= self.waiting[0].request.params.n:
+                st = self.waiting.popleft()
+                self._waiting_ids.pop(st.id, None)
+                free -= st.request.params.n
+                group.append(st)
+            self._start(group, out)
+            if flush is not None and out:
+                flush(out)
+                out = []
+        return out
+
+    def _start(self, group: list[_RequestState], out: list) -> None:
+        """Prefills a group of admitted requests and emits their first tokens. If a shared
+        prefill call fails, each request is prefilled alone, so a failure stays with its request."""
+        for st in group:
+            slots = self.kv.allocate_slots(st.request.params.n)
+            self.running[st.id] = st
+            for sample, slot in zip(st.samples, slots, strict=True):
+                sample.slot = slot
+                self.slots[slot] = (st, sample)
+        results = None
+        if len(group) > 1:
             try:
-                self._start(st, out)
+                results = self.kv.prefill_many(
+                    [st.samples[0].slot for st in group], [st.request.prompt_ids for st in group]
+                )
+            except Exception as e:  # retried one by one below, so only a failing request fails
+                if self.runner.ensure_cache():  # unless the failed call consumed the cache
+                    out.extend(self.fail_running(e))
+                    return
+        for i, st in enumerate(group):
+            try:
+                if results is None:
+                    logits, cached = self.kv.prefill(st.samples[0].slot, st.request.prompt_ids)
+                else:
+                    logits, cached = results[i]
+                self._first_tokens(st, logits, cached, out)
             except Exception as e:  # this request fails; the others go on
                 self._fail(st, e, out)
                 if self.runner.ensure_cache():  # a failed executable consumed the cache
                     out.extend(self.fail_running(e))
-            if flush is not None and out:
-                flush(out)
-                out = []
-        if flush is not None and out:
-            flush(out)
-            out = []
-        return out
+                    return
 
-    def _start(self, st: _RequestState, out: list) -> None:
+    def _first_tokens(self, st: _RequestState, logits: Any, cached: int, out: list) -> None:
         req = st.request
-        slots = self.kv.allocate_slots(req.params.n)
-        self.running[st.id] = st
-        for sample, slot in zip(st.samples, slots, strict=True):
-            sample.slot = slot
-            self.slots[slot] = (st, sample)
-        logits, cached = self.kv.prefill(slots[0], req.prompt_ids)
+        slots = [sample.slot for sample in st.samples]
         self.stats.record_prompt(len(req.prompt_ids) - cached, cached)
         pos = len(req.prompt_ids)
         for k, sample in enumerate(st.samples):
