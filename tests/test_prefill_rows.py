@@ -2,6 +2,7 @@
 each into its own slot), with the same tokens as one prompt per call. Tiny random-weight Llama."""
 
 import dataclasses
+import threading
 
 import jax
 import numpy as np
@@ -151,3 +152,32 @@ def test_a_full_block_prefilled_in_a_call_is_offered_to_the_prefix_cache(new_llm
     cached = llm.stats.prompt_tokens_cached
     llm.generate([[*block, 1, 2, 3]], GREEDY)
     assert llm.stats.prompt_tokens_cached - cached == BLOCK
+
+
+def test_threads_on_the_default_engine(batched):
+    """8 threads share the default engine (shared prefill calls, decode buckets, the one-row copy
+    for a lone request): each result equals the same request run alone on it."""
+    assert batched.engine.one_row is not None and batched.engine.decode_buckets == (1, 8)
+    rng = np.random.default_rng(5)
+    work = [
+        (
+            [int(t) for t in rng.integers(0, 256, int(rng.integers(1, 70)))],
+            SamplingParams(max_tokens=int(rng.integers(1, 16)), temperature=0.8, seed=i, logprobs=1),
+        )
+        for i in range(32)
+    ]
+    alone = [batched.generate([p], sp)[0] for p, sp in work]
+    results: dict[int, object] = {}
+
+    def worker(k: int) -> None:
+        for i in range(k, len(work), 8):
+            results[i] = batched.generate([work[i][0]], work[i][1])[0]
+
+    before = _row_calls(batched)
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert _row_calls(batched) > before  # some prompts did share calls
+    _assert_close([results[i] for i in range(len(work))], alone)

@@ -202,6 +202,9 @@ class Scheduler:
             if flush is not None and out:
                 flush(out)
                 out = []
+        if flush is not None and out:  # the aborts' deltas, when nothing was admitted
+            flush(out)
+            out = []
         return out
 
     def _start(self, group: list[_RequestState], out: list) -> None:
