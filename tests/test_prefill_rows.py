@@ -3,6 +3,7 @@ each into its own slot), with the same tokens as one prompt per call. Tiny rando
 
 import dataclasses
 import threading
+import time
 
 import jax
 import numpy as np
@@ -181,3 +182,21 @@ def test_threads_on_the_default_engine(batched):
         t.join()
     assert _row_calls(batched) > before  # some prompts did share calls
     _assert_close([results[i] for i in range(len(work))], alone)
+
+
+def test_an_iterator_abandoned_half_way_cancels_only_its_requests(batched, alone):
+    """generate_iter over 12 prompts on the default engine, closed after 3 results: the requests
+    still in flight are aborted, the engine goes on, and later results equal one prompt per call."""
+    sp = SamplingParams(max_tokens=14, temperature=0.0, ignore_eos=True, logprobs=1)
+    aborted = batched.stats.requests_aborted
+    it = batched.generate_iter((i, p, sp) for i, p in enumerate(PROMPTS + PROMPTS[:2]))
+    first = [next(it) for _ in range(3)]
+    it.close()
+    for key, out in first:
+        _assert_close([out], alone.generate([(PROMPTS + PROMPTS[:2])[key]], sp))
+    deadline = time.monotonic() + 60
+    while batched.scheduler.has_unfinished() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not batched.scheduler.has_unfinished()
+    assert batched.stats.requests_aborted > aborted
+    _assert_close(batched.generate(PROMPTS[:5], sp), alone.generate(PROMPTS[:5], sp))
