@@ -218,6 +218,7 @@ class LLM:
             transposed_before,
             reasons,
             self.engine.decode_buckets,
+            self.engine.prefill_rows,
             one_row_bytes,
         )
         self._stats.choices = self.engine_choices
@@ -477,7 +478,16 @@ def _generation_config(max_batch, max_len, buckets, decode_steps, options) -> Ge
 
 
 def _engine_choices(
-    config, params, mesh, layout, transposed, transposed_before, reasons, decode_buckets, one_row_bytes=0
+    config,
+    params,
+    mesh,
+    layout,
+    transposed,
+    transposed_before,
+    reasons,
+    decode_buckets,
+    prefill_rows,
+    one_row_bytes=0,
 ):
     """The EngineChoices record of an engine: `reasons` from LLM.__init__, else "given"."""
     from jinfer import defaults
@@ -501,7 +511,5 @@ def _engine_choices(
         prefill_buckets=defaults.Choice(config.prefill_buckets, reasons.get("prefill_buckets", given)),
         decode_buckets=defaults.decode_buckets_choice(config, decode_buckets),
         layout=layout_choice,
-        prefill_rows=defaults.prefill_rows_choice(
-            config, config.prefill_batch_rows(mesh.size if mesh else 1)
-        ),
+        prefill_rows=defaults.prefill_rows_choice(config, prefill_rows),
     )
