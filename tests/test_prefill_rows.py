@@ -200,3 +200,36 @@ def test_an_iterator_abandoned_half_way_cancels_only_its_requests(batched, alone
     assert not batched.scheduler.has_unfinished()
     assert batched.stats.requests_aborted > aborted
     _assert_close(batched.generate(PROMPTS[:5], sp), alone.generate(PROMPTS[:5], sp))
+
+
+@pytest.mark.parametrize("slots", [8, 1])
+def test_warmup_runs_each_program_once_and_writes_nothing(new_llm, alone, slots):
+    """warmup() runs every prefill and decode program once (so a first request pays no first-run
+    cost): the cache keeps its bits, live rows included; generation afterwards is unchanged."""
+    llm = new_llm(max_batch=slots)
+    runner = llm.engine
+    runner.prefill(0, PROMPTS[5][:BLOCK], 0)  # a live row, two pieces
+    runner.prefill(0, PROMPTS[5][BLOCK:], BLOCK)
+    before = jax.tree.map(np.array, runner.cache)
+    ran = []
+    real_executable = runner._executable
+
+    def executable(key, build):
+        exe = real_executable(key, build)
+        return lambda *args: (ran.append(key), exe(*args))[1]
+
+    runner._executable = executable
+    try:
+        llm.warmup()
+    finally:
+        del runner._executable
+    programs = {k for k in ran if k[0] in ("prefill", "prefill_continuation", "prefill_rows", "decode")}
+    expected = {("decode", b) for b in runner.decode_buckets}
+    expected |= {(name, b) for b in GEN.prefill_chunk_buckets for name in ("prefill", "prefill_continuation")}
+    if runner.prefill_rows > 1:
+        expected |= {("prefill_rows", 4, b) for b in GEN.prefill_chunk_buckets}
+    assert programs == expected
+    after = jax.tree.map(np.array, runner.cache)
+    for b, a in zip(jax.tree.leaves(before), jax.tree.leaves(after), strict=True):
+        np.testing.assert_array_equal(a, b)
+    _assert_close(llm.generate(PROMPTS[:4], GREEDY), alone.generate(PROMPTS[:4], GREEDY))

@@ -457,26 +457,47 @@ class ModelRunner:
 
         return self._executable(("score", bucket), build)
 
-    def warmup(self, score: bool = False) -> dict[tuple, float]:
-        """Compiles every executable up front; returns seconds per executable key."""
-        for b in self.config.prefill_chunk_buckets:
-            self._prefill_exe(b)
-            if self.config.max_prompt_len > self.config.prefill_block:
-                self._prefill_exe(b, continuation=True)
-            if self.prefill_rows > 1:
-                self._prefill_rows_exe(b)
+    def warmup(self, score: bool = False, run: bool = True) -> dict[tuple, float]:
+        """Compiles every executable up front; returns seconds per executable key.
+
+        With `run`, each prefill, decode (and score) program also runs once, on inputs that
+        write nothing: XLA:CPU builds some kernels (YNNPACK's) at a program's first run, 0.2-0.5 s
+        per program for SmolLM2, which the first requests would otherwise pay. No token is valid
+        (n_valid 0, so positions -1; decode rows inactive) and prefill slots are >= max_batch
+        (out of range), so every cache write is dropped: the cache keeps its bits."""
+        cfg = self.config
+        nowhere, none = np.int32(cfg.max_batch), np.int32(0)
+        rows = self.prefill_rows
+        for b in cfg.prefill_chunk_buckets:
+            tokens = np.zeros((1, b), np.int32)
+            for continuation in (False, True)[: 1 + (cfg.max_prompt_len > cfg.prefill_block)]:
+                exe = self._prefill_exe(b, continuation=continuation)
+                if run:
+                    self.cache, _ = exe(self.params, self.cache, nowhere, tokens, none, none)
+            if rows > 1:
+                exe = self._prefill_rows_exe(b)
+                if run:
+                    slots = np.arange(cfg.max_batch, cfg.max_batch + rows, dtype=np.int32)
+                    args = (slots, np.zeros((rows, b), np.int32), np.zeros(rows, np.int32))
+                    self.cache, _ = exe(self.params, self.cache, *args)
         if score:
-            for b in self.config.prefill_buckets:
-                self._score_exe(b)
+            for b in cfg.prefill_buckets:
+                exe = self._score_exe(b)
+                if run:
+                    exe(self.params, np.zeros((1, b), np.int32), np.int32(1))
         self._first_token_exe()
         self._copy_slot_exe()
         for bucket in self.decode_buckets:
-            self._decode_exe(bucket)
-        if self.config.cache_budget_blocks:
+            exe = self._decode_exe(bucket)
+            if run:
+                params = self._decode_weights(bucket)[1]
+                self.cache, _, _ = exe(params, self.cache, DecodeState.empty(bucket))
+        if cfg.cache_budget_blocks:
             self._ensure_pool()  # warm-up allocates everything a request may need
             self._save_block_exe()
-            if self.config.max_prompt_len > self.config.prefill_block:
+            if cfg.max_prompt_len > cfg.prefill_block:
                 self._load_block_exe()
+        jax.block_until_ready(self.cache)
         return dict(self.stats.compile_seconds)
 
     # -- programs ----------------------------------------------------------------------------------
