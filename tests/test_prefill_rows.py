@@ -14,6 +14,7 @@ from jinfer.generate import GenerationConfig
 from jinfer.llm import LLM
 from jinfer.modeling import FlaxModel
 from jinfer.sampling import SamplingParams
+from jinfer.sharding import make_mesh
 from jinfer.testing import assert_outputs_close, perturbed_params, tiny_llama_config
 
 CFG = tiny_llama_config(256, max_position_embeddings=256)
@@ -202,11 +203,17 @@ def test_an_iterator_abandoned_half_way_cancels_only_its_requests(batched, alone
     _assert_close(batched.generate(PROMPTS[:5], sp), alone.generate(PROMPTS[:5], sp))
 
 
-@pytest.mark.parametrize("slots", [8, 1])
-def test_warmup_runs_each_program_once_and_writes_nothing(new_llm, alone, slots):
+@pytest.mark.parametrize("slots, mesh", [(8, None), (1, None), (8, "data=2,model=4")])
+def test_warmup_runs_each_program_once_and_writes_nothing(alone, slots, mesh):
     """warmup() runs every prefill and decode program once (so a first request pays no first-run
     cost): the cache keeps its bits, live rows included; generation afterwards is unchanged."""
-    llm = new_llm(max_batch=slots)
+    model = FlaxModel.from_name("Llama", CFG)
+    llm = LLM.from_params(
+        model,
+        perturbed_params(model),
+        config=dataclasses.replace(GEN, max_batch=slots),
+        mesh=mesh and make_mesh(mesh),
+    )
     runner = llm.engine
     runner.prefill(0, PROMPTS[5][:BLOCK], 0)  # a live row, two pieces
     runner.prefill(0, PROMPTS[5][BLOCK:], BLOCK)
@@ -233,3 +240,4 @@ def test_warmup_runs_each_program_once_and_writes_nothing(new_llm, alone, slots)
     for b, a in zip(jax.tree.leaves(before), jax.tree.leaves(after), strict=True):
         np.testing.assert_array_equal(a, b)
     _assert_close(llm.generate(PROMPTS[:4], GREEDY), alone.generate(PROMPTS[:4], GREEDY))
+    llm.close()
