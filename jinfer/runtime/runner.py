@@ -466,7 +466,7 @@ class ModelRunner:
         (n_valid 0, so positions -1; decode rows inactive) and prefill slots are >= max_batch
         (out of range), so every cache write is dropped: the cache keeps its bits."""
         cfg = self.config
-        nowhere, none = np.int32(cfg.max_batch), np.int32(0)
+        nowhere, none = self._nowhere(1)[0], np.int32(0)
         rows = self.prefill_rows
         for b in cfg.prefill_chunk_buckets:
             tokens = np.zeros((1, b), np.int32)
@@ -477,8 +477,7 @@ class ModelRunner:
             if rows > 1:
                 exe = self._prefill_rows_exe(b)
                 if run:
-                    slots = np.arange(cfg.max_batch, cfg.max_batch + rows, dtype=np.int32)
-                    args = (slots, np.zeros((rows, b), np.int32), np.zeros(rows, np.int32))
+                    args = (self._nowhere(rows), np.zeros((rows, b), np.int32), np.zeros(rows, np.int32))
                     self.cache, _ = exe(self.params, self.cache, *args)
         if score:
             for b in cfg.prefill_buckets:
@@ -499,6 +498,11 @@ class ModelRunner:
                 self._load_block_exe()
         jax.block_until_ready(self.cache)
         return dict(self.stats.compile_seconds)
+
+    def _nowhere(self, count: int) -> np.ndarray:
+        """`count` distinct slot ids past the last slot: a prefill row sent there writes nothing
+        (its cache scatter is dropped as out of range)."""
+        return np.arange(self.config.max_batch, self.config.max_batch + count, dtype=np.int32)
 
     # -- programs ----------------------------------------------------------------------------------
     def prefill(self, slot: int, piece: Sequence[int], start: int) -> jax.Array:
@@ -523,8 +527,7 @@ class ModelRunner:
         if not 1 <= n <= rows or len(slots) != n or len(set(slots)) != n:
             raise ValueError(f"{n} pieces for {len(slots)} distinct slots; need 1 .. {rows} of each")
         bucket = smallest_bucket(self.config.prefill_buckets, max(len(p) for p in pieces))
-        padding = range(self.config.max_batch, self.config.max_batch + rows - n)  # out of range: dropped
-        slot_ids = np.array([*slots, *padding], np.int32)
+        slot_ids = np.concatenate([np.asarray(slots, np.int32), self._nowhere(rows - n)])
         tokens = np.zeros((rows, bucket), np.int32)
         n_valid = np.zeros(rows, np.int32)
         for i, piece in enumerate(pieces):
