@@ -113,25 +113,31 @@ class KVCache:
         return sum(x.size * x.dtype.itemsize for x in (*self.k, *self.v))
 
 
-def _write_index(positions: jax.Array, blocks: int, block: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+def _write_index(
+    positions: jax.Array, blocks: int, block: int, rows: jax.Array | None
+) -> tuple[jax.Array, jax.Array, jax.Array]:
     b, t = positions.shape
     # Out-of-range indices are dropped by mode="drop"; send padding (-1) to block `blocks` (out of
     # range), since a negative index would otherwise wrap around to the end of the cache.
     blk = jnp.where(positions < 0, blocks, positions // block)
-    rows = jnp.broadcast_to(jnp.arange(b)[:, None], (b, t))
-    return blk, rows, positions % block
+    rows = jnp.arange(b) if rows is None else rows
+    return blk, jnp.broadcast_to(rows[:, None], (b, t)), positions % block
 
 
-def write_keys(cache_k: jax.Array, new: jax.Array, positions: jax.Array) -> jax.Array:
-    """Writes new[b, t, k, h] into rows 0..b-1 of cache_k [n, c >= b, k, h, l] at positions[b, t];
-    negative positions are dropped."""
-    blk, rows, off = _write_index(positions, cache_k.shape[0], cache_k.shape[-1])
+def write_keys(
+    cache_k: jax.Array, new: jax.Array, positions: jax.Array, rows: jax.Array | None = None
+) -> jax.Array:
+    """Writes new[b, t, k, h] into cache_k [n, c >= b, k, h, l] at positions[b, t], row r of new
+    into cache row `rows[r]` (default r); negative positions and rows >= c are dropped."""
+    blk, rows, off = _write_index(positions, cache_k.shape[0], cache_k.shape[-1], rows)
     return cache_k.at[blk, rows, :, :, off].set(new.astype(cache_k.dtype), mode="drop")
 
 
-def write_values(cache_v: jax.Array, new: jax.Array, positions: jax.Array) -> jax.Array:
-    """Writes new[b, t, k, h] into cache_v [n, b, k, l, h] at positions[b, t]; negative ones are dropped."""
-    blk, rows, off = _write_index(positions, cache_v.shape[0], cache_v.shape[3])
+def write_values(
+    cache_v: jax.Array, new: jax.Array, positions: jax.Array, rows: jax.Array | None = None
+) -> jax.Array:
+    """Writes new[b, t, k, h] into cache_v [n, c >= b, k, l, h]; as `write_keys`."""
+    blk, rows, off = _write_index(positions, cache_v.shape[0], cache_v.shape[3], rows)
     return cache_v.at[blk, rows, :, off, :].set(new.astype(cache_v.dtype), mode="drop")
 
 

@@ -164,7 +164,7 @@ def test_local_layer_decode_attends_to_the_window_only():
     positions = jnp.asarray([[29], [5]], jnp.int32)
 
     def decode(k, pos=positions):
-        out = layers.blocked_decode_attention(q, jnp.asarray(k), jnp.asarray(values), pos, window, 0.3, 2.0)
+        out = layers.blocked_attention(q, jnp.asarray(k), jnp.asarray(values), pos, window, 0.3, 2.0)
         return np.asarray(out)
 
     pair = decode(keys)

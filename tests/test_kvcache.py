@@ -10,7 +10,7 @@ from jinfer import errors, kvcache
 from jinfer.generate import GenerationConfig
 from jinfer.llm import LLM
 from jinfer.modeling import FlaxModel
-from jinfer.models.layers import blocked_decode_attention
+from jinfer.models.layers import blocked_attention
 from jinfer.sampling import SamplingParams
 from jinfer.testing import perturbed_params, tiny_llama_config
 
@@ -56,7 +56,7 @@ def _dense_reference(q, keys, values, positions, window=None):
 
 
 @pytest.mark.parametrize("window", [None, 5])
-def test_blocked_decode_attention_matches_dense_and_skips_exactly(window):
+def test_blocked_attention_matches_dense_and_skips_exactly(window):
     rng = np.random.default_rng(0)
     b, s, kv, g, h, block = 4, 22, 2, 3, 8, 6
     q = rng.standard_normal((b, kv * g, h)).astype(np.float32)
@@ -70,7 +70,7 @@ def test_blocked_decode_attention_matches_dense_and_skips_exactly(window):
     np.testing.assert_array_equal(
         np.asarray(kvcache.contiguous_keys(cache_k))[..., :s], np.transpose(keys, (0, 2, 3, 1))
     )
-    attend = jax.jit(lambda q, k, v, pos: blocked_decode_attention(q, k, v, pos, window))
+    attend = jax.jit(lambda q, k, v, pos: blocked_attention(q, k, v, pos, window))
 
     near = np.array([0, 3, 7, 2], np.int32)  # reach 7: the loop visits blocks 0-1 of 0-3
     far = near.copy()
@@ -87,6 +87,31 @@ def test_blocked_decode_attention_matches_dense_and_skips_exactly(window):
     assert np.isfinite(np.asarray(attend(q[:, None], cache_k, cache_v, idle[:, None]))).all()
 
 
+@pytest.mark.parametrize("window", [None, 5])
+def test_blocked_attention_of_a_chunk_matches_dense(window):
+    """A later prefill chunk (t queries per row) attends to the row's cached prefix and to itself
+    over the blocks it reaches; padding queries (position -1) stay finite."""
+    rng = np.random.default_rng(1)
+    b, t, s, kv, g, h, block = 2, 5, 24, 2, 3, 8, 6
+    q = rng.standard_normal((b, t, kv * g, h)).astype(np.float32)
+    keys = rng.standard_normal((b, s, kv, h)).astype(np.float32)
+    values = rng.standard_normal((b, s, kv, h)).astype(np.float32)
+    cache_k = np.transpose(keys.reshape(b, s // block, block, kv, h), (1, 0, 3, 4, 2))
+    cache_v = np.transpose(values.reshape(b, s // block, block, kv, h), (1, 0, 3, 2, 4))
+    positions = np.array([[7, 8, 9, 10, 11], [3, 4, 5, -1, -1]], np.int32)  # row 1: 2 padding queries
+    out = np.asarray(jax.jit(lambda *a: blocked_attention(*a, window))(q, cache_k, cache_v, positions))
+    assert np.isfinite(out).all()
+    live = positions >= 0
+    expected = _dense_reference(
+        q.reshape(b * t, kv * g, h)[live.ravel()],
+        np.repeat(keys, t, 0)[live.ravel()],
+        np.repeat(values, t, 0)[live.ravel()],
+        positions.ravel()[live.ravel()],
+        window,
+    )
+    np.testing.assert_allclose(out[live], expected, atol=2e-6)
+
+
 def test_block_config_automatic_and_checked():
     assert GenerationConfig(max_batch=1, max_len=512).block == 512
     assert GenerationConfig(max_batch=8, max_len=512).block == 64
@@ -100,12 +125,19 @@ def test_engines_with_different_blocks_agree():
     config = tiny_llama_config(256, max_position_embeddings=256)
     model = FlaxModel.from_name("Llama", config)
     params = perturbed_params(model)
-    prompts = [[3, 1, 4, 1, 5], list(range(20, 45)), [9] * 12]  # the 25-token prompt crosses blocks
+    # the 25-token prompt crosses blocks; the 40-token one is prefilled in two pieces, the second
+    # attending to the first through the cache's blocks
+    prompts = [[3, 1, 4, 1, 5], list(range(20, 45)), [9] * 12, list(range(50, 90))]
     p = SamplingParams(max_tokens=20, temperature=0.0, logprobs=1)
     outs = {}
     for block in (7, 16, 64):
         gen = GenerationConfig(
-            max_batch=3, max_len=64, prefill_buckets=(8, 32), decode_steps=4, cache_block=block
+            max_batch=4,
+            max_len=64,
+            prefill_buckets=(8, 32),
+            prefill_chunk=32,
+            decode_steps=4,
+            cache_block=block,
         )
         llm = LLM.from_params(model, params, config=gen)
         assert llm.engine.cache.k[0].shape[0] == -(-64 // block)

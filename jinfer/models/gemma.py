@@ -13,7 +13,7 @@ post-norms, soft-capping and local layers (`post_norms=False`).
 KV cache: local layers keep full-length cache rows like global ones (one cache shape for every
 layer); exactness of the window comes from the mask (a query at p sees keys p - w < j <= p), and
 decode attention of a local layer visits only the cache blocks inside the window
-(`layers.blocked_decode_attention`), so its per-step cost is bounded by the window, not the context.
+(`layers.blocked_attention`), so its per-step cost is bounded by the window, not the context.
 
 Call contract: as Llama's: `Gemma(config, rngs=...)(tokens[b, t], positions[b, t], cache=None)
 -> (hidden[b, t, d] after the final norm, cache)`; `logits(hidden) -> float32[..., vocab]` (soft-capped).
@@ -267,15 +267,17 @@ class Gemma(nnx.Module):
         positions: jax.Array,
         cache: KVCache | None = None,
         prompt_start: bool = False,
+        cache_rows: jax.Array | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
         """tokens, positions [b, t] int32 (position < 0: padding) -> (normed hidden [b, t, d], cache).
 
         `prompt_start=True`: the tokens start the sequence (a fresh prefill), so they attend within
-        the call only (their keys/values are still written to the cache)."""
+        the call only (their keys/values are still written to the cache). `cache_rows` [b]: the
+        cache row each token row writes and reads (default: row i of the cache for row i)."""
         table = self.embed[...]
         # transformers multiplies by sqrt(d) cast to the weights' dtype (rounded in bfloat16).
         x = L.embed_lookup(table, tokens) * jnp.asarray(math.sqrt(self.config.hidden_size), table.dtype)
-        x, cache = L.run_decoder_layers(self.layers, x, positions, cache, prompt_start)
+        x, cache = L.run_decoder_layers(self.layers, x, positions, cache, prompt_start, cache_rows)
         return L.rms_norm_plus_one(x, self.final_norm[...], self.config.rms_norm_eps), cache
 
     def logits(self, hidden: jax.Array) -> jax.Array:

@@ -105,6 +105,23 @@ class PromptStartCache(tuple):
     """
 
 
+class CacheRows(tuple):
+    """A layer cache (keys, values) whose query row r lives in cache row `rows[r]` (default: r).
+
+    A later prefill chunk of a slot then writes and reads that slot's row in the whole cache, in
+    place, instead of a copy of the row. `run_decoder_layers(..., cache_rows=rows)` hands this
+    type to each layer.
+    """
+
+    rows: jax.Array
+
+    @classmethod
+    def of(cls, layer_cache: LayerCache, rows: jax.Array) -> CacheRows:
+        out = cls(layer_cache)
+        out.rows = rows
+        return out
+
+
 class StructureRngs(nnx.Rngs):
     """Rngs for building a module for its structure only (under nnx.eval_shape): `make_param`
     gives every parameter a constant initializer, whose trace is ~50x cheaper than a random one's
@@ -374,7 +391,7 @@ def _decode_scores(q32: jax.Array, keys_t: jax.Array) -> jax.Array:
     return jnp.einsum("bkgh,bkhs->bkgs", q32, keys_t.astype(jnp.float32))
 
 
-def blocked_decode_attention(
+def blocked_attention(
     q: jax.Array,
     cache_k: jax.Array,
     cache_v: jax.Array,
@@ -382,11 +399,14 @@ def blocked_decode_attention(
     sliding_window: int | None = None,
     scale: float | None = None,
     softcap: float | None = None,
+    rows: jax.Array | None = None,
 ) -> jax.Array:
-    """Attention of one query token per row over the blocked cache (see jinfer.kvcache).
+    """Attention of t query tokens per row over the blocked cache (see jinfer.kvcache).
 
-    q [b, 1, n, h], cache_k [nb, c, k, h, l], cache_v [nb, c, k, l, h] with c >= b cache rows
-    (query row r attends to cache row r), positions [b, 1] -> [b, 1, n, h].
+    q [b, t, n, h], cache_k [nb, c, k, h, l], cache_v [nb, c, k, l, h] with c >= b cache rows
+    (query row r attends to cache row `rows[r]`, default r), positions [b, t] -> [b, t, n, h].
+    One token per row is decode; several are a later prefill chunk, which attends to the row's
+    cached prefix and to itself.
     Loops over blocks 0 .. max(positions) // l only (a runtime trip count) with an
     online softmax. For a row, a block past its own position changes nothing, bit for bit: its
     scores are all masked, so the running max stays, the rescale factor is exp(0) = 1 and the
@@ -396,19 +416,23 @@ def blocked_decode_attention(
     (a masked block visited first is scaled to exact zeros by the first unmasked one), so skipping
     them changes no bit either. `scale`/`softcap` as in `cached_attention`.
     """
-    b, _, n, h = q.shape
+    b, t, n, h = q.shape
     blocks, _, kv_heads, _, block = cache_k.shape
-    q32 = (q[:, 0] * (scale or 1.0 / math.sqrt(h))).astype(jnp.float32).reshape(b, kv_heads, n // kv_heads, h)
+    g = n // kv_heads
+    # The t queries of a kv head are folded into its group axis: [b, k, t * g, h] (t major), so
+    # one token (decode) is the plain grouped layout and a chunk reuses the same contractions.
+    q32 = (q * (scale or 1.0 / math.sqrt(h))).astype(jnp.float32).reshape(b, t, kv_heads, g, h)
+    q32 = jnp.swapaxes(q32, 1, 2).reshape(b, kv_heads, t * g, h)
 
     def visit(i, carry):
-        top, total, out = carry  # running max [b, k, g, 1], sum [b, k, g, 1], numerator [b, k, g, h]
+        top, total, out = carry  # running max [b, k, t*g, 1], sum [b, k, t*g, 1], numerator [b, k, t*g, h]
         # The cache may hold more rows than there are queries (a decode bucket smaller than the
         # slot count): query row r reads cache row r, the others are not read.
-        keys = jax.lax.dynamic_index_in_dim(cache_k, i, 0, keepdims=False)[:b]
-        values = jax.lax.dynamic_index_in_dim(cache_v, i, 0, keepdims=False)[:b]
+        keys, values = (_block_rows(c, i, b, rows) for c in (cache_k, cache_v))
         k_positions = jnp.broadcast_to(i * block + jnp.arange(block, dtype=positions.dtype), (b, block))
-        mask = _attention_mask(positions, k_positions, sliding_window)[:, 0]
-        scores = jnp.where(mask[:, None, None], soft_cap(_decode_scores(q32, keys), softcap), MASK_VALUE)
+        mask = _attention_mask(positions, k_positions, sliding_window)  # [b, t, l]
+        mask = jnp.broadcast_to(mask[:, None, :, None], (b, 1, t, g, block)).reshape(b, 1, t * g, block)
+        scores = jnp.where(mask, soft_cap(_decode_scores(q32, keys), softcap), MASK_VALUE)
         new_top = jnp.maximum(top, scores.max(axis=-1, keepdims=True))
         rescale = jnp.exp(top - new_top)
         p = jnp.exp(scores - new_top)
@@ -430,7 +454,18 @@ def blocked_decode_attention(
             earliest = jnp.min(jnp.where(positions >= 0, positions, jnp.iinfo(positions.dtype).max))
             first = jnp.clip((earliest - sliding_window + 1) // block, 0, reached - 1)
         _, total, out = jax.lax.fori_loop(first, reached, visit, init)
-    return (out / total).reshape(b, 1, n, h).astype(q.dtype)
+    out = (out / total).reshape(b, kv_heads, t, g, h)
+    return jnp.swapaxes(out, 1, 2).reshape(b, t, n, h).astype(q.dtype)
+
+
+def _block_rows(cache: jax.Array, i: jax.Array, b: int, rows: jax.Array | None) -> jax.Array:
+    """Block i of the cache rows the b query rows read: rows 0 .. b - 1, or `rows`."""
+    block = jax.lax.dynamic_index_in_dim(cache, i, 0, keepdims=False)
+    if rows is None:
+        return block[:b]
+    if b == 1:
+        return jax.lax.dynamic_slice_in_dim(block, rows[0], 1, 0)
+    return jnp.take(block, rows, axis=0, mode="clip")
 
 
 def _attention_mask(positions: jax.Array, k_positions: jax.Array, sliding_window: int | None) -> jax.Array:
@@ -466,21 +501,16 @@ def causal_attention(
     """
     new_cache = None
     within_call = isinstance(layer_cache, PromptStartCache)
+    rows = layer_cache.rows if isinstance(layer_cache, CacheRows) else None
     if layer_cache is not None:
         new_cache = (
-            kvcache.write_keys(layer_cache[0], k, positions),
-            kvcache.write_values(layer_cache[1], v, positions),
+            kvcache.write_keys(layer_cache[0], k, positions, rows),
+            kvcache.write_values(layer_cache[1], v, positions, rows),
         )
-    if new_cache is None or within_call:  # attend within the call
-        keys_t, values = jnp.transpose(k, (0, 2, 3, 1)), jnp.transpose(v, (0, 2, 1, 3))
-        k_positions = positions
-    elif q.shape[1] == 1:
-        return blocked_decode_attention(q, *new_cache, positions, sliding_window, scale, softcap), new_cache
-    else:
-        keys_t, values = kvcache.contiguous_keys(new_cache[0]), kvcache.contiguous_values(new_cache[1])
-        b, s = keys_t.shape[0], keys_t.shape[-1]
-        k_positions = jnp.broadcast_to(jnp.arange(s, dtype=positions.dtype)[None], (b, s))
-    mask = _attention_mask(positions, k_positions, sliding_window)
+    if new_cache is not None and not within_call:  # the cached prefix, over the blocks reached
+        return blocked_attention(q, *new_cache, positions, sliding_window, scale, softcap, rows), new_cache
+    mask = _attention_mask(positions, positions, sliding_window)  # attend within the call
+    keys_t, values = jnp.transpose(k, (0, 2, 3, 1)), jnp.transpose(v, (0, 2, 1, 3))
     return cached_attention(q, keys_t, values, mask, scale, softcap), new_cache
 
 
@@ -537,11 +567,14 @@ def run_decoder_layers(
     positions: jax.Array,
     cache: KVCache | None,
     prompt_start: bool = False,
+    cache_rows: jax.Array | None = None,
 ) -> tuple[jax.Array, KVCache | None]:
     """Runs `layer(x, positions, layer_cache) -> (x, layer_cache)` over layers, threading the cache.
 
     `prompt_start`: the tokens start the sequence, so attention stays within the call (see
-    PromptStartCache)."""
+    PromptStartCache). `cache_rows` [b]: the cache row of each row of x (see CacheRows)."""
+    if prompt_start and cache_rows is not None:
+        raise ValueError("prompt_start calls write a cache of their own rows; cache_rows is for later chunks")
     if cache is not None and len(cache.k) != len(layers):
         raise ConfigError(f"KV cache has {len(cache.k)} layers but the model has {len(layers)}")
     new_k, new_v = [], []
@@ -549,6 +582,8 @@ def run_decoder_layers(
         layer_cache = None if cache is None else (cache.k[i], cache.v[i])
         if layer_cache is not None and prompt_start:
             layer_cache = PromptStartCache(layer_cache)
+        elif layer_cache is not None and cache_rows is not None:
+            layer_cache = CacheRows.of(layer_cache, cache_rows)
         x, layer_cache = layer(x, positions, layer_cache)
         if layer_cache is not None:
             new_k.append(layer_cache[0])

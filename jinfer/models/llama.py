@@ -270,13 +270,15 @@ class Llama(nnx.Module):
         positions: jax.Array,
         cache: KVCache | None = None,
         prompt_start: bool = False,
+        cache_rows: jax.Array | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
         """tokens, positions [b, t] int32 (position < 0: padding) -> (normed hidden [b, t, d], cache).
 
         `prompt_start=True`: the tokens start the sequence (a fresh prefill), so they attend within
-        the call only (their keys/values are still written to the cache)."""
+        the call only (their keys/values are still written to the cache). `cache_rows` [b]: the
+        cache row each token row writes and reads (default: row i of the cache for row i)."""
         x = L.embed_lookup(self.embed.get_value(), tokens)
-        x, cache = L.run_decoder_layers(self.layers, x, positions, cache, prompt_start)
+        x, cache = L.run_decoder_layers(self.layers, x, positions, cache, prompt_start, cache_rows)
         return L.rms_norm(x, self.final_norm[...], self.config.rms_norm_eps), cache
 
     def logits(self, hidden: jax.Array) -> jax.Array:

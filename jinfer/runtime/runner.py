@@ -181,22 +181,14 @@ class ModelRunner:
         attends within the call; a `continuation` (a later chunk) attends to the slot's cached
         prefix as well."""
 
-        blocked = self.config.block < self.config.max_len
-
         def prefill(params, cache, slot, tokens, start, n_valid):
-            if blocked and not continuation:  # start is 0: write the piece's blocks only
+            if not continuation:  # start is 0: write the piece's blocks only
                 return self._prefill_fresh(params, cache, slot[None], tokens, n_valid[None])
+            # A later piece attends to the row's cached prefix: it is written and read in the
+            # slot's row of the whole cache, in place (no copy of the row).
             idx = jnp.arange(tokens.shape[1], dtype=jnp.int32)
             positions = jnp.where(idx < n_valid, start + idx, -1)[None, :]
-            row = jax.tree.map(
-                lambda c: jax.lax.dynamic_slice_in_dim(c, slot, 1, axis=kvcache.BATCH_AXIS), cache
-            )
-            hidden, row = self._forward(params, tokens, positions, row, prompt_start=not continuation)
-            cache = jax.tree.map(
-                lambda c, r: jax.lax.dynamic_update_slice_in_dim(c, r, slot, axis=kvcache.BATCH_AXIS),
-                cache,
-                row,
-            )
+            hidden, cache = self._forward(params, tokens, positions, cache, cache_rows=slot[None])
             last = jax.lax.dynamic_slice_in_dim(hidden, n_valid - 1, 1, axis=1)[:, 0]
             return cache, self._logits(params, last)
 
