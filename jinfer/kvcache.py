@@ -8,12 +8,13 @@ contiguous, and probs . v contracts positions with head_dim contiguous; on XLA:C
 faster for one query token than a [b, s, kv_heads, head_dim] layout, whose batched dots copy
 (transpose) the whole cache every layer and step.
 
-Blocks let decode read the cache only as far as the longest live sequence: decode attention loops
-over blocks 0 .. (furthest query position) // block, with an online softmax, instead of over all
-`max_len` positions (one compiled program; the trip count is a runtime value). A block no query of
-a row has reached contributes exact zeros to that row (its keys are all masked), so whether the
-loop visits it or not leaves the row bitwise unchanged: a request's tokens stay independent of its
-batch companions. Blocks are one contiguous slice of the leading axis each, read in place.
+Blocks let decode (and a later prefill chunk) read the cache only as far as the longest live
+sequence: attention loops over blocks 0 .. (furthest query position) // block, with an online
+softmax, instead of over all `max_len` positions (one compiled program; the trip count is a
+runtime value). A block no query of a row has reached contributes exact zeros to that row (its keys
+are all masked), so whether the loop visits it or not leaves the row bitwise unchanged: a request's
+tokens stay independent of its batch companions. Blocks are one contiguous slice of the leading
+axis each, read in place.
 
 Slots are indexed by absolute token position: the token at position p of a sequence lives at
 cache position p. A forward with positions `pos[b, t]` writes its keys/values at those positions
@@ -114,13 +115,14 @@ class KVCache:
 
 
 def _write_index(
-    positions: jax.Array, blocks: int, block: int, rows: jax.Array | None
+    positions: jax.Array, blocks: int, c: int, block: int, rows: jax.Array | None
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     b, t = positions.shape
-    # Out-of-range indices are dropped by mode="drop"; send padding (-1) to block `blocks` (out of
-    # range), since a negative index would otherwise wrap around to the end of the cache.
+    # Out-of-range indices are dropped by mode="drop"; send padding (-1) to block `blocks` and a
+    # negative row to row `c` (out of range), since a negative index would otherwise wrap around
+    # to the end of the cache.
     blk = jnp.where(positions < 0, blocks, positions // block)
-    rows = jnp.arange(b) if rows is None else rows
+    rows = jnp.arange(b) if rows is None else jnp.where(rows < 0, c, rows)
     return blk, jnp.broadcast_to(rows[:, None], (b, t)), positions % block
 
 
@@ -128,8 +130,8 @@ def write_keys(
     cache_k: jax.Array, new: jax.Array, positions: jax.Array, rows: jax.Array | None = None
 ) -> jax.Array:
     """Writes new[b, t, k, h] into cache_k [n, c >= b, k, h, l] at positions[b, t], row r of new
-    into cache row `rows[r]` (default r); negative positions and rows >= c are dropped."""
-    blk, rows, off = _write_index(positions, cache_k.shape[0], cache_k.shape[-1], rows)
+    into cache row `rows[r]` (default r); negative positions and rows outside [0, c) are dropped."""
+    blk, rows, off = _write_index(positions, *cache_k.shape[:2], cache_k.shape[4], rows)
     return cache_k.at[blk, rows, :, :, off].set(new.astype(cache_k.dtype), mode="drop")
 
 
@@ -137,7 +139,7 @@ def write_values(
     cache_v: jax.Array, new: jax.Array, positions: jax.Array, rows: jax.Array | None = None
 ) -> jax.Array:
     """Writes new[b, t, k, h] into cache_v [n, c >= b, k, l, h]; as `write_keys`."""
-    blk, rows, off = _write_index(positions, cache_v.shape[0], cache_v.shape[3], rows)
+    blk, rows, off = _write_index(positions, *cache_v.shape[:2], cache_v.shape[3], rows)
     return cache_v.at[blk, rows, :, off, :].set(new.astype(cache_v.dtype), mode="drop")
 
 

@@ -87,29 +87,66 @@ def test_blocked_attention_matches_dense_and_skips_exactly(window):
     assert np.isfinite(np.asarray(attend(q[:, None], cache_k, cache_v, idle[:, None]))).all()
 
 
+CHUNK_POSITIONS = {
+    "within-blocks": [[7, 8, 9, 10, 11], [3, 4, 5, -1, -1]],  # row 1: 2 padding queries
+    # row 0 crosses from block 1 into block 2, row 1 into block 3 (the furthest query sets the
+    # trip count); with the window the loop starts at block 1 (the earliest live query is 10)
+    "across-blocks": [[10, 11, 12, 13, 14], [16, 17, 18, -1, -1]],
+}
+
+
 @pytest.mark.parametrize("window", [None, 5])
-def test_blocked_attention_of_a_chunk_matches_dense(window):
-    """A later prefill chunk (t queries per row) attends to the row's cached prefix and to itself
-    over the blocks it reaches; padding queries (position -1) stay finite."""
+@pytest.mark.parametrize("positions", list(CHUNK_POSITIONS), ids=str)
+@pytest.mark.parametrize("rows", [None, (2, 0)], ids=["rows-default", "rows-2-0"])
+def test_blocked_attention_of_a_chunk_matches_dense(window, positions, rows):
+    """A later prefill chunk (t queries per row) attends to its cache row's prefix and to itself
+    over the blocks it reaches, in the cache row `rows` names (default: its own index); padding
+    queries (position -1) stay finite."""
     rng = np.random.default_rng(1)
-    b, t, s, kv, g, h, block = 2, 5, 24, 2, 3, 8, 6
+    b, c, t, s, kv, g, h, block = 2, 3, 5, 24, 2, 3, 8, 6
     q = rng.standard_normal((b, t, kv * g, h)).astype(np.float32)
-    keys = rng.standard_normal((b, s, kv, h)).astype(np.float32)
-    values = rng.standard_normal((b, s, kv, h)).astype(np.float32)
-    cache_k = np.transpose(keys.reshape(b, s // block, block, kv, h), (1, 0, 3, 4, 2))
-    cache_v = np.transpose(values.reshape(b, s // block, block, kv, h), (1, 0, 3, 2, 4))
-    positions = np.array([[7, 8, 9, 10, 11], [3, 4, 5, -1, -1]], np.int32)  # row 1: 2 padding queries
-    out = np.asarray(jax.jit(lambda *a: blocked_attention(*a, window))(q, cache_k, cache_v, positions))
+    keys = rng.standard_normal((c, s, kv, h)).astype(np.float32)
+    values = rng.standard_normal((c, s, kv, h)).astype(np.float32)
+    cache_k = np.transpose(keys.reshape(c, s // block, block, kv, h), (1, 0, 3, 4, 2))
+    cache_v = np.transpose(values.reshape(c, s // block, block, kv, h), (1, 0, 3, 2, 4))
+    positions = np.array(CHUNK_POSITIONS[positions], np.int32)
+    row_ids = np.arange(b) if rows is None else np.array(rows, np.int32)
+
+    def attend(q, k, v, pos, row_map):
+        return blocked_attention(q, k, v, pos, window, rows=None if rows is None else row_map)
+
+    out = np.asarray(jax.jit(attend)(q, cache_k, cache_v, positions, row_ids))
     assert np.isfinite(out).all()
     live = positions >= 0
     expected = _dense_reference(
         q.reshape(b * t, kv * g, h)[live.ravel()],
-        np.repeat(keys, t, 0)[live.ravel()],
-        np.repeat(values, t, 0)[live.ravel()],
+        np.repeat(keys[row_ids], t, 0)[live.ravel()],
+        np.repeat(values[row_ids], t, 0)[live.ravel()],
         positions.ravel()[live.ravel()],
         window,
     )
     np.testing.assert_allclose(out[live], expected, atol=2e-6)
+
+
+def test_writes_through_a_row_map_land_in_those_rows_only():
+    """write_keys/write_values with `rows`: row r of the new tokens goes to cache row rows[r]; a
+    row id outside [0, c) (negative included) writes nothing."""
+    c, block = 3, 4
+    cache = kvcache.KVCache.zeros(1, batch=c, max_len=8, kv_heads=1, head_dim=2, block=block)
+    new = jnp.arange(1, 13, dtype=jnp.float32).reshape(2, 3, 1, 2)  # [b, t, k, h]
+    positions = jnp.array([[3, 4, 5], [0, 1, -1]])
+    expected = np.zeros((c, 8, 2), np.float32)
+    expected[2, 3:6] = new[0, :, 0]
+    expected[0, 0:2] = new[1, :2, 0]
+    only_row_2, only_row_0 = expected.copy(), expected.copy()
+    only_row_2[0], only_row_0[2] = 0, 0
+    # (2, 3): row 3 is past the cache; (-1, 0): row -1 is dropped, not wrapped to the last row
+    for rows, want in (((2, 0), expected), ((2, 3), only_row_2), ((-1, 0), only_row_0)):
+        rows = jnp.array(rows, jnp.int32)
+        keys = np.asarray(kvcache.contiguous_keys(kvcache.write_keys(cache.k[0], new, positions, rows)))
+        values = np.asarray(kvcache.contiguous_values(kvcache.write_values(cache.v[0], new, positions, rows)))
+        np.testing.assert_array_equal(values[:, 0], want)
+        np.testing.assert_array_equal(np.swapaxes(keys[:, 0], 1, 2), want)
 
 
 def test_block_config_automatic_and_checked():
@@ -171,3 +208,28 @@ def test_fresh_prefill_equals_prefill_through_the_cache():
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
     keys = np.asarray(kvcache.contiguous_keys(fresh.k[0]))  # [b, k, h, s]
     assert np.abs(keys[1, ..., :13]).sum() > 0 and not keys[1, ..., 13:].any() and not keys[0].any()
+
+
+def test_chunked_prefill_in_a_later_slot_equals_one_piece():
+    """A 29-token prompt prefilled into slot 2 as one piece, and as a 16-token first piece plus a
+    13-token continuation (which reads and writes slot 2's row of the whole cache, crossing from
+    cache block 2 into 3), leaves the same cache and the same last-token logits; the other
+    slots stay zero."""
+    config = tiny_llama_config(256, max_position_embeddings=128)
+    model = FlaxModel.from_name("Llama", config)
+    gen = GenerationConfig(max_batch=3, max_len=64, prefill_buckets=(16, 32), cache_block=8)
+    engine = LLM.from_params(model, perturbed_params(model), config=gen).engine
+    prompt = list(range(5, 34))
+    zeros = jax.tree.map(jnp.zeros_like, engine.cache)
+    engine.cache = jax.tree.map(jnp.copy, zeros)
+    whole = np.asarray(engine.prefill(2, prompt, 0))
+    one_piece = jax.tree.map(np.asarray, engine.cache)
+    engine.cache = jax.tree.map(jnp.copy, zeros)
+    engine.prefill(2, prompt[:16], 0)
+    chunked = np.asarray(engine.prefill(2, prompt[16:], 16))
+    np.testing.assert_allclose(chunked, whole, atol=1e-5)
+    for a, b in zip(jax.tree.leaves(engine.cache), jax.tree.leaves(one_piece), strict=True):
+        np.testing.assert_allclose(np.asarray(a), b, atol=1e-5)
+    keys = np.asarray(kvcache.contiguous_keys(engine.cache.k[0]))  # [b, k, h, s]
+    assert (np.abs(keys[2, ..., :29]).sum(axis=(0, 1)) > 0).all()  # every prompt position written
+    assert not keys[:2].any() and not keys[2, ..., 29:].any()

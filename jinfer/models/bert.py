@@ -1,6 +1,6 @@
 """BERT encoder: word + position + token-type embeddings, post-LayerNorm blocks, exact (erf) GELU.
 
-Call contract (CONTRACTS.md, encoders):
+Call contract (encoders):
   `Bert(config, rngs=...)(tokens[b, t] int32, mask[b, t] bool, token_type_ids[b, t] | None = None)
      -> hidden[b, t, d]` — the last hidden state (no pooler). Positions are 0..t-1 (right padding,
   as in HF); `mask` marks real tokens: padded keys are never attended, so real tokens' outputs do

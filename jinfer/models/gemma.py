@@ -15,8 +15,9 @@ layer); exactness of the window comes from the mask (a query at p sees keys p - 
 decode attention of a local layer visits only the cache blocks inside the window
 (`layers.blocked_attention`), so its per-step cost is bounded by the window, not the context.
 
-Call contract: as Llama's: `Gemma(config, rngs=...)(tokens[b, t], positions[b, t], cache=None)
--> (hidden[b, t, d] after the final norm, cache)`; `logits(hidden) -> float32[..., vocab]` (soft-capped).
+Call contract: as Llama's: `Gemma(config, rngs=...)(tokens[b, t], positions[b, t], cache=None,
+prompt_start=False, cache_rows=None) -> (hidden[b, t, d] after the final norm, cache)`;
+`logits(hidden) -> float32[..., vocab]` (soft-capped).
 
 Einsum letters: b batch, t query length, d model dim, n heads, k kv heads, h head dim, v vocab.
 

@@ -1,8 +1,9 @@
 """GPT-2 decoder: learned positions, pre-LayerNorm blocks, tanh GELU ("gelu_new"), tied lm_head.
 
-Call contract (CONTRACTS.md, decoder), the same as Llama:
-  `GPT2(config, rngs=...)(tokens[b, t] int32, positions[b, t] int32, cache=None)
-     -> (hidden[b, t, d], cache)`; `hidden` is AFTER the final LayerNorm (ln_f).
+Call contract: the same as Llama's (jinfer.models.llama):
+  `GPT2(config, rngs=...)(tokens[b, t] int32, positions[b, t] int32, cache=None,
+     prompt_start=False, cache_rows=None) -> (hidden[b, t, d], cache)`; `hidden` is AFTER the final
+  LayerNorm (ln_f).
   `logits(hidden[..., d]) -> float32[..., vocab]` = hidden @ embed.T (always tied, as in GPT-2).
 Padding positions (< 0) read position embedding 0; they are neither written to the cache nor attended.
 

@@ -382,13 +382,23 @@ def cached_attention(
     return out.reshape(b, t, n, h).astype(q.dtype)
 
 
-def _decode_scores(q32: jax.Array, keys_t: jax.Array) -> jax.Array:
-    # One query token: q32 [b, k, g, h] x keys_t [b, k, h, s] -> [b, k, g, s], straight from the
-    # cache layout. XLA:CPU lowers the einsum form of one slot to batched dots whose
-    # operand/result layouts force copies of the cache; a multiply-reduce reads it once.
-    if q32.shape[0] == 1:
+def _block_scores(q32: jax.Array, keys_t: jax.Array, one_token: bool) -> jax.Array:
+    # q32 [b, k, q, h] x keys_t [b, k, h, s] -> [b, k, q, s] (q: the query tokens of a kv head,
+    # t * g), straight from the cache layout. For one decode token of one row, XLA:CPU lowers the
+    # einsum to batched dots whose operand/result layouts force copies of the cache; a
+    # multiply-reduce reads it once. A chunk of queries is a real matmul: einsum.
+    if one_token and q32.shape[0] == 1:
         return jnp.sum(q32[..., None] * keys_t[:, :, None].astype(jnp.float32), axis=3)
-    return jnp.einsum("bkgh,bkhs->bkgs", q32, keys_t.astype(jnp.float32))
+    return jnp.einsum("bkqh,bkhs->bkqs", q32, keys_t.astype(jnp.float32))
+
+
+def _block_values(p: jax.Array, values: jax.Array, one_token: bool) -> jax.Array:
+    # p [b, k, q, l] x values [b, k, l, h] -> [b, k, q, h]: a multiply-reduce for one decode token
+    # (decode's bits as before chunks used this path), an einsum for a chunk (on XLA:CPU 1.3x
+    # faster for 64 queries at position 512, 1.6x for 512; see BENCHMARKS.md).
+    if one_token:
+        return jnp.sum(p[..., None] * values[:, :, None].astype(jnp.float32), axis=3)
+    return jnp.einsum("bkql,bklh->bkqh", p, values.astype(jnp.float32))
 
 
 def blocked_attention(
@@ -427,17 +437,17 @@ def blocked_attention(
     def visit(i, carry):
         top, total, out = carry  # running max [b, k, t*g, 1], sum [b, k, t*g, 1], numerator [b, k, t*g, h]
         # The cache may hold more rows than there are queries (a decode bucket smaller than the
-        # slot count): query row r reads cache row r, the others are not read.
+        # slot count): query row r reads cache row `rows[r]` (default r), the others are not read.
         keys, values = (_block_rows(c, i, b, rows) for c in (cache_k, cache_v))
         k_positions = jnp.broadcast_to(i * block + jnp.arange(block, dtype=positions.dtype), (b, block))
         mask = _attention_mask(positions, k_positions, sliding_window)  # [b, t, l]
         mask = jnp.broadcast_to(mask[:, None, :, None], (b, 1, t, g, block)).reshape(b, 1, t * g, block)
-        scores = jnp.where(mask, soft_cap(_decode_scores(q32, keys), softcap), MASK_VALUE)
+        scores = jnp.where(mask, soft_cap(_block_scores(q32, keys, t == 1), softcap), MASK_VALUE)
         new_top = jnp.maximum(top, scores.max(axis=-1, keepdims=True))
         rescale = jnp.exp(top - new_top)
         p = jnp.exp(scores - new_top)
         total = total * rescale + p.sum(axis=-1, keepdims=True)
-        out = out * rescale + jnp.sum(p[..., None] * values[:, :, None].astype(jnp.float32), axis=3)
+        out = out * rescale + _block_values(p, values, t == 1)
         return new_top, total, out
 
     init = (
@@ -459,7 +469,9 @@ def blocked_attention(
 
 
 def _block_rows(cache: jax.Array, i: jax.Array, b: int, rows: jax.Array | None) -> jax.Array:
-    """Block i of the cache rows the b query rows read: rows 0 .. b - 1, or `rows`."""
+    """Block i of the cache rows the b query rows read: rows 0 .. b - 1, or `rows` (distinct; a
+    row outside [0, c) is read clamped, so it may only carry padding queries, whose writes are
+    dropped: see kvcache.write_keys)."""
     block = jax.lax.dynamic_index_in_dim(cache, i, 0, keepdims=False)
     if rows is None:
         return block[:b]
@@ -495,7 +507,8 @@ def causal_attention(
     q [b, t, n, h], k/v [b, t, k, h], positions [b, t] (negative = padding). Without a cache the
     queries attend within the call; with (cache_k, cache_v) in the blocked layout of
     jinfer.kvcache the new keys/values are written at their positions and the query at p attends
-    to cache positions j <= p (within the call only when `layer_cache` is a PromptStartCache). A
+    to cache positions j <= p (within the call only when `layer_cache` is a PromptStartCache;
+    through a CacheRows the query rows read and write the cache rows it names). A
     sliding window w additionally restricts attention to keys with p - j < w (Mistral, Gemma's
     local layers). `scale`/`softcap`: see `cached_attention`.
     """

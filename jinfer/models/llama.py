@@ -5,9 +5,12 @@ RMSNorm pre-norm blocks, RoPE in the half-split (rotate_half) layout, grouped-qu
 embeddings. Phi-3: fused qkv / gate_up projections split at load (`phi3_hf_param_map`), LongRoPE
 scaling (`layers.rope_qk`), optional partial rotary (Phi-4-mini) and an all-layer sliding window.
 
-Call contract (CONTRACTS.md, decoder):
-  `Llama(config, rngs=...)(tokens[b, t] int32, positions[b, t] int32, cache=None)
-     -> (hidden[b, t, d], cache)`; `hidden` is AFTER the final norm.
+Call contract (every decoder the generation runtime drives):
+  `Llama(config, rngs=...)(tokens[b, t] int32, positions[b, t] int32, cache=None,
+     prompt_start=False, cache_rows=None) -> (hidden[b, t, d], cache)`; `hidden` is AFTER the final
+  norm. `prompt_start`: the tokens start their sequences (attend within the call, only write the
+  cache); `cache_rows` i32[b]: query row r reads and writes cache row `cache_rows[r]` (a later
+  prompt chunk in its slot's row of the whole cache); see `layers.run_decoder_layers`.
   `logits(hidden[..., d]) -> float32[..., vocab]` is only the vocabulary projection.
 
 Einsum letters: b batch, t query length, s key/cache length, d model dim (hidden_size),

@@ -17,7 +17,8 @@ Qwen3-MoE adds a per-head RMSNorm on q and k (before RoPE) and places experts on
 (i + 1) % decoder_sparse_step == 0 that are not in `mlp_only_layers` (the others keep a dense SwiGLU
 of `intermediate_size`).
 
-Call contract: as jinfer.models.llama (`(tokens, positions, cache) -> (normed hidden, cache)`,
+Call contract: as jinfer.models.llama (`(tokens, positions, cache, prompt_start, cache_rows) ->
+(normed hidden, cache)`,
 `logits(hidden)`).
 
 Einsum letters: as jinfer.models.llama, plus e experts, m tokens (b * t flattened), a assignments

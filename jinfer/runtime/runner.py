@@ -2,9 +2,11 @@
 
 It knows shapes and executables, never requests. Shapes never depend on traffic, which bounds
 compilations and makes outputs reproducible:
-  - prefill runs one slot at a time (batch 1): a chunk of at most `prefill_block` prompt tokens
-    at its bucket, written into that slot's row of the shared KV cache. A chunk that starts the
-    sequence attends within the call; a later chunk attends to the row's cached prefix too;
+  - prefill runs chunks of at most `prefill_block` prompt tokens at their bucket. A chunk that
+    starts its sequence attends within the call, on a small cache of its own blocks that is then
+    written into its slot's row; several such first chunks share one call (`prefill_rows`
+    prompts, padded). A later chunk runs alone and attends to its row's cached prefix, reading
+    only the blocks it reaches and writing its keys/values in the row itself (no row copy);
   - decode runs the first `bucket` slots together, `decode_steps` steps per host round trip, at
     a few compiled bucket sizes (`GenerationConfig.decode_batch_buckets`): the scheduler keeps the
     live requests in the lowest slots and picks the smallest bucket that holds them, so a lone
