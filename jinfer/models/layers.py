@@ -394,8 +394,8 @@ def _block_scores(q32: jax.Array, keys_t: jax.Array, one_token: bool) -> jax.Arr
 
 def _block_values(p: jax.Array, values: jax.Array, one_token: bool) -> jax.Array:
     # p [b, k, q, l] x values [b, k, l, h] -> [b, k, q, h]: a multiply-reduce for one decode token
-    # (decode's bits as before chunks used this path), an einsum for a chunk (on XLA:CPU 1.3x
-    # faster for 64 queries at position 512, 1.6x for 512; see BENCHMARKS.md).
+    # (decode's bits as before chunks used this path), an einsum for a chunk (on XLA:CPU 1.25-1.7x
+    # faster for 64 queries at position 512, 1.6-1.8x for 512: scripts/bench_chunk_attention.py).
     if one_token:
         return jnp.sum(p[..., None] * values[:, :, None].astype(jnp.float32), axis=3)
     return jnp.einsum("bkql,bklh->bkqh", p, values.astype(jnp.float32))
