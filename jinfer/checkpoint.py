@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jinfer import integrity as integrity_lib
-from jinfer import limits
+from jinfer import limits, precision
 from jinfer.digest_record import DigestRecord
 from jinfer.errors import (
     CheckpointError,
@@ -496,7 +496,8 @@ def restore_params(
     """Restores DIR/params straight into the model's shardings; returns the nested param dict.
 
     Each device reads only its own slice (the Orbax target carries a NamedSharding per leaf).
-    Floating leaves come back in `dtype` (default: the saved dtype); integer leaves unchanged.
+    Floating leaves come back in `dtype` (default: the saved dtype; a `jinfer.precision.Precision`
+    restores matrices and the other leaves in two dtypes); integer leaves unchanged.
     With `verify`, every file under params/ is re-hashed first (see `verify_files`).
     `mesh=None` restores onto a 1x1 mesh on the default device.
 
@@ -527,7 +528,8 @@ def restore_params(
     target = {}
     for name, x in expected.items():
         saved = on_disk[name][1]
-        dt = (dtype if dtype is not None else saved) if jnp.issubdtype(saved, jnp.floating) else saved
+        floating = jnp.issubdtype(saved, jnp.floating)
+        dt = precision.leaf_dtype(dtype, len(x.shape), saved) if floating else saved
         target[name] = jax.ShapeDtypeStruct(x.shape, jnp.dtype(dt), sharding=shardings[name])
     try:
         with ocp.StandardCheckpointer() as ckptr:

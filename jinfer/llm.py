@@ -17,6 +17,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from jinfer import compile as compile_lib
+from jinfer import precision, quant
 from jinfer.errors import ConfigError, InputError
 from jinfer.modeling import FlaxModel
 from jinfer.runtime.config import GenerationConfig
@@ -42,8 +43,10 @@ class LLM:
       model: a jinfer model directory, a known model name (see `jinfer.hub`), or a Hugging Face
         model id ("org/name[@revision]"), fetched with huggingface_hub and converted once.
       mesh: a Mesh, a spec such as "data=2,model=4", or None (one device).
-      dtype: parameter dtype on restore ("float32", "bfloat16"); None: bfloat16 on TPU/GPU, the
-        saved dtype on CPU.
+      dtype: parameter dtype on restore ("float32", "bfloat16"), and so the compute and KV-cache
+        dtype; None: bfloat16 on TPU/GPU; on CPU bfloat16 weight matrices with float32 compute
+        where the CPU has bfloat16 matrix instructions (float causal LMs), else the saved dtype
+        (see `jinfer.defaults`, `jinfer.precision`).
       max_batch: decode slots; None: as many as a KV-cache memory budget holds (a power of two,
         at most 64 on CPU / 128 on TPU/GPU). max_len: tokens per slot (prompt + generation);
         None: the model's context length within that budget. See `jinfer.defaults` for the rule;
@@ -56,6 +59,9 @@ class LLM:
       layout: in-memory weight layout: "canonical" (as saved), "out_major" (weights transposed to
         [out, in] at load time: XLA:CPU's matrix-vector products read them 1.5-3x faster, batched
         matmuls slower), or "auto" (out_major for one-slot engines on CPU, canonical otherwise).
+      weight_dtype: dtype of the weight matrices (floating params of rank >= 2) when it should
+        differ from `dtype`'s: e.g. dtype="float32", weight_dtype="bfloat16" multiplies bfloat16
+        weights under float32 compute.
       **engine_options: further GenerationConfig fields, e.g. `prefix_cache=False` (automatic
         prefix caching is on by default; outputs are bitwise identical either way),
         `batch_invariant=True` (one decode shape and one prompt per prefill call: outputs bitwise
@@ -80,6 +86,7 @@ class LLM:
         rules: ShardingRules | None = None,
         quantize: str | None = None,
         layout: str = "auto",
+        weight_dtype: str | None = None,
         **engine_options: Any,
     ):
         from jinfer import defaults, loading, prefetch
@@ -94,7 +101,7 @@ class LLM:
             # The backend is first asked here: a config that fails validation never starts one.
             nonlocal gen_config, shape, dtype, dtype_reason, prefetching, one_row
             backend = defaults.backend_of(mesh)
-            dtype, dtype_reason = defaults.default_dtype(backend, dtype)
+            dtype, dtype_reason = defaults.default_dtype(backend, dtype, flax_model, weight_dtype, quantize)
             device = mesh.devices.flat[0] if mesh is not None else jax.devices()[0]
             cache_dtype = engine_options.get("cache_dtype")
             shape = defaults.engine_shape(
@@ -479,6 +486,18 @@ def _generation_config(max_batch, max_len, buckets, decode_steps, options) -> Ge
     return GenerationConfig(**kw)
 
 
+def _dtype_summary(params) -> str:
+    """ "float32", or "bfloat16 weights, float32 compute" when the matrices' dtype differs from the
+    norms' (jinfer.precision); int8 matrices count as their compute dtype."""
+    floats = [x for x in jax.tree.leaves(params) if jax.numpy.issubdtype(x.dtype, jax.numpy.floating)]
+    if not floats:
+        return "none"
+    compute = str(jax.numpy.dtype(quant.compute_dtype(params)))
+    matrices = [x for x in floats if x.ndim >= precision.WEIGHT_MIN_RANK and x.size > 1]
+    weights = str(max(matrices, key=lambda x: x.size).dtype) if matrices else compute
+    return compute if weights == compute else f"{weights} weights, {compute} compute"
+
+
 def _engine_choices(
     config,
     params,
@@ -496,9 +515,8 @@ def _engine_choices(
 
     reasons = reasons or {}
     given = "given (LLM.from_params)"
-    floats = [x.dtype for x in jax.tree.leaves(params) if jax.numpy.issubdtype(x.dtype, jax.numpy.floating)]
-    dtype = str(max(floats, key=lambda d: d.itemsize)) if floats else "none"
-    cache = config.cache_dtype or dtype
+    dtype = _dtype_summary(params)
+    cache = config.cache_dtype or str(jax.numpy.dtype(quant.compute_dtype(params)))
     backend = defaults.backend_of(mesh)
     layout_choice = defaults.layout_choice(layout, transposed, backend, config.max_batch)
     if transposed_before:

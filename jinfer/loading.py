@@ -27,9 +27,10 @@ from typing import Any
 import jax
 from jax.sharding import Mesh
 
-from jinfer import checkpoint, quant
+from jinfer import checkpoint, precision, quant
 from jinfer.errors import ConfigError
 from jinfer.modeling import FlaxModel
+from jinfer.models import weights
 from jinfer.sharding import ShardingRules, single_device_mesh
 
 LAYOUTS = ("auto", "canonical", "out_major")
@@ -170,26 +171,39 @@ def one_row_copy_size(
 
 def abstract_params(model: FlaxModel, mesh: Mesh, rules: ShardingRules | None, dtype: Any) -> Any:
     """What `load` will restore, without reading it: shapes, dtypes (floating leaves cast to
-    `dtype`; None: as the model declares them) and shardings on `mesh`."""
+    `dtype`, a dtype or a `jinfer.precision.Precision`; None: as the model declares them) and
+    shardings on `mesh`."""
 
     def spec(x, sharding):
         floating = jax.numpy.issubdtype(x.dtype, jax.numpy.floating)
-        dt = jax.numpy.dtype(dtype) if dtype is not None and floating else x.dtype
+        dt = precision.leaf_dtype(dtype, x.ndim, x.dtype) if floating else x.dtype
         return jax.ShapeDtypeStruct(x.shape, dt, sharding=sharding)
 
     return jax.tree.map(spec, model.abstract_params(), model.shardings(mesh, rules))
 
 
 def one_row_copy_bytes(model: FlaxModel, params: Any) -> int:
-    """Bytes a one-row copy of `params` adds: the weights it transposes (the other leaves, norm
-    scales and embedding tables, are shared with the canonical params)."""
-    return quant.transposed_bytes(params, model.float_logical_axes())
+    """Bytes a one-row copy of `params` adds: the weights it transposes, and the weights narrower
+    than the compute dtype, which it holds widened (see `one_row_copy`); the other leaves (norm
+    scales, a float32 embedding table) are shared with the canonical params."""
+    return quant.transposed_bytes(params, model.float_logical_axes(), widen_to=quant.compute_dtype(params))
 
 
 def one_row_copy(model: FlaxModel, params: Any, mesh: Mesh | None, rules) -> tuple[FlaxModel, Any]:
     """(the output-major model, a transposed copy of `params`) for one-row decode; `params` stay
-    as they are (leaves that are not transposed are shared, not copied)."""
-    return to_out_major(model, params, mesh or single_device_mesh(), rules, owned=False)
+    as they are (leaves that are neither transposed nor widened are shared, not copied).
+
+    Weights narrower than the compute dtype (bfloat16 weights under float32 compute) are held
+    widened (`jinfer.models.weights.Widened`): XLA:CPU has no fast one-row bfloat16 product and
+    converts such a weight on every step, while float32 values rounded from bfloat16, with inputs
+    rounded alike, give the batched buckets' mixed products up to the order of the sums."""
+    tmodel, copy = to_out_major(model, params, mesh or single_device_mesh(), rules, owned=False)
+    return tmodel, widen_one_row(copy)
+
+
+def widen_one_row(params: Any) -> Any:
+    """A one-row copy's narrower float weights as `Widened` ones (arrays or ShapeDtypeStructs)."""
+    return weights.widen(params, quant.compute_dtype(params))
 
 
 def to_out_major(model: FlaxModel, params: Any, mesh: Mesh, rules, owned: bool):

@@ -14,7 +14,6 @@ the largest max_batch that fits for that max_len. `JINFER_SKIP_MEMORY_CHECK=1` s
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 from typing import Any
 
@@ -93,26 +92,19 @@ def plan_llm_memory(
     model: Any, gen_config: Any, mesh: Any, dtype: Any = None, extra_param_bytes: int = 0
 ) -> MemoryPlan:
     """The MemoryPlan of an LLM engine (no device memory touched); raises MemoryPlanError when it
-    does not fit. `dtype`: the load dtype of floating params (None: as saved);
+    does not fit. `dtype`: the load dtype of floating params (None: as saved; or a
+    `jinfer.precision.Precision`);
     `extra_param_bytes`: weights held besides the params (e.g. a one-row decode copy)."""
     import jax
     import jax.numpy as jnp
 
+    from jinfer import defaults, precision
+
     cfg = model.config
-    leaves = jax.tree.leaves(model.abstract_params())
-    float_size = jnp.dtype(dtype).itemsize if dtype is not None else None
-    params = sum(
-        math.prod(x.shape)
-        * (
-            float_size
-            if float_size and jnp.issubdtype(x.dtype, jnp.floating)
-            else jnp.dtype(x.dtype).itemsize
-        )
-        for x in leaves
-    )
+    params = defaults.params_bytes(model.abstract_params(), dtype)
     devices = list(mesh.devices.flat) if mesh is not None else [jax.devices()[0]]
     model_axis = dict(mesh.shape).get("model", 1) if mesh is not None else 1
-    cache_dtype = getattr(gen_config, "cache_dtype", None) or dtype or "float32"
+    cache_dtype = getattr(gen_config, "cache_dtype", None) or precision.compute_dtype(dtype) or "float32"
     itemsize = jnp.dtype(cache_dtype).itemsize
     max_batch, max_len = gen_config.max_batch, gen_config.max_len
     vocab = getattr(cfg, "vocab_size", 0)

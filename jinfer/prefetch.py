@@ -85,7 +85,8 @@ def _load(model, config, mesh, rules, layout, dtype, one_row: bool, stopping: th
             params = loading.abstract_params(model, mesh, rules, dtype)
             row = None
             if one_row:
-                row = (model.out_major(), loading.abstract_params(model.out_major(), mesh, rules, dtype))
+                row_params = loading.abstract_params(model.out_major(), mesh, rules, dtype)
+                row = (model.out_major(), loading.widen_one_row(row_params))
             runner = _ProgramLoader(model, params, config, mesh=mesh, rules=rules, one_row=row)
             chunks = sorted(config.prefill_chunk_buckets, reverse=True)  # chat prompts fill the largest
             decode = runner.decode_buckets  # a lone request decodes at the smallest

@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jinfer.models.weights import OutMajor, QuantArray, group_view
+from jinfer.models.weights import OutMajor, QuantArray, group_view, narrower_float
 
 METHODS = ("int8",)
 GROUP_SIZE = 32
@@ -194,14 +194,21 @@ def transpose_params(params: Any, float_axes: Any) -> Any:
     return _map_float_leaves(params, float_axes, lambda x, n: _out_major_leaf(x, n, jnp))
 
 
-def transposed_bytes(params: Any, float_axes: Any) -> int:
+def transposed_bytes(params: Any, float_axes: Any, widen_to: Any = None) -> int:
     """Bytes of the leaves `transpose_params` rewrites (arrays or ShapeDtypeStructs; an int8
-    weight counts its values and scales); the other leaves keep their buffers."""
+    weight counts its values and scales); the other leaves keep their buffers. `widen_to`: float
+    weights narrower than this dtype are copied in it as well (`jinfer.models.weights.widen`)."""
     sizes = []
 
+    def widened(x) -> bool:
+        return widen_to is not None and x.ndim >= 2 and narrower_float(x.dtype, widen_to)
+
+    def nbytes(x) -> int:
+        return int(np.prod(x.shape)) * np.dtype(widen_to if widened(x) else x.dtype).itemsize
+
     def visit(leaf, names):
-        if _out_major_layout(names) is not None:
-            sizes.extend(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(leaf))
+        copied = _out_major_layout(names) is not None
+        sizes.extend(nbytes(x) for x in jax.tree.leaves(leaf) if copied or widened(x))
         return leaf
 
     _map_float_leaves(params, float_axes, visit)

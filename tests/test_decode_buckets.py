@@ -188,3 +188,30 @@ def test_one_row_copy_decodes_bucket_one_on_output_major_weights(weights, bucket
         with LLM.from_params(*weights, config=dataclasses.replace(GEN, decode_buckets=None), **kwargs) as llm:
             assert llm.engine.one_row is None
     assert one_shape.engine.one_row is None
+
+
+def test_bfloat16_weights_decode_the_same_tokens_in_every_bucket(weights):
+    """bfloat16 weight matrices under float32 compute (the CPU default where the CPU has bfloat16
+    matrix instructions): bucket 1 runs the one-row copy, whose weights are widened to float32 and
+    whose products round their inputs to bfloat16; the other buckets multiply bfloat16 directly.
+    Tokens equal the one-shape engine's, logprobs within the stated tolerance."""
+    import jax.numpy as jnp
+
+    from jinfer.models.weights import OutMajor, Widened
+
+    model, params = weights
+    mixed = jax.tree.map(lambda x: x.astype(jnp.bfloat16) if x.ndim >= 2 else x, params)
+    prompts, sps = _workload(11, 12)
+    sps[0] = SamplingParams(max_tokens=60, temperature=0.0, logprobs=1)  # a tail that runs alone
+    with LLM.from_params(model, mixed, config=GEN) as a:
+        _, row = a.engine.one_row
+        typed = jax.tree.leaves(row, is_leaf=lambda x: isinstance(x, (OutMajor, Widened)))
+        widened = [
+            w.w if isinstance(w, OutMajor) else w for w in typed if not hasattr(w, "ndim") or w.ndim >= 2
+        ]
+        assert widened and all(isinstance(w, Widened) and w.w.dtype == jnp.float32 for w in widened)
+        assert a.engine_choices.dtype.value == "bfloat16 weights, float32 compute"
+        got = a.generate(prompts, sps)
+        assert a.stats.decode_rounds.get(1, 0) > 0  # the tail ran at bucket 1
+    with LLM.from_params(model, mixed, config=dataclasses.replace(GEN, batch_invariant=True)) as b:
+        _assert_close(got, b.generate(prompts, sps))

@@ -3,9 +3,10 @@
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
-from jinfer import defaults
+from jinfer import defaults, precision
 from jinfer.llm import LLM
 from jinfer.models.llama import LlamaConfig
 from jinfer.sampling import SamplingParams
@@ -47,7 +48,12 @@ def test_cli_generate_with_default_max_len_on_a_256_position_model(tmp_path):
     assert lines["backend"] == "cpu"
     assert lines["max_batch"] == "1: jinfer generate's 1 prompt(s) need no more slots"
     assert lines["max_len"].startswith("256: the model's context within KV budget")
-    assert lines["dtype"].startswith("float32: CPU default: the checkpoint's dtype")
+    expected = (
+        "bfloat16 weights, float32 compute: CPU default on a CPU with bfloat16 matrix instructions"
+        if precision.cpu_has_bf16_matmul()
+        else "float32: CPU default: the checkpoint's dtype"
+    )
+    assert lines["dtype"].startswith(expected)
     assert lines["prefill_buckets"].startswith("16,32,64,128,256: CPU default")
     assert lines["layout"].startswith("out_major: auto: one-slot engine on CPU")
     assert "decode_buckets" in lines
@@ -132,7 +138,7 @@ def test_one_row_copy_is_in_the_memory_plan_and_dropped_when_it_does_not_fit(tmp
     from jinfer.sharding import single_device_mesh
 
     path = make_tiny_llm_dir(tmp_path / "m", max_position_embeddings=512)
-    config = dict(max_batch=8, max_len=128, buckets=(16, 32))
+    config = dict(dtype="float32", max_batch=8, max_len=128, buckets=(16, 32))
     with LLM(path, **config) as llm:
         assert llm.engine.one_row is not None
         model, gen, params = llm.model, llm.engine.config, llm.engine.params
@@ -162,7 +168,9 @@ def test_llm_records_what_it_chose_and_why(tmp_path, monkeypatch):
     monkeypatch.setattr(memory, "host_available_bytes", lambda: 64 * GiB)  # any host with >= 8 GiB free
     llm = LLM(path)  # tiny KV (512 B per token): the slot cap binds
     c = llm.engine_choices
-    assert (c.backend, c.dtype.value) == ("cpu", "float32")
+    mixed = precision.cpu_has_bf16_matmul()  # bfloat16 weights under float32 compute by default
+    assert (c.backend, c.dtype.value) == ("cpu", "bfloat16 weights, float32 compute" if mixed else "float32")
+    assert c.dtype.reason.endswith("; KV cache float32") and llm.engine.cache.k[0].dtype == np.float32
     assert c.layout.value == "canonical + out_major copy for decode bucket 1"  # a tiny model: a copy is cheap
     assert "output-major copy of the weights (+" in c.layout.reason and llm.engine.one_row is not None
     assert c.max_batch.value == llm.engine.config.max_batch == 64
@@ -207,3 +215,57 @@ def test_llm_records_what_it_chose_and_why(tmp_path, monkeypatch):
     llm.close()
     with pytest.raises(memory.MemoryPlanError):  # explicit sizes that cannot fit are still refused
         LLM(path, max_batch=64, max_len=512)
+
+
+def test_precision_restores_weight_matrices_and_the_rest_in_their_own_dtypes(tmp_path, monkeypatch):
+    import jax
+
+    from jinfer import loading
+    from jinfer.modeling import FlaxModel
+    from jinfer.precision import Precision
+
+    path = make_tiny_llm_dir(tmp_path / "m", max_position_embeddings=512)
+    mixed = Precision("float32", "bfloat16")
+    assert (
+        str(mixed) == "bfloat16 weights, float32 compute"
+        and str(precision.as_precision("bfloat16")) == "bfloat16"
+    )
+    params = loading.load(path, dtype=mixed).params
+    leaves = jax.tree.leaves(params)
+    matrices = [x for x in leaves if x.ndim >= 2]
+    assert {str(x.dtype) for x in matrices} == {"bfloat16"} and {
+        str(x.dtype) for x in leaves if x.ndim < 2
+    } == {"float32"}
+    model = loading.load(path).model
+    abstract = loading.abstract_params(model, loading.single_device_mesh(), None, mixed)
+    assert [x.dtype for x in jax.tree.leaves(abstract)] == [x.dtype for x in leaves]  # what the plan sees
+    assert defaults.params_bytes(abstract, mixed) == sum(x.nbytes for x in leaves)
+    # The one-row copy holds every matrix widened to float32 (the embedding too: it is not shared).
+    assert loading.one_row_copy_bytes(model, params) == sum(4 * x.size for x in matrices)
+    # The CPU default: mixed only for a float causal LM on a CPU with bfloat16 matrix instructions.
+    flax_model = FlaxModel.from_name("Llama", model.config)
+    for native in (True, False):
+        monkeypatch.setattr(precision, "cpu_has_bf16_matmul", lambda native=native: native)
+        assert defaults.default_dtype("cpu", None, flax_model)[0] == (mixed if native else None)
+        assert defaults.default_dtype("cpu", None, flax_model, quantize="int8")[0] is None
+        assert defaults.default_dtype("cpu", "float32", flax_model)[0] == "float32"  # given: one dtype
+        assert defaults.default_dtype("gpu", None, flax_model)[0] == "bfloat16"
+    assert defaults.default_dtype("cpu", "float32", flax_model, "bfloat16")[0] == mixed
+
+
+def test_cpu_bf16_detection_reads_the_cpu_flags(tmp_path, monkeypatch):
+    cases = {
+        "flags\t\t: fpu avx2 avx512f avx512_bf16 avx512_vnni\n": True,  # AMD Zen 4, Intel Cooper Lake
+        "flags\t\t: fpu avx2 avx512f amx_bf16 amx_tile\n": True,  # Intel Sapphire Rapids
+        "flags\t\t: fpu avx2 avx512f avx512bw\n": False,  # Skylake-SP: AVX-512 without BF16
+        "Features\t: fp asimd sve bf16 i8mm\n": True,  # Arm Neoverse V1/V2
+        "Features\t: fp asimd evtstrm aes\n": False,  # Arm Neoverse N1
+    }
+    try:
+        for text, native in cases.items():
+            (tmp_path / "cpuinfo").write_text(text * 2)
+            monkeypatch.setattr(precision, "CPUINFO", tmp_path / "cpuinfo")
+            precision.cpu_has_bf16_matmul.cache_clear()
+            assert precision.cpu_has_bf16_matmul() is native, text
+    finally:
+        precision.cpu_has_bf16_matmul.cache_clear()

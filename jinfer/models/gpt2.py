@@ -140,8 +140,9 @@ class GPT2(nnx.Module):
         `prompt_start=True`: the tokens start the sequence (a fresh prefill), so they attend within
         the call only (their keys/values are still written to the cache). `cache_rows` [b]: the
         cache row each token row writes and reads (default: row i of the cache for row i)."""
-        x = L.embed_lookup(self.embed.get_value(), tokens)
-        x = x + L.embed_lookup(self.pos_embed.get_value(), positions)
+        dtype = self.final_norm.scale[...].dtype  # the compute dtype (see jinfer.precision)
+        x = L.embed_lookup(self.embed.get_value(), tokens, dtype)
+        x = x + L.embed_lookup(self.pos_embed.get_value(), positions, dtype)
         x, cache = L.run_decoder_layers(self.layers, x, positions, cache, prompt_start, cache_rows)
         return self.final_norm(x), cache
 

@@ -8,7 +8,9 @@ Einsum letters: b batch, t query length, s key length, d model dim, n query head
 g query heads per kv head (n = k * g), h head dim, f mlp hidden, v vocab; in the blocked KV cache
 (jinfer.kvcache) nb blocks of l positions each.
 
-Numerics: matmuls run in the params' dtype; norms, RoPE and softmax in float32.
+Numerics: matmuls run in the params' dtype; norms, RoPE and softmax in float32. A weight in a
+narrower float dtype than its input (bfloat16 weights under float32 compute, see jinfer.precision)
+multiplies the input cast to the weight's dtype and accumulates in the input's dtype (`mixed`).
 
 Weights: every projection goes through `linear`, which dispatches on the weight's type
 (jinfer.models.weights): a float array in the canonical layout, a `QuantArray` (int8, dequantized
@@ -33,7 +35,7 @@ from jinfer import kvcache
 from jinfer.errors import ConfigError
 from jinfer.kvcache import KVCache
 from jinfer.models import weights
-from jinfer.models.weights import OutMajor, QuantArray, Weight, dense
+from jinfer.models.weights import OutMajor, QuantArray, Weight, dense, narrower_float, round_input
 
 Axes = tuple[str | None, ...]
 LayerCache = tuple[jax.Array, jax.Array]  # (keys, values) in the blocked layout of jinfer.kvcache
@@ -71,7 +73,7 @@ def linear(spec: str, x: jax.Array, w: Weight, **kwargs: Any) -> jax.Array:
         raise ConfigError(f"linear({spec!r}): not expressible as an [m, in] x [in, out] product")
     n_lead = x.ndim - len(contracted)
     lead_shape = x.shape[:n_lead]
-    x2 = x.reshape(math.prod(lead_shape), -1)
+    x2 = round_input(x.reshape(math.prod(lead_shape), -1), w)
     if isinstance(w, OutMajor):
         wt = dense(w.w)  # [kept..., contracted]
         kept_shape = wt.shape[: len(kept)]
@@ -79,17 +81,29 @@ def linear(spec: str, x: jax.Array, w: Weight, **kwargs: Any) -> jax.Array:
     else:
         w = dense(w)
         kept_shape = w.shape[len(contracted) :]
+        x2, kwargs = mixed(x2, w, kwargs)
         y = jnp.dot(x2, w.reshape(-1, math.prod(kept_shape)), **kwargs)
     return y.reshape(*lead_shape, *kept_shape)
 
 
+def mixed(x: jax.Array, w: jax.Array, kwargs: dict[str, Any]) -> tuple[jax.Array, dict[str, Any]]:
+    """(x, kwargs) for a product of x with the float weight w: when w is a narrower float than x
+    (bfloat16 weights, float32 compute), x cast to w's dtype and the product accumulated in x's
+    dtype. Casting w up instead would convert the whole weight on every call, and XLA:CPU
+    multiplies bfloat16 natively on CPUs that have it (jinfer.precision)."""
+    if not narrower_float(w.dtype, x.dtype):
+        return x, kwargs
+    return x.astype(w.dtype), {"preferred_element_type": x.dtype, **kwargs}
+
+
 def out_major_matmul(x: jax.Array, w: jax.Array, **kwargs: Any) -> jax.Array:
-    """x [..., c] @ w[k, c].T -> [..., k].
+    """x [..., c] @ w[k, c].T -> [..., k] (a narrower float w: see `mixed`).
 
     With a single row this is written as the rank-1 product `dot(x, w.T)`, the form XLA:CPU
     emits as one loop over w's rows fused with w's producer: int8 weights are then read and
     dequantized inside that loop, never written out as float32 (measured: 2x faster int8 decode).
     """
+    x, kwargs = mixed(x, w, kwargs)
     if math.prod(x.shape[:-1]) == 1:
         return jnp.dot(x.reshape(-1), w.T, **kwargs).reshape(*x.shape[:-1], w.shape[0])
     return jnp.einsum("...c,kc->...k", x, w, **kwargs)
@@ -144,9 +158,15 @@ def zeros_param(rngs: nnx.Rngs, shape: Sequence[int], axes: Axes) -> nnx.Param:
     return make_param(rngs, shape, axes, nnx.initializers.zeros)
 
 
-def embed_lookup(table: jax.Array | QuantArray, ids: jax.Array) -> jax.Array:
-    """table [v, d] (float or int8), ids [...] int -> [..., d] (negative ids, i.e. padding, read row 0)."""
-    return jnp.take(dense(table), jnp.maximum(ids, 0), axis=0)
+def embed_lookup(table: jax.Array | QuantArray, ids: jax.Array, dtype: Any = None) -> jax.Array:
+    """table [v, d] (float or int8), ids [...] int -> [..., d] in `dtype` (default: the table's;
+    negative ids, i.e. padding, read row 0)."""
+    rows = jnp.take(dense(table), jnp.maximum(ids, 0), axis=0)
+    if dtype is None or rows.dtype == dtype:
+        return rows
+    # Converted after the gather: XLA would otherwise rewrite gather(table).astype as a gather
+    # of the converted table and hoist that whole-table conversion out of the decode loop.
+    return jax.lax.optimization_barrier(rows).astype(dtype)
 
 
 # -- norms ----------------------------------------------------------------------------------------
@@ -347,7 +367,9 @@ class Attention(nnx.Module):
             # that is a reshaped [k, g, h] buffer (the attention output) with per-element index
             # arithmetic (SmolLM2 f32: 43.5 vs 38.2 tokens/s). int8 keeps the fused loop, which
             # dequantizes in place.
-            y = jnp.einsum("btm,dm->btd", o.reshape(b, t, n * h), w.w)
+            wd = dense(w.w)
+            o2, kwargs = mixed(round_input(o.reshape(b, t, n * h), w), wd, {})
+            y = jnp.einsum("btm,dm->btd", o2, wd, **kwargs)
         else:
             y = linear("btnh,nhd->btd", o, w)
         if self.dims.out_bias:
@@ -613,8 +635,12 @@ def lm_head_logits(model: Any, hidden: jax.Array) -> jax.Array:
 
 
 def vocab_logits(hidden: jax.Array, table: Weight, tied: bool) -> jax.Array:
-    """hidden [..., d] -> float32 logits [..., v]; `table` is embed [v, d] if tied else lm_head [d, v]."""
-    table = weights.astype(table, hidden.dtype)
+    """hidden [..., d] -> float32 logits [..., v]; `table` is embed [v, d] if tied else lm_head [d, v]
+    (a narrower float table than hidden multiplies as it is, see `mixed`)."""
+    stored = table.w if isinstance(table, OutMajor) else table
+    if isinstance(stored, QuantArray) or not narrower_float(stored.dtype, hidden.dtype):
+        table = weights.astype(table, hidden.dtype)
+    hidden = round_input(hidden, table)
     if tied:  # the embedding table [v, d] is already output-major
         return out_major_matmul(hidden, dense(table), preferred_element_type=jnp.float32)
     return linear("...d,dv->...v", hidden, table, preferred_element_type=jnp.float32)

@@ -280,7 +280,7 @@ class Llama(nnx.Module):
         `prompt_start=True`: the tokens start the sequence (a fresh prefill), so they attend within
         the call only (their keys/values are still written to the cache). `cache_rows` [b]: the
         cache row each token row writes and reads (default: row i of the cache for row i)."""
-        x = L.embed_lookup(self.embed.get_value(), tokens)
+        x = L.embed_lookup(self.embed.get_value(), tokens, self.final_norm[...].dtype)  # compute dtype
         x, cache = L.run_decoder_layers(self.layers, x, positions, cache, prompt_start, cache_rows)
         return L.rms_norm(x, self.final_norm[...], self.config.rms_norm_eps), cache
 

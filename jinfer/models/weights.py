@@ -75,18 +75,51 @@ class OutMajor:
         return tuple(self.w.shape)
 
 
-Weight = jax.Array | QuantArray | OutMajor
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Widened:
+    """A narrower-float weight held in the compute dtype: `w` holds values exactly representable in
+    `inputs` (e.g. bfloat16 weights as float32), and a product first rounds its input to `inputs`.
+
+    Each product then equals, up to the order of the sums, the mixed product of the narrow weight
+    (`layers.mixed`: input cast to bfloat16, accumulated in float32), on XLA:CPU paths that have no
+    fast narrow kernel (the one-row decode copy, `jinfer.loading.one_row_copy`)."""
+
+    w: Any
+    inputs: Any = dataclasses.field(default=None, metadata={"static": True})
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.w.shape)
+
+    @property
+    def dtype(self) -> Any:
+        return self.w.dtype
+
+
+Weight = jax.Array | QuantArray | OutMajor | Widened
 
 
 def is_weight(x: Any) -> bool:
     """True for the typed weights, which tree walks over params treat as one leaf."""
-    return isinstance(x, (QuantArray, OutMajor))
+    return isinstance(x, (QuantArray, OutMajor, Widened))
 
 
-def dense(w: jax.Array | QuantArray) -> jax.Array:
+def round_input(x: jax.Array, w: Any) -> jax.Array:
+    """x as a product with w sees it: rounded to `w.inputs` for a Widened weight, else as it is."""
+    if isinstance(w, OutMajor):
+        w = w.w
+    if isinstance(w, Widened) and w.inputs is not None:
+        return x.astype(w.inputs).astype(x.dtype)
+    return x
+
+
+def dense(w: jax.Array | QuantArray | Widened) -> jax.Array:
     """The weight's values as a float array in its own layout (a QuantArray dequantized)."""
     if isinstance(w, QuantArray):
         return w.dequantize()
+    if isinstance(w, Widened):
+        return w.w
     if isinstance(w, OutMajor):
         raise ConfigError(
             "an OutMajor weight is read only by layers.linear; this layer needs a canonical weight "
@@ -99,6 +132,8 @@ def astype(w: Weight, dtype: Any) -> Weight:
     """The weight read as `dtype`: a float array cast, a QuantArray dequantized to `dtype`."""
     if isinstance(w, OutMajor):
         return OutMajor(astype(w.w, dtype))
+    if isinstance(w, Widened):
+        return dataclasses.replace(w, w=w.w.astype(dtype))
     if isinstance(w, QuantArray):
         return dataclasses.replace(w, dtype=jnp.dtype(dtype))
     return w.astype(dtype)
@@ -145,6 +180,12 @@ def _register_export_serialization() -> None:
         deserialize_auxdata=lambda data: (jnp.dtype(bytes(data).decode()) if data else None,),
     )
     export.register_pytree_node_serialization(
+        Widened,
+        serialized_name="jinfer.models.weights.Widened",
+        serialize_auxdata=lambda aux: b"" if aux[0] is None else jnp.dtype(aux[0]).name.encode(),
+        deserialize_auxdata=lambda data: (jnp.dtype(bytes(data).decode()) if data else None,),
+    )
+    export.register_pytree_node_serialization(
         OutMajor,
         serialized_name="jinfer.models.weights.OutMajor",
         serialize_auxdata=lambda aux: b"",
@@ -153,3 +194,26 @@ def _register_export_serialization() -> None:
 
 
 _register_export_serialization()
+
+
+def widen(params: Any, dtype: Any) -> Any:
+    """`params` with every float weight narrower than `dtype` (rank >= 2, plain or inside an
+    OutMajor) as a Widened weight in `dtype` whose products round their inputs to the weight's
+    own dtype; arrays or ShapeDtypeStructs."""
+    dtype = jnp.dtype(dtype)
+
+    def wide(x):
+        if isinstance(x, OutMajor):
+            return OutMajor(wide(x.w))
+        if isinstance(x, (QuantArray, Widened)) or x.ndim < 2 or not narrower_float(x.dtype, dtype):
+            return x
+        if isinstance(x, jax.ShapeDtypeStruct):
+            return Widened(jax.ShapeDtypeStruct(x.shape, dtype, sharding=x.sharding), jnp.dtype(x.dtype))
+        return Widened(x.astype(dtype), jnp.dtype(x.dtype))
+
+    return jax.tree.map(wide, params, is_leaf=is_weight)
+
+
+def narrower_float(dtype: Any, than: Any) -> bool:
+    """True when `dtype` is a float type with fewer bytes per element than `than`."""
+    return jnp.issubdtype(dtype, jnp.floating) and jnp.dtype(dtype).itemsize < jnp.dtype(than).itemsize

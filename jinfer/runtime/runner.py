@@ -32,7 +32,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jinfer import compile as compile_lib
-from jinfer import kvcache, sampling
+from jinfer import kvcache, quant, sampling
 from jinfer.buckets import smallest_bucket
 from jinfer.errors import (
     ConfigError,
@@ -118,7 +118,7 @@ class ModelRunner:
         self.stats = stats or GenerationStats()
         self._forward = model.apply_fn()
         self._logits = model.apply_fn("logits")
-        self.dtype = config.cache_dtype or _params_dtype(params)
+        self.dtype = config.cache_dtype or quant.compute_dtype(params)  # the norms', not the weights'
         self._replicated = NamedSharding(self.mesh, PartitionSpec())
         self._executables = compile_lib.ExecutableCache(
             on_compile=lambda key, seconds: self.stats.record_compile(key, seconds),
@@ -636,8 +636,3 @@ def _compile(lowered: Any, options: dict[str, Any] | None) -> Any:
         with contextlib.suppress(Exception):
             return lowered.compile(compiler_options=options)
     return lowered.compile()
-
-
-def _params_dtype(params: Any) -> Any:
-    floats = [x.dtype for x in jax.tree.leaves(params) if jnp.issubdtype(x.dtype, jnp.floating)]
-    return floats[0] if floats else jnp.float32
