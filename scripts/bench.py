@@ -69,7 +69,11 @@ GGUF = next(  # the benchmark machine's copy, else the one jinfer.hub downloaded
 HF_TOKENIZER = Path("/work/cache/smollm2/hf_tokenizer")
 MODEL_NAME = "smollm2-135m-instruct"
 SYSTEMS = ("jinfer-f32", "jinfer-bf16", "jinfer-int8", "hf", "llama.cpp")
-JINFER_OPTIONS = {"jinfer-f32": {}, "jinfer-bf16": {"dtype": "bfloat16"}, "jinfer-int8": {"quantize": "int8"}}
+JINFER_OPTIONS = {  # tuned systems; --defaults passes nothing (bfloat16 weights on CPUs with BF16)
+    "jinfer-f32": {"dtype": "float32"},
+    "jinfer-bf16": {"dtype": "bfloat16"},
+    "jinfer-int8": {"quantize": "int8"},
+}
 BATCH1_NEW_TOKENS = 128
 BATCH1_MAX_LEN = 256  # prompt (< 64 tokens) + 128 new tokens; the cache is read whole every step
 OFFLINE_MAX_LEN = 512  # prompts <= 240 tokens + max_tokens <= 256

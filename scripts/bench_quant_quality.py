@@ -1,7 +1,9 @@
-"""int8 weight-only quality on SmolLM2-135M-Instruct: perplexity and top-1 next-token agreement
-against float32 on held-out text: the paragraphs below (written for this benchmark) followed by
-the docstrings of a fixed list of Python standard-library modules (real English prose that ships
-with every Python), up to --tokens tokens.
+"""Reduced-precision quality on SmolLM2-135M-Instruct: int8 weight-only, and bfloat16 weight
+matrices under float32 compute (the CPU default where the CPU has bfloat16 matrix instructions,
+jinfer.precision): perplexity and top-1 next-token agreement against float32 on held-out text:
+the paragraphs below (written for this benchmark) followed by the docstrings of a fixed list of
+Python standard-library modules (real English prose that ships with every Python), up to
+--tokens tokens.
 
     python scripts/bench_quant_quality.py [--model DIR] [--json out.json]
 """
@@ -15,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jinfer import checkpoint, hub, quant
+from jinfer import checkpoint, hub, precision, quant
 from jinfer.tokenizer import Tokenizer
 
 HELD_OUT = """\
@@ -95,28 +97,38 @@ def main() -> None:
     model, params, _ = checkpoint.load_model_dir(path)
     qmodel = model.quantized("int8")
     qparams = jax.jit(lambda p: quant.quantize_params(p, model.float_logical_axes()))(params)
+    bparams = jax.tree.map(
+        lambda x: x.astype(jnp.bfloat16) if x.ndim >= precision.WEIGHT_MIN_RANK else x, params
+    )
     ids = np.asarray(Tokenizer.from_dir(path).encode(held_out_text(), add_special_tokens=False), np.int32)
     ids = ids[: args.tokens + 1]
-    lp_f, lp_q, agree = [], [], []
+    lp_f, lp_q, lp_b, agree, agree_b = [], [], [], [], []
     for start in range(0, len(ids) - 1, args.chunk):
         chunk = ids[start : start + args.chunk + 1]
         if len(chunk) < 2:
             break
         f, pf = next_token_logprobs(model, params, chunk)
         q, pq = next_token_logprobs(qmodel, qparams, chunk)
+        b, pb = next_token_logprobs(model, bparams, chunk)
         lp_f.append(f)
         lp_q.append(q)
+        lp_b.append(b)
         agree.append(pf == pq)
-    lp_f, lp_q, agree = (np.concatenate(x) for x in (lp_f, lp_q, agree))
-    ppl_f, ppl_q = float(np.exp(-lp_f.mean())), float(np.exp(-lp_q.mean()))
+        agree_b.append(pf == pb)
+    lp_f, lp_q, lp_b, agree, agree_b = (np.concatenate(x) for x in (lp_f, lp_q, lp_b, agree, agree_b))
+    ppl_f, ppl_q, ppl_b = (float(np.exp(-x.mean())) for x in (lp_f, lp_q, lp_b))
     result = {
         "tokens": int(lp_f.size),
         "perplexity_f32": round(ppl_f, 4),
         "perplexity_int8": round(ppl_q, 4),
         "perplexity_increase_pct": round(100 * (ppl_q / ppl_f - 1), 3),
         "top1_agreement_pct": round(100 * float(agree.mean()), 2),
+        "perplexity_bf16_weights": round(ppl_b, 4),
+        "perplexity_increase_bf16_weights_pct": round(100 * (ppl_b / ppl_f - 1), 3),
+        "top1_agreement_bf16_weights_pct": round(100 * float(agree_b.mean()), 2),
         "weight_mb_f32": round(sum(x.nbytes for x in jax.tree.leaves(params)) / 1e6, 1),
         "weight_mb_int8": round(sum(x.nbytes for x in jax.tree.leaves(qparams)) / 1e6, 1),
+        "weight_mb_bf16_weights": round(sum(x.nbytes for x in jax.tree.leaves(bparams)) / 1e6, 1),
     }
     for k, v in result.items():
         print(f"{k:<26} {v}")

@@ -97,7 +97,16 @@ def test_greedy_tokens_and_score_match_transformers(converted, name):
     golden = np.load(_fixture(name) / "golden.npz")
     prompts = [[int(t) for t in p] for p in _prompts(golden)]
     assert max(map(len, prompts)) > WINDOWS.get(name, 0)
-    llm = LLM(converted(name), max_batch=4, max_len=32, buckets=(32,), decode_steps=4, cache_block=4)
+    # float32 pinned: parity with float32 transformers (the CPU default may keep bfloat16 weights)
+    llm = LLM(
+        converted(name),
+        dtype="float32",
+        max_batch=4,
+        max_len=32,
+        buckets=(32,),
+        decode_steps=4,
+        cache_block=4,
+    )
     outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=8))
     generated = [[int(t) for t in golden[f"generated_{i}"]] for i in range(len(prompts))]
     # Phi-3 prompt 1 crosses the LongRoPE original context while generating: transformers'

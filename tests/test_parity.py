@@ -65,7 +65,8 @@ def test_decoder_greedy_tokens_match_transformers(converted, name):
     from jinfer.sampling import SamplingParams
 
     golden = np.load(_fixture(name) / "golden.npz")
-    llm = LLM(converted(name), max_batch=2, max_len=32, buckets=(16,), decode_steps=8)
+    # float32 pinned: parity with float32 transformers (the CPU default may keep bfloat16 weights)
+    llm = LLM(converted(name), dtype="float32", max_batch=2, max_len=32, buckets=(16,), decode_steps=8)
     prompts = [[int(t) for t in golden[f"input_ids_{i}"]] for i in (0, 1)]
     outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=8))
     for i, out in enumerate(outs):
