@@ -54,7 +54,13 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         "--model", default=None, help="model directory or known name (default: smollm2-135m-instruct)"
     )
     p.add_argument("--mesh", default=None, help='device mesh, e.g. "data=2,model=4" (default: one device)')
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="parameter dtype")
+    p.add_argument(
+        "--dtype",
+        default=None,
+        choices=["float32", "bfloat16"],
+        help="parameter, compute and KV-cache dtype (default: bfloat16 on TPU/GPU; generation on a CPU "
+        "with bfloat16 matrix instructions: bfloat16 weights under float32 compute; else as saved)",
+    )
     p.add_argument("--quantize", default=None, choices=["int8"], help="weight-only quantization at load time")
 
 
