@@ -132,12 +132,15 @@ def default_dtype(
     model: Any = None,
     weight_dtype: str | None = None,
     quantize: str | None = None,
+    out_major: bool = False,
 ) -> tuple[Dtype, str]:
     """(dtype to restore the params in: a dtype, None (as saved) or a Precision; the reason).
 
     `model` (a FlaxModel) decides whether the CPU default may split weights from compute: only
     float causal LMs whose layers dispatch on their weights' types (`typed_weights`) multiply a
-    bfloat16 weight under float32 compute without converting it."""
+    bfloat16 weight under float32 compute without converting it. `out_major`: the engine will
+    hold its weights output-major (a one-slot CPU engine), where one-row products are fastest in
+    float32, so the split would only cost a widening at load."""
     if weight_dtype is not None:
         return Precision(dtype, weight_dtype), f"given (dtype={dtype}, weight_dtype={weight_dtype})"
     if dtype is not None:
@@ -153,6 +156,7 @@ def default_dtype(
         and model.spec.task == "causal_lm"
         and model.quantization is None
         and quantize is None  # int8 weights are quantized from the float32 values
+        and not out_major
     )
     if mixable and precision.cpu_has_bf16_matmul():
         return Precision("float32", "bfloat16"), (

@@ -101,7 +101,10 @@ class LLM:
             # The backend is first asked here: a config that fails validation never starts one.
             nonlocal gen_config, shape, dtype, dtype_reason, prefetching, one_row
             backend = defaults.backend_of(mesh)
-            dtype, dtype_reason = defaults.default_dtype(backend, dtype, flax_model, weight_dtype, quantize)
+            out_major = max_batch is not None and loading.wants_out_major(layout, flax_model, max_batch)
+            dtype, dtype_reason = defaults.default_dtype(
+                backend, dtype, flax_model, weight_dtype, quantize, out_major
+            )
             device = mesh.devices.flat[0] if mesh is not None else jax.devices()[0]
             cache_dtype = engine_options.get("cache_dtype")
             shape = defaults.engine_shape(

@@ -197,17 +197,19 @@ def one_row_copy(model: FlaxModel, params: Any, mesh: Mesh | None, rules) -> tup
     widened (`jinfer.models.weights.Widened`): XLA:CPU has no fast one-row bfloat16 product and
     converts such a weight on every step, while float32 values rounded from bfloat16, with inputs
     rounded alike, give the batched buckets' mixed products up to the order of the sums."""
-    tmodel, copy = to_out_major(model, params, mesh or single_device_mesh(), rules, owned=False)
-    return tmodel, widen_one_row(copy)
+    return to_out_major(model, params, mesh or single_device_mesh(), rules, owned=False)
 
 
-def widen_one_row(params: Any) -> Any:
-    """A one-row copy's narrower float weights as `Widened` ones (arrays or ShapeDtypeStructs)."""
+def widen_narrow_weights(params: Any) -> Any:
+    """Output-major params' float weights narrower than the compute dtype as `Widened` ones
+    (arrays or ShapeDtypeStructs; see `one_row_copy`)."""
     return weights.widen(params, quant.compute_dtype(params))
 
 
 def to_out_major(model: FlaxModel, params: Any, mesh: Mesh, rules, owned: bool):
-    """Params in the output-major runtime layout (see jinfer.quant.transpose_params).
+    """Params in the output-major runtime layout (see jinfer.quant.transpose_params), float
+    weights narrower than the compute dtype widened (`widen_narrow_weights`: the layout exists for
+    one-row products, which XLA:CPU has no fast bfloat16 path for).
 
     Done on the host weight by weight (no compilation); when the caller owns `params` each original
     is released as soon as its transposed copy exists, so loading never holds the model twice.
@@ -216,7 +218,8 @@ def to_out_major(model: FlaxModel, params: Any, mesh: Mesh, rules, owned: bool):
     if not owned:  # new dicts, same arrays: the caller's tree is left as it was
         params = _copy_dicts(params)
     shardings = tmodel.shardings(mesh, rules)
-    return tmodel, quant.transpose_params_inplace(params, model.float_logical_axes(), shardings)
+    params = quant.transpose_params_inplace(params, model.float_logical_axes(), shardings)
+    return tmodel, widen_narrow_weights(params)
 
 
 def _copy_dicts(tree: Any) -> Any:

@@ -79,14 +79,17 @@ def _load(model, config, mesh, rules, layout, dtype, one_row: bool, stopping: th
 
     try:
         with compile_lib.prefetching():
-            if loading.wants_out_major(layout, model, config.max_batch) and not model.transposed:
+            transposed = loading.wants_out_major(layout, model, config.max_batch) and not model.transposed
+            if transposed:
                 model = model.out_major()
             mesh = mesh or single_device_mesh()
             params = loading.abstract_params(model, mesh, rules, dtype)
+            if transposed:  # as loading.to_out_major leaves them
+                params = loading.widen_narrow_weights(params)
             row = None
             if one_row:
                 row_params = loading.abstract_params(model.out_major(), mesh, rules, dtype)
-                row = (model.out_major(), loading.widen_one_row(row_params))
+                row = (model.out_major(), loading.widen_narrow_weights(row_params))
             runner = _ProgramLoader(model, params, config, mesh=mesh, rules=rules, one_row=row)
             chunks = sorted(config.prefill_chunk_buckets, reverse=True)  # chat prompts fill the largest
             decode = runner.decode_buckets  # a lone request decodes at the smallest

@@ -215,3 +215,20 @@ def test_bfloat16_weights_decode_the_same_tokens_in_every_bucket(weights):
         assert a.stats.decode_rounds.get(1, 0) > 0  # the tail ran at bucket 1
     with LLM.from_params(model, mixed, config=dataclasses.replace(GEN, batch_invariant=True)) as b:
         _assert_close(got, b.generate(prompts, sps))
+    # A one-slot engine holds all its weights output-major, widened the same way.
+    single = [i for i, sp in enumerate(sps) if sp.n == 1][:3]
+    with LLM.from_params(
+        model, mixed, config=dataclasses.replace(GEN, max_batch=1, decode_buckets=None)
+    ) as c:
+        kinds = {
+            type(w.w).__name__
+            for w in jax.tree.leaves(c.engine.params, is_leaf=lambda x: isinstance(x, OutMajor))
+            if isinstance(w, OutMajor)
+        }
+        assert kinds == {"Widened"}
+        # Same tokens; logprobs within 1e-2, a stated gap: measured up to 6e-3 apart at a few
+        # positions (most bitwise equal) against the many-slot engine, whose own bucket-1 rounds
+        # agree within 1e-5; the cause is not pinned down yet. Only an explicit weight_dtype gets
+        # here: the default keeps one-slot engines in float32 (defaults.default_dtype).
+        alone = c.generate([prompts[i] for i in single], [sps[i] for i in single])
+        assert_outputs_close([got[i] for i in single], alone, 1e-2)

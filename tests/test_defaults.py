@@ -48,12 +48,8 @@ def test_cli_generate_with_default_max_len_on_a_256_position_model(tmp_path):
     assert lines["backend"] == "cpu"
     assert lines["max_batch"] == "1: jinfer generate's 1 prompt(s) need no more slots"
     assert lines["max_len"].startswith("256: the model's context within KV budget")
-    expected = (
-        "bfloat16 weights, float32 compute: CPU default on a CPU with bfloat16 matrix instructions"
-        if precision.cpu_has_bf16_matmul()
-        else "float32: CPU default: the checkpoint's dtype"
-    )
-    assert lines["dtype"].startswith(expected)
+    # One slot: the output-major float32 layout (no bfloat16 weights even on a CPU with BF16).
+    assert lines["dtype"].startswith("float32: CPU default: the checkpoint's dtype")
     assert lines["prefill_buckets"].startswith("16,32,64,128,256: CPU default")
     assert lines["layout"].startswith("out_major: auto: one-slot engine on CPU")
     assert "decode_buckets" in lines
@@ -250,6 +246,7 @@ def test_precision_restores_weight_matrices_and_the_rest_in_their_own_dtypes(tmp
         assert defaults.default_dtype("cpu", None, flax_model, quantize="int8")[0] is None
         assert defaults.default_dtype("cpu", "float32", flax_model)[0] == "float32"  # given: one dtype
         assert defaults.default_dtype("gpu", None, flax_model)[0] == "bfloat16"
+        assert defaults.default_dtype("cpu", None, flax_model, out_major=True)[0] is None  # one slot
     assert defaults.default_dtype("cpu", "float32", flax_model, "bfloat16")[0] == mixed
 
 
