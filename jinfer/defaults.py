@@ -156,8 +156,12 @@ def default_dtype(
         and model.spec.task == "causal_lm"
         and model.quantization is None
         and quantize is None  # int8 weights are quantized from the float32 values
-        and not out_major
     )
+    if mixable and out_major and precision.cpu_has_bf16_matmul():
+        return None, (
+            "CPU default for a one-slot engine: the checkpoint's dtype (its output-major one-row "
+            "products are fastest in float32; engines of more slots keep bfloat16 weight matrices)"
+        )
     if mixable and precision.cpu_has_bf16_matmul():
         return Precision("float32", "bfloat16"), (
             "CPU default on a CPU with bfloat16 matrix instructions: bfloat16 weight matrices, float32 "
@@ -299,16 +303,19 @@ def cache_itemsize(params: Any, cache_dtype: Dtype = None) -> int:
     return max(sizes, default=4)
 
 
-def params_bytes(abstract_params: Any, dtype: Dtype = None) -> int:
-    """Bytes of the params (floating leaves counted in `dtype` when given, see jinfer.precision)."""
+def params_bytes(model: Any, dtype: Dtype = None) -> int:
+    """Bytes of a FlaxModel's params (floating leaves counted in `dtype` when given, see
+    jinfer.precision)."""
     import jax
     import jax.numpy as jnp
 
     total = 0
-    for x in jax.tree.leaves(abstract_params):
+    for x, matrix in zip(
+        jax.tree.leaves(model.abstract_params()), jax.tree.leaves(model.weight_matrices()), strict=True
+    ):
         dt = x.dtype
         if jnp.issubdtype(dt, jnp.floating):
-            dt = precision.leaf_dtype(dtype, len(x.shape), dt)
+            dt = precision.leaf_dtype(dtype, matrix, dt)
         total += math.prod(x.shape) * jnp.dtype(dt).itemsize
     return total
 
@@ -337,7 +344,7 @@ def engine_shape(
     abstract = model.abstract_params()
     itemsize = cache_itemsize(abstract, cache_dtype or dtype)
     config = model.config
-    budget, where = _budget_for(backend, device, abstract, dtype)
+    budget, where = _budget_for(backend, device, model, dtype)
     given = "given (max_batch=)"
     if max_batch is None and max_len is None:
         slots, length = default_shape(config, itemsize, budget, backend)
@@ -361,11 +368,11 @@ def engine_shape(
     return EngineShape(slots, length, prefill)
 
 
-def _budget_for(backend: str, device: Any, abstract: Any, dtype: str | None) -> tuple[int, str]:
+def _budget_for(backend: str, device: Any, model: Any, dtype: str | None) -> tuple[int, str]:
     from jinfer.memory import available_bytes
 
     free, _ = available_bytes(device)
-    budget, where = kv_budget(backend, free, params_bytes(abstract, dtype))
+    budget, where = kv_budget(backend, free, params_bytes(model, dtype))
     return budget, where
 
 

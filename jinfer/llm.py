@@ -17,7 +17,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from jinfer import compile as compile_lib
-from jinfer import precision, quant
+from jinfer import quant
 from jinfer.errors import ConfigError, InputError
 from jinfer.modeling import FlaxModel
 from jinfer.runtime.config import GenerationConfig
@@ -489,14 +489,14 @@ def _generation_config(max_batch, max_len, buckets, decode_steps, options) -> Ge
     return GenerationConfig(**kw)
 
 
-def _dtype_summary(params) -> str:
+def dtype_summary(params) -> str:
     """ "float32", or "bfloat16 weights, float32 compute" when the matrices' dtype differs from the
     norms' (jinfer.precision); int8 matrices count as their compute dtype."""
     floats = [x for x in jax.tree.leaves(params) if jax.numpy.issubdtype(x.dtype, jax.numpy.floating)]
     if not floats:
         return "none"
     compute = str(jax.numpy.dtype(quant.compute_dtype(params)))
-    matrices = [x for x in floats if x.ndim >= precision.WEIGHT_MIN_RANK and x.size > 1]
+    matrices = [x for x in floats if x.ndim >= 2 and x.size > 1]  # the largest is a matrix
     weights = str(max(matrices, key=lambda x: x.size).dtype) if matrices else compute
     return compute if weights == compute else f"{weights} weights, {compute} compute"
 
@@ -518,7 +518,7 @@ def _engine_choices(
 
     reasons = reasons or {}
     given = "given (LLM.from_params)"
-    dtype = _dtype_summary(params)
+    dtype = dtype_summary(params)
     cache = config.cache_dtype or str(jax.numpy.dtype(quant.compute_dtype(params)))
     backend = defaults.backend_of(mesh)
     layout_choice = defaults.layout_choice(layout, transposed, backend, config.max_batch)

@@ -174,12 +174,12 @@ def abstract_params(model: FlaxModel, mesh: Mesh, rules: ShardingRules | None, d
     `dtype`, a dtype or a `jinfer.precision.Precision`; None: as the model declares them) and
     shardings on `mesh`."""
 
-    def spec(x, sharding):
+    def spec(x, sharding, matrix):
         floating = jax.numpy.issubdtype(x.dtype, jax.numpy.floating)
-        dt = precision.leaf_dtype(dtype, x.ndim, x.dtype) if floating else x.dtype
+        dt = precision.leaf_dtype(dtype, matrix, x.dtype) if floating else x.dtype
         return jax.ShapeDtypeStruct(x.shape, dt, sharding=sharding)
 
-    return jax.tree.map(spec, model.abstract_params(), model.shardings(mesh, rules))
+    return jax.tree.map(spec, model.abstract_params(), model.shardings(mesh, rules), model.weight_matrices())
 
 
 def one_row_copy_bytes(model: FlaxModel, params: Any) -> int:

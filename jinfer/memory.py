@@ -101,7 +101,7 @@ def plan_llm_memory(
     from jinfer import defaults, precision
 
     cfg = model.config
-    params = defaults.params_bytes(model.abstract_params(), dtype)
+    params = defaults.params_bytes(model, dtype)
     devices = list(mesh.devices.flat) if mesh is not None else [jax.devices()[0]]
     model_axis = dict(mesh.shape).get("model", 1) if mesh is not None else 1
     cache_dtype = getattr(gen_config, "cache_dtype", None) or precision.compute_dtype(dtype) or "float32"

@@ -106,6 +106,14 @@ class FlaxModel:
         axes = quant.quantize_logical_axes(float_axes) if self.quantization else float_axes
         return quant.transpose_logical_axes(axes, float_axes) if self.transposed else axes
 
+    def weight_matrices(self) -> Any:
+        """Nested dict (same structure as abstract_params) of bools: True for the weight matrices
+        (embeddings, projections: what `quant.reduced_axes` selects from the logical axes), False
+        for norms, biases (also rank-2 ones such as [heads, head_dim]) and int8 scales."""
+        treedef = jax.tree.structure(self.abstract_params())
+        axes = treedef.flatten_up_to(self.logical_axes())
+        return treedef.unflatten([quant.reduced_axes(tuple(a)) is not None for a in axes])
+
     @property
     def path_rules(self) -> PathRules:
         return self.spec.path_rules

@@ -1,10 +1,11 @@
 """Parameter dtypes on restore: one dtype for everything, or matrices in a narrower one.
 
-A `Precision(compute, weights)` restores the weight matrices (floating params of rank >= 2:
-projections, embeddings) in `weights` and every other floating param (norms, biases) in
-`compute`. The model then computes in `compute`: activations, norms and the KV cache take the
-norms' dtype, and each matrix product of a narrower weight casts its input to the weight's dtype
-and accumulates in `compute` (`jinfer.models.layers.linear`). A plain dtype string (or None: as
+A `Precision(compute, weights)` restores the weight matrices (projections, embeddings: what
+`FlaxModel.weight_matrices` marks, from the logical axes) in `weights` and every other floating
+param (norms, biases, also the [heads, head_dim] attention biases) in `compute`. The model
+then computes in `compute`: activations, norms and the KV cache take the norms' dtype, and each
+matrix product of a narrower weight casts its input to the weight's dtype and accumulates in
+`compute` (`jinfer.models.layers.linear`). A plain dtype string (or None: as
 saved) is the same dtype for both, which every `dtype=` argument of jinfer accepts too.
 
 Why: on CPUs that multiply bfloat16 in hardware (x86 AVX512_BF16 / AMX-BF16, Arm BF16), XLA:CPU's
@@ -28,13 +29,12 @@ from typing import Any
 
 import numpy as np
 
-WEIGHT_MIN_RANK = 2  # floating params of this rank or more are weight matrices
 CPUINFO = Path("/proc/cpuinfo")
 
 
 @dataclasses.dataclass(frozen=True)
 class Precision:
-    """Restore dtypes: `weights` for floating params of rank >= 2, `compute` for the others
+    """Restore dtypes: `weights` for the weight matrices, `compute` for the other floating params
     (None: as saved)."""
 
     compute: str | None = None
@@ -57,10 +57,11 @@ def as_precision(dtype: Dtype) -> Precision:
     return Precision(name, name)
 
 
-def leaf_dtype(dtype: Dtype, ndim: int, saved: Any) -> Any:
-    """The dtype a floating param of rank `ndim`, saved as `saved`, is restored in."""
+def leaf_dtype(dtype: Dtype, matrix: bool, saved: Any) -> Any:
+    """The dtype a floating param saved as `saved` is restored in; `matrix`: a weight matrix
+    (`FlaxModel.weight_matrices`)."""
     p = as_precision(dtype)
-    chosen = p.weights if ndim >= WEIGHT_MIN_RANK else p.compute
+    chosen = p.weights if matrix else p.compute
     return _jnp_dtype(chosen) if chosen is not None else _jnp_dtype(saved)
 
 

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jinfer import checkpoint, hub, precision, quant
+from jinfer import checkpoint, hub, quant
 from jinfer.tokenizer import Tokenizer
 
 HELD_OUT = """\
@@ -97,9 +97,7 @@ def main() -> None:
     model, params, _ = checkpoint.load_model_dir(path)
     qmodel = model.quantized("int8")
     qparams = jax.jit(lambda p: quant.quantize_params(p, model.float_logical_axes()))(params)
-    bparams = jax.tree.map(
-        lambda x: x.astype(jnp.bfloat16) if x.ndim >= precision.WEIGHT_MIN_RANK else x, params
-    )
+    bparams = jax.tree.map(lambda x, m: x.astype(jnp.bfloat16) if m else x, params, model.weight_matrices())
     ids = np.asarray(Tokenizer.from_dir(path).encode(held_out_text(), add_special_tokens=False), np.int32)
     ids = ids[: args.tokens + 1]
     lp_f, lp_q, lp_b, agree, agree_b = [], [], [], [], []

@@ -147,6 +147,22 @@ def test_manifest_mismatch_refused_unless_forced(llm, tmp_path):
         run_batch(llm, inp, foreign, GREEDY, progress=False)
 
 
+def test_resume_under_another_precision_is_refused(tmp_path):
+    """The manifest records the precision that runs (bfloat16 weight matrices under float32
+    compute is not "float32"), so a resume that would mix precisions is refused."""
+    path = make_tiny_llm_dir(tmp_path / "tiny")
+    inp = write_jsonl(tmp_path / "in.jsonl", basic_lines(2))
+    out = tmp_path / "out.jsonl"
+    with LLM(path, dtype="float32", **ENGINE) as f32:
+        run_batch(f32, inp, out, GREEDY, progress=False)
+    manifest = json.loads((tmp_path / "out.jsonl.manifest.json").read_text())
+    assert manifest["engine"]["param_dtype"] == "float32"
+    with LLM(path, weight_dtype="bfloat16", **ENGINE) as mixed:
+        expected = "param_dtype: 'float32' before, 'bfloat16 weights, float32 compute' now"
+        with pytest.raises(ManifestMismatchError, match=expected):
+            run_batch(mixed, inp, out, GREEDY, progress=False)
+
+
 def test_max_errors_stops_cleanly(llm, tmp_path):
     rows = [
         {"custom_id": "a", "prompt": ""},

@@ -114,6 +114,32 @@ def test_round_trip_linen_and_load_model_dir(tmp_path):
     np.testing.assert_array_equal(model.apply_fn()(restored, images), model.apply_fn()(params, images))
 
 
+def test_params_are_written_uncompressed_and_compressed_dirs_still_restore(tmp_path, text_model, monkeypatch):
+    """save_model_dir writes the arrays uncompressed (no zstd to undo at every restore), and a
+    directory written compressed (Orbax's default, as jinfer wrote before) restores the same."""
+    import orbax.checkpoint as ocp
+
+    from jinfer import checkpoint
+
+    params = jax.tree.map(jnp.zeros_like, text_model.init_params(seed=3))  # zeros: compress to ~nothing
+    raw_bytes = sum(int(np.asarray(x).nbytes) for x in jax.tree.leaves(params))
+
+    def params_bytes(path: Path) -> int:
+        return sum(f.stat().st_size for f in (path / PARAMS_DIR).rglob("*") if f.is_file())
+
+    save_model_dir(tmp_path / "raw", "TextClassifier", TEXT_CFG, params)
+    monkeypatch.setattr(checkpoint, "_uncompressed_handler", lambda ocp: ocp.PyTreeCheckpointHandler())
+    save_model_dir(tmp_path / "zstd", "TextClassifier", TEXT_CFG, params)
+    assert params_bytes(tmp_path / "raw") >= raw_bytes
+    assert params_bytes(tmp_path / "zstd") < raw_bytes / 4
+    for name in ("raw", "zstd"):
+        _assert_trees_equal(restore_params(tmp_path / name, text_model), params)
+        with ocp.StandardCheckpointer() as ckptr:  # still Orbax's standard layout, for other tools
+            assert sorted(ckptr.metadata(tmp_path / name / PARAMS_DIR).item_metadata) == sorted(
+                flatten_params(params)
+            )
+
+
 def test_load_config(saved_text):
     spec, config, meta = load_config(saved_text)
     assert spec.name == "TextClassifier" and config == TEXT_CFG and meta["dtype"] == "float32"

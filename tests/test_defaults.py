@@ -49,7 +49,8 @@ def test_cli_generate_with_default_max_len_on_a_256_position_model(tmp_path):
     assert lines["max_batch"] == "1: jinfer generate's 1 prompt(s) need no more slots"
     assert lines["max_len"].startswith("256: the model's context within KV budget")
     # One slot: the output-major float32 layout (no bfloat16 weights even on a CPU with BF16).
-    assert lines["dtype"].startswith("float32: CPU default: the checkpoint's dtype")
+    assert lines["dtype"].startswith("float32: CPU default")
+    assert ("one-slot engine" in lines["dtype"]) == precision.cpu_has_bf16_matmul()  # says why
     assert lines["prefill_buckets"].startswith("16,32,64,128,256: CPU default")
     assert lines["layout"].startswith("out_major: auto: one-slot engine on CPU")
     assert "decode_buckets" in lines
@@ -235,7 +236,7 @@ def test_precision_restores_weight_matrices_and_the_rest_in_their_own_dtypes(tmp
     model = loading.load(path).model
     abstract = loading.abstract_params(model, loading.single_device_mesh(), None, mixed)
     assert [x.dtype for x in jax.tree.leaves(abstract)] == [x.dtype for x in leaves]  # what the plan sees
-    assert defaults.params_bytes(abstract, mixed) == sum(x.nbytes for x in leaves)
+    assert defaults.params_bytes(model, mixed) == sum(x.nbytes for x in leaves)
     # The one-row copy holds every matrix widened to float32 (the embedding too: it is not shared).
     assert loading.one_row_copy_bytes(model, params) == sum(4 * x.size for x in matrices)
     # The CPU default: mixed only for a float causal LM on a CPU with bfloat16 matrix instructions.
@@ -246,7 +247,8 @@ def test_precision_restores_weight_matrices_and_the_rest_in_their_own_dtypes(tmp
         assert defaults.default_dtype("cpu", None, flax_model, quantize="int8")[0] is None
         assert defaults.default_dtype("cpu", "float32", flax_model)[0] == "float32"  # given: one dtype
         assert defaults.default_dtype("gpu", None, flax_model)[0] == "bfloat16"
-        assert defaults.default_dtype("cpu", None, flax_model, out_major=True)[0] is None  # one slot
+        one_slot, why = defaults.default_dtype("cpu", None, flax_model, out_major=True)
+        assert one_slot is None and ("one-slot" in why) == native  # the reason says why
     assert defaults.default_dtype("cpu", "float32", flax_model, "bfloat16")[0] == mixed
 
 

@@ -73,6 +73,51 @@ def test_decoder_greedy_tokens_match_transformers(converted, name):
         assert out.token_ids == [int(t) for t in golden[f"generated_{i}"]], f"{name} prompt {i}"
 
 
+@pytest.mark.parametrize("name", ["qwen2", "gpt2", "llama_gqa"])
+def test_decoders_run_with_the_default_precision(converted, name):
+    """No dtype pinned: on a CPU with bfloat16 matrix instructions the matrices come back in
+    bfloat16 and everything else in float32, including Qwen2's and GPT-2's [heads, head_dim] q/k/v
+    biases (rank 2, not matrices). A request alone decodes on the one-row copy (bucket 1), two on
+    the bfloat16 weights; a one-slot engine asked for bfloat16 weights holds every matrix widened.
+    Each first token's logprob stays within 5e-2 of transformers' float32 one."""
+    import jax
+
+    from jinfer import precision
+    from jinfer.llm import LLM
+    from jinfer.sampling import SamplingParams
+
+    golden = np.load(_fixture(name) / "golden.npz")
+    prompts = [[int(t) for t in golden[f"input_ids_{i}"]] for i in (0, 1)]
+    expected = []
+    for i in (0, 1):
+        logits = golden[f"logits_{i}"][-1].astype(np.float64)
+        expected.append(logits - np.log(np.exp(logits - logits.max()).sum()) - logits.max())
+    sp = SamplingParams(temperature=0.0, max_tokens=8, logprobs=1)
+    engines = {
+        "default": dict(max_batch=2, max_len=32, buckets=(16,), decode_steps=8),
+        "one-slot bfloat16": dict(weight_dtype="bfloat16", max_batch=1, max_len=32, buckets=(16,)),
+    }
+    for label, options in engines.items():
+        with LLM(converted(name), **options) as llm:
+            flat = checkpoint.flatten_params(llm.engine.params)
+            biases = {k: v for k, v in flat.items() if k.endswith("bias")}
+            if name != "llama_gqa":
+                assert any(v.ndim == 2 for v in biases.values()), sorted(biases)
+            assert {str(v.dtype) for v in biases.values()} <= {"float32"}, label
+            if label == "default" and precision.cpu_has_bf16_matmul():
+                assert llm.engine_choices.dtype.value == "bfloat16 weights, float32 compute"
+                assert str(flat["layers/0/attn/q"].dtype) == "bfloat16"
+            outs = [llm.generate([prompts[0]], sp)[0], *llm.generate(prompts, sp)]
+            assert llm.stats.decode_rounds.get(1, 0) > 0 or options["max_batch"] == 1
+            for out, i in zip(outs, (0, 0, 1), strict=True):
+                assert len(out.token_ids) == 8, label
+                first = out.token_ids[0]
+                assert abs(out.logprobs[0][first] - expected[i][first]) <= 5e-2, (label, i)
+            if label != "default":
+                row = jax.tree.leaves(llm.engine.params)
+                assert all(str(x.dtype) == "float32" for x in row if hasattr(x, "dtype"))
+
+
 def test_bf16_source_is_exact_in_bf16_output(converted, tmp_path):
     """A bf16 checkpoint converted with dtype=bfloat16 keeps its exact bits; float32 widens exactly."""
     from jinfer.convert.hf import SafetensorsSource

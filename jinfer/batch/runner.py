@@ -558,12 +558,12 @@ def _engine_info(model: Any) -> dict[str, Any] | None:
     engine = getattr(model, "engine", None)
     if engine is None or not hasattr(model, "generate_iter"):
         return None  # e.g. an Embedder: its outputs are decided by the model files alone
-    import jax
+    from jinfer.llm import dtype_summary
 
-    leaves = [x for x in jax.tree.leaves(engine.params) if np.issubdtype(x.dtype, np.floating)]
     info = dataclasses.asdict(engine.config)
     info["mesh"] = dict(engine.mesh.shape)
-    info["param_dtype"] = str(leaves[0].dtype) if leaves else None
+    # "float32", "bfloat16", "bfloat16 weights, float32 compute" (jinfer.precision): what runs
+    info["param_dtype"] = dtype_summary(engine.params)
     return info
 
 

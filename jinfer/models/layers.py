@@ -353,7 +353,9 @@ class Attention(nnx.Module):
         k = linear("btd,dkh->btkh", x, self.k.get_value())
         v = linear("btd,dkh->btkh", x, self.v.get_value())
         if self.dims.qkv_bias:
-            q, k, v = q + self.q_bias[...], k + self.k_bias[...], v + self.v_bias[...]
+            # dense: a bias given narrower than the compute dtype may come widened in a one-row copy
+            biases = (self.q_bias, self.k_bias, self.v_bias)
+            q, k, v = (x + dense(b.get_value()) for x, b in zip((q, k, v), biases, strict=True))
         return q, k, v
 
     def output(self, o: jax.Array) -> jax.Array:
