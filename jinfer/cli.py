@@ -408,8 +408,12 @@ def _error_report(e: Exception, args: argparse.Namespace) -> tuple[int, str]:
     """(exit code, one-line message) for an error that ends a command."""
     import errno
 
+    from jinfer.errors import UnsupportedArchitectureError
+    from jinfer.hf_hub import HubDownloadError
+
     text = " ".join(str(e).split()) or type(e).__name__
-    if isinstance(e, (ConfigError, InputError, CheckpointNotFoundError, CheckpointKeyError)):
+    usage = (ConfigError, InputError, CheckpointNotFoundError, CheckpointKeyError)
+    if isinstance(e, (*usage, HubDownloadError, UnsupportedArchitectureError)):  # nothing to run
         return EXIT_USAGE, text
     if isinstance(e, JinferError):
         return EXIT_RUNTIME, text

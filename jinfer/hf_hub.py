@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import re
 from pathlib import Path
+from typing import Any
 
 from jinfer.errors import ConfigError, JinferError
 
@@ -78,15 +79,27 @@ def cached_model_dir(repo: str, commit: str, dtype: str) -> Path:
     return jinfer_home() / "models" / "hf" / repo.replace("/", "--") / f"{commit}-{dtype}"
 
 
+def conversion_dtype(dtype: Any) -> str:
+    """The dtype a hub checkpoint is converted (and cached) in for an engine asking for `dtype`
+    (any dtype jinfer accepts: a name, a NumPy/JAX dtype, a `jinfer.precision.Precision`, None):
+    "bfloat16" when the engine runs wholly in bfloat16, else "float32", from which restoring casts
+    losslessly to float16, to bfloat16 weight matrices, ..."""
+    from jinfer import precision
+
+    try:
+        p = precision.as_precision(dtype)
+    except TypeError as e:
+        raise ConfigError(f"dtype={dtype!r} is not a dtype; use e.g. 'float32' or 'bfloat16'") from e
+    return "bfloat16" if p.weights == p.compute == "bfloat16" else "float32"
+
+
 def ensure_hub_model(name: str, dtype: str | None = None, progress: bool = True) -> Path:
     """A jinfer model directory for hub id `name`, converted from the HF snapshot on first use."""
     from jinfer.checkpoint import COMPLETE_MARKER
     from jinfer.convert import convert
     from jinfer.hub import _file_lock, _say
 
-    dtype = dtype or "float32"
-    if dtype not in ("float32", "bfloat16"):
-        raise ConfigError(f"dtype={dtype!r} is not supported for conversion; use 'float32' or 'bfloat16'")
+    dtype = conversion_dtype(dtype)
     repo, _ = split_revision(name)
     snapshot = download_snapshot(name)
     dest = cached_model_dir(repo, snapshot.name, dtype)

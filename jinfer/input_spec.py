@@ -178,6 +178,17 @@ class InputSpec:
             )
         if not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
             raise InputError(f"{where} has dtype {arr.dtype}; expected numbers ({leaf.dtype.name})")
+        if np.issubdtype(arr.dtype, np.complexfloating) and not np.issubdtype(leaf.dtype, np.complexfloating):
+            raise InputError(
+                f"{where} has dtype {arr.dtype} but the model input is {leaf.dtype.name}; pass real numbers"
+            )
+        if np.issubdtype(arr.dtype, np.integer) and np.issubdtype(leaf.dtype, np.integer) and arr.size:
+            lo, hi = np.iinfo(leaf.dtype).min, np.iinfo(leaf.dtype).max
+            if arr.min() < lo or arr.max() > hi:  # astype would wrap around silently
+                raise InputError(
+                    f"{where} has values in [{arr.min()}, {arr.max()}], outside the model input's "
+                    f"{leaf.dtype.name} range [{lo}, {hi}]"
+                )
         return arr.astype(leaf.dtype, copy=False)
 
     def _sizes_of(self, arrays: Sequence[np.ndarray], index: int | str) -> tuple[int, ...]:

@@ -45,18 +45,20 @@ class UnverifiedCheckpointError(CorruptCheckpointError):
     """A model directory whose manifest does not cover every file that decides its outputs."""
 
 
-def inside(base: str | os.PathLike, relative: str) -> Path:
+def inside(base: str | os.PathLike, relative: str, *, linked_files: bool = False) -> Path:
     """`base / relative`, refused (CorruptCheckpointError) unless it stays inside `base`.
 
     Absolute paths, `..` components and symlinks leading out are all refused: every path read from
-    metadata (manifests, safetensors indexes, ...) goes through here.
+    metadata (manifests, safetensors indexes, ...) goes through here. `linked_files`: the named
+    file itself may be a symlink out of `base` (a Hugging Face hub snapshot links every file to
+    the cache's blobs/); its name and the directories above it are still checked.
     """
     base = Path(base)
     if not isinstance(relative, str) or not relative or "\0" in relative:
         raise CorruptCheckpointError(f"{base}: invalid file name {relative!r} in metadata")
     target = base / relative
     try:
-        target.resolve().relative_to(base.resolve())
+        (target.parent if linked_files else target).resolve().relative_to(base.resolve())
     except ValueError:
         raise CorruptCheckpointError(
             f"{base}: metadata names {relative!r}, which is outside the directory; refused"

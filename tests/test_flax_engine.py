@@ -120,6 +120,13 @@ def test_two_input_model_with_pytree_example(image_text, mesh_spec):
         engine.predict([{"image": example["image"], "tokens": np.zeros(3, np.float32)}])
     with pytest.raises(InputError, match="structure"):
         engine.predict([{"image": example["image"]}])
+    # Values the input's dtype cannot hold are refused, not wrapped around or truncated silently.
+    wraps = r"input 'tokens' has values in \[5, 4294967301\], outside the model input's int32 range"
+    with pytest.raises(InputError, match=wraps):
+        engine.predict([{"image": example["image"], "tokens": np.array([5, 2**32 + 5])}])
+    complex_ = "input 'image' has dtype complex64 but the model input is float32; pass real numbers"
+    with pytest.raises(InputError, match=complex_):
+        engine.predict([{"image": example["image"] + 1j, "tokens": example["tokens"]}])
     with pytest.raises(SequenceTooLongError, match="length 17; the largest length bucket is 16"):
         engine.predict([_pair(rng, 17)])
     with pytest.raises(EmptyInputError):

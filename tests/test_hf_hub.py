@@ -19,6 +19,7 @@ from jinfer.errors import JinferError
 
 FIXTURE = Path(__file__).parent / "fixtures" / "hf" / "llama_gqa"
 REPO = "tiny-org/tiny-llama"
+SHARDED_REPO = "tiny-org/tiny-sharded"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 WORDS = ["the", "cat", "sat", "on", "a", "mat", "dog", "ran"]
 
@@ -66,6 +67,11 @@ def _write_hub_cache(hub_cache: Path) -> None:
     st_files["sentence_bert_config.json"] = json.dumps({"max_seq_length": 48, "do_lower_case": True}).encode()
     st_files["tokenizer.json"] = _tokenizer_json().encode()  # case-sensitive word level
     _write_hub_repo(hub_cache, "tiny-org/tiny-st", st_files)
+    # A sharded checkpoint (model.safetensors.index.json + 3 shards), every file a link to blobs/.
+    sharded = FIXTURE.parent / "llama_sharded"
+    _write_hub_repo(
+        hub_cache, SHARDED_REPO, {p.name: p.read_bytes() for p in sharded.iterdir() if p.name != "golden.npz"}
+    )
 
 
 @pytest.fixture
@@ -184,3 +190,46 @@ def test_embedder_with_a_sentence_transformers_hub_id(offline_hub):
     np.testing.assert_allclose(lower, ids, atol=1e-6)
     long = emb.embed([" ".join(["the cat"] * 40)])  # 80 words, truncated to max_seq_length = 48
     np.testing.assert_allclose(long[0], emb.embed([[10, 11] * 24])[0], atol=1e-6)
+
+
+def test_sharded_hub_checkpoint_converts_and_dtype_objects_are_accepted(offline_hub):
+    """A hub snapshot links every file (the shards named by model.safetensors.index.json too) to
+    the cache's blobs/, outside the snapshot: the index's names are checked, not the links. A
+    NumPy dtype object selects the same float32 conversion as "float32"."""
+    from jinfer.llm import LLM
+    from jinfer.sampling import SamplingParams
+
+    golden = np.load(FIXTURE.parent / "llama_sharded" / "golden.npz")
+    prompts = [[int(t) for t in golden[f"input_ids_{i}"]] for i in (0, 1)]
+    with LLM(SHARDED_REPO, dtype=np.float32, max_batch=2, max_len=32, buckets=(16,)) as llm:
+        assert llm.path.name == f"{COMMIT}-float32"
+        outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=8))
+    assert [o.token_ids for o in outs] == [[int(t) for t in golden[f"generated_{i}"]] for i in (0, 1)]
+    assert hf_hub.conversion_dtype("float16") == "float32"  # restored from float32, cast at load
+    assert hf_hub.conversion_dtype("bfloat16") == "bfloat16"
+    with pytest.raises(hf_hub.ConfigError, match="dtype='bogus' is not a dtype"):
+        hf_hub.conversion_dtype("bogus")
+    # The index may still not name a file outside the snapshot.
+    from jinfer.convert.hf import safetensors_files
+    from jinfer.errors import ConversionError
+
+    bad = Path(offline_hub["HF_HOME"]) / "bad"
+    bad.mkdir()
+    (bad / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"w": "../secret.safetensors"}})
+    )
+    with pytest.raises(ConversionError, match="not a path inside"):
+        safetensors_files(bad)
+
+
+def test_cli_missing_hub_id_is_a_usage_error(offline_hub, tmp_path):
+    env = {**os.environ, **offline_hub, "PYTHONPATH": str(Path(__file__).parent.parent)}
+    r = subprocess.run(
+        [sys.executable, "-m", "jinfer.cli", "convert", "tiny-org/not-cached", str(tmp_path / "o")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 2, r.stderr  # like a missing model path (README: exit codes)
+    assert "'tiny-org/not-cached'" in r.stderr and "HF_HUB_OFFLINE=1" in r.stderr

@@ -232,12 +232,13 @@ def _tensor_record(path: Path, name: str, info: Any, data_start: int, size: int)
 
 
 def _shard_path(index: Path, model_dir: Path, name: Any) -> Path:
-    """A file named by `index` (a metadata file), refused unless it stays inside `model_dir`."""
+    """A file named by `index` (a metadata file), refused unless its name stays inside `model_dir`
+    (the file may be a symlink out: a Hugging Face hub snapshot links each file to blobs/)."""
     from jinfer.errors import CheckpointError
     from jinfer.integrity import inside
 
     try:
-        return inside(model_dir, name)
+        return inside(model_dir, name, linked_files=True)
     except CheckpointError as e:
         raise ConversionError(f"{index}: {name!r} is not a path inside {model_dir}; refused") from e
 
