@@ -110,6 +110,9 @@ def _sha256_array(x: Any) -> str | None:
     return digest.hexdigest()
 
 
+VARIABLES_KIND = "flax_variables"  # config.json "kind" of a frozen variables directory (jinfer freeze)
+
+
 # -- saving -------------------------------------------------------------------------------------
 def save_model_dir(
     path: str | os.PathLike,
@@ -358,6 +361,12 @@ def load_config(path: str | os.PathLike) -> tuple[ModelSpec, Any, dict[str, Any]
     _check_complete(path)
     meta = _read_json(path / CONFIG_FILE, "model config")
     integrity_lib.verify_model_files(path, _load_integrity(path))
+    if isinstance(meta, dict) and meta.get("kind") == VARIABLES_KIND:
+        raise ConfigError(
+            f"{path} holds frozen Flax variables (`jinfer freeze` without --model-class), not a model "
+            "directory: restore them with jinfer.load_variables (e.g. for Engine.from_flax), or freeze "
+            "with --model-class CLASS --config FILE to get a model directory"
+        )
     if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
         raise CorruptCheckpointError(f"{path / CONFIG_FILE}: expected an object with a 'config' object")
     if meta.get("format_version") != FORMAT_VERSION:

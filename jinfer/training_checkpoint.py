@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, Sharding
 
+from jinfer.checkpoint import VARIABLES_KIND  # config.json "kind" of a frozen variables directory
 from jinfer.errors import CheckpointKeyError, CheckpointNotFoundError, CorruptCheckpointError
 from jinfer.sharding import PathRules, ShardingRules, logical_axes_by_path, path_str, single_device_mesh
 
@@ -408,7 +409,6 @@ def _partial_restore(ocp: Any, item_dir: Path, target: Any, where: str) -> Any:
 
 
 # -- freezing ------------------------------------------------------------------------------------
-VARIABLES_KIND = "flax_variables"  # config.json "kind" of a frozen variables directory
 
 
 def freeze_checkpoint(

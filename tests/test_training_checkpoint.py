@@ -304,6 +304,11 @@ def test_freeze_cli_writes_a_model_dir_that_serves(linen_run, tmp_path):
     )
     result = subprocess.run([*cmd, "--select", "opt_stat"], capture_output=True, text=True)
     assert result.returncode == 2 and "opt_state" in result.stderr
+    # A variables directory is not a model directory: inspecting (or loading) it says what it is.
+    inspect = [sys.executable, "-m", "jinfer.cli", "inspect", str(out)]
+    result = subprocess.run(inspect, capture_output=True, text=True)
+    assert result.returncode == 2, result.stderr
+    assert "holds frozen Flax variables" in result.stderr and "jinfer.load_variables" in result.stderr
 
 
 def test_freeze_with_a_registered_model_class_is_a_model_dir(tmp_path):
