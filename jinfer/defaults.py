@@ -157,12 +157,12 @@ def default_dtype(
         and model.quantization is None
         and quantize is None  # int8 weights are quantized from the float32 values
     )
-    if mixable and out_major and precision.cpu_has_bf16_matmul():
-        return None, (
-            "CPU default for a one-slot engine: the checkpoint's dtype (its output-major one-row "
-            "products are fastest in float32; engines of more slots keep bfloat16 weight matrices)"
-        )
     if mixable and precision.cpu_has_bf16_matmul():
+        if out_major:
+            return None, (
+                "CPU default for a one-slot engine: the checkpoint's dtype (its output-major one-row "
+                "products are fastest in float32; engines of more slots keep bfloat16 weight matrices)"
+            )
         return Precision("float32", "bfloat16"), (
             "CPU default on a CPU with bfloat16 matrix instructions: bfloat16 weight matrices, float32 "
             "compute and KV cache (bf16 x bf16 -> f32 products 1.7-2x faster; perplexity +0.01 %; "

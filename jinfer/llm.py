@@ -489,7 +489,7 @@ def _generation_config(max_batch, max_len, buckets, decode_steps, options) -> Ge
     return GenerationConfig(**kw)
 
 
-def dtype_summary(params) -> str:
+def dtype_summary(params: Any) -> str:
     """ "float32", or "bfloat16 weights, float32 compute" when the matrices' dtype differs from the
     norms' (jinfer.precision); int8 matrices count as their compute dtype."""
     floats = [x for x in jax.tree.leaves(params) if jax.numpy.issubdtype(x.dtype, jax.numpy.floating)]
