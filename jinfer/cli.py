@@ -1,4 +1,5 @@
-"""The `jinfer` command line: generate, embed, convert, inspect, freeze, run-batch, merge."""
+"""The `jinfer` command line: generate, embed, convert, inspect, freeze, run-batch, merge, serve,
+ps, stop."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from jinfer.errors import CheckpointKeyError, CheckpointNotFoundError, ConfigErr
 # reached, an internal error); 2 usage error (flags, config, input that cannot run); 3 I/O failure
 # (disk full, output not writable mid-run); 130 interrupted.
 EXIT_RUNTIME, EXIT_USAGE, EXIT_IO, EXIT_INTERRUPTED = 1, 2, 3, 130
+KEEP_ALIVE_ENV = "JINFER_KEEP_ALIVE"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -49,6 +51,27 @@ def positive_float(text: str) -> float:
     return value
 
 
+def duration(text: str) -> float:
+    """An argparse type: seconds, as a number or with a unit ("90", "90s", "5m", "1.5h"); "0" or
+    "off" for none."""
+    text = text.strip().lower()
+    if text in ("off", "no", "none"):
+        return 0.0
+    units = {"s": 1, "m": 60, "h": 3600}
+    scale = units.get(text[-1:], 1) if text else 1
+    number = text[:-1] if text[-1:] in units else text
+    try:
+        value = float(number) * scale
+    except ValueError:
+        value = float("nan")
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a duration; accepted: seconds >= 0 as a number or with a unit, e.g. "
+            "90, 90s, 5m, 1h, or 0/off"
+        )
+    return value
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model", default=None, help="model directory or known name (default: smollm2-135m-instruct)"
@@ -79,21 +102,56 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
 
 
+SAMPLING_FLAGS = ("max_tokens", "temperature", "top_k", "top_p", "min_p", "seed", "stop")
+
+
 def _sampling_overrides(args: argparse.Namespace) -> dict:
-    names = ("max_tokens", "temperature", "top_k", "top_p", "min_p", "seed", "stop")
-    return {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
+    return {k: getattr(args, k) for k in SAMPLING_FLAGS if getattr(args, k, None) is not None}
+
+
+def cli_max_batch(n_prompts: int) -> int | None:
+    """Slots for `jinfer generate` with n prompts known up front: the power of two >= n when
+    n <= 8 (no more slots than prompts: a small engine allocates and starts faster), else None
+    (the KV-budget default)."""
+    if n_prompts > 8:
+        return None
+    return 1 << max(0, int(n_prompts) - 1).bit_length()
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from jinfer.llm import LLM
-
     prompts = args.prompt or [line.rstrip("\n") for line in sys.stdin if line.strip()]
     if not prompts:
         raise ConfigError("no prompt: give PROMPT arguments, or one prompt per line on stdin")
-    from jinfer.defaults import cli_max_batch
-
     max_batch = args.max_batch or cli_max_batch(len(prompts))
-    llm = LLM(
+    keep_alive = keep_alive_seconds(args)
+    if keep_alive:  # a worker process keeps the engine loaded between commands (jinfer.keepalive)
+        from jinfer import keepalive
+
+        return keepalive.run(args, prompts, max_batch, keep_alive)
+    llm = generate_llm(args, max_batch)
+    return generate_with(llm, args, prompts, max_batch, _write_stdout, _write_stderr)
+
+
+def keep_alive_seconds(args: argparse.Namespace) -> float:
+    """`generate --keep-alive`, else $JINFER_KEEP_ALIVE, else 0 (no worker)."""
+    if getattr(args, "keep_alive", None) is not None:
+        return args.keep_alive
+    from os import environ
+
+    text = environ.get(KEEP_ALIVE_ENV)
+    if not text:
+        return 0.0
+    try:
+        return duration(text)
+    except argparse.ArgumentTypeError as e:
+        raise ConfigError(f"{KEEP_ALIVE_ENV}={text!r}: {e}") from None
+
+
+def generate_llm(args: argparse.Namespace, max_batch: int | None):
+    """The engine `jinfer generate` runs on (also what a keep-alive worker holds)."""
+    from jinfer.llm import LLM
+
+    return LLM(
         args.model,
         mesh=args.mesh,
         dtype=args.dtype,
@@ -101,8 +159,22 @@ def cmd_generate(args: argparse.Namespace) -> int:
         max_len=args.max_len,
         quantize=args.quantize,
     )
+
+
+def _write_stdout(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def _write_stderr(text: str) -> None:
+    sys.stderr.write(text)
+
+
+def generate_with(llm, args: argparse.Namespace, prompts: list[str], max_batch, out, err) -> int:
+    """`jinfer generate`'s work on a built engine; the text goes to `out` and `err` (callables
+    taking a string): the terminal, or a keep-alive worker's connection."""
     if args.verbose:
-        _print_engine_choices(llm, None if args.max_batch else max_batch, len(prompts))
+        _print_engine_choices(llm, None if args.max_batch else max_batch, len(prompts), err)
     defaults = llm.default_params()
     overrides = (
         {"max_tokens": 128, **_sampling_overrides(args)}
@@ -114,37 +186,36 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if llm.tokenizer is None or not llm.tokenizer.chat_template:
         inputs = prompts
     if args.json or len(prompts) > 1:
-        for prompt, out in zip(prompts, llm.generate(inputs, params), strict=True):
+        for prompt, output in zip(prompts, llm.generate(inputs, params), strict=True):
             if args.json:
-                print(
-                    json.dumps(
-                        {
-                            "prompt": prompt,
-                            "text": out.text,
-                            "token_ids": out.token_ids,
-                            "finish_reason": out.finish_reason,
-                            "usage": out.usage,
-                            **({"logprobs": _jsonable_logprobs(out.logprobs)} if out.logprobs else {}),
-                        },
-                        ensure_ascii=False,
-                    )
-                )
+                row = {
+                    "prompt": prompt,
+                    "text": output.text,
+                    "token_ids": output.token_ids,
+                    "finish_reason": output.finish_reason,
+                    "usage": output.usage,
+                    **({"logprobs": _jsonable_logprobs(output.logprobs)} if output.logprobs else {}),
+                }
+                out(json.dumps(row, ensure_ascii=False) + "\n")
             else:
-                print(out.text)
+                out(output.text + "\n")
         return 0
-    for piece in llm.stream(inputs[0], params):
-        sys.stdout.write(piece)
-        sys.stdout.flush()
-    sys.stdout.write("\n")
+    stream = llm.stream(inputs[0], params)
+    try:  # a reader that goes away (a closed pipe, a keep-alive client's Ctrl-C) aborts the request
+        for piece in stream:
+            out(piece)
+    finally:
+        stream.close()
+    out("\n")
     return 0
 
 
-def _print_engine_choices(llm, cli_slots: int | None, n_prompts: int) -> None:
+def _print_engine_choices(llm, cli_slots: int | None, n_prompts: int, err=_write_stderr) -> None:
     """`generate --verbose`: what the engine was built with and why, on stderr."""
     for line in llm.engine_choices.lines():
         if cli_slots is not None and line.startswith("max_batch="):
             line = f"max_batch={cli_slots}: jinfer generate's {n_prompts} prompt(s) need no more slots"
-        print(f"jinfer: {line}", file=sys.stderr)
+        err(f"jinfer: {line}\n")
 
 
 def _jsonable_logprobs(logprobs):
@@ -243,6 +314,28 @@ def cmd_freeze(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ps(args: argparse.Namespace) -> int:
+    from jinfer import keepalive
+
+    found = keepalive.workers()
+    for worker in found:
+        print(json.dumps(worker) if args.json else keepalive.describe(worker))
+    if not found and not args.json:
+        print("jinfer: no keep-alive workers", file=sys.stderr)
+    return 0
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    from jinfer import keepalive
+
+    stopped = keepalive.stop_all()
+    for worker in stopped:
+        print(f"stopped {keepalive.describe(worker)}")
+    if not stopped:
+        print("jinfer: no keep-alive workers", file=sys.stderr)
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from jinfer.serve.command import serve
 
@@ -289,7 +382,23 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="prompt + generated tokens per slot (default: the model's)",
     )
+    p.add_argument(
+        "--keep-alive",
+        type=duration,
+        default=None,
+        metavar="DURATION",
+        help="keep the engine loaded in a background worker for DURATION after the last request "
+        "(e.g. 10m), so the next generate with the same engine flags starts at once; `jinfer stop` "
+        f"ends it (default: ${KEEP_ALIVE_ENV}, else 0: load in this process, nothing left running)",
+    )
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("ps", help="list the keep-alive workers of `generate --keep-alive`")
+    p.add_argument("--json", action="store_true", help="one JSON object per worker")
+    p.set_defaults(func=cmd_ps)
+
+    p = sub.add_parser("stop", help="stop the keep-alive workers (after their requests finish)")
+    p.set_defaults(func=cmd_stop)
 
     p = sub.add_parser("embed", help="embed texts with an encoder model; prints JSON lines")
     p.add_argument("text", nargs="*", help="text(s); read from stdin when absent")
@@ -391,7 +500,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from jinfer.digest_record import VERIFY_ENV
 
             os.environ[VERIFY_ENV] = "full"
-        if args.command in COMPILING_COMMANDS:  # inspect, convert, ... leave no cache behind
+        keep_alive = args.command == "generate" and keep_alive_seconds(args)  # the worker sets one up
+        if args.command in COMPILING_COMMANDS and not keep_alive:  # inspect, ... leave no cache behind
             _setup_compilation_cache(args.compilation_cache)
         return args.func(args) or 0
     except KeyboardInterrupt:

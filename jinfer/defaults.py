@@ -171,15 +171,6 @@ def default_dtype(
     return None, "CPU default: the checkpoint's dtype (XLA:CPU upcasts half-precision work)"
 
 
-def cli_max_batch(n_prompts: int) -> int | None:
-    """Slots for `jinfer generate` with n prompts known up front: the power of two >= n when
-    n <= 8 (no more slots than prompts: a small engine allocates and starts faster), else None
-    (the KV-budget default)."""
-    if n_prompts > 8:
-        return None
-    return 1 << max(0, int(n_prompts) - 1).bit_length()
-
-
 def model_context_length(config: Any) -> int | None:
     """The model's maximum positions, or None when its config does not say."""
     n = getattr(config, "max_position_embeddings", None)

@@ -6,9 +6,14 @@ and to its exit ("total"):
          --temperature 0` (a new empty cache directory per repetition);
   warm   the same command again on that directory (executables, traced programs cached);
   llama  a llama-cpp-python script doing the same: load the GGUF jinfer's model was converted from,
-         one streamed chat completion of N greedy tokens (n_threads=2).
-Medians over `--repeats` (cold, warm, llama per repetition, interleaved). Ratios: cold / warm
-first output (issue 15 target >= 3x) and warm total / llama total (target <= 2x).
+         one streamed chat completion of N greedy tokens (n_threads=2);
+  kept-start  the warm command with `--keep-alive 5m` and no worker running: it starts a
+         keep-alive worker (jinfer.keepalive), which loads the model, and prints its answer;
+  kept   the same command again: the worker answers, the command imports no JAX. The worker is
+         stopped (`jinfer stop`) at the end of each repetition.
+Medians over `--repeats` (cold, warm, kept-start, kept, llama per repetition, interleaved).
+Ratios: cold / warm first output (issue 15 target >= 3x) and warm total / llama total (target
+<= 2x), for fresh processes; the same two for a command answered by a keep-alive worker.
 
     python scripts/bench_warm_start.py --repeats 3 --json warm_start.json
 
@@ -93,6 +98,7 @@ def main() -> None:
     ap.add_argument("--prompt", default=PROMPT)
     ap.add_argument("--timeout", type=float, default=600.0)
     ap.add_argument("--no-llama", action="store_true", help="skip the llama-cpp-python runs")
+    ap.add_argument("--no-keep-alive", action="store_true", help="skip the keep-alive worker runs")
     ap.add_argument("--json", default=None, help="write all results here")
     args = ap.parse_args()
 
@@ -100,13 +106,21 @@ def main() -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("JINFER_COMPILATION_CACHE", "XLA_FLAGS")}
     jinfer = [sys.executable, "-m", "jinfer.cli", "--compilation-cache", "DIR", "generate", args.prompt]
     jinfer += ["--max-tokens", str(args.max_tokens), "--temperature", "0"]
-    runs: dict[str, list[dict]] = {"cold": [], "warm": [], "llama": []}
+    runs: dict[str, list[dict]] = {"cold": [], "warm": [], "kept-start": [], "kept": [], "llama": []}
     load_start = load_average()
     for i in range(args.repeats):
-        with tempfile.TemporaryDirectory(prefix="jinfer-cc-") as cache:
+        with (
+            tempfile.TemporaryDirectory(prefix="jinfer-cc-") as cache,
+            tempfile.TemporaryDirectory(prefix="jka-") as run_dir,
+        ):
             argv = [cache if a == "DIR" else a for a in jinfer]
             for kind in ("cold", "warm"):
                 runs[kind].append(timed(argv, env, args.timeout))
+            if not args.no_keep_alive:
+                kept_env = {**env, "JINFER_RUNTIME_DIR": run_dir}
+                for kind in ("kept-start", "kept"):
+                    runs[kind].append(timed([*argv, "--keep-alive", "5m"], kept_env, args.timeout))
+                subprocess.run([sys.executable, "-m", "jinfer.cli", "stop"], env=kept_env, check=True)
         if gguf is not None:
             llama = [sys.executable, "-c", LLAMA_SCRIPT, str(gguf), args.prompt, str(args.max_tokens)]
             runs["llama"].append(timed(llama, env, args.timeout))
@@ -120,15 +134,25 @@ def main() -> None:
     report["cold_over_warm_first_output"] = cold["first_output_s"] / warm["first_output_s"]
     if "llama" in report:
         report["warm_over_llama_total"] = warm["total_s"] / report["llama"]["total_s"]
+    if "kept" in report:
+        report["cold_over_kept_first_output"] = cold["first_output_s"] / report["kept"]["first_output_s"]
+        if "llama" in report:
+            report["kept_over_llama_total"] = report["kept"]["total_s"] / report["llama"]["total_s"]
     report.update(load_average_start=load_start, load_average_end=load_average(), args=vars(args))
     print(f"load average (1/5/15 min): start {load_start}, end {report['load_average_end']}")
-    for kind in (k for k in ("cold", "warm", "llama") if k in report):
+    for kind in (k for k in ("cold", "warm", "kept-start", "kept", "llama") if k in report):
         r = report[kind]
-        print(f"{kind:6s} first output {r['first_output_s']:6.2f} s   total {r['total_s']:6.2f} s")
+        print(f"{kind:10s} first output {r['first_output_s']:6.2f} s   total {r['total_s']:6.2f} s")
     print(f"cold / warm first output: {report['cold_over_warm_first_output']:.2f}x (target >= 3x)")
     if "warm_over_llama_total" in report:
         print(f"warm / llama.cpp total:   {report['warm_over_llama_total']:.2f}x (target <= 2x)")
+    if "cold_over_kept_first_output" in report:
+        print(f"keep-alive worker: cold / kept first output {report['cold_over_kept_first_output']:.2f}x")
+    if "kept_over_llama_total" in report:
+        print(f"keep-alive worker: kept / llama.cpp total {report['kept_over_llama_total']:.2f}x")
     print(f"warm output: {warm['runs'][-1]['text']!r}")
+    if "kept" in report:
+        print(f"kept output: {report['kept']['runs'][-1]['text']!r}")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
 

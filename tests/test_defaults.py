@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from jinfer import defaults, precision
+from jinfer.cli import cli_max_batch
 from jinfer.llm import LLM
 from jinfer.models.llama import LlamaConfig
 from jinfer.sampling import SamplingParams
@@ -125,7 +126,7 @@ def test_kv_budget_and_accelerator_defaults_by_backend():
     # max_len given, max_batch not: slots for that length (SmolLM2 f32: 91 fit at 512, 22 at 2,048).
     assert defaults.default_max_batch(SMOLLM2, 512, 4, 2 * GiB)[0] == 64
     assert defaults.default_max_batch(SMOLLM2, 2048, 4, 2 * GiB)[0] == 16
-    assert [defaults.cli_max_batch(n) for n in (1, 2, 3, 5, 8, 9, 100)] == [1, 2, 4, 8, 8, None, None]
+    assert [cli_max_batch(n) for n in (1, 2, 3, 5, 8, 9, 100)] == [1, 2, 4, 8, 8, None, None]
 
 
 def test_one_row_copy_is_in_the_memory_plan_and_dropped_when_it_does_not_fit(tmp_path, monkeypatch):

@@ -6,22 +6,33 @@
 `jinfer.batch.files` for the on-disk guarantees and `jinfer.batch.records` for the row formats.
 """
 
-from jinfer.batch.command import add_run_batch_args, init_distributed, run_batch_from_args
-from jinfer.batch.files import CorruptOutputError, DuplicateIdError, ManifestMismatchError, merge_shards
-from jinfer.batch.ray import RayOptions, ReplicaLostError
-from jinfer.batch.runner import BatchOptions, Summary, run_batch
+import importlib
+from typing import Any
 
-__all__ = [
-    "BatchOptions",
-    "CorruptOutputError",
-    "DuplicateIdError",
-    "ManifestMismatchError",
-    "RayOptions",
-    "ReplicaLostError",
-    "Summary",
-    "add_run_batch_args",
-    "init_distributed",
-    "merge_shards",
-    "run_batch",
-    "run_batch_from_args",
-]
+# Public names -> defining module, imported on first use: `jinfer run-batch --help` and the CLI's
+# parser need only the flags (jinfer.batch.command), not JAX.
+_EXPORTS = {
+    "add_run_batch_args": "jinfer.batch.command",
+    "init_distributed": "jinfer.batch.command",
+    "run_batch_from_args": "jinfer.batch.command",
+    "CorruptOutputError": "jinfer.batch.files",
+    "DuplicateIdError": "jinfer.batch.files",
+    "ManifestMismatchError": "jinfer.batch.files",
+    "merge_shards": "jinfer.batch.files",
+    "RayOptions": "jinfer.batch.ray",
+    "ReplicaLostError": "jinfer.batch.ray",
+    "BatchOptions": "jinfer.batch.runner",
+    "Summary": "jinfer.batch.runner",
+    "run_batch": "jinfer.batch.runner",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'jinfer.batch' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value

@@ -8,7 +8,7 @@ import os
 import sys
 from typing import Any
 
-from jinfer.batch.records import FORMATS, TASKS
+from jinfer.batch.names import FORMATS, TASKS
 from jinfer.errors import ConfigError
 
 _SAMPLING_FLAGS = ("max_tokens", "temperature", "top_k", "top_p", "min_p", "stop")

@@ -29,9 +29,6 @@ from jinfer.errors import (
 )
 from jinfer.sampling import SamplingParams
 
-TASKS = ("generate", "score", "embed")
-FORMATS = ("jinfer", "openai")
-
 # Sampling fields a line may set (OpenAI spellings included); anything else unknown is metadata.
 _SAMPLING_FIELDS = (
     "max_tokens",

@@ -23,9 +23,8 @@ import numpy as np
 
 from jinfer.batch import files
 from jinfer.batch.files import InputScan, RowWriter, contains, iter_lines
+from jinfer.batch.names import FORMATS, TASKS
 from jinfer.batch.records import (
-    FORMATS,
-    TASKS,
     Item,
     LineError,
     RowOptions,

@@ -1,0 +1,234 @@
+"""`jinfer generate --keep-alive`: a background worker keeps the engine loaded between commands
+(jinfer.keepalive). Real processes, a real model directory, real Unix sockets."""
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from jinfer import cli, keepalive
+from jinfer.errors import ConfigError
+from jinfer.testing import make_tiny_llm_dir
+
+CLI = [sys.executable, "-m", "jinfer.cli"]
+
+
+@pytest.fixture
+def env(tmp_path):
+    """A private runtime directory (short: Unix socket paths are limited) and compilation cache;
+    every worker left at the end is stopped."""
+    run_dir = tempfile.mkdtemp(prefix="jka")
+    environ = {
+        **os.environ,
+        "JINFER_RUNTIME_DIR": run_dir,
+        "JINFER_COMPILATION_CACHE": str(tmp_path / "xla"),
+        "JAX_PLATFORMS": "cpu",
+    }
+    for name in ("XLA_FLAGS", "JINFER_KEEP_ALIVE"):
+        environ.pop(name, None)
+    yield environ
+    subprocess.run([*CLI, "stop"], env=environ, capture_output=True, timeout=120)
+    for info in Path(run_dir).glob("*.json"):  # a worker `stop` could not reach
+        with contextlib.suppress(ProcessLookupError, ValueError, KeyError):
+            os.kill(json.loads(info.read_text())["pid"], signal.SIGKILL)
+    shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def jinfer(env, *args, check=True, python=()) -> subprocess.CompletedProcess:
+    r = subprocess.run(
+        [sys.executable, *python, "-m", "jinfer.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    if check:
+        assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def workers(env) -> list[dict]:
+    return [json.loads(line) for line in jinfer(env, "ps", "--json").stdout.splitlines()]
+
+
+def gone(pid: int, timeout: float = 60.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def imported_modules(importtime_stderr: str) -> set[str]:
+    return {
+        line.rsplit("|", 1)[1].strip()
+        for line in importtime_stderr.splitlines()
+        if line.startswith("import time:") and "|" in line
+    }
+
+
+def test_worker_prints_what_the_command_prints_and_the_client_imports_no_jax(tmp_path, env):
+    model = make_tiny_llm_dir(tmp_path / "model")
+    gen = ["generate", "--model", str(model), "--max-tokens", "8"]
+    # references: the same commands in this process's way (no worker)
+    ref_json = jinfer(env, *gen, "--json", "hello there").stdout
+    ref_stream = jinfer(env, *gen, "--temperature", "0.7", "--seed", "3", "say more").stdout
+    ref_pair = jinfer(env, *gen, "--json", "one", "two").stdout
+    bad = jinfer(env, *gen, "--top-p", "5", "hi", check=False)
+    assert bad.returncode == cli.EXIT_USAGE and "top_p" in bad.stderr
+    assert not workers(env)
+
+    first = jinfer(env, *gen, "--keep-alive", "60", "--json", "hello there")
+    assert first.stdout == ref_json
+    assert "starting a keep-alive worker" in first.stderr
+    [worker] = workers(env)
+    assert worker["flags"]["max_batch"] == 1 and worker["requests"] == 1 and worker["active"] == 0
+
+    # the environment variable turns it on too; the second command streams from the same worker
+    second = jinfer(
+        {**env, "JINFER_KEEP_ALIVE": "1m"},
+        *gen,
+        "--temperature",
+        "0.7",
+        "--seed",
+        "3",
+        "say more",
+        python=("-X", "importtime"),
+    )
+    assert second.stdout == ref_stream
+    assert "starting" not in second.stderr
+    modules = imported_modules(second.stderr)
+    assert "jinfer.keepalive" in modules and not {"jax", "numpy", "flax"} & modules
+    [worker] = workers(env)
+    assert worker["requests"] == 2 and worker["keep_alive_s"] == 60.0
+
+    # a request error comes back with the in-process message and exit code; the worker goes on
+    again = jinfer(env, *gen, "--keep-alive", "60", "--top-p", "5", "hi", check=False)
+    assert (again.returncode, again.stderr.splitlines()[-1]) == (bad.returncode, bad.stderr.splitlines()[-1])
+    verbose = jinfer(env, *gen, "--keep-alive", "60", "--verbose", "--json", "hello there")
+    assert verbose.stdout == ref_json
+    assert f"answered by keep-alive worker pid {worker['pid']} (request 4)" in verbose.stderr
+    assert "jinfer: max_batch=1: jinfer generate's 1 prompt(s) need no more slots" in verbose.stderr
+
+    # two prompts need two slots: another engine, another worker
+    assert jinfer(env, *gen, "--keep-alive", "60", "--json", "one", "two").stdout == ref_pair
+    listed = workers(env)
+    assert sorted(w["flags"]["max_batch"] for w in listed) == [1, 2]
+
+    stopped = jinfer(env, "stop").stdout.splitlines()
+    assert len(stopped) == 2 and all(line.startswith("stopped pid ") for line in stopped)
+    assert all(gone(w["pid"], timeout=5) for w in listed)  # `stop` waited for them
+    assert not workers(env) and not list(Path(env["JINFER_RUNTIME_DIR"]).glob("*.sock"))
+
+
+def test_a_load_error_is_reported_like_in_process_and_leaves_no_worker(tmp_path, env):
+    missing = ["generate", "--model", str(tmp_path / "nope"), "hi"]
+    plain = jinfer(env, *missing, check=False)
+    kept = jinfer(env, *missing, "--keep-alive", "30", check=False)
+    assert plain.returncode == kept.returncode == cli.EXIT_USAGE
+    assert plain.stderr.splitlines()[-1] == kept.stderr.splitlines()[-1]
+    assert "does not exist" in kept.stderr
+    assert not workers(env)
+    bad_env = jinfer({**env, "JINFER_KEEP_ALIVE": "soon"}, *missing, check=False)
+    assert bad_env.returncode == cli.EXIT_USAGE
+    assert "JINFER_KEEP_ALIVE='soon'" in bad_env.stderr and "5m" in bad_env.stderr
+
+
+def test_clients_at_once_share_one_worker_which_survives_an_abandoned_stream(tmp_path, env):
+    model = make_tiny_llm_dir(tmp_path / "model")
+    gen = ["generate", "--model", str(model), "--keep-alive", "60", "--max-tokens", "8"]
+    ref = jinfer(env, "generate", "--model", str(model), "--max-tokens", "8", "--json", "hello").stdout
+    starts = [
+        subprocess.Popen(
+            [*CLI, *gen, "--json", "hello"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        for _ in range(3)
+    ]
+    outs = [p.communicate(timeout=300) for p in starts]
+    assert [p.returncode for p in starts] == [0, 0, 0]
+    assert [o.decode() for o, _ in outs] == [ref] * 3
+    assert sum(b"starting a keep-alive worker" in e for _, e in outs) == 1  # the lock: one worker
+    [worker] = workers(env)
+
+    # a client stopped mid-stream (Ctrl-C) aborts its request; the worker goes on serving
+    long = subprocess.Popen(
+        [*CLI, *gen[:-2], "--max-tokens", "1000", "hello"],  # no EOS in 1,000 greedy tokens
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert long.stdout.read(1)  # it is streaming
+    long.send_signal(signal.SIGINT)
+    assert long.wait(timeout=60) == cli.EXIT_INTERRUPTED
+    assert jinfer(env, *gen, "--json", "hello").stdout == ref
+    deadline = time.monotonic() + 60
+    while (status := workers(env))[0]["active"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert [(w["pid"], w["active"]) for w in status] == [(worker["pid"], 0)]
+    engine = status[0]["engine"]
+    assert (
+        engine["requests_finished"] == 4 and engine["requests_aborted"] == 1 and not engine["requests_failed"]
+    )
+    assert engine["generated_tokens"] < 4 * 8 + 1000  # the long request stopped early
+
+
+def test_a_command_stopped_while_its_worker_loads_leaves_one_worker_that_serves(tmp_path, env):
+    model = make_tiny_llm_dir(tmp_path / "model")
+    gen = [*CLI, "generate", "--model", str(model), "--keep-alive", "60", "--max-tokens", "8", "--json", "hi"]
+    first = subprocess.Popen(gen, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    log = Path(env["JINFER_RUNTIME_DIR"])
+    deadline = time.monotonic() + 60
+    while not list(log.glob("*.log")) and time.monotonic() < deadline:  # the worker is starting
+        time.sleep(0.05)
+    first.send_signal(signal.SIGINT)
+    assert first.wait(timeout=60) == cli.EXIT_INTERRUPTED and first.stdout.read() == b""
+    # the next command waits for that worker (it holds the start lock while it loads) and uses it
+    second = jinfer(env, *gen[3:])
+    assert "starting a keep-alive worker" not in second.stderr
+    assert second.stdout == jinfer(env, *[a for a in gen[3:] if a not in ("--keep-alive", "60")]).stdout
+    [worker] = workers(env)
+    assert worker["requests"] == 1
+
+
+def test_worker_replaced_when_its_model_changes_and_gone_when_idle(tmp_path, env):
+    model = make_tiny_llm_dir(tmp_path / "model")
+    gen = ["generate", "--model", str(model), "--max-tokens", "8", "--json", "hello"]
+    old_out = jinfer(env, *gen, "--keep-alive", "60").stdout
+    [old] = workers(env)
+    make_tiny_llm_dir(model, seed=1)  # converted again: other weights at the same path
+    new_ref = jinfer(env, *gen).stdout
+    assert new_ref != old_out
+    assert jinfer(env, *gen, "--keep-alive", "60").stdout == new_ref
+    [new] = workers(env)
+    assert new["pid"] != old["pid"] and gone(old["pid"])
+    # a request with a short keep-alive sets the worker's period: it exits once idle that long
+    assert jinfer(env, *gen, "--keep-alive", "1s").stdout == new_ref
+    assert gone(new["pid"])
+    assert not workers(env) and not list(Path(env["JINFER_RUNTIME_DIR"]).glob("*.sock"))
+
+
+def test_durations_and_runtime_dir_checks(tmp_path, monkeypatch):
+    assert [cli.duration(t) for t in ("90", "90s", "5m", "1.5h", "0", "off")] == [90, 90, 300, 5400, 0, 0]
+    for text in ("-1", "soon", "5d", "inf", ""):
+        with pytest.raises(Exception, match="is not a duration"):
+            cli.duration(text)
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o777)
+    shared.chmod(0o777)
+    monkeypatch.setenv(keepalive.RUNTIME_DIR_ENV, str(shared))
+    with pytest.raises(ConfigError, match="writable by others"):
+        keepalive.runtime_dir()
+    monkeypatch.setenv(keepalive.RUNTIME_DIR_ENV, str(tmp_path / ("x" * 120)))
+    with pytest.raises(ConfigError, match="longer than 100 bytes"):
+        keepalive._files(keepalive.runtime_dir(), "0" * 16)
