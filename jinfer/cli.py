@@ -133,7 +133,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def keep_alive_seconds(args: argparse.Namespace) -> float:
-    """`generate --keep-alive`, else $JINFER_KEEP_ALIVE, else 0 (no worker)."""
+    """`generate --keep-alive`, else $JINFER_KEEP_ALIVE, else 0 (no worker). `--verify` asks to
+    re-hash the model files now, so it loads in this process (0) whatever the setting."""
+    if getattr(args, "verify", False):
+        return 0.0
     if getattr(args, "keep_alive", None) is not None:
         return args.keep_alive
     from os import environ
@@ -170,9 +173,11 @@ def _write_stderr(text: str) -> None:
     sys.stderr.write(text)
 
 
-def generate_with(llm, args: argparse.Namespace, prompts: list[str], max_batch, out, err) -> int:
+def generate_with(llm, args: argparse.Namespace, prompts: list[str], max_batch, out, err, watch=None) -> int:
     """`jinfer generate`'s work on a built engine; the text goes to `out` and `err` (callables
-    taking a string): the terminal, or a keep-alive worker's connection."""
+    taking a string): the terminal, or a keep-alive worker's connection. `watch(handles)`, if
+    given, sees the queued requests of a --json or several-prompt run (to cancel them when the
+    reader goes away before an output is ready to write)."""
     if args.verbose:
         _print_engine_choices(llm, None if args.max_batch else max_batch, len(prompts), err)
     defaults = llm.default_params()
@@ -186,19 +191,15 @@ def generate_with(llm, args: argparse.Namespace, prompts: list[str], max_batch, 
     if llm.tokenizer is None or not llm.tokenizer.chat_template:
         inputs = prompts
     if args.json or len(prompts) > 1:
-        for prompt, output in zip(prompts, llm.generate(inputs, params), strict=True):
-            if args.json:
-                row = {
-                    "prompt": prompt,
-                    "text": output.text,
-                    "token_ids": output.token_ids,
-                    "finish_reason": output.finish_reason,
-                    "usage": output.usage,
-                    **({"logprobs": _jsonable_logprobs(output.logprobs)} if output.logprobs else {}),
-                }
-                out(json.dumps(row, ensure_ascii=False) + "\n")
-            else:
-                out(output.text + "\n")
+        handles = llm.submit_all(inputs, params)
+        if watch is not None:
+            watch(handles)
+        try:  # each output as soon as it and those before it are done
+            for prompt, handle in zip(prompts, handles, strict=True):
+                _write_output(prompt, handle.result(), args, out)
+        finally:
+            for handle in handles:
+                handle.cancel()
         return 0
     stream = llm.stream(inputs[0], params)
     try:  # a reader that goes away (a closed pipe, a keep-alive client's Ctrl-C) aborts the request
@@ -208,6 +209,21 @@ def generate_with(llm, args: argparse.Namespace, prompts: list[str], max_batch, 
         stream.close()
     out("\n")
     return 0
+
+
+def _write_output(prompt: str, output, args: argparse.Namespace, out) -> None:
+    if not args.json:
+        out(output.text + "\n")
+        return
+    row = {
+        "prompt": prompt,
+        "text": output.text,
+        "token_ids": output.token_ids,
+        "finish_reason": output.finish_reason,
+        "usage": output.usage,
+        **({"logprobs": _jsonable_logprobs(output.logprobs)} if output.logprobs else {}),
+    }
+    out(json.dumps(row, ensure_ascii=False) + "\n")
 
 
 def _print_engine_choices(llm, cli_slots: int | None, n_prompts: int, err=_write_stderr) -> None:

@@ -40,19 +40,10 @@ from jinfer.cli import SAMPLING_FLAGS
 from jinfer.errors import ConfigError, JinferError
 
 RUNTIME_DIR_ENV = "JINFER_RUNTIME_DIR"
-# Environment variables that change what a worker loads or how it runs: part of the worker's key.
-ENGINE_ENV = (
-    "JINFER_HOME",
-    "JINFER_VERIFY",
-    "JINFER_COMPILATION_CACHE",
-    "XLA_FLAGS",
-    "JAX_PLATFORMS",
-    "JAX_ENABLE_X64",
-    "CUDA_VISIBLE_DEVICES",
-    "TPU_VISIBLE_CHIPS",
-    "HF_HOME",
-    "HF_HUB_CACHE",
-)
+# Environment variables that may change what a worker loads or how it runs (those whose names
+# start so): part of the worker's key. The keep-alive settings themselves are not.
+ENGINE_ENV_PREFIXES = ("JINFER_", "JAX_", "XLA_", "TPU_", "LIBTPU_", "CUDA_", "NVIDIA_", "HF_", "OMP_")
+NOT_ENGINE_ENV = ("JINFER_KEEP_ALIVE", RUNTIME_DIR_ENV)
 # `generate` flags that build the engine (the key) and those each request brings.
 ENGINE_FLAGS = ("model", "mesh", "dtype", "quantize", "max_len")
 REQUEST_FLAGS = (*SAMPLING_FLAGS, "logprobs", "raw", "json", "verbose", "max_batch", "debug")
@@ -81,7 +72,12 @@ def runtime_dir() -> Path:
         import tempfile
 
         path = Path(tempfile.gettempdir()) / f"jinfer-{os.getuid()}"
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise ConfigError(
+            f"keep-alive directory {path} is not a directory; set {RUNTIME_DIR_ENV} to a private directory"
+        ) from None
     st = path.stat()
     if st.st_uid != os.getuid() or st.st_mode & 0o022:
         raise ConfigError(
@@ -109,11 +105,15 @@ def engine_spec(args: argparse.Namespace, max_batch: int | None) -> dict[str, An
     flags = {k: getattr(args, k, None) for k in ENGINE_FLAGS}
     return {
         "flags": {**flags, "model": model, "max_batch": max_batch},
-        "verify": bool(getattr(args, "verify", False)),
-        "env": {k: os.environ[k] for k in ENGINE_ENV if k in os.environ},
-        "python": sys.executable,
+        "env": {k: v for k, v in os.environ.items() if _engine_env(k)},
+        "python": [sys.prefix, sys.version],  # the environment (venv), however python was named
         "sources": hashlib.sha256(json.dumps(_sources_signature()).encode()).hexdigest(),
     }
+
+
+def _engine_env(name: str) -> bool:
+    secret = any(word in name for word in ("TOKEN", "KEY", "SECRET", "PASSWORD"))
+    return name.startswith(ENGINE_ENV_PREFIXES) and name not in NOT_ENGINE_ENV and not secret
 
 
 def worker_key(spec: dict[str, Any]) -> str:
@@ -176,8 +176,8 @@ def _start_worker(spec, files, args, keep_alive) -> socket.socket | int:
         if conn is not None:
             return conn
         files["sock"].unlink(missing_ok=True)  # a dead worker's socket
-        config = {
-            "spec": spec,
+        config = {  # on the worker's command line, which `ps` shows: no environment values
+            "spec": {"flags": spec["flags"]},
             "files": {k: str(v) for k, v in files.items()},
             "keep_alive": keep_alive,
             "compilation_cache": getattr(args, "compilation_cache", None),
@@ -189,7 +189,8 @@ def _start_worker(spec, files, args, keep_alive) -> socket.socket | int:
             f"{_format_duration(keep_alive)} after the last request (`jinfer stop` ends it)",
             file=sys.stderr,
         )
-        with open(files["log"], "wb") as log:  # its output while it loads; shown here as it comes
+        log_fd = os.open(files["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with open(log_fd, "wb") as log:  # its output while it loads; shown here as it comes
             proc = subprocess.Popen(
                 [sys.executable, "-m", "jinfer.keepalive", json.dumps(config)],
                 stdin=subprocess.DEVNULL,
@@ -214,9 +215,8 @@ def _start_worker(spec, files, args, keep_alive) -> socket.socket | int:
                 "above); run without --keep-alive to see the error in this process"
             ) from None
         if "exit" in message:
-            _print_error(message)
             proc.wait()
-            return message["exit"]
+            return _finish(message)
         conn = _connect(files["sock"])
         if conn is None:
             raise WorkerError(f"the keep-alive worker said it was ready but {files['sock']} does not answer")
@@ -252,16 +252,18 @@ def _converse(conn: socket.socket, request: dict, files: dict[str, Path]) -> int
         elif message.get("stale"):
             return None
         elif "exit" in message:
-            _print_error(message)
-            return message["exit"]
+            return _finish(message)
     raise WorkerError(f"the keep-alive worker ended the request without an answer; its log: {files['log']}")
 
 
-def _print_error(message: dict) -> None:
-    if message.get("traceback"):
+def _finish(message: dict) -> int:
+    """Prints a worker's final answer's error, as `cli.main` would have; the exit code."""
+    if message.get("traceback"):  # --debug: the traceback, and the exit status of an uncaught error
         sys.stderr.write(message["traceback"])
+        return 1
     if message.get("error"):
         print(f"jinfer: error: {message['error']}", file=sys.stderr)
+    return message["exit"]
 
 
 def _send(conn: socket.socket, message: dict) -> None:
@@ -292,29 +294,38 @@ def _ask(path: Path, message: dict, timeout: float | None = 10.0) -> dict | None
 
 
 def workers() -> list[dict[str, Any]]:
-    """The live workers (what each one reports of itself); files of dead ones are removed."""
-    directory = runtime_dir()
+    """The workers: what each reports of itself, or (`"responding": False`) what it recorded when
+    it started, if it does not answer within 10 s (stopped, or stuck). Files of dead ones are
+    removed."""
     found = []
-    for info in sorted(directory.glob("*.json")):
-        sock = info.with_suffix(".sock")
+    for info in sorted(runtime_dir().glob("*.json")):
         try:
-            status = _ask(sock, {"status": True})
-        except OSError:
-            status = None
-        if status is None:
-            _remove_files(info.with_suffix(""))
+            status = _ask(info.with_suffix(".sock"), {"status": True})
+        except OSError:  # it accepted but did not answer: alive, so its files stay
+            with contextlib.suppress(OSError, ValueError):
+                status = {**json.loads(info.read_text()), "responding": False}
+                if _alive(status["pid"]):
+                    found.append(status)
             continue
-        found.append(status)
+        if status is None:  # nothing listens there
+            _remove_files(info.with_suffix(""))
+        else:
+            found.append({**status, "responding": True})
     return found
 
 
 def stop_all(timeout: float = 90.0) -> list[dict[str, Any]]:
-    """Asks every worker to exit once its requests are done and waits until their processes are
-    gone (up to `timeout` s); returns those stopped."""
+    """Asks every worker to exit once its requests are done (SIGTERM to one that does not answer)
+    and waits until their processes are gone (up to `timeout` s); returns those stopped."""
+    import signal
+
     stopped = []
     for worker in workers():
         with contextlib.suppress(OSError):
-            if _ask(Path(worker["socket"]), {"stop": True}, timeout=None) is not None:
+            if not worker["responding"]:
+                os.kill(worker["pid"], signal.SIGTERM)
+                stopped.append(worker)
+            elif _ask(Path(worker["socket"]), {"stop": True}, timeout=None) is not None:
                 stopped.append(worker)
     deadline = time.monotonic() + timeout
     for worker in stopped:
@@ -335,6 +346,8 @@ def _alive(pid: int) -> bool:
 
 def describe(worker: dict[str, Any]) -> str:
     flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in worker["flags"].items() if v is not None)
+    if not worker["responding"]:
+        return f"pid {worker['pid']}: {flags}; not answering (stopped or stuck; its log: {worker['log']})"
     return (
         f"pid {worker['pid']}: {flags}; {worker['requests']} request(s), idle {worker['idle_s']:.0f} s "
         f"of {_format_duration(worker['keep_alive_s'])}"
@@ -358,10 +371,15 @@ def _remove_files(stem: Path) -> None:
 # The worker: `python -m jinfer.keepalive CONFIG_JSON`
 
 
-def _model_signature(path: Path) -> list:
-    """What changes when a model directory is converted again, edited or replaced."""
-    entries = [path, *sorted(path.iterdir())]
-    return [(p.name, st.st_ino, st.st_size, st.st_mtime_ns) for p in entries for st in (p.stat(),)]
+def _model_signature(path: Path) -> list | None:
+    """What changes when a model directory is converted again, edited or replaced: every file's
+    size, mtime and inode (what jinfer's own warm start trusts before re-hashing, see
+    jinfer.digest_record); None when it is gone."""
+    try:
+        entries = [path, *sorted(path.rglob("*"))]
+        return [(str(p), st.st_ino, st.st_size, st.st_mtime_ns) for p in entries for st in (p.stat(),)]
+    except OSError:
+        return None
 
 
 class Worker:
@@ -378,7 +396,8 @@ class Worker:
         self.started = time.time()
         self.stopping = threading.Event()
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.listener.bind(str(files["sock"]))  # mode follows the private runtime directory
+        self.listener.bind(str(files["sock"]))
+        os.chmod(files["sock"], 0o600)  # connecting needs write permission: only this user
         self.listener.listen(16)
         self.identity = os.stat(files["sock"]).st_ino
         files["json"].write_text(json.dumps(self.status()))
@@ -454,6 +473,7 @@ class Worker:
 
     def _generate(self, conn: socket.socket, message: dict) -> None:
         if self.stopping.is_set() or _model_signature(Path(self.llm.path)) != self.signature:
+            # the next command loads it again, or reports why it cannot
             self.stop()
             _send(conn, {"stale": True})
             return
@@ -484,6 +504,7 @@ class Worker:
                 self.spec["flags"]["max_batch"],
                 lambda text: _send(conn, {"out": text}),
                 lambda text: _send(conn, {"err": text}),
+                lambda handles: _cancel_when_closed(conn, handles),
             )
             answer = {"exit": code}
         except (BrokenPipeError, ConnectionResetError):
@@ -491,6 +512,22 @@ class Worker:
         except Exception as e:
             answer = _error_answer(e, args)
         _send(conn, answer)
+
+
+def _cancel_when_closed(conn: socket.socket, handles) -> None:
+    """Cancels the requests once the client closes the connection (it sends nothing after its
+    request): a --json or several-prompt command writes nothing until an output is done, so a
+    Ctrl-C would otherwise go unnoticed until the work is finished. Cancelling finished requests
+    does nothing, so the client's normal close is harmless."""
+
+    def wait() -> None:
+        with contextlib.suppress(OSError):
+            while conn.recv(4096):
+                pass
+        for handle in handles:
+            handle.cancel()
+
+    threading.Thread(target=wait, name="jinfer-keepalive-watch", daemon=True).start()
 
 
 def _error_answer(e: Exception, args: argparse.Namespace) -> dict:
@@ -512,13 +549,10 @@ def worker_main(config: dict) -> int:
 
     from jinfer import cli
 
+    os.umask(0o077)  # its info file and log: this user's only
     spec, files = config["spec"], {k: Path(v) for k, v in config["files"].items()}
     ready = os.fdopen(os.dup(1), "w")  # stderr is already the log file
     flags = argparse.Namespace(**spec["flags"], debug=config["debug"], command="generate")
-    if spec["verify"]:
-        from jinfer.digest_record import VERIFY_ENV
-
-        os.environ[VERIFY_ENV] = "full"
     try:
         cli._setup_compilation_cache(config["compilation_cache"])
         llm = cli.generate_llm(flags, spec["flags"]["max_batch"])

@@ -310,6 +310,25 @@ class LLM:
         (each output is independent of its companions, so only the schedule changes): the long
         ones no longer run alone at the end while the other slots sit idle.
         """
+        handles = self.submit_all(prompts, params)
+        try:
+            return [h.result() for h in handles]
+        finally:  # an exception or KeyboardInterrupt while waiting: free what is still queued or running
+            for h in handles:
+                h.cancel()
+
+    def submit_all(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+    ) -> list[RequestHandle]:
+        """Queues every prompt and returns their handles in input order: `generate()` without the
+        wait, for a caller that prints each output as it is ready or may cancel them.
+
+        Every prompt is validated first (an InputError before any is queued); with more prompts
+        than decode slots, the longest `max_tokens` are queued first. Cancel what is no longer
+        wanted (`handle.cancel()`), or it runs to its end.
+        """
         prompts = _as_prompt_list(prompts)
         params_list = self._params_list(params, len(prompts))
         requests, _ = self._requests(prompts, params_list)  # validate everything first
@@ -320,11 +339,12 @@ class LLM:
         try:
             for i in order:
                 handles[i] = self._loop.submit(requests[i], prompts[i], bounded=False)
-            return [h.result() for h in handles]
-        finally:  # an exception or KeyboardInterrupt while waiting: free what is still queued or running
+        except BaseException:
             for h in handles:
                 if h is not None:
                     h.cancel()
+            raise
+        return handles  # type: ignore[return-value]  (all set)
 
     def generate_iter(
         self, items: Iterator[tuple[Any, Prompt, SamplingParams]]

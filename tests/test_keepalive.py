@@ -87,6 +87,8 @@ def test_worker_prints_what_the_command_prints_and_the_client_imports_no_jax(tmp
     ref_pair = jinfer(env, *gen, "--json", "one", "two").stdout
     bad = jinfer(env, *gen, "--top-p", "5", "hi", check=False)
     assert bad.returncode == cli.EXIT_USAGE and "top_p" in bad.stderr
+    verified = jinfer({**env, "JINFER_KEEP_ALIVE": "1m"}, "--verify", *gen, "--json", "hello there")
+    assert verified.stdout == ref_json and "keep-alive" not in verified.stderr  # re-hashed here
     assert not workers(env)
 
     first = jinfer(env, *gen, "--keep-alive", "60", "--json", "hello there")
@@ -94,6 +96,8 @@ def test_worker_prints_what_the_command_prints_and_the_client_imports_no_jax(tmp
     assert "starting a keep-alive worker" in first.stderr
     [worker] = workers(env)
     assert worker["flags"]["max_batch"] == 1 and worker["requests"] == 1 and worker["active"] == 0
+    for path in (worker["socket"], worker["log"], Path(worker["socket"]).with_suffix(".json")):
+        assert os.stat(path).st_mode & 0o777 == 0o600, path  # only this user connects or reads
 
     # the environment variable turns it on too; the second command streams from the same worker
     second = jinfer(
@@ -116,9 +120,14 @@ def test_worker_prints_what_the_command_prints_and_the_client_imports_no_jax(tmp
     # a request error comes back with the in-process message and exit code; the worker goes on
     again = jinfer(env, *gen, "--keep-alive", "60", "--top-p", "5", "hi", check=False)
     assert (again.returncode, again.stderr.splitlines()[-1]) == (bad.returncode, bad.stderr.splitlines()[-1])
+    # --debug: the traceback and exit status of an uncaught error, as in-process
+    debug = [*gen, "--top-p", "5", "hi", "--debug"]
+    plain, kept = jinfer(env, *debug, check=False), jinfer(env, *debug, "--keep-alive", "60", check=False)
+    assert plain.returncode == kept.returncode == 1
+    assert "Traceback" in kept.stderr and kept.stderr.splitlines()[-1] == plain.stderr.splitlines()[-1]
     verbose = jinfer(env, *gen, "--keep-alive", "60", "--verbose", "--json", "hello there")
     assert verbose.stdout == ref_json
-    assert f"answered by keep-alive worker pid {worker['pid']} (request 4)" in verbose.stderr
+    assert f"answered by keep-alive worker pid {worker['pid']} (request 5)" in verbose.stderr
     assert "jinfer: max_batch=1: jinfer generate's 1 prompt(s) need no more slots" in verbose.stderr
 
     # two prompts need two slots: another engine, another worker
@@ -182,6 +191,30 @@ def test_clients_at_once_share_one_worker_which_survives_an_abandoned_stream(tmp
     )
     assert engine["generated_tokens"] < 4 * 8 + 1000  # the long request stopped early
 
+    # a --json command prints nothing before its output is done: the worker sees the closed
+    # connection and cancels it all the same
+    long = subprocess.Popen([*CLI, *gen, "--max-tokens", "1000", "--json", "hello"], env=env)
+    deadline = time.monotonic() + 60
+    while not workers(env)[0]["active"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    long.send_signal(signal.SIGINT)
+    assert long.wait(timeout=60) == cli.EXIT_INTERRUPTED
+    deadline = time.monotonic() + 60
+    while (status := workers(env))[0]["active"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    engine = status[0]["engine"]
+    assert engine["requests_finished"] == 4 and engine["requests_aborted"] == 2
+    assert engine["generated_tokens"] < 4 * 8 + 1000  # both long requests together stopped early
+
+    # a worker that does not answer (here: stopped) is listed as such and its files are kept
+    os.kill(worker["pid"], signal.SIGSTOP)
+    try:
+        [frozen] = workers(env)
+    finally:
+        os.kill(worker["pid"], signal.SIGCONT)
+    assert (frozen["pid"], frozen["responding"]) == (worker["pid"], False)
+    assert [(w["pid"], w["responding"]) for w in workers(env)] == [(worker["pid"], True)]
+
 
 def test_a_command_stopped_while_its_worker_loads_leaves_one_worker_that_serves(tmp_path, env):
     model = make_tiny_llm_dir(tmp_path / "model")
@@ -212,6 +245,17 @@ def test_worker_replaced_when_its_model_changes_and_gone_when_idle(tmp_path, env
     assert jinfer(env, *gen, "--keep-alive", "60").stdout == new_ref
     [new] = workers(env)
     assert new["pid"] != old["pid"] and gone(old["pid"])
+    # a model directory deleted under its worker: the message and exit code of a fresh process
+    doomed = shutil.copytree(model, tmp_path / "doomed")
+    doomed_gen = ["generate", "--model", str(doomed), "--max-tokens", "8", "--json", "hello"]
+    jinfer(env, *doomed_gen, "--keep-alive", "60")
+    doomed_pid = next(w["pid"] for w in workers(env) if w["flags"]["model"] == str(doomed))
+    shutil.rmtree(doomed)
+    plain = jinfer(env, *doomed_gen, check=False)
+    kept = jinfer(env, *doomed_gen, "--keep-alive", "60", check=False)
+    assert plain.returncode == kept.returncode == cli.EXIT_USAGE and "does not exist" in kept.stderr
+    assert kept.stderr.splitlines()[-1] == plain.stderr.splitlines()[-1]
+    assert gone(doomed_pid) and [w["pid"] for w in workers(env)] == [new["pid"]]
     # a request with a short keep-alive sets the worker's period: it exits once idle that long
     assert jinfer(env, *gen, "--keep-alive", "1s").stdout == new_ref
     assert gone(new["pid"])
