@@ -211,8 +211,9 @@ def _start_worker(spec, files, args, keep_alive) -> socket.socket | int:
         except ValueError:
             code = proc.wait()
             raise WorkerError(
-                f"the keep-alive worker exited with code {code} before it listened (its output is "
-                "above); run without --keep-alive to see the error in this process"
+                f"the keep-alive worker ended with exit status {code} before it listened (stopped by "
+                "`jinfer stop`, or see its output above); run without --keep-alive to load the model "
+                "in this process"
             ) from None
         if "exit" in message:
             proc.wait()
@@ -295,23 +296,37 @@ def _ask(path: Path, message: dict, timeout: float | None = 10.0) -> dict | None
 
 def workers() -> list[dict[str, Any]]:
     """The workers: what each reports of itself, or (`"responding": False`) what it recorded when
-    it started, if it does not answer within 10 s (stopped, or stuck). Files of dead ones are
-    removed."""
+    it started, if it does not answer within 10 s (stopped, or stuck) or still loads its model
+    (`"loading": True`). Files of dead ones are removed."""
     found = []
     for info in sorted(runtime_dir().glob("*.json")):
         try:
             status = _ask(info.with_suffix(".sock"), {"status": True})
         except OSError:  # it accepted but did not answer: alive, so its files stay
-            with contextlib.suppress(OSError, ValueError):
-                status = {**json.loads(info.read_text()), "responding": False}
-                if _alive(status["pid"]):
-                    found.append(status)
-            continue
-        if status is None:  # nothing listens there
-            _remove_files(info.with_suffix(""))
+            status = None
         else:
-            found.append({**status, "responding": True})
+            if status is not None:
+                found.append({**status, "responding": True})
+                continue
+        try:  # not answering, or not listening yet: a worker still loading its model
+            recorded = {**json.loads(info.read_text()), "responding": False}
+        except (OSError, ValueError):
+            continue
+        if _is_worker(recorded["pid"]):
+            found.append(recorded)
+        else:  # nothing listens there and no worker runs: a dead one's files
+            _remove_files(info.with_suffix(""))
     return found
+
+
+def _is_worker(pid: int) -> bool:
+    """Whether `pid` runs a keep-alive worker (not another process that got a dead one's pid)."""
+    try:
+        return b"jinfer.keepalive" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except FileNotFoundError:  # no such process, or no /proc (macOS): whether it exists
+        return not Path("/proc/self").exists() and _alive(pid)
+    except OSError:
+        return _alive(pid)
 
 
 def stop_all(timeout: float = 90.0) -> list[dict[str, Any]]:
@@ -346,6 +361,8 @@ def _alive(pid: int) -> bool:
 
 def describe(worker: dict[str, Any]) -> str:
     flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in worker["flags"].items() if v is not None)
+    if worker.get("loading"):
+        return f"pid {worker['pid']}: {flags}; loading the model (its log: {worker['log']})"
     if not worker["responding"]:
         return f"pid {worker['pid']}: {flags}; not answering (stopped or stuck; its log: {worker['log']})"
     return (
@@ -553,11 +570,14 @@ def worker_main(config: dict) -> int:
     spec, files = config["spec"], {k: Path(v) for k, v in config["files"].items()}
     ready = os.fdopen(os.dup(1), "w")  # stderr is already the log file
     flags = argparse.Namespace(**spec["flags"], debug=config["debug"], command="generate")
+    loading = {"pid": os.getpid(), "socket": str(files["sock"]), "log": str(files["log"])}
+    files["json"].write_text(json.dumps({**loading, "flags": spec["flags"], "loading": True}))  # for ps/stop
     try:
         cli._setup_compilation_cache(config["compilation_cache"])
         llm = cli.generate_llm(flags, spec["flags"]["max_batch"])
         worker = Worker(llm, spec, files, config["keep_alive"])
     except Exception as e:
+        files["json"].unlink(missing_ok=True)
         _tell(ready, _error_answer(e, flags))
         return 1
     finally:  # listening (or failed): other commands may look now

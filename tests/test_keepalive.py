@@ -234,6 +234,23 @@ def test_a_command_stopped_while_its_worker_loads_leaves_one_worker_that_serves(
     assert worker["requests"] == 1
 
 
+def test_stop_ends_a_worker_that_is_still_loading(tmp_path, env):
+    model = make_tiny_llm_dir(tmp_path / "model")
+    cmd = [*CLI, "generate", "--model", str(model), "--keep-alive", "10m", "--max-tokens", "8", "hi"]
+    client = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not (found := workers(env)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    [loading] = found
+    assert loading["loading"] and not loading["responding"]
+    stopped = jinfer(env, "stop").stdout
+    assert stopped.startswith(f"stopped pid {loading['pid']}: ") and "loading the model" in stopped
+    out, err = client.communicate(timeout=60)
+    assert client.returncode == cli.EXIT_RUNTIME and out == ""
+    assert "worker ended with exit status" in err and "jinfer stop" in err
+    assert gone(loading["pid"], timeout=5) and not workers(env)
+
+
 def test_worker_replaced_when_its_model_changes_and_gone_when_idle(tmp_path, env):
     model = make_tiny_llm_dir(tmp_path / "model")
     gen = ["generate", "--model", str(model), "--max-tokens", "8", "--json", "hello"]
