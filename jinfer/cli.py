@@ -4,9 +4,11 @@ ps, stop."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from jinfer.errors import CheckpointKeyError, CheckpointNotFoundError, ConfigError, InputError, JinferError
 
@@ -129,7 +131,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
         return keepalive.run(args, prompts, max_batch, keep_alive)
     llm = generate_llm(args, max_batch)
-    return generate_with(llm, args, prompts, max_batch, _write_stdout, _write_stderr)
+    return generate_with(llm, args, prompts, max_batch, TERMINAL)
 
 
 def keep_alive_seconds(args: argparse.Namespace) -> float:
@@ -139,9 +141,7 @@ def keep_alive_seconds(args: argparse.Namespace) -> float:
         return 0.0
     if getattr(args, "keep_alive", None) is not None:
         return args.keep_alive
-    from os import environ
-
-    text = environ.get(KEEP_ALIVE_ENV)
+    text = os.environ.get(KEEP_ALIVE_ENV)
     if not text:
         return 0.0
     try:
@@ -169,17 +169,31 @@ def _write_stdout(text: str) -> None:
     sys.stdout.flush()
 
 
+@dataclasses.dataclass(frozen=True)
+class Sink:
+    """Where `jinfer generate` writes: the terminal, or a keep-alive worker's connection.
+    `watch(handles)`, if set, sees the queued requests of a --json or several-prompt run (to
+    cancel them when the reader goes away before an output is ready to write)."""
+
+    out: Callable[[str], None]
+    err: Callable[[str], None]
+    watch: Callable[[list], None] | None = None
+
+
 def _write_stderr(text: str) -> None:
     sys.stderr.write(text)
 
 
-def generate_with(llm, args: argparse.Namespace, prompts: list[str], max_batch, out, err, watch=None) -> int:
-    """`jinfer generate`'s work on a built engine; the text goes to `out` and `err` (callables
-    taking a string): the terminal, or a keep-alive worker's connection. `watch(handles)`, if
-    given, sees the queued requests of a --json or several-prompt run (to cancel them when the
-    reader goes away before an output is ready to write)."""
+TERMINAL = Sink(_write_stdout, _write_stderr)
+
+
+def generate_with(
+    llm, args: argparse.Namespace, prompts: list[str], max_batch: int | None, sink: Sink
+) -> int:
+    """`jinfer generate`'s work on a built engine, written to `sink`; returns the exit code (0)."""
+    out = sink.out
     if args.verbose:
-        _print_engine_choices(llm, None if args.max_batch else max_batch, len(prompts), err)
+        _print_engine_choices(llm, None if args.max_batch else max_batch, len(prompts), sink.err)
     defaults = llm.default_params()
     overrides = (
         {"max_tokens": 128, **_sampling_overrides(args)}
@@ -192,8 +206,8 @@ def generate_with(llm, args: argparse.Namespace, prompts: list[str], max_batch, 
         inputs = prompts
     if args.json or len(prompts) > 1:
         handles = llm.submit_all(inputs, params)
-        if watch is not None:
-            watch(handles)
+        if sink.watch is not None:
+            sink.watch(handles)
         try:  # each output as soon as it and those before it are done
             for prompt, handle in zip(prompts, handles, strict=True):
                 _write_output(prompt, handle.result(), args, out)
@@ -226,7 +240,7 @@ def _write_output(prompt: str, output, args: argparse.Namespace, out) -> None:
     out(json.dumps(row, ensure_ascii=False) + "\n")
 
 
-def _print_engine_choices(llm, cli_slots: int | None, n_prompts: int, err=_write_stderr) -> None:
+def _print_engine_choices(llm, cli_slots: int | None, n_prompts: int, err: Callable[[str], None]) -> None:
     """`generate --verbose`: what the engine was built with and why, on stderr."""
     for line in llm.engine_choices.lines():
         if cli_slots is not None and line.startswith("max_batch="):
@@ -263,7 +277,6 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 def _check_convert_output(out: str, overwrite: bool) -> None:
     """Refuses an output that cannot be written before any conversion work."""
-    import os
     from pathlib import Path
 
     path = Path(out).absolute()
@@ -485,9 +498,7 @@ def build_parser() -> argparse.ArgumentParser:
 COMPILING_COMMANDS = frozenset({"generate", "embed", "run-batch", "serve"})
 
 
-def _setup_compilation_cache(value: str | None) -> None:
-    import os
-
+def setup_compilation_cache(value: str | None) -> None:
     from jinfer.compile import enable_compilation_cache, maybe_enable_from_env
 
     if value == "off":
@@ -518,19 +529,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             os.environ[VERIFY_ENV] = "full"
         keep_alive = args.command == "generate" and keep_alive_seconds(args)  # the worker sets one up
         if args.command in COMPILING_COMMANDS and not keep_alive:  # inspect, ... leave no cache behind
-            _setup_compilation_cache(args.compilation_cache)
+            setup_compilation_cache(args.compilation_cache)
         return args.func(args) or 0
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     except Exception as e:
         if args.debug:
             raise
-        code, message = _error_report(e, args)
+        code, message = error_report(e, args)
         print(f"jinfer: error: {message}", file=sys.stderr)
         return code
 
 
-def _error_report(e: Exception, args: argparse.Namespace) -> tuple[int, str]:
+def error_report(e: Exception, args: argparse.Namespace) -> tuple[int, str]:
     """(exit code, one-line message) for an error that ends a command."""
     import errno
 

@@ -321,12 +321,12 @@ def workers() -> list[dict[str, Any]]:
 
 def _is_worker(pid: int) -> bool:
     """Whether `pid` runs a keep-alive worker (not another process that got a dead one's pid)."""
+    if not Path("/proc/self").exists():  # no /proc (macOS): whether it runs at all
+        return _alive(pid)
     try:
         return b"jinfer.keepalive" in Path(f"/proc/{pid}/cmdline").read_bytes()
-    except FileNotFoundError:  # no such process, or no /proc (macOS): whether it exists
-        return not Path("/proc/self").exists() and _alive(pid)
-    except OSError:
-        return _alive(pid)
+    except OSError:  # no such process
+        return False
 
 
 def stop_all(timeout: float = 90.0) -> list[dict[str, Any]]:
@@ -354,8 +354,8 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
-        return True
+    except PermissionError:  # it runs, as another user
+        pass
     return True
 
 
@@ -436,12 +436,12 @@ class Worker:
         }
 
     def serve(self) -> None:
-        threading.Thread(target=self._expire, name="jinfer-keepalive-idle", daemon=True).start()
-        self.listener.settimeout(0.5)
+        self.listener.settimeout(0.25)  # how often an idle worker checks its keep-alive period
         while not self.stopping.is_set():
             try:
                 conn, _ = self.listener.accept()
             except TimeoutError:
+                self._expire_if_idle()
                 continue
             conn.settimeout(None)
             with self.lock:
@@ -461,11 +461,10 @@ class Worker:
             if os.stat(self.files["sock"]).st_ino == self.identity:
                 _remove_files(self.files["sock"].with_suffix(""))
 
-    def _expire(self) -> None:
-        while not self.stopping.wait(min(1.0, max(self.keep_alive / 4, 0.05))):
-            with self.lock:
-                if not self.generating and time.monotonic() - self.last >= self.keep_alive:
-                    self.stop()
+    def _expire_if_idle(self) -> None:
+        with self.lock:
+            if not self.generating and time.monotonic() - self.last >= self.keep_alive:
+                self.stop()
 
     def stop(self) -> None:
         self.stopping.set()
@@ -514,15 +513,13 @@ class Worker:
             note = f"jinfer: answered by keep-alive worker pid {os.getpid()} (request {self.requests})\n"
             _send(conn, {"err": note})
         try:
-            code = cli.generate_with(
-                self.llm,
-                args,
-                request["prompts"],
-                self.spec["flags"]["max_batch"],
+            sink = cli.Sink(
                 lambda text: _send(conn, {"out": text}),
                 lambda text: _send(conn, {"err": text}),
                 lambda handles: _cancel_when_closed(conn, handles),
             )
+            slots = self.spec["flags"]["max_batch"]
+            code = cli.generate_with(self.llm, args, request["prompts"], slots, sink)
             answer = {"exit": code}
         except (BrokenPipeError, ConnectionResetError):
             return  # the client is gone (its Ctrl-C); the stream was closed, the engine goes on
@@ -550,7 +547,7 @@ def _cancel_when_closed(conn: socket.socket, handles) -> None:
 def _error_answer(e: Exception, args: argparse.Namespace) -> dict:
     from jinfer import cli
 
-    code, text = cli._error_report(e, args)
+    code, text = cli.error_report(e, args)
     answer: dict[str, Any] = {"exit": code, "error": text}
     if getattr(args, "debug", False):
         import traceback
@@ -573,7 +570,7 @@ def worker_main(config: dict) -> int:
     loading = {"pid": os.getpid(), "socket": str(files["sock"]), "log": str(files["log"])}
     files["json"].write_text(json.dumps({**loading, "flags": spec["flags"], "loading": True}))  # for ps/stop
     try:
-        cli._setup_compilation_cache(config["compilation_cache"])
+        cli.setup_compilation_cache(config["compilation_cache"])
         llm = cli.generate_llm(flags, spec["flags"]["max_batch"])
         worker = Worker(llm, spec, files, config["keep_alive"])
     except Exception as e:
