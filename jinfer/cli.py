@@ -102,9 +102,15 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-p", type=float, default=None)
     p.add_argument("--seed", type=int_at_least(0), default=None)
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    p.add_argument(
+        "--ignore-eos",
+        action="store_true",
+        default=None,
+        help="generate past the model's end-of-sequence tokens, up to --max-tokens (e.g. to time decode)",
+    )
 
 
-SAMPLING_FLAGS = ("max_tokens", "temperature", "top_k", "top_p", "min_p", "seed", "stop")
+SAMPLING_FLAGS = ("max_tokens", "temperature", "top_k", "top_p", "min_p", "seed", "stop", "ignore_eos")
 
 
 def _sampling_overrides(args: argparse.Namespace) -> dict:

@@ -27,9 +27,9 @@ max_len and max_batch together, when neither is given:
   2. max_batch = KV budget // KV bytes per slot, rounded down to a power of two, clamped to
      [1, `MAX_SLOTS`] (64 on CPU, 128 on an accelerator);
   3. while that gives fewer than `PREFERRED_SLOTS` (32) slots and max_len > `MIN_SHORTENED_LEN`
-     (1,024), max_len halves and step 2 runs again: the default prefill buckets take prompts of up
-     to 512 tokens, so 1,024 positions still leave >= 512 tokens to generate, and slots are what
-     a batch of prompts needs (a decode step runs at the smallest compiled active-slot bucket, so
+     (1,024), max_len halves and step 2 runs again: 1,024 positions still hold a 512-token prompt
+     and 512 generated tokens (any prompt + max_tokens <= max_len runs), and slots are what a
+     batch of prompts needs (a decode step runs at the smallest compiled active-slot bucket, so
      idle slots cost memory only, not single-request speed).
   SmolLM2-135M (8,192 positions, 30 layers, 3 kv heads of 64) in float32 on CPU: 2,048 positions
   take 90 MiB per slot, 22 slots fit 2 GiB (< 32), so max_len 1,024 (45 MiB per slot): 32 slots.

@@ -48,6 +48,18 @@ CONVERSATIONS = [
     # Multi-byte UTF-8: accents, guillemets, CJK and a 4-byte emoji.
     [{"role": "user", "content": "Traduis en anglais : « Le café est très bon. » 日本 🙂"}],
 ]
+# Longer than the largest default prefill bucket (512 tokens): jinfer prefills it in blocks.
+LIBRARY_NOTES = " ".join(
+    f"Note {i}: the {['north', 'south', 'east'][i % 3]} library opens at {7 + i % 4} am and closes at "
+    f"{4 + i % 5} pm on {['weekdays', 'Saturdays', 'holidays'][i % 3]}."
+    for i in range(1, 41)
+)
+LONG_CONVERSATIONS = [
+    [
+        {"role": "system", "content": "You answer questions about the notes you are given."},
+        {"role": "user", "content": f"{LIBRARY_NOTES}\n\nWhen does the north library open on weekdays?"},
+    ],
+]
 
 
 def sha256(path: Path) -> str:
@@ -158,6 +170,7 @@ def main() -> None:
     model.set_attn_implementation("sdpa")
     timing = {"torch_threads": args.threads, "attn_implementation": "sdpa"}
     timing.update(time_greedy(model, results[0]["prompt_ids"]))
+    model.set_attn_implementation("eager")
     golden = {
         "generator": "scripts/make_smollm2_golden.py",
         "gguf_file": gguf_name,
@@ -172,6 +185,7 @@ def main() -> None:
         "pad_token_id": tok.pad_token_id,
         "model_config": json.loads(model.config.to_json_string(use_diff=False)),
         "results": results,
+        "long_results": [record(model, tok, messages) for messages in LONG_CONVERSATIONS],
         "hf_timing": timing,
     }
     OUT_FILE.write_text(json.dumps(golden, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")

@@ -141,10 +141,11 @@ def test_compile_bound_and_zero_after_warmup(weights):
     llm = _llm(weights)
     compiled = llm.warmup()
     assert {k[1] for k in compiled if k[0] == "decode"} == set(GEN.decode_batch_buckets())
-    # one-prompt and 4-prompt prefill per chunk bucket, decode per bucket, first token, slot copy, block save
+    # per chunk bucket: one-prompt, 4-prompt and continuation prefill (prompts longer than one
+    # block run in chunks); decode per bucket; first token, slot copy, block save and load
     assert GEN.prefill_batch_rows() == 4
     assert {k[2] for k in compiled if k[0] == "prefill_rows"} == set(GEN.prefill_chunk_buckets)
-    assert len(compiled) <= 2 * len(GEN.prefill_chunk_buckets) + len(GEN.decode_batch_buckets()) + 3
+    assert len(compiled) <= 3 * len(GEN.prefill_chunk_buckets) + len(GEN.decode_batch_buckets()) + 4
     prompts, sps = _workload(1, 40, greedy=False)
     with count_compiles() as c:
         outs = llm.generate(prompts, sps)

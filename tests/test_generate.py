@@ -70,6 +70,31 @@ def test_greedy_equals_recomputation_without_cache(llm, model, params):
     assert len(set(outs[0].token_ids)) > 1, "random weights should not produce one repeated token"
 
 
+def test_prompt_longer_than_every_bucket_runs_in_chunks(llm, model, params):
+    """The default config sets no prefill_chunk: a prompt longer than the largest bucket (32) is
+    still accepted, prefilled in blocks, and decodes what a full recomputation gives, alone and
+    beside a short prompt."""
+    long = [(7 * i + 3) % 256 for i in range(50)]
+    assert len(long) > GEN.prefill_buckets[-1] and GEN.prefill_chunk is None
+    expected = recompute_greedy(model, params, long, 10)
+    p = SamplingParams(max_tokens=10, temperature=0.0)
+    assert llm.generate(long, p)[0].token_ids == expected
+    together = llm.generate([[2, 7], long], p)
+    assert together[1].token_ids == expected
+    assert together[1].usage == {"prompt_tokens": 50, "completion_tokens": 10}
+    longest = list(range(1, 96))  # max_len - 1 tokens: room for exactly one generated token
+    assert len(llm.generate(longest, SamplingParams(max_tokens=1, temperature=0.0))[0].token_ids) == 1
+
+
+def test_score_longer_than_every_bucket_says_what_to_change(llm):
+    too_long = r"has 40 tokens.*largest is 32 \(add a bucket >= 40"
+    with pytest.raises(errors.SequenceTooLongError, match=too_long):
+        llm.score([list(range(1, 31))], [list(range(1, 11))])
+    with pytest.raises(errors.SequenceTooLongError, match=r"raise max_len to >= 100"):
+        llm.score([list(range(1, 91))], [list(range(1, 11))])
+    assert len(llm.score([[1, 2, 3]], [[4, 5]])[0].logprobs) == 2  # still serving
+
+
 def test_sharded_greedy_equals_unsharded(llm, model, params):
     mesh = make_mesh("data=2,model=4")
     sharded = LLM.from_params(model, params, config=GEN, mesh=mesh)
@@ -180,10 +205,10 @@ def test_compile_count_bounded_and_zero_on_second_pass(model, params):
     [
         ([], SamplingParams(), errors.EmptyInputError, "empty"),
         (
-            list(range(33)),
-            SamplingParams(max_tokens=2),
+            list(range(96)),
+            SamplingParams(max_tokens=1),
             errors.SequenceTooLongError,
-            "largest prefill bucket",
+            "max_len is 96, so a prompt may have at most 95",
         ),
         (list(range(30)), SamplingParams(max_tokens=80), errors.SequenceTooLongError, "max_len"),
         ([1, 2, 256], SamplingParams(), errors.InvalidTokenError, "256"),

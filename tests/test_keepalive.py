@@ -154,8 +154,13 @@ def test_a_load_error_is_reported_like_in_process_and_leaves_no_worker(tmp_path,
     assert "JINFER_KEEP_ALIVE='soon'" in bad_env.stderr and "5m" in bad_env.stderr
 
 
+# Big enough that 1,000 tokens take about a second on this CPU (the 2-layer default: 0.1 s), so an
+# interrupted request is still running when its client goes.
+SLOWER = dict(num_layers=8, hidden_size=256, intermediate_size=1024, num_heads=8, head_dim=32)
+
+
 def test_clients_at_once_share_one_worker_which_survives_an_abandoned_stream(tmp_path, env):
-    model = make_tiny_llm_dir(tmp_path / "model")
+    model = make_tiny_llm_dir(tmp_path / "model", **SLOWER)
     gen = ["generate", "--model", str(model), "--keep-alive", "60", "--max-tokens", "8"]
     ref = jinfer(env, "generate", "--model", str(model), "--max-tokens", "8", "--json", "hello").stdout
     starts = [
@@ -172,7 +177,7 @@ def test_clients_at_once_share_one_worker_which_survives_an_abandoned_stream(tmp
 
     # a client stopped mid-stream (Ctrl-C) aborts its request; the worker goes on serving
     long = subprocess.Popen(
-        [*CLI, *gen[:-2], "--max-tokens", "1000", "hello"],  # no EOS in 1,000 greedy tokens
+        [*CLI, *gen[:-2], "--max-tokens", "1000", "--ignore-eos", "hello"],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -193,7 +198,7 @@ def test_clients_at_once_share_one_worker_which_survives_an_abandoned_stream(tmp
 
     # a --json command prints nothing before its output is done: the worker sees the closed
     # connection and cancels it all the same
-    long = subprocess.Popen([*CLI, *gen, "--max-tokens", "1000", "--json", "hello"], env=env)
+    long = subprocess.Popen([*CLI, *gen, "--max-tokens", "1000", "--ignore-eos", "--json", "hello"], env=env)
     deadline = time.monotonic() + 60
     while not workers(env)[0]["active"] and time.monotonic() < deadline:
         time.sleep(0.05)

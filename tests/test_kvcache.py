@@ -150,7 +150,8 @@ def test_writes_through_a_row_map_land_in_those_rows_only():
 
 
 def test_block_config_automatic_and_checked():
-    assert GenerationConfig(max_batch=1, max_len=512).block == 512
+    assert GenerationConfig(max_batch=1, max_len=512).block == 64  # one slot too (1.6x at max_len 2048)
+    assert GenerationConfig(max_batch=1, max_len=48, prefill_buckets=(16,)).block == 48
     assert GenerationConfig(max_batch=8, max_len=512).block == 64
     assert GenerationConfig(max_batch=8, max_len=40, prefill_buckets=(8,)).block == 40
     assert GenerationConfig(max_batch=1, max_len=512, cache_block=100).block == 100

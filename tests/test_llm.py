@@ -130,6 +130,18 @@ def test_cli_generate_json_and_inspect(model_dir, llm):
     assert row["text"] == expected.text
     assert row["usage"] == expected.usage
 
+    # --ignore-eos: exactly --max-tokens tokens, as SamplingParams(ignore_eos=True) gives in-process
+    flags = ["--max-tokens", "60", "--temperature", "0", "--json", "--max-len", "128"]
+    r = _cli("generate", "--model", str(model_dir), *flags, "--ignore-eos", "Paris is")
+    assert r.returncode == 0, r.stderr
+    row = json.loads(r.stdout.strip().splitlines()[-1])
+    expected = llm.generate(
+        [[{"role": "user", "content": "Paris is"}]],
+        SamplingParams(max_tokens=60, temperature=0.0, ignore_eos=True),
+    )[0]
+    assert row["token_ids"] == expected.token_ids and len(row["token_ids"]) == 60
+    assert row["finish_reason"] == "length"
+
     r = _cli("inspect", str(model_dir), "--mesh", "data=2,model=4")
     assert r.returncode == 0, r.stderr
     assert "layers/0/mlp/up" in r.stdout and "per device" in r.stdout.lower()

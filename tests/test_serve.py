@@ -264,7 +264,7 @@ BAD = [  # (route, body changes, field the error must name)
     ("chat", {"messages": [{"content": "no role"}]}, "messages"),
     ("completions", {"prompt": []}, "prompt"),
     ("completions", {"prompt": [10**6]}, "prompt"),
-    ("completions", {"prompt": list(range(5, 105))}, "prompt"),  # longer than the largest bucket
+    ("completions", {"prompt": [5] * (MAX_LEN + 1)}, "prompt"),  # longer than max_len
     ("completions", {"logprobs": 6}, "logprobs"),
     ("completions", {"stop_token_ids": "x"}, "stop_token_ids"),
 ]

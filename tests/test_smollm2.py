@@ -152,3 +152,25 @@ def test_bfloat16_weights_stay_close_to_transformers(smollm2_dir, golden):
             [r["prompt_ids"] for r in results], SamplingParams(temperature=0.0, max_tokens=24)
         )
         assert [o.token_ids for o in outs] == [r["new_token_ids"] for r in results]
+
+
+def test_default_engine_takes_a_prompt_longer_than_every_bucket(smollm2_dir, golden):
+    """`LLM(name)` with default slots, max_len and buckets (largest 512) takes a 958-token chat
+    prompt: prefilled in 64-token blocks, it gives transformers' first-step top-5 log-probabilities
+    and greedy tokens (float32 weights, as transformers ran)."""
+    from jinfer.llm import LLM
+    from jinfer.sampling import SamplingParams
+
+    rec = golden["long_results"][0]
+    with LLM(smollm2_dir, dtype="float32") as llm:
+        config = llm.engine.config
+        assert config.prefill_buckets[-1] == 512 < len(rec["prompt_ids"]) < config.max_len
+        assert config.prefill_chunk is None and config.max_batch > 1  # the defaults
+        out = llm.generate(rec["messages"], SamplingParams(temperature=0.0, max_tokens=24, logprobs=5))[0]
+    assert out.prompt_token_ids == rec["prompt_ids"]
+    assert out.token_ids == rec["new_token_ids"] and out.text == rec["decoded_text"]
+    first = out.logprobs[0]
+    top5 = sorted(first, key=first.get, reverse=True)
+    assert top5 == rec["first_step_top5_ids"]
+    expected = np.asarray(rec["first_step_top5_logits"]) - rec["first_step_logsumexp"]
+    np.testing.assert_allclose([first[t] for t in top5], expected, atol=LOGITS_ATOL)

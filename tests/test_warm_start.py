@@ -67,24 +67,26 @@ def test_second_process_reuses_traced_programs_and_survives_corrupt_ones(tmp_pat
     cold = _run(model_dir, cache)
     programs = sorted((cache / "jinfer-exports").glob("*.jaxexport"))
     executables = sorted((cache / "jinfer-executables").glob("*.jaxexe"))
-    # prefill x2 buckets, first token, slot copy, decode, prefix-cache block save: each traced once
-    assert cold["exports"] == len(programs) == len(executables) == 6
+    # prefill of a first and of a later chunk (a prompt may be longer than one block) x2 buckets,
+    # first token, slot copy, decode, prefix-cache block save and load: each traced once
+    n = 9
+    assert cold["exports"] == len(programs) == len(executables) == n
     warm = _run(model_dir, cache)
     # nothing traced, no traced program even read: every executable was loaded as compiled
     assert warm["exports"] == warm["deserialized"] == 0
-    assert warm["hits"] >= 6
+    assert warm["hits"] >= n
     assert warm["tokens"] == cold["tokens"]
     # first token, prefill x2 and decode were loaded during the restore and handed to the engine,
-    # which loaded only the other two: each executable read once
-    assert cold["loads"] == 0 and warm["loads"] == warm["distinct_loads"] == 6
+    # which loaded only the others: each executable read once
+    assert cold["loads"] == 0 and warm["loads"] == warm["distinct_loads"] == n
     for path in executables:  # a corrupt executable: compiled again from the traced program
         path.write_bytes(path.read_bytes()[:100])
     again = _run(model_dir, cache)
-    assert again["tokens"] == cold["tokens"] and again["exports"] == 0 and again["deserialized"] == 6
+    assert again["tokens"] == cold["tokens"] and again["exports"] == 0 and again["deserialized"] == n
     for path in programs:  # a corrupt (e.g. truncated) program is traced again, never trusted
         path.write_bytes(path.read_bytes()[:100])
     again = _run(model_dir, cache)
-    assert again["tokens"] == cold["tokens"] and again["exports"] == 6
+    assert again["tokens"] == cold["tokens"] and again["exports"] == n
 
 
 def test_llm_returns_after_its_prefetch_stopped_and_loads_nothing_behind_requests(tmp_path, monkeypatch):

@@ -11,7 +11,7 @@ from typing import Any
 from jinfer.batch.names import FORMATS, TASKS
 from jinfer.errors import ConfigError
 
-_SAMPLING_FLAGS = ("max_tokens", "temperature", "top_k", "top_p", "min_p", "stop")
+_SAMPLING_FLAGS = ("max_tokens", "temperature", "top_k", "top_p", "min_p", "stop", "ignore_eos")
 ENV_COORDINATOR = "JINFER_COORDINATOR"
 ENV_NUM_PROCESSES = "JINFER_NUM_PROCESSES"
 ENV_PROCESS_ID = "JINFER_PROCESS_ID"

@@ -20,15 +20,16 @@ class GenerationConfig:
       prefill_buckets: prompt lengths prefill is compiled for.
       decode_steps: decode steps run on device per host round trip.
       max_logprobs: top-n log-probabilities computed on device (a request may ask for <= this).
-      prefill_chunk: when set, prompts longer than the largest bucket are accepted (up to
-        max_len - 1 tokens) and prefilled in chunks of this size (must be a bucket); when None
-        they are rejected. It is also the prefill block (below) when set.
+      prefill_chunk: prompt tokens per prefill call (must be a bucket); it is then also the
+        prefill block (below). Every prompt is prefilled in chunks, so prompts of up to
+        max_len - 1 tokens are accepted whether it is set or not (None: the automatic block).
       cache_dtype: dtype of the KV cache; None = the params' dtype.
       cache_block: positions per KV-cache block (decode skips the blocks no slot has reached; see
-        jinfer.kvcache); None = automatic: one block for a one-slot engine (little to skip),
-        else 64 positions (measured on SmolLM2-135M, 32 slots, max_len 512: blocks of 64 decode
-        1.3-1.5x faster than one block, see BENCHMARKS.md). The cache holds max_len rounded up
-        to whole blocks.
+        jinfer.kvcache); None = automatic: 64 positions (or max_len if smaller). Measured on
+        SmolLM2-135M: 32 slots at max_len 512 decode 1.3-1.5x faster than with one block; one
+        slot at max_len 2048 (what `jinfer generate` builds) 1.6x faster (43 vs 24-28 tok/s), and
+        at max_len 256 the same (see BENCHMARKS.md). The cache holds max_len rounded up to whole
+        blocks.
       prefix_block: prompt tokens per prefill block (`prefill_block`); None = `prefill_chunk` if
         set, else the largest bucket <= 64 (else the smallest bucket). Every prompt is prefilled
         in chunks at multiples of this size, whatever the prefix cache holds, so that a cached
@@ -111,8 +112,6 @@ class GenerationConfig:
         """Positions per KV-cache block (`cache_block`, or the automatic choice)."""
         if self.cache_block is not None:
             return self.cache_block
-        if self.max_batch == 1:
-            return self.max_len
         return min(self.max_len, 64)
 
     @property
@@ -164,7 +163,9 @@ class GenerationConfig:
 
     @property
     def max_prompt_len(self) -> int:
-        return self.max_len - 1 if self.prefill_chunk else self.prefill_buckets[-1]
+        """Prompts are prefilled in chunks of `prefill_block`: any length the cache holds with
+        room for one generated token."""
+        return self.max_len - 1
 
     def compiled_shape(self) -> GenerationConfig:
         """This config without the host-side budgets (they change no compiled program)."""

@@ -580,10 +580,16 @@ class ModelRunner:
             raise EmptyInputError(
                 f"score needs a non-empty prompt and continuation (got {start} and {n - start})"
             )
-        if n > self.config.prefill_buckets[-1]:
+        cfg = self.config
+        if n > cfg.prefill_buckets[-1]:
+            fix = (
+                f"add a bucket >= {n:,}: LLM(..., buckets=...), at most max_len={cfg.max_len:,}"
+                if n <= cfg.max_len
+                else f"raise max_len to >= {n:,} and add such a bucket"
+            )
             raise SequenceTooLongError(
-                f"prompt + continuation has {n:,} tokens; the largest bucket is "
-                f"{self.config.prefill_buckets[-1]:,}"
+                f"prompt + continuation has {n:,} tokens; scoring runs one call at a prefill bucket "
+                f"and the largest is {cfg.prefill_buckets[-1]:,} ({fix})"
             )
         bad = [t for t in ids if not 0 <= int(t) < self.vocab_size]
         if bad:
@@ -608,8 +614,8 @@ class ModelRunner:
             )
         if n > cfg.max_prompt_len:
             raise SequenceTooLongError(
-                f"prompt {index} has {n:,} tokens; the largest prefill bucket is {cfg.prefill_buckets[-1]:,} "
-                "(add a bucket, set prefill_chunk, or shorten the prompt)"
+                f"prompt {index} has {n:,} tokens; max_len is {cfg.max_len:,}, so a prompt may have "
+                f"at most {cfg.max_prompt_len:,} (raise max_len or shorten the prompt)"
             )
         if n + params.max_tokens > cfg.max_len:
             raise SequenceTooLongError(
