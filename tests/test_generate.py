@@ -86,11 +86,30 @@ def test_prompt_longer_than_every_bucket_runs_in_chunks(llm, model, params):
     assert len(llm.generate(longest, SamplingParams(max_tokens=1, temperature=0.0))[0].token_ids) == 1
 
 
-def test_score_longer_than_every_bucket_says_what_to_change(llm):
-    too_long = r"has 40 tokens.*largest is 32 \(add a bucket >= 40"
-    with pytest.raises(errors.SequenceTooLongError, match=too_long):
-        llm.score([list(range(1, 31))], [list(range(1, 11))])
-    with pytest.raises(errors.SequenceTooLongError, match=r"raise max_len to >= 100"):
+@jax.jit
+def _full_logprobs(params, ids):
+    """Baseline: log p(ids[i + 1] | ids[: i + 1]) from one forward over all of ids [1, t]."""
+    model = FlaxModel.from_name("Llama", CFG)
+    positions = jax.numpy.arange(ids.shape[1], dtype=np.int32)[None]
+    hidden, _ = model.apply_fn()(params, ids, positions, None)
+    logp = jax.nn.log_softmax(model.apply_fn("logits")(params, hidden)[0], axis=-1)
+    return jax.numpy.take_along_axis(logp[:-1], ids[0, 1:, None], axis=-1)[:, 0]
+
+
+def test_score_longer_than_every_bucket_runs_in_chunks(llm, params):
+    """Prompt + continuation longer than the largest bucket (32) are scored one 32-token chunk per
+    call through a KV cache of their own: the log-probabilities equal one full forward's wherever
+    the prompt ends (first, second or third chunk), and requests before and after are unchanged."""
+    ids = [(11 * i + 5) % 256 for i in range(90)]
+    full = np.asarray(_full_logprobs(params, np.asarray([ids], np.int32)))
+    p = SamplingParams(max_tokens=6, temperature=0.0)
+    before = [o.token_ids for o in llm.generate([[3, 1, 4], ids[:40]], p)]
+    for split in (1, 30, 33, 70, 89):
+        out = llm.score([ids[:split]], [ids[split:]])[0]
+        assert out.token_ids == ids[split:]
+        np.testing.assert_allclose(out.logprobs, full[split - 1 :], atol=2e-5)
+    assert [o.token_ids for o in llm.generate([[3, 1, 4], ids[:40]], p)] == before
+    with pytest.raises(errors.SequenceTooLongError, match=r"has 100 tokens but max_len is 96"):
         llm.score([list(range(1, 91))], [list(range(1, 11))])
     assert len(llm.score([[1, 2, 3]], [[4, 5]])[0].logprobs) == 2  # still serving
 

@@ -157,7 +157,8 @@ def test_bfloat16_weights_stay_close_to_transformers(smollm2_dir, golden):
 def test_default_engine_takes_a_prompt_longer_than_every_bucket(smollm2_dir, golden):
     """`LLM(name)` with default slots, max_len and buckets (largest 512) takes a 958-token chat
     prompt: prefilled in 64-token blocks, it gives transformers' first-step top-5 log-probabilities
-    and greedy tokens (float32 weights, as transformers ran)."""
+    and greedy tokens (float32 weights, as transformers ran), and `score` of prompt + those tokens
+    (982 tokens, two 512-token chunks) gives the same log-probabilities as generation."""
     from jinfer.llm import LLM
     from jinfer.sampling import SamplingParams
 
@@ -167,6 +168,7 @@ def test_default_engine_takes_a_prompt_longer_than_every_bucket(smollm2_dir, gol
         assert config.prefill_buckets[-1] == 512 < len(rec["prompt_ids"]) < config.max_len
         assert config.prefill_chunk is None and config.max_batch > 1  # the defaults
         out = llm.generate(rec["messages"], SamplingParams(temperature=0.0, max_tokens=24, logprobs=5))[0]
+        scored = llm.score([rec["prompt_ids"]], [rec["new_token_ids"]])[0]  # 982 tokens: 2 chunks
     assert out.prompt_token_ids == rec["prompt_ids"]
     assert out.token_ids == rec["new_token_ids"] and out.text == rec["decoded_text"]
     first = out.logprobs[0]
@@ -174,3 +176,6 @@ def test_default_engine_takes_a_prompt_longer_than_every_bucket(smollm2_dir, gol
     assert top5 == rec["first_step_top5_ids"]
     expected = np.asarray(rec["first_step_top5_logits"]) - rec["first_step_logsumexp"]
     np.testing.assert_allclose([first[t] for t in top5], expected, atol=LOGITS_ATOL)
+    assert scored.logprobs[0] == pytest.approx(expected[0], abs=LOGITS_ATOL)
+    generated = [step[t] for t, step in zip(out.token_ids, out.logprobs, strict=True)]
+    np.testing.assert_allclose(scored.logprobs, generated, atol=LOGITS_ATOL)

@@ -124,22 +124,27 @@ class ModelRunner:
             on_compile=lambda key, seconds: self.stats.record_compile(key, seconds),
             on_hit=lambda key: self.stats.hit(key),
         )
-        cache_dims = (config.max_batch, config.max_len, mc.num_kv_heads, mc.head_dim, config.block)
-        cache_shardings = (
-            self.rules.sharding(self.mesh, kvcache.K_AXES, kvcache.k_shape(*cache_dims), name="kv_cache.k"),
-            self.rules.sharding(self.mesh, kvcache.V_AXES, kvcache.v_shape(*cache_dims), name="kv_cache.v"),
-        )
-        self._abstract_cache = KVCache.abstract(
-            mc.num_layers, *cache_dims[:4], dtype=self.dtype, shardings=cache_shardings, block=config.block
-        )
+        self._abstract_cache = self._cache_spec(config.max_batch)
         self.cache = self._zero_cache()
         pool_shape = (config.cache_budget_blocks, config.prefill_block, mc.num_kv_heads, mc.head_dim)
         block_spec = jax.ShapeDtypeStruct(pool_shape, self.dtype, sharding=self._replicated)
         self._abstract_pool = ((block_spec,) * mc.num_layers, (block_spec,) * mc.num_layers)
         self.pool = None  # the prefix cache's blocks: allocated at the first block saved
 
-    def _zero_cache(self) -> KVCache:
-        a = self._abstract_cache
+    def _cache_spec(self, rows: int) -> KVCache:
+        """ShapeDtypeStructs (with shardings) of a KV cache of `rows` rows of max_len positions."""
+        mc, config = self.model.config, self.config
+        dims = (rows, config.max_len, mc.num_kv_heads, mc.head_dim, config.block)
+        shardings = (
+            self.rules.sharding(self.mesh, kvcache.K_AXES, kvcache.k_shape(*dims), name="kv_cache.k"),
+            self.rules.sharding(self.mesh, kvcache.V_AXES, kvcache.v_shape(*dims), name="kv_cache.v"),
+        )
+        return KVCache.abstract(
+            mc.num_layers, *dims[:4], dtype=self.dtype, shardings=shardings, block=config.block
+        )
+
+    def _zero_cache(self, abstract: KVCache | None = None) -> KVCache:
+        a = self._abstract_cache if abstract is None else abstract
         return jax.jit(
             lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), a),
             out_shardings=jax.tree.map(lambda x: x.sharding, a),
@@ -451,6 +456,31 @@ class ModelRunner:
 
         return self._executable(("score", bucket), build)
 
+    def _score_chunk_exe(self) -> Any:
+        """Scoring of a sequence longer than the largest bucket: one chunk of that many tokens per
+        call, attending to the chunks before it through a one-row KV cache of its own (no decode
+        slot is taken, and attention memory stays that of one chunk against max_len positions)."""
+        bucket = self.config.prefill_buckets[-1]
+        abstract = self._cache_spec(1)
+
+        def score_chunk(params, cache, tokens, targets, start, n_valid):
+            idx = jnp.arange(bucket, dtype=jnp.int32)
+            positions = jnp.where(idx < n_valid, start + idx, -1)[None, :]
+            row = jnp.zeros((1,), jnp.int32)
+            hidden, cache = self._forward(params, tokens, positions, cache, cache_rows=row)
+            logp = jax.nn.log_softmax(self._logits(params, hidden), axis=-1)
+            return cache, jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+
+        def build():
+            s, chunk = self._scalar(), self._spec((1, bucket), jnp.int32)
+            args = (self._abstract_params(), abstract, chunk, chunk, s, s)
+            shardings = (jax.tree.map(lambda x: x.sharding, abstract), self._replicated)
+            return self._lower(
+                "score_chunk", score_chunk, args, donate_argnums=(1,), out_shardings=shardings
+            ).compile()
+
+        return self._executable(("score_chunk", bucket), build)
+
     def warmup(self, score: bool = False, run: bool = True) -> dict[tuple, float]:
         """Compiles every executable up front; returns seconds per executable key.
 
@@ -478,6 +508,10 @@ class ModelRunner:
                 exe = self._score_exe(b)
                 if run:
                     exe(self.params, np.zeros((1, b), np.int32), np.int32(1))
+            if cfg.max_len > cfg.prefill_buckets[-1]:
+                exe, chunk = self._score_chunk_exe(), np.zeros((1, cfg.prefill_buckets[-1]), np.int32)
+                if run:
+                    exe(self.params, self._zero_cache(self._cache_spec(1)), chunk, chunk, none, none)
         self._first_token_exe()
         self._copy_slot_exe()
         for bucket in self.decode_buckets:
@@ -581,24 +615,35 @@ class ModelRunner:
                 f"score needs a non-empty prompt and continuation (got {start} and {n - start})"
             )
         cfg = self.config
-        if n > cfg.prefill_buckets[-1]:
-            fix = (
-                f"add a bucket >= {n:,}: LLM(..., buckets=...), at most max_len={cfg.max_len:,}"
-                if n <= cfg.max_len
-                else f"raise max_len to >= {n:,} and add such a bucket"
-            )
+        if n > cfg.max_len:
             raise SequenceTooLongError(
-                f"prompt + continuation has {n:,} tokens; scoring runs one call at a prefill bucket "
-                f"and the largest is {cfg.prefill_buckets[-1]:,} ({fix})"
+                f"prompt + continuation has {n:,} tokens but max_len is {cfg.max_len:,} "
+                f"(raise max_len to >= {n:,} or shorten them)"
             )
         bad = [t for t in ids if not 0 <= int(t) < self.vocab_size]
         if bad:
             raise InvalidTokenError(f"token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
+        if n > cfg.prefill_buckets[-1]:
+            return self._score_in_chunks(ids)[start - 1 :]
         bucket = smallest_bucket(self.config.prefill_buckets, n)
         tokens = np.zeros((1, bucket), np.int32)
         tokens[0, :n] = ids
         out = np.asarray(self._score_exe(bucket)(self.params, tokens, np.int32(n)))[0]
         return out[start - 1 : n - 1]
+
+    def _score_in_chunks(self, ids: Sequence[int]) -> np.ndarray:
+        """Log-probabilities of ids[1:] (f32[len(ids) - 1]), one largest-bucket chunk per call."""
+        chunk, n = self.config.prefill_buckets[-1], len(ids)
+        exe, cache = self._score_chunk_exe(), self._zero_cache(self._cache_spec(1))
+        out = []
+        for start in range(0, n - 1, chunk):
+            valid = min(chunk, n - 1 - start)  # the last token predicts nothing
+            tokens, targets = np.zeros((2, 1, chunk), np.int32)
+            tokens[0, :valid] = ids[start : start + valid]
+            targets[0, :valid] = ids[start + 1 : start + 1 + valid]
+            cache, lp = exe(self.params, cache, tokens, targets, np.int32(start), np.int32(valid))
+            out.append(np.asarray(lp)[0, :valid])
+        return np.concatenate(out)
 
     # -- validation ----------------------------------------------------------------------------
     def check_request(self, prompt_ids: Sequence[int], params: SamplingParams, index: int = 0) -> None:
