@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import itertools
 import json
 import queue
 import secrets
@@ -409,20 +410,60 @@ class LLM:
     def score(
         self, prompts: Sequence[Prompt], continuations: Sequence[str | Sequence[int]]
     ) -> list[ScoreOutput]:
-        """Per-token log-probabilities of each continuation given its prompt, and their sum."""
+        """Per-token log-probabilities of each continuation given its prompt, and their sum.
+
+        Every pair is checked first (a bad one raises an InputError naming it, before any device
+        work); pairs of similar length are then scored together, up to `score_rows` per call."""
         if len(prompts) != len(continuations):
             raise InputError(f"score got {len(prompts)} prompts but {len(continuations)} continuations")
-        out = []
-        for i, (p, c) in enumerate(zip(prompts, continuations, strict=True)):
-            p_ids = self._encode(p, i)
-            c_ids = (
-                self.tokenizer.encode(c, add_special_tokens=False)
-                if isinstance(c, str)
-                else [int(t) for t in c]
-            )
-            lp = self._loop.call(functools.partial(self.engine.score, p_ids + c_ids, len(p_ids)))
-            out.append(ScoreOutput(c_ids, [float(x) for x in lp]))
+        pairs = [
+            self._score_pair(p, c, i) for i, (p, c) in enumerate(zip(prompts, continuations, strict=True))
+        ]
+        out: list[Any] = [None] * len(pairs)
+        for i, result in self._scored(list(enumerate(pairs))):
+            if isinstance(result, Exception):
+                raise result
+            out[i] = result
         return out
+
+    def score_iter(
+        self, items: Iterator[tuple[Any, Prompt, str | Sequence[int]]], window: int = 64
+    ) -> Iterator[tuple[Any, ScoreOutput | Exception]]:
+        """Scores a stream of (key, prompt, continuation), `window` pairs at a time grouped by
+        length as `score` does. Yields (key, ScoreOutput), or (key, the InputError) for a bad pair
+        and (key, the exception) for pairs whose call failed; the stream goes on."""
+        items = iter(items)
+        while chunk := list(itertools.islice(items, window)):
+            ready = []
+            for key, prompt, continuation in chunk:
+                try:
+                    ready.append((key, self._score_pair(prompt, continuation, key)))
+                except InputError as e:
+                    yield key, e
+            yield from self._scored(ready)
+
+    def _score_pair(self, prompt: Prompt, continuation: Any, index: Any) -> tuple[list[int], int]:
+        """(prompt + continuation ids, where the continuation starts), checked."""
+        p_ids = self._encode(prompt, index)
+        if isinstance(continuation, str):
+            self._need_tokenizer("string continuations")
+            c_ids = self.tokenizer.encode(continuation, add_special_tokens=False)
+        else:
+            c_ids = self._token_ids(continuation, f"continuation {index}")
+        self.engine.check_score(p_ids + c_ids, len(p_ids), index)
+        return p_ids + c_ids, len(p_ids)
+
+    def _scored(self, pairs: list[tuple[Any, tuple[list[int], int]]]) -> Iterator[tuple[Any, Any]]:
+        """Scores checked pairs, group by group on the engine loop (generation runs in between)."""
+        for group in self.engine.score_groups([len(ids) for _, (ids, _) in pairs]):
+            chosen = [pairs[i] for i in group]
+            try:
+                lps = self._loop.call(functools.partial(self.engine.score_group, [p for _, p in chosen]))
+            except Exception as e:  # this call failed: its pairs report it, the stream goes on
+                yield from ((key, e) for key, _ in chosen)
+                continue
+            for (key, (ids, start)), lp in zip(chosen, lps, strict=True):
+                yield key, ScoreOutput(ids[start:], [float(x) for x in lp])
 
     def close(self) -> None:
         """Stops the engine loop (requests still running end with finish_reason "abort") and joins
@@ -453,15 +494,18 @@ class LLM:
         if isinstance(prompt, Sequence) and prompt and isinstance(prompt[0], dict):
             self._need_tokenizer("chat messages")
             return self.tokenizer.encode_chat(prompt)
+        return self._token_ids(
+            prompt, f"prompt {index}", "a string, a list of token ids, or a list of chat messages"
+        )
+
+    @staticmethod
+    def _token_ids(value: Any, what: str, accepted: str = "a string or a list of token ids") -> list[int]:
         try:
-            if any(isinstance(t, (bool, np.bool_)) or not isinstance(t, (int, np.integer)) for t in prompt):
+            if any(isinstance(t, (bool, np.bool_)) or not isinstance(t, (int, np.integer)) for t in value):
                 raise TypeError("token ids must be integers")  # 1.5 or True would pass int()
-            return [int(t) for t in prompt]
+            return [int(t) for t in value]
         except (TypeError, ValueError) as e:
-            raise InputError(
-                f"prompt {index} is {type(prompt).__name__}; expected a string, a list of token ids, "
-                "or a list of chat messages"
-            ) from e
+            raise InputError(f"{what} is {type(value).__name__}; expected {accepted}") from e
 
     def _need_tokenizer(self, what: str) -> None:
         if self.tokenizer is None:

@@ -4,6 +4,7 @@ import json
 import shutil
 import tracemalloc
 
+import numpy as np
 import pytest
 
 from jinfer.batch import DuplicateIdError, ManifestMismatchError, run_batch
@@ -211,19 +212,35 @@ def test_openai_format_rows(llm, tmp_path):
     assert got["e"]["response"] is None and got["e"]["error"]["code"] == "empty_prompt"
 
 
-def test_score_task(llm, tmp_path):
-    rows = [
-        {"custom_id": "s", "prompt": "Paris is the capital of", "continuation": " France"},
-        {"custom_id": "bad", "prompt": "x"},
+def test_score_task(tmp_path):
+    """`--task score` on an 8-slot engine (pairs share calls, up to 4 per call): every good line's
+    log-probabilities equal `LLM.score` of that pair alone (2e-5), and each bad line, among them and
+    across two windows, is its own error row."""
+    llm = LLM(make_tiny_llm_dir(tmp_path / "tiny"), **{**ENGINE, "max_batch": 8})
+    assert llm.engine.score_rows(16) == 4
+    good = {f"s{i}": ("Paris is the capital of " * (1 + i % 4), " France" * (1 + i % 2)) for i in range(9)}
+    rows = [{"custom_id": k, "prompt": p, "continuation": c} for k, (p, c) in good.items()]
+    rows[3:3] = [
+        {"custom_id": "missing", "prompt": "x"},
+        {"custom_id": "bad_id", "prompt": "x", "continuation": [10**6]},
+        {"custom_id": "empty", "prompt": "x", "continuation": ""},
+        {"custom_id": "ids", "prompt": "x y", "continuation": [5, 6]},
     ]
     inp = write_jsonl(tmp_path / "in.jsonl", rows)
     out = tmp_path / "out.jsonl"
-    run_batch(llm, inp, out, task="score", progress=False)
+    summary = run_batch(llm, inp, out, task="score", progress=False, window=7)
     got = by_id(out)
-    ids = llm.tokenizer.encode("Paris is the capital of")
-    (ref,) = llm.score([ids], [" France"])
-    assert got["s"]["logprobs"] == ref.logprobs and got["s"]["total"] == pytest.approx(ref.total)
-    assert got["bad"]["error"]["code"] == "invalid_request"
+    assert summary.failed == 3 and len(got) == len(rows)
+    for key, (prompt, cont) in [*good.items(), ("ids", ("x y", [5, 6]))]:
+        ids = llm.tokenizer.encode(prompt)
+        (ref,) = llm.score([ids], [cont])
+        np.testing.assert_allclose(got[key]["logprobs"], ref.logprobs, atol=2e-5)
+        assert got[key]["total"] == pytest.approx(ref.total, abs=1e-4)
+    assert got["missing"]["error"]["code"] == "invalid_request"
+    assert "outside the vocabulary" in got["bad_id"]["error"]["message"]
+    assert "needs a non-empty 'continuation'" in got["empty"]["error"]["message"]
+    assert any(k[0] == "score" and len(k) == 3 for k in llm.stats.compile_seconds)  # a 4-row call ran
+    llm.close()
 
 
 def test_prepass_and_resume_scan_memory_is_bounded(tmp_path):

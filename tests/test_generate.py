@@ -267,6 +267,53 @@ def test_score_matches_generation_logprobs(llm):
     assert scored.total == pytest.approx(sum(scored.logprobs))
 
 
+def test_score_groups_pairs_and_equals_each_alone(model, params):
+    """Pairs of similar length share a score call (an 8-slot engine scores up to 4 per call, at
+    most 256 tokens); each pair's log-probabilities equal the pair scored alone (the same rows in a
+    1-row call) within 2e-5, in the caller's order, with a pair longer than every bucket among them.
+    With batch_invariant every call has one row and the bits are those of the pair alone."""
+    cfg = dataclasses.replace(GEN, max_batch=8)
+    rng = random.Random(3)
+    lengths = [3, 9, 5, 40, 12, 7, 30, 2, 16, 8, 6]
+    prompts = [[rng.randrange(256) for _ in range(n)] for n in lengths]
+    conts = [[rng.randrange(256) for _ in range(1 + i % 3)] for i in range(len(lengths))]
+    for invariant in (False, True):
+        llm8 = LLM.from_params(model, params, config=dataclasses.replace(cfg, batch_invariant=invariant))
+        runner = llm8.engine
+        totals = [len(p) + len(c) for p, c in zip(prompts, conts, strict=True)]
+        groups = runner.score_groups(totals)
+        assert sorted(i for g in groups for i in g) == list(range(len(totals)))
+        for g in groups:  # one bucket per call: a pair never runs at a larger bucket than alone
+            buckets = {min([b for b in GEN.prefill_buckets if b >= totals[i]], default=None) for i in g}
+            assert len(buckets) == 1 and len(g) <= (runner.score_rows(*buckets) if None not in buckets else 1)
+        assert max(map(len, groups)) == (1 if invariant else 4)
+        together = llm8.score(prompts, conts)
+        alone = [llm8.score([p], [c])[0] for p, c in zip(prompts, conts, strict=True)]
+        for t, a, c in zip(together, alone, conts, strict=True):
+            assert t.token_ids == c and len(t.logprobs) == len(c)
+            if invariant:
+                assert t.logprobs == a.logprobs
+            np.testing.assert_allclose(t.logprobs, a.logprobs, atol=2e-5)
+        llm8.close()
+
+
+def test_score_checks_every_pair_first_and_score_iter_goes_on(llm):
+    """`score` raises for a bad pair, naming it, before scoring any; `score_iter` yields the error
+    for that key and scores the others."""
+    good = ([3, 1, 4], [1, 5])
+    with pytest.raises(errors.InvalidTokenError, match=r"score pair 1 has token id 999"):
+        llm.score([good[0], [2, 7]], [good[1], [999]])
+    with pytest.raises(errors.InputError, match=r"continuation 0 is float; expected a string or a list"):
+        llm.score([[2]], [1.5])
+    with pytest.raises(errors.EmptyInputError, match=r"score pair 2 needs a non-empty prompt"):
+        llm.score([[1], [2], [3]], [[4], [5], []])
+    items = [("a", *good), ("b", [2, 7], [999]), ("c", [], [5]), ("d", [6, 6], [7])]
+    got = dict(llm.score_iter(iter(items), window=3))
+    assert isinstance(got["b"], errors.InvalidTokenError) and isinstance(got["c"], errors.InputError)
+    assert got["a"].logprobs == llm.score([good[0]], [good[1]])[0].logprobs
+    assert got["d"].token_ids == [7] and len(got["d"].logprobs) == 1
+
+
 def test_bitwise_identical_next_to_long_companions(model, params):
     """A short request's output does not change when companions fill far more of the cache."""
     DECODE_BLOCK = 128  # the companions reach the second block, the short request does not

@@ -450,18 +450,28 @@ class _Run:
 
     def _score(self, windows: Iterator[list[Item]]) -> None:
         for window in windows:
+            pairs = {}
             for item, ids, _ in self._prepared(window):
-                if self.stopped:
-                    return
                 try:
                     cont = item.continuation
-                    if isinstance(cont, list):
-                        cont = _token_ids(cont, item.line, "continuation")
-                    (out,) = self.model.score([ids], [cont])
+                    pairs[item.line] = (
+                        item,
+                        ids,
+                        _token_ids(cont, item.line, "continuation") if isinstance(cont, list) else cont,
+                    )
                 except Exception as e:
                     self._fail(item, e)
-                    continue
-                self._ok(score_row(item, ids, out, self.rows), len(ids), 0)
+            # Pairs of similar length share a call (LLM.score_iter); each bad pair is its own error row.
+            for line, out in self.model.score_iter(
+                (line, ids, cont) for line, (_, ids, cont) in pairs.items()
+            ):
+                if self.stopped:
+                    return
+                item, ids, _ = pairs[line]
+                if isinstance(out, Exception):
+                    self._fail(item, out)
+                else:
+                    self._ok(score_row(item, ids, out, self.rows), len(ids), 0)
 
     def _embed(self, windows: Iterator[list[Item]]) -> None:
         for window in windows:

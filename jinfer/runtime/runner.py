@@ -48,6 +48,10 @@ from jinfer.runtime.stats import GenerationStats
 from jinfer.sampling import SamplerState, SamplingParams
 from jinfer.sharding import ShardingRules, single_device_mesh
 
+# Score pairs share a call (`ModelRunner.score_rows`) while it holds at most this many tokens:
+# rows of a short bucket cost less per token together; past ~256 tokens one row alone is as fast.
+SCORE_CALL_TOKENS = 256
+
 
 @compile_lib.export_serializable
 @jax.tree_util.register_dataclass
@@ -438,23 +442,27 @@ class ModelRunner:
             return {"xla_cpu_experimental_ynn_fusion_type": ""}
         return None
 
-    def _score_exe(self, bucket: int) -> Any:
+    def _score_exe(self, bucket: int, rows: int = 1) -> Any:
+        """Log-probabilities of each row's next tokens in one forward over `rows` sequences of up to
+        `bucket` tokens (tokens [rows, bucket], n_valid [rows]; a row of n_valid 0 is padding)."""
+
         def score(params, tokens, n_valid):
             idx = jnp.arange(tokens.shape[1], dtype=jnp.int32)
-            positions = jnp.where(idx < n_valid, idx, -1)[None, :]
+            positions = jnp.where(idx[None, :] < n_valid[:, None], idx[None, :], -1)
             hidden, _ = self._forward(params, tokens, positions, None)
             logp = jax.nn.log_softmax(self._logits(params, hidden), axis=-1)
             nxt = jnp.roll(tokens, -1, axis=1)
             return jnp.take_along_axis(logp, nxt[..., None], axis=-1)[..., 0]
 
         def build():
-            return (
-                jax.jit(score, out_shardings=self._replicated)
-                .lower(self._abstract_params(), self._spec((1, bucket), jnp.int32), self._scalar())
-                .compile()
+            args = (
+                self._abstract_params(),
+                self._spec((rows, bucket), jnp.int32),
+                self._spec((rows,), jnp.int32),
             )
+            return jax.jit(score, out_shardings=self._replicated).lower(*args).compile()
 
-        return self._executable(("score", bucket), build)
+        return self._executable(("score", bucket) if rows == 1 else ("score", bucket, rows), build)
 
     def _score_chunk_exe(self) -> Any:
         """Scoring of a sequence longer than the largest bucket: one chunk of that many tokens per
@@ -505,9 +513,10 @@ class ModelRunner:
                     self.cache, _ = exe(self.params, self.cache, *args)
         if score:
             for b in cfg.prefill_buckets:
-                exe = self._score_exe(b)
-                if run:
-                    exe(self.params, np.zeros((1, b), np.int32), np.int32(1))
+                for rows in sorted({1, self.score_rows(b)}):
+                    exe = self._score_exe(b, rows)
+                    if run:
+                        exe(self.params, np.zeros((rows, b), np.int32), np.ones(rows, np.int32))
             if cfg.max_len > cfg.prefill_buckets[-1]:
                 exe, chunk = self._score_chunk_exe(), np.zeros((1, cfg.prefill_buckets[-1]), np.int32)
                 if run:
@@ -609,27 +618,72 @@ class ModelRunner:
 
     def score(self, ids: Sequence[int], start: int) -> np.ndarray:
         """Log-probabilities of ids[start:] given the preceding tokens (f32[len(ids) - start])."""
-        n = len(ids)
+        self.check_score(ids, start)
+        return self.score_group([(ids, start)])[0]
+
+    def check_score(self, ids: Sequence[int], start: int, index: int = 0) -> None:
+        """Raises an InputError subclass for a score pair (prompt + continuation `ids`, the
+        continuation starting at `start`) that cannot run; no device work."""
+        n, cfg = len(ids), self.config
         if not 1 <= start < n:
             raise EmptyInputError(
-                f"score needs a non-empty prompt and continuation (got {start} and {n - start})"
+                f"score pair {index} needs a non-empty prompt and continuation (got {start} and "
+                f"{n - start} tokens)"
             )
-        cfg = self.config
         if n > cfg.max_len:
             raise SequenceTooLongError(
-                f"prompt + continuation has {n:,} tokens but max_len is {cfg.max_len:,} "
-                f"(raise max_len to >= {n:,} or shorten them)"
+                f"score pair {index}: prompt + continuation has {n:,} tokens but max_len is "
+                f"{cfg.max_len:,} (raise max_len to >= {n:,} or shorten them)"
             )
         bad = [t for t in ids if not 0 <= int(t) < self.vocab_size]
         if bad:
-            raise InvalidTokenError(f"token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
-        if n > cfg.prefill_buckets[-1]:
-            return self._score_in_chunks(ids)[start - 1 :]
-        bucket = smallest_bucket(self.config.prefill_buckets, n)
-        tokens = np.zeros((1, bucket), np.int32)
-        tokens[0, :n] = ids
-        out = np.asarray(self._score_exe(bucket)(self.params, tokens, np.int32(n)))[0]
-        return out[start - 1 : n - 1]
+            raise InvalidTokenError(
+                f"score pair {index} has token id {bad[0]} outside the vocabulary [0, {self.vocab_size})"
+            )
+
+    def score_rows(self, bucket: int) -> int:
+        """Score pairs per call at `bucket` tokens: up to `prefill_rows`, at most SCORE_CALL_TOKENS
+        tokens per call (1 with batch_invariant: rows of one call may differ in the last bits from
+        the same pair scored alone)."""
+        return max(1, min(self.prefill_rows, SCORE_CALL_TOKENS // bucket))
+
+    def score_groups(self, lengths: Sequence[int]) -> list[list[int]]:
+        """Indices of pairs (of these token counts) to score together, one `score_group` each:
+        sorted by length, up to `score_rows` pairs of the same bucket per call. A pair never runs
+        at a larger bucket than alone (bucket shapes may round differently: with bfloat16
+        matrices on XLA:CPU a pair's log-probabilities moved by up to 0.07 between buckets)."""
+        buckets = self.config.prefill_buckets
+
+        def bucket(n: int) -> int:
+            return smallest_bucket(buckets, n) if n <= buckets[-1] else -n  # longer: alone
+
+        order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+        groups: list[list[int]] = []
+        for i in order:
+            b = bucket(lengths[i])
+            last = groups[-1] if groups else None
+            if last and b > 0 and bucket(lengths[last[0]]) == b and len(last) < self.score_rows(b):
+                last.append(i)
+            else:
+                groups.append([i])
+        return groups
+
+    def score_group(self, pairs: Sequence[tuple[Sequence[int], int]]) -> list[np.ndarray]:
+        """Log-probabilities of each pair's continuation (pairs checked by `check_score`, grouped
+        by `score_groups`): one call for the group, or chunks for one pair longer than every
+        bucket."""
+        buckets = self.config.prefill_buckets
+        longest = max(len(ids) for ids, _ in pairs)
+        if longest > buckets[-1]:
+            ((ids, start),) = pairs
+            return [self._score_in_chunks(ids)[start - 1 :]]
+        bucket = smallest_bucket(buckets, longest)
+        rows = 1 if len(pairs) == 1 else self.score_rows(bucket)
+        tokens, n_valid = np.zeros((rows, bucket), np.int32), np.zeros(rows, np.int32)
+        for r, (ids, _) in enumerate(pairs):
+            tokens[r, : len(ids)], n_valid[r] = ids, len(ids)
+        out = np.asarray(self._score_exe(bucket, rows)(self.params, tokens, n_valid))
+        return [out[r, start - 1 : len(ids) - 1] for r, (ids, start) in enumerate(pairs)]
 
     def _score_in_chunks(self, ids: Sequence[int]) -> np.ndarray:
         """Log-probabilities of ids[1:] (f32[len(ids) - 1]), one largest-bucket chunk per call."""
