@@ -4,6 +4,7 @@ ps, stop."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -127,7 +128,9 @@ def cli_max_batch(n_prompts: int) -> int | None:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    prompts = args.prompt or [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    if args.logprobs is not None and not args.json:
+        raise ConfigError("--logprobs needs --json: the log-probabilities are printed in the JSON rows")
+    prompts = args.prompt or [line.rstrip("\r\n") for line in sys.stdin if line.strip()]
     if not prompts:
         raise ConfigError("no prompt: give PROMPT arguments, or one prompt per line on stdin")
     max_batch = args.max_batch or cli_max_batch(len(prompts))
@@ -136,8 +139,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
         from jinfer import keepalive
 
         return keepalive.run(args, prompts, max_batch, keep_alive)
-    llm = generate_llm(args, max_batch)
+    with interrupt_exits():
+        llm = generate_llm(args, max_batch)
     return generate_with(llm, args, prompts, max_batch, TERMINAL)
+
+
+def interrupt_exits() -> contextlib.AbstractContextManager:
+    """Ctrl-C while this command loads its model (and builds its engine) exits at once with
+    EXIT_INTERRUPTED: see jinfer.loading.exit_on_interrupt."""
+    from jinfer import loading
+
+    loading.exit_on_interrupt(EXIT_INTERRUPTED)
+    return loading.interrupt_exits()
 
 
 def keep_alive_seconds(args: argparse.Namespace) -> float:
@@ -261,8 +274,9 @@ def _jsonable_logprobs(logprobs):
 def cmd_embed(args: argparse.Namespace) -> int:
     from jinfer.embed import Embedder
 
-    embedder = Embedder(args.model, mesh=args.mesh, dtype=args.dtype)
-    texts = args.text or [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    with interrupt_exits():
+        embedder = Embedder(args.model, mesh=args.mesh, dtype=args.dtype)
+    texts = args.text or [line.rstrip("\r\n") for line in sys.stdin if line.strip()]
     if not texts:
         raise ConfigError("no text: give TEXT arguments, or one text per line on stdin")
     for text, vec in zip(texts, embedder.embed(texts), strict=True):
@@ -322,6 +336,7 @@ def cmd_rehash(args: argparse.Namespace) -> int:
 def cmd_run_batch(args: argparse.Namespace) -> int:
     from jinfer.batch import run_batch_from_args
 
+    interrupt_exits()  # during the model load only: the run itself stops gracefully on Ctrl-C
     return run_batch_from_args(args)
 
 
@@ -528,8 +543,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.debug = debug
     try:
         if args.verify:
-            import os
-
             from jinfer.digest_record import VERIFY_ENV
 
             os.environ[VERIFY_ENV] = "full"
@@ -539,6 +552,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.func(args) or 0
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
+    except BrokenPipeError:  # the reader went away (`jinfer generate ... | head -1`): not an error
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit's flush
+        return 0
     except Exception as e:
         if args.debug:
             raise

@@ -18,9 +18,9 @@ from jax.sharding import Mesh
 
 from jinfer.buckets import Buckets
 from jinfer.engine import Engine
-from jinfer.errors import ConfigError, EmptyInputError
+from jinfer.errors import ConfigError, EmptyInputError, InputError, InvalidTokenError
 from jinfer.sharding import ShardingRules, make_mesh
-from jinfer.tokenizer import Tokenizer
+from jinfer.tokenizer import Tokenizer, token_ids
 
 POOLINGS = ("mean", "cls")
 
@@ -70,6 +70,7 @@ class Embedder:
         loaded = loading.load(model, mesh=mesh, rules=rules, dtype=dtype, task="encoder", user="Embedder")
         path, flax_model, params, meta = loaded.path, loaded.model, loaded.params, loaded.meta
         config = flax_model.config
+        self.vocab_size, self.dim = int(config.vocab_size), int(config.hidden_size)
         self.pooling = pooling or meta.get("pooling", "mean")
         self.normalize = meta.get("normalize", True) if normalize is None else normalize
         _check_pooling(self.pooling)
@@ -100,11 +101,19 @@ class Embedder:
     def stats(self) -> Any:
         return self.engine.stats
 
-    def embed(self, texts: Sequence[str | Sequence[int]]) -> np.ndarray:
-        """float32 [len(texts), d] embeddings (normalised rows when the model says so)."""
+    def embed(self, texts: str | Sequence[str | Sequence[int]]) -> np.ndarray:
+        """float32 [len(texts), d] embeddings (normalised rows when the model says so); a single
+        string is one input ([1, d])."""
+        if isinstance(texts, str):
+            texts = [texts]
+        elif not isinstance(texts, Sequence) or isinstance(texts, (bytes, bytearray)):
+            raise InputError(
+                f"texts is a {type(texts).__name__}; expected a string, or a list of strings or of "
+                "token-id lists"
+            )
         ids = [self._encode(t, i) for i, t in enumerate(texts)]
         if not ids:
-            return np.zeros((0, 0), np.float32)
+            return np.zeros((0, self.dim), np.float32)
         rows = self.engine.predict([np.asarray(x, np.int32) for x in ids])
         return np.stack([np.asarray(r, np.float32) for r in rows])
 
@@ -116,7 +125,12 @@ class Embedder:
                 )
             ids = self.tokenizer.encode(text.lower() if self.lowercase else text)
         else:
-            ids = [int(t) for t in text]
+            ids = token_ids(text, f"input {index}", "a string or a list of token ids")
+            bad = [t for t in ids if not 0 <= t < self.vocab_size]
+            if bad:
+                raise InvalidTokenError(
+                    f"input {index} has token id {bad[0]} outside the vocabulary [0, {self.vocab_size})"
+                )
         if not ids:
             raise EmptyInputError(f"input {index} is empty")
         return ids

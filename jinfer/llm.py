@@ -19,7 +19,7 @@ from jax.sharding import Mesh
 
 from jinfer import compile as compile_lib
 from jinfer import quant
-from jinfer.errors import ConfigError, InputError
+from jinfer.errors import ConfigError, InputError, InvalidSamplingParamsError
 from jinfer.modeling import FlaxModel
 from jinfer.runtime.config import GenerationConfig
 from jinfer.runtime.kv_cache import KVCacheManager
@@ -28,9 +28,9 @@ from jinfer.runtime.outputs import CompletionOutput, RequestOutput, ScoreOutput
 from jinfer.runtime.runner import ModelRunner
 from jinfer.runtime.scheduler import Request, RequestDelta, Scheduler
 from jinfer.runtime.stats import GenerationStats
-from jinfer.sampling import SamplingParams
+from jinfer.sampling import STOP_ID_SLOTS, SamplingParams
 from jinfer.sharding import ShardingRules, make_mesh, single_device_mesh
-from jinfer.tokenizer import Tokenizer
+from jinfer.tokenizer import Tokenizer, token_ids
 
 Prompt = str | Sequence[int] | Sequence[dict[str, Any]]
 _END = object()
@@ -370,6 +370,7 @@ class LLM:
                         exhausted = True
                         break
                     key, prompt, params = item
+                    params = params if params is not None else self.default_params()
                     try:
                         (request,), _ = self._requests([prompt], [params])
                     except InputError as e:
@@ -414,6 +415,13 @@ class LLM:
 
         Every pair is checked first (a bad one raises an InputError naming it, before any device
         work); pairs of similar length are then scored together, up to `score_rows` per call."""
+        if isinstance(prompts, str) != isinstance(continuations, str):
+            raise InputError(
+                "score takes a list of prompts and a list of continuations of the same length (or "
+                "one string each)"
+            )
+        if isinstance(prompts, str):
+            prompts, continuations = [prompts], [continuations]
         if len(prompts) != len(continuations):
             raise InputError(f"score got {len(prompts)} prompts but {len(continuations)} continuations")
         pairs = [
@@ -449,7 +457,7 @@ class LLM:
             self._need_tokenizer("string continuations")
             c_ids = self.tokenizer.encode(continuation, add_special_tokens=False)
         else:
-            c_ids = self._token_ids(continuation, f"continuation {index}")
+            c_ids = token_ids(continuation, f"continuation {index}", "a string or a list of token ids")
         self.engine.check_score(p_ids + c_ids, len(p_ids), index)
         return p_ids + c_ids, len(p_ids)
 
@@ -482,6 +490,11 @@ class LLM:
             params = self.default_params()
         if isinstance(params, SamplingParams):
             return [params] * n
+        if isinstance(params, dict) or not isinstance(params, Sequence):
+            raise InputError(
+                f"params is a {type(params).__name__}; expected a SamplingParams (e.g. "
+                "jinfer.SamplingParams(max_tokens=64)), one per prompt in a list, or None"
+            )
         params = list(params)
         if len(params) != n:
             raise InputError(f"got {n} prompts but {len(params)} SamplingParams; give one or one per prompt")
@@ -494,18 +507,9 @@ class LLM:
         if isinstance(prompt, Sequence) and prompt and isinstance(prompt[0], dict):
             self._need_tokenizer("chat messages")
             return self.tokenizer.encode_chat(prompt)
-        return self._token_ids(
+        return token_ids(
             prompt, f"prompt {index}", "a string, a list of token ids, or a list of chat messages"
         )
-
-    @staticmethod
-    def _token_ids(value: Any, what: str, accepted: str = "a string or a list of token ids") -> list[int]:
-        try:
-            if any(isinstance(t, (bool, np.bool_)) or not isinstance(t, (int, np.integer)) for t in value):
-                raise TypeError("token ids must be integers")  # 1.5 or True would pass int()
-            return [int(t) for t in value]
-        except (TypeError, ValueError) as e:
-            raise InputError(f"{what} is {type(value).__name__}; expected {accepted}") from e
 
     def _need_tokenizer(self, what: str) -> None:
         if self.tokenizer is None:
@@ -514,16 +518,30 @@ class LLM:
     def _requests(self, prompts, params_list) -> tuple[list[Request], list[list[int]]]:
         requests, ids_list = [], []
         for i, (prompt, params) in enumerate(zip(prompts, params_list, strict=True)):
+            if not isinstance(params, SamplingParams):
+                raise InputError(
+                    f"request {i} params is a {type(params).__name__}; expected a SamplingParams "
+                    "(e.g. jinfer.SamplingParams(max_tokens=64)) or None"
+                )
             ids = self._encode(prompt, i)
             self.engine.check_request(ids, params, i)
             stop_ids = tuple(params.stop_token_ids or ()) + (() if params.ignore_eos else self.eos_token_ids)
+            stop_ids = tuple(dict.fromkeys(stop_ids))
+            if len(stop_ids) > STOP_ID_SLOTS:  # only a model with many end-of-sequence ids gets here
+                raise InvalidSamplingParamsError(
+                    f"request {i} stops at {len(stop_ids)} token ids (its stop_token_ids and the model's "
+                    f"end-of-sequence ids {list(self.eos_token_ids)}); a request may stop at most at "
+                    f"{STOP_ID_SLOTS} (give fewer stop_token_ids, or set ignore_eos=True)"
+                )
             seed = params.seed if params.seed is not None else secrets.randbits(63)
-            requests.append(Request(ids, params, seed, tuple(dict.fromkeys(stop_ids))))
+            requests.append(Request(ids, params, seed, stop_ids))
             ids_list.append(ids)
         return requests, ids_list
 
 
 def _as_prompt_list(prompts) -> list[Prompt]:
+    if isinstance(prompts, (bytes, bytearray)):
+        raise InputError(f"prompts is {type(prompts).__name__}; decode it to a string first")
     if isinstance(prompts, str):
         return [prompts]
     if isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], dict):

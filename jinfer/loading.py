@@ -18,8 +18,11 @@ are described in `jinfer.models.weights`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+import signal
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -39,6 +42,29 @@ LAYOUTS = ("auto", "canonical", "out_major")
 # available, memory: the same machine always builds the same engine (the same bits).
 ONE_ROW_COPY_MAX_FRACTION = 0.125
 _TASK_NOUNS = {"causal_lm": "a causal language model", "encoder": "an encoder", "classifier": "a classifier"}
+_EXIT_ON_INTERRUPT: list[int] = []  # the command line's exit status for Ctrl-C during `load`
+
+
+def exit_on_interrupt(code: int) -> None:
+    """For the command line only: Ctrl-C while `load` runs (on the main thread) ends the process
+    at once with exit status `code`. Nothing is written by then, and an interrupt arriving while
+    Orbax's threads restore the arrays would otherwise surface as a damaged-checkpoint error, or
+    abort the interpreter at exit. A library caller (a notebook) keeps KeyboardInterrupt."""
+    _EXIT_ON_INTERRUPT[:] = [code]
+
+
+@contextlib.contextmanager
+def interrupt_exits():
+    """Within: Ctrl-C exits at once, once `exit_on_interrupt` was called (main thread only)."""
+    if not _EXIT_ON_INTERRUPT or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    code = _EXIT_ON_INTERRUPT[0]
+    previous = signal.signal(signal.SIGINT, lambda *_: os._exit(code))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 @dataclasses.dataclass
@@ -83,6 +109,11 @@ def load(
     it returns replaces `dtype` for the restore (e.g. a backend's default, chosen only once the
     config is known to be sane).
     """
+    with interrupt_exits():
+        return _load(model, mesh, rules, dtype, quantize, task, user, verify, plan)
+
+
+def _load(model, mesh, rules, dtype, quantize, task, user, verify, plan) -> LoadedModel:
     path = resolve(model, dtype)
     spec, config, meta = checkpoint.load_config(path)
     if task is not None and spec.task != task:

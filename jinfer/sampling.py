@@ -26,7 +26,9 @@ import numpy as np
 from jinfer import compile as compile_lib
 from jinfer.errors import InvalidSamplingParamsError
 
-MAX_STOP_TOKEN_IDS = 8
+MAX_STOP_TOKEN_IDS = 8  # a request's own stop_token_ids
+# Stop ids a decode row holds: the request's plus the model's end-of-sequence ids.
+STOP_ID_SLOTS = 2 * MAX_STOP_TOKEN_IDS
 # Sane upper bounds: every value below fits the int32/float32 device arrays it ends up in.
 MAX_TOKENS_LIMIT = 1 << 24
 MAX_SAMPLES = 1 << 12

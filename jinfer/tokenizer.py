@@ -13,6 +13,7 @@ from typing import Any
 
 import jinja2
 import jinja2.sandbox
+import numpy as np
 
 from jinfer.errors import CheckpointNotFoundError, ConfigError, InputError
 
@@ -81,7 +82,7 @@ class Tokenizer:
                 "this model has no chat template (tokenizer_config.json 'chat_template'); "
                 "pass a plain string prompt instead of chat messages"
             )
-        _check_messages(messages)
+        messages = checked_messages(messages)
         from jinfer.templates import compile_chat_template, render_chat_template
 
         if self._template is None:
@@ -89,7 +90,7 @@ class Tokenizer:
             self._template = compile_chat_template(self.chat_template, globals_)
         return render_chat_template(
             self._template,
-            messages=list(messages),
+            messages=messages,
             add_generation_prompt=add_generation_prompt,
             bos_token=self.bos_token or "",
             eos_token=self.eos_token or "",
@@ -110,14 +111,46 @@ def _raise_template_error(message: str) -> None:
     raise InputError(f"chat template rejected the messages: {message}")
 
 
-def _check_messages(messages: Any) -> None:
+def checked_messages(messages: Any) -> list[dict[str, Any]]:
+    """Chat messages checked, with OpenAI-style content parts ([{"type": "text", "text": ...}])
+    joined into one string; InputError naming the message otherwise."""
     if not isinstance(messages, Sequence) or isinstance(messages, str) or not messages:
         raise InputError("chat messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
+    out = []
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or "content" not in m:
             raise InputError(
-                f"chat message {i} is {m!r}; each message must be a dict with 'role' and 'content'"
+                f"chat message {i} is {m!r}; each message must be a dict with a string 'role' and a 'content'"
             )
+        out.append({**m, "content": message_text(m["content"], i)})
+    return out
+
+
+def message_text(content: Any, i: int) -> str:
+    """A message's content as text: a string (None: empty), or a list of text parts joined."""
+    if content is None or isinstance(content, str):
+        return content or ""
+    if isinstance(content, list):
+        texts = [p.get("text") for p in content if isinstance(p, dict) and p.get("type") == "text"]
+        if len(texts) == len(content) and all(isinstance(t, str) for t in texts):
+            return "".join(texts)
+    raise InputError(
+        f"chat message {i} content is {type(content).__name__}; expected a string or a list of "
+        '{"type": "text", "text": ...} parts (only text is supported)'
+    )
+
+
+def token_ids(value: Any, what: str, accepted: str) -> list[int]:
+    """`value` as a list of int token ids; InputError naming `what` and `accepted` for anything
+    else (floats, bools, bytes, strings: 1.5 and True would pass int())."""
+    try:
+        if isinstance(value, (str, bytes, bytearray)) or any(
+            isinstance(t, (bool, np.bool_)) or not isinstance(t, (int, np.integer)) for t in value
+        ):
+            raise TypeError("token ids must be integers")
+        return [int(t) for t in value]
+    except (TypeError, ValueError) as e:
+        raise InputError(f"{what} is {type(value).__name__}; expected {accepted}") from e
 
 
 class IncrementalDecoder:

@@ -195,7 +195,14 @@ def test_openai_format_rows(llm, tmp_path):
             },
         },
         {"custom_id": "p", "prompt": "JAX"},
+        {"custom_id": "pl", "prompt": "JAX", "logprobs": 2},
         {"custom_id": "e", "prompt": ""},
+        # OpenAI content parts and null content, as `jinfer serve` takes them
+        {"custom_id": "parts", "messages": [{"role": "user", "content": [{"type": "text", "text": "Hi"}]}]},
+        {
+            "custom_id": "none",
+            "messages": [{"role": "system", "content": None}, {"role": "user", "content": "Hi"}],
+        },
     ]
     inp = write_jsonl(tmp_path / "in.jsonl", rows)
     out = tmp_path / "out.jsonl"
@@ -204,7 +211,21 @@ def test_openai_format_rows(llm, tmp_path):
     chat = got["c"]["response"]["body"]
     assert got["c"]["response"]["status_code"] == 200 and got["c"]["error"] is None
     assert chat["object"] == "chat.completion" and chat["choices"][0]["message"]["role"] == "assistant"
-    assert len(chat["choices"][0]["logprobs"]["content"][0]["top_logprobs"]) == 2
+    # logprobs in OpenAI's shapes, with token texts (as jinfer serve writes them)
+    ids = llm.generate([[{"role": "user", "content": "Hi"}]], GREEDY.replace(max_tokens=3))[0].token_ids
+    first = chat["choices"][0]["logprobs"]["content"][0]
+    assert first["token"] == llm.tokenizer.decode([ids[0]], skip_special_tokens=False)
+    assert first["bytes"] == list(first["token"].encode()) and len(first["top_logprobs"]) == 2
+    assert first["top_logprobs"][0]["logprob"] >= first["top_logprobs"][1]["logprob"]
+    comp = got["pl"]["response"]["body"]["choices"][0]["logprobs"]
+    assert set(comp) == {"tokens", "token_logprobs", "top_logprobs", "text_offset"}
+    assert "".join(comp["tokens"]) == llm.tokenizer.decode(
+        llm.generate("JAX", GREEDY)[0].token_ids, skip_special_tokens=False
+    )
+    assert len(comp["top_logprobs"]) == len(comp["tokens"]) and all(len(t) <= 2 for t in comp["top_logprobs"])
+    text = got["c"]["response"]["body"]["choices"][0]["message"]["content"]
+    assert got["parts"]["response"]["body"]["choices"][0]["message"]["content"].startswith(text)
+    assert got["none"]["error"] is None
     assert (
         chat["usage"]["total_tokens"] == chat["usage"]["prompt_tokens"] + chat["usage"]["completion_tokens"]
     )

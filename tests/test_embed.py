@@ -10,7 +10,7 @@ import pytest
 
 from jinfer.convert import convert
 from jinfer.embed import Embedder
-from jinfer.errors import ConfigError, EmptyInputError
+from jinfer.errors import ConfigError, EmptyInputError, InputError, InvalidTokenError
 from jinfer.integrity import rehash_model_dir
 
 FIXTURE = Path(__file__).parent / "fixtures" / "hf" / "bert"
@@ -69,6 +69,19 @@ def test_bad_inputs(bert_dir, tmp_path):
     emb = Embedder(bert_dir)
     with pytest.raises(EmptyInputError, match="input 1"):
         emb.embed([[5, 6], []])
+    with pytest.raises(
+        InvalidTokenError, match=r"input 1 has token id 1000000 outside the vocabulary \[0, 256\)"
+    ):
+        emb.embed([[5, 6], [7, 10**6]])
+    with pytest.raises(InputError, match="input 0 is list; expected a string or a list of token ids"):
+        emb.embed([[5, 1.7]])
+    with pytest.raises(InputError, match="texts is a bytes"):
+        emb.embed(b"the cat")
+    one = emb.embed("the cat sat")  # one string is one input, not a list of characters
+    assert one.shape == (1, 64)
+    np.testing.assert_array_equal(one, emb.embed(["the cat sat"]))
+    assert emb.embed([]).shape == (0, 64)
+    assert np.isfinite(emb.embed([[5, 6]])).all()  # still serving
     llm_like = tmp_path / "not_encoder"
     from jinfer.testing import make_tiny_llm_dir
 

@@ -144,6 +144,25 @@ def test_run_batch_poison_lines_each_give_one_error_row_and_rerun_changes_nothin
     assert code == 0 and out.read_bytes() == before, err
 
 
+def test_run_batch_batch_invariant_flag_reaches_the_engine(model_dir, tmp_path, capsys, monkeypatch):
+    """`--batch-invariant` builds the engine with it (recorded in the manifest), and the other
+    options are unchanged."""
+    from jinfer.batch import runner
+
+    built = []
+    load = runner._load_model
+    monkeypatch.setattr(runner, "_load_model", lambda *a: built.append(a[1].llm_options) or load(*a))
+    inp = _write(tmp_path / "in.jsonl", _valid(2))
+    out = tmp_path / "out.jsonl"
+    argv = ["run-batch", "--model", str(model_dir), "--input", str(inp), "--output", str(out), *ENGINE]
+    code, err = _main(capsys, *argv, "--max-tokens", "3", "--batch-invariant")
+    assert code == 0, err
+    assert built[0]["batch_invariant"] is True and built[0]["max_batch"] == 4
+    manifest = json.loads((tmp_path / "out.jsonl.manifest.json").read_text())
+    assert manifest["engine"]["batch_invariant"] is True
+    assert len(_rows(out)) == 2
+
+
 def test_overlong_line_is_skipped_with_bounded_memory(llm, tmp_path, monkeypatch):
     from jinfer.batch import files
 

@@ -68,6 +68,69 @@ def test_stop_string_cuts_text_and_frees_slot(llm):
     assert len(cut.token_ids) < len(full.token_ids)
 
 
+def test_earliest_stop_string_wins_and_tokens_end_there(llm):
+    """Of several stop strings the one found first in the text ends it, whatever their order in
+    the list; token_ids, logprobs and usage end at the token that completed it (not at the end of
+    the decode round, `decode_steps` tokens), in generate and in stream alike."""
+    p = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, logprobs=1)
+    full = llm.generate("The quick", p)[0]
+    text = full.text
+    subs = {text[i : i + 2] for i in range(len(text) - 1)} | {text[i : i + 3] for i in range(len(text) - 2)}
+    subs = sorted((text.find(x), x) for x in subs if "\ufffd" not in x and text.find(x) > 0)
+    (at, early), (_, late) = next(
+        (a, b) for a in subs for b in subs if b[0] > a[0] and a[1] not in b[1] and b[1] not in a[1]
+    )
+    for stops in ((late, early), (early, late)):
+        cut = llm.generate("The quick", p.replace(stop=stops))[0]
+        assert cut.finish_reason == "stop" and cut.text == text[:at]
+        assert "".join(llm.stream("The quick", p.replace(stop=stops))) == text[:at]
+        k = len(cut.token_ids)
+        assert cut.token_ids == full.token_ids[:k]
+        assert early in llm.tokenizer.decode(cut.token_ids) and early not in llm.tokenizer.decode(
+            cut.token_ids[:-1]
+        )
+        assert len(cut.logprobs) == k and cut.usage["completion_tokens"] == k
+
+
+def test_request_checks_name_what_is_wrong(llm):
+    """Mistakes a caller makes get an InputError saying what is accepted; the engine goes on."""
+    with pytest.raises(errors.InputError, match="params is a dict; expected a SamplingParams"):
+        llm.generate("Hello", {"max_tokens": 4})
+    with pytest.raises(errors.InputError, match="prompts is bytes; decode it to a string first"):
+        llm.generate(b"Hello")
+    eos = llm.eos_token_ids
+    try:  # a model with 9 end-of-sequence ids: 8 more ids no longer fit a decode row's 16
+        llm.eos_token_ids = tuple(range(100, 109))
+        with pytest.raises(
+            errors.InvalidSamplingParamsError, match=r"stops at 17 token ids .* at most at 16"
+        ):
+            llm.generate("Hi", SamplingParams(max_tokens=2, stop_token_ids=list(range(10, 18))))
+    finally:
+        llm.eos_token_ids = eos
+    with pytest.raises(errors.SequenceTooLongError, match=r"max_tokens=500, but max_len is 128.*at most 126"):
+        llm.generate([1, 2], SamplingParams(max_tokens=500))
+    eight = llm.generate(
+        "Hi", SamplingParams(max_tokens=3, temperature=0.0, stop_token_ids=list(range(10, 18)))
+    )
+    assert eight[0].finish_reason in ("length", "stop")  # 8 ids + EOS fit the decode rows
+    ok = [(i, o.text) for i, o in llm.generate_iter(iter([(0, "Hi", None)]))]
+    assert ok == [(0, llm.generate("Hi")[0].text)]  # params None: the model's defaults
+    one = llm.score("The capital is", " Paris")
+    assert len(one) == 1 and one[0].token_ids == llm.tokenizer.encode(" Paris", add_special_tokens=False)
+    with pytest.raises(errors.InputError, match="one string each"):
+        llm.score("The capital is", [" Paris"])
+    parts = [
+        {"role": "user", "content": [{"type": "text", "text": "Paris "}, {"type": "text", "text": "is"}]}
+    ]
+    plain = [{"role": "user", "content": "Paris is"}]
+    assert llm.tokenizer.encode_chat(parts) == llm.tokenizer.encode_chat(plain)
+    with pytest.raises(
+        errors.InputError, match=r"chat message 0 content is list; expected a string or a list"
+    ):
+        llm.generate([[{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}]])
+    assert len(llm.generate("ok", SamplingParams(max_tokens=2, temperature=0.0))[0].token_ids) == 2
+
+
 def test_stream_concatenation_equals_generate(llm):
     for seed in range(4):
         p = SamplingParams(max_tokens=20, temperature=1.0, seed=seed, stop=("e ",))
@@ -105,6 +168,55 @@ def _cli(*args, env=None):
         timeout=300,
         env=env,
     )
+
+
+def test_cli_reader_going_away_is_not_an_error(model_dir):
+    """`jinfer generate ... | head -c 1`: the pipe closes while tokens still stream; the command
+    ends quietly with status 0 (not "BrokenPipeError", status 3)."""
+    flags = ["--max-tokens", "200", "--ignore-eos", "--max-len", "256", "Paris is"]
+    p = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "jinfer.cli",
+            "--compilation-cache",
+            "off",
+            "generate",
+            "--model",
+            str(model_dir),
+            *flags,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert len(p.stdout.read(1)) == 1
+    p.stdout.close()  # as `head -c 1` exits
+    assert (p.wait(timeout=300), p.stderr.read().decode()) == (0, "")
+
+
+def test_interrupt_while_loading_exits_at_once():
+    """The command line's Ctrl-C while a model loads ends the process at once with status 130,
+    printing nothing (a restore's threads would otherwise turn it into a damaged-checkpoint
+    error or an abort); outside the guard, and for a library caller, KeyboardInterrupt stays."""
+    code = """if True:
+        import os, signal, sys, time
+        from jinfer import loading
+        try:
+            with loading.interrupt_exits():  # not enabled: a library caller
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(5)
+        except KeyboardInterrupt:
+            print("library: KeyboardInterrupt", flush=True)
+        loading.exit_on_interrupt(130)
+        with loading.interrupt_exits():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(30)
+        print("not reached", flush=True)
+    """
+    t = time.perf_counter()
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 130 and r.stdout == "library: KeyboardInterrupt\n" and r.stderr == ""
+    assert time.perf_counter() - t < 25
 
 
 def test_cli_generate_json_and_inspect(model_dir, llm):

@@ -420,6 +420,8 @@ def test_metrics_count_requests_and_tokens_and_log_has_no_prompt(server, client)
     assert (
         post(server, "/v1/chat/completions", {"messages": chat(SECRET_PROMPT), "top_p": 7}).status_code == 400
     )
+    too_long = {"prompt": [5] * (MAX_LEN + 1), "max_tokens": 4}  # rejected: counts no prompt tokens
+    assert post(server, "/v1/completions", too_long).status_code == 400
     after = server.metrics()
 
     def delta(name, **labels):
@@ -428,6 +430,7 @@ def test_metrics_count_requests_and_tokens_and_log_has_no_prompt(server, client)
 
     assert delta("jinfer_requests_total", route="/v1/chat/completions", status="200") == 4
     assert delta("jinfer_requests_total", route="/v1/chat/completions", status="400") == 1
+    assert delta("jinfer_requests_total", route="/v1/completions", status="400") == 1
     assert delta("jinfer_prompt_tokens_total") == sum(u.prompt_tokens for u in usages)
     assert delta("jinfer_generation_tokens_total") == sum(u.completion_tokens for u in usages)
     assert delta("jinfer_time_to_first_token_seconds_count") == 4
@@ -494,3 +497,46 @@ def test_sigterm_finishes_in_flight_requests_and_exits_0(server, client):
     assert "Traceback" not in log and "Shutting down" in log, log
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"{server.url}/health")
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--max-batch", "0"], "--max-batch: 0 is too small"),
+        (["--port", "99999"], "--port: '99999' is not a TCP port"),
+        (["--grace-period", "-5"], "--grace-period: '-5' is not a duration"),
+        (["--buckets", "0,16"], "--buckets '0,16': expected comma-separated integers >= 1"),
+    ],
+)
+def test_bad_flags_exit_2_before_the_model_loads(flags, message, tmp_path):
+    """Flag values are checked up front: no model (here none exists) is loaded, no port opened."""
+    cmd = [sys.executable, "-m", "jinfer.cli", "serve", "--model", str(tmp_path / "absent"), *flags]
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and message in r.stderr, r.stderr
+
+
+def test_stop_while_the_model_loads_exits_at_once(tmp_path):
+    """SIGTERM while the model is still loading ends the server at once with status 0 (the load
+    cannot be cancelled; before, the process lived until the load ended, or aborted)."""
+    gate = tmp_path / "gate"
+    code = f"""if True:
+        import pathlib, time, sys
+        from jinfer.serve import command
+        from jinfer.serve import backend
+        def slow(config):
+            pathlib.Path({str(gate)!r}).write_text("loading")
+            time.sleep(120)
+        backend.load_backend = slow
+        from jinfer import cli
+        sys.exit(cli.main(["serve", "--model", "x", "--port", "0"]))
+    """
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not gate.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(1.0)  # uvicorn's signal handlers are in place once the lifespan started the load
+    t = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 0
+    assert time.monotonic() - t < 30
+    assert "stopped while the model was loading" in proc.stderr.read()

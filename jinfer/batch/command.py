@@ -66,6 +66,12 @@ def add_run_batch_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--buckets", default=None, help="prefill buckets, e.g. 16,32,64,128 (default: engine's)")
     p.add_argument("--decode-steps", type=int_at_least(1), default=8, help="decode steps per host round trip")
+    p.add_argument(
+        "--batch-invariant",
+        action="store_true",
+        help="one decode shape and one prompt per prefill call: every row's bits are independent of "
+        "the rows it ran beside, so a resumed run equals an uninterrupted one bitwise in any precision",
+    )
     p.add_argument("--flush-every", type=int_at_least(1), default=64, help="fsync the output every N rows")
     p.add_argument("--flush-seconds", type=positive_float, default=2.0, help="... or every T seconds")
     p.add_argument(
@@ -159,6 +165,8 @@ def run_batch_from_args(args: argparse.Namespace) -> int:
         llm_options.update(
             max_batch=args.max_batch, max_len=args.max_len, buckets=buckets, decode_steps=args.decode_steps
         )
+        if args.batch_invariant:
+            llm_options["batch_invariant"] = True
     overrides = {k: getattr(args, k) for k in _SAMPLING_FLAGS if getattr(args, k, None) is not None}
     summary = run_batch(
         args.model,

@@ -152,7 +152,12 @@ class _ChunkRun(_Run):
         self.defaults, self.run_seed = self._resolve_defaults(defaults)
         self.manifest = self._manifest()
         path = self.manifest["model"]["path"]
-        self.rows = RowOptions(opts.format, opts.return_token_ids, Path(path).name if path else "jinfer")
+        self.rows = RowOptions(
+            opts.format,
+            opts.return_token_ids,
+            Path(path).name if path else "jinfer",
+            getattr(self.model, "tokenizer", None),
+        )
         self.progress = _Progress(False, 0, 0, 0.0)
         self.summary = Summary("", opts.task, 0)
         self.writer = _RowList()

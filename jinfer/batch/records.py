@@ -283,6 +283,7 @@ class RowOptions:
     format: str = "jinfer"
     return_token_ids: bool = False
     model_name: str = ""
+    tokenizer: Any = None  # token texts of OpenAI logprobs (None: "<id>")
 
 
 def dumps(row: dict[str, Any]) -> bytes:
@@ -311,10 +312,11 @@ def error_row(item: Item, e: Exception, opts: RowOptions) -> dict[str, Any]:
     return _with_meta(row, item)
 
 
-def generate_row(item: Item, out: Any, opts: RowOptions) -> dict[str, Any]:
-    """The row of a finished generation (`out` is a RequestOutput)."""
+def generate_row(item: Item, out: Any, opts: RowOptions, top_logprobs: int = 0) -> dict[str, Any]:
+    """The row of a finished generation (`out` is a RequestOutput; `top_logprobs` alternatives
+    per token were asked for)."""
     if opts.format == "openai":
-        return _openai_row(item, _openai_generate_body(item, out, opts))
+        return _openai_row(item, _openai_generate_body(item, out, opts, top_logprobs))
     row: dict[str, Any] = {
         "custom_id": item.custom_id,
         "text": out.text,
@@ -378,22 +380,19 @@ def _openai_row(item: Item, body: dict[str, Any]) -> dict[str, Any]:
     )
 
 
-def _openai_generate_body(item: Item, out: Any, opts: RowOptions) -> dict[str, Any]:
+def _openai_generate_body(item: Item, out: Any, opts: RowOptions, top: int) -> dict[str, Any]:
+    """OpenAI's body, logprobs in its shapes as `jinfer serve` writes them."""
+    from jinfer.serve.protocol import LogprobFormatter
+
+    fmt = LogprobFormatter(opts.tokenizer, top)
     choices = []
     for o in out.outputs:
         if item.chat:
             choice = {"index": o.index, "message": {"role": "assistant", "content": o.text}}
-            lp = None if o.logprobs is None else {"content": [_openai_chat_logprob(e) for e in o.logprobs]}
+            lp = None if o.logprobs is None else {"content": fmt.chat(o.token_ids, o.logprobs)}
         else:
             choice = {"index": o.index, "text": o.text}
-            lp = (
-                None
-                if o.logprobs is None
-                else {
-                    "token_logprobs": [next(iter(e.values())) for e in o.logprobs],
-                    "top_logprobs": _logprobs_json(o.logprobs),
-                }
-            )
+            lp = None if o.logprobs is None else fmt.completion(o.token_ids, o.logprobs, 0)
         choice.update({"logprobs": lp, "finish_reason": o.finish_reason})
         if opts.return_token_ids:
             choice["token_ids"] = list(o.token_ids)
@@ -410,13 +409,4 @@ def _openai_generate_body(item: Item, out: Any, opts: RowOptions) -> dict[str, A
         "model": opts.model_name,
         "choices": choices,
         "usage": usage,
-    }
-
-
-def _openai_chat_logprob(entry: dict[int, float]) -> dict[str, Any]:
-    (tid, lp), *_ = entry.items()
-    return {
-        "token_id": tid,
-        "logprob": lp,
-        "top_logprobs": [{"token_id": k, "logprob": v} for k, v in entry.items()],
     }

@@ -353,7 +353,10 @@ class _Run:
         )
         path = manifest["model"]["path"]
         self.rows = RowOptions(
-            self.opts.format, self.opts.return_token_ids, Path(path).name if path else "jinfer"
+            self.opts.format,
+            self.opts.return_token_ids,
+            Path(path).name if path else "jinfer",
+            getattr(self.model, "tokenizer", None),
         )
         enabled = self.opts.progress is not False and self.process == 0
         self.progress = _Progress(enabled, scan.shard_lines, skipped, self.opts.log_every)
@@ -429,24 +432,24 @@ class _Run:
         return ready
 
     def _generate(self, windows: Iterator[list[Item]]) -> None:
-        pending: dict[int, tuple[Item, list[int]]] = {}
+        pending: dict[int, tuple[Item, list[int], int]] = {}
 
         def feed() -> Iterator[tuple[int, list[int], SamplingParams]]:
             for window in windows:
                 for item, ids, params in self._prepared(window):
                     if self.stopped:
                         return
-                    pending[item.line] = (item, ids)
+                    pending[item.line] = (item, ids, params.logprobs or 0)
                     yield item.line, ids, params
                 if self.stopped:
                     return
 
         for line, out in self.model.generate_iter(feed()):
-            item, ids = pending.pop(line)
+            item, ids, top = pending.pop(line)
             if isinstance(out, Exception):
                 self._fail(item, out)
             else:
-                self._ok(generate_row(item, out, self.rows), len(ids), out.usage["completion_tokens"])
+                self._ok(generate_row(item, out, self.rows, top), len(ids), out.usage["completion_tokens"])
 
     def _score(self, windows: Iterator[list[Item]]) -> None:
         for window in windows:

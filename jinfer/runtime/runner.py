@@ -63,7 +63,7 @@ class DecodeState:
     positions: Any  # i32[b]
     active: Any  # bool[b]
     remaining: Any  # i32[b] tokens still allowed
-    stop_ids: Any  # i32[b, MAX_STOP_TOKEN_IDS], -1 padded
+    stop_ids: Any  # i32[b, STOP_ID_SLOTS], -1 padded
     sampler: SamplerState
 
     @classmethod
@@ -73,7 +73,7 @@ class DecodeState:
             positions=np.zeros(b, np.int32),
             active=np.zeros(b, bool),
             remaining=np.zeros(b, np.int32),
-            stop_ids=np.full((b, sampling.MAX_STOP_TOKEN_IDS), -1, np.int32),
+            stop_ids=np.full((b, sampling.STOP_ID_SLOTS), -1, np.int32),
             sampler=SamplerState.empty(b),
         )
 
@@ -715,6 +715,12 @@ class ModelRunner:
             raise SequenceTooLongError(
                 f"prompt {index} has {n:,} tokens; max_len is {cfg.max_len:,}, so a prompt may have "
                 f"at most {cfg.max_prompt_len:,} (raise max_len or shorten the prompt)"
+            )
+        if params.max_tokens >= cfg.max_len:
+            raise SequenceTooLongError(
+                f"request {index} asks for max_tokens={params.max_tokens:,}, but max_len is "
+                f"{cfg.max_len:,}: prompt + generated tokens must fit, so max_tokens may be at most "
+                f"{cfg.max_len - n:,} for this {n:,}-token prompt (lower max_tokens or raise max_len)"
             )
         if n + params.max_tokens > cfg.max_len:
             raise SequenceTooLongError(

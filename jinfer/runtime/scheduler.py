@@ -316,7 +316,9 @@ class Scheduler:
     # -- outputs -----------------------------------------------------------------------------------
     def _emit(self, st, sample: _Sample, tokens: list[int], lp, top_ids, top_lp, finish, out: list) -> None:
         params = st.request.params
-        self.stats.generated_tokens += len(tokens)
+        text, finish, kept = self._detokenize(sample, tokens, finish, params)
+        tokens = tokens[:kept]  # a stop string ended the request: the round's later tokens are dropped
+        self.stats.generated_tokens += kept
         logprobs = None
         if params.logprobs is not None:
             logprobs = []
@@ -325,7 +327,6 @@ class Scheduler:
                 for tid, val in zip(top_ids[i][: params.logprobs], top_lp[i][: params.logprobs], strict=True):
                     entry.setdefault(int(tid), float(val))
                 logprobs.append(entry)
-        text, finish = self._detokenize(sample, tokens, finish, params)
         if finish is not None:
             self._finish_sample(st, sample)
             if st.done:
@@ -334,33 +335,41 @@ class Scheduler:
 
     def _detokenize(
         self, sample: _Sample, tokens: list[int], finish: str | None, params
-    ) -> tuple[str, str | None]:
-        """New text of a sample (stop strings applied) and its finish reason ("stop" at a stop string)."""
+    ) -> tuple[str, str | None, int]:
+        """New text of a sample (stop strings applied), its finish reason ("stop" at a stop
+        string) and how many of `tokens` it keeps: with stop strings the tokens are decoded one
+        at a time, and the first one that completes a stop string (the earliest in the text, of
+        any of them) is the last kept."""
         dec = sample.decoder
         if dec is None:
-            return "", finish
-        before = len(dec.text)
-        dec.push(tokens)
-        if finish is not None:  # flush a tail the incremental decoder still holds
-            tail = self.tokenizer.decode(dec.ids[dec.prefix_offset :])
-            prefix = self.tokenizer.decode(dec.ids[dec.prefix_offset : dec.read_offset])
-            if len(tail) > len(prefix):
-                dec.text += tail[len(prefix) :]
-                dec.prefix_offset = dec.read_offset = len(dec.ids)
+            return "", finish, len(tokens)
         stops = params.stop or ()
-        for stop in stops:
+        before, kept = len(dec.text), len(tokens)
+        pieces = [[t] for t in tokens] if stops and tokens else [tokens]
+        for i, piece in enumerate(pieces):
+            dec.push(piece)
+            if finish is not None and i == len(pieces) - 1:
+                self._flush(dec)
             # Search only where a new match can start, so text before `before` is never re-cut.
-            at = dec.text.find(stop, max(0, before - len(stop) + 1))
-            if at >= 0:
-                dec.text = dec.text[:at]
-                finish = "stop"
+            found = [at for stop in stops if (at := dec.text.find(stop, max(0, before - len(stop) + 1))) >= 0]
+            if found:
+                dec.text = dec.text[: min(found)]
+                finish, kept = "stop", min(i + 1, len(tokens))
                 break
         # Hold back a tail that could still become a stop string, so the text sent never includes
         # characters that a later stop string would cut.
         end = len(dec.text) if finish is not None else len(dec.text) - _stop_prefix_len(dec.text, stops)
         text = dec.text[sample.emitted : end] if end > sample.emitted else ""
         sample.emitted = max(sample.emitted, end)
-        return text, finish
+        return text, finish, kept
+
+    def _flush(self, dec: IncrementalDecoder) -> None:
+        """Appends a tail the incremental decoder still holds back (the sample is finishing)."""
+        tail = self.tokenizer.decode(dec.ids[dec.prefix_offset :])
+        prefix = self.tokenizer.decode(dec.ids[dec.prefix_offset : dec.read_offset])
+        if len(tail) > len(prefix):
+            dec.text += tail[len(prefix) :]
+            dec.prefix_offset = dec.read_offset = len(dec.ids)
 
     def _decoder(self) -> IncrementalDecoder | None:
         return IncrementalDecoder(self.tokenizer) if self.tokenizer is not None else None

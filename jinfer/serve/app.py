@@ -69,7 +69,8 @@ class _Tracker:
         m.latency.observe(latency)
         for reason in self.reasons:
             m.finished.labels(reason).inc()
-        m.prompt_tokens.inc(self.prompt_tokens)
+        if status < 400 or status in (499, 500):  # admitted requests (not a rejected or refused one)
+            m.prompt_tokens.inc(self.prompt_tokens)
         m.generated_tokens.inc(self.completion_tokens)
         ttft = tpot = None
         if self.t_first is not None:
@@ -175,6 +176,7 @@ class OpenAIServer:
         self._load, self._on_load_error = load, on_load_error
         self._embed_lock = threading.Lock()
         self._created = int(time.time())
+        self._loader: threading.Thread | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------
     def _load_in_background(self) -> None:
@@ -184,9 +186,15 @@ class OpenAIServer:
             log.error("could not load the model: %s", e, exc_info=not isinstance(e, ConfigError))
             self._on_load_error()
 
+    @property
+    def loading(self) -> bool:
+        """True while the model is still loading (the background thread runs)."""
+        return self._loader is not None and self._loader.is_alive()
+
     @contextlib.asynccontextmanager
     async def lifespan(self, app: Starlette):
-        threading.Thread(target=self._load_in_background, name="jinfer-load", daemon=True).start()
+        self._loader = threading.Thread(target=self._load_in_background, name="jinfer-load", daemon=True)
+        self._loader.start()
         yield
         if self.backend is not None:
             await asyncio.to_thread(self.backend.close)

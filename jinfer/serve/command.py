@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
+import sys
 
 from jinfer.errors import ConfigError
 from jinfer.serve.backend import ServeConfig
@@ -12,46 +14,63 @@ from jinfer.serve.backend import ServeConfig
 
 def add_serve_args(p: argparse.ArgumentParser) -> None:
     """Flags of `jinfer serve` other than the model flags shared with `generate`."""
+    from jinfer.cli import duration, int_at_least
+
     d = ServeConfig()
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=_port, default=8000, help="TCP port, 0-65535 (0: any free port)")
     p.add_argument(
         "--served-model-name", default=None, help="name clients send as `model` (default: --model)"
     )
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
     p.add_argument(
         "--max-batch",
-        type=int,
+        type=int_at_least(1),
         default=d.max_batch,
         help="decode slots (requests generating at once; default: what the KV-cache budget holds)",
     )
     p.add_argument(
         "--max-len",
-        type=int,
+        type=int_at_least(2),
         default=d.max_len,
         help="prompt + generated tokens per request (default: model's)",
     )
     p.add_argument("--buckets", default=None, help="prefill buckets, e.g. 16,64,256 (default: powers of 2)")
-    p.add_argument("--max-queue", type=int, default=d.max_queue, help="waiting requests before 503 responses")
-    p.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes, help="larger bodies get 413")
+    p.add_argument(
+        "--max-queue", type=int_at_least(0), default=d.max_queue, help="waiting requests before 503 responses"
+    )
+    p.add_argument(
+        "--max-body-bytes", type=int_at_least(1), default=d.max_body_bytes, help="larger bodies get 413"
+    )
     p.add_argument(
         "--grace-period",
-        type=float,
+        type=duration,
         default=d.grace_period,
         help="seconds in-flight requests get to finish on SIGTERM / Ctrl-C",
     )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
 
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a TCP port; accepted: an integer 0-65535")
+    return value
+
+
 def config_from_args(args: argparse.Namespace) -> ServeConfig:
+    """The ServeConfig of the flags; every value is checked here, before the model loads."""
     buckets = None
     if args.buckets:
         try:
             buckets = tuple(int(b) for b in args.buckets.split(","))
-        except ValueError as e:
-            raise ConfigError(f"--buckets {args.buckets!r}: expected comma-separated integers") from e
-    if args.max_queue < 0:
-        raise ConfigError(f"--max-queue {args.max_queue}: expected an integer >= 0")
+        except ValueError:
+            buckets = ()
+        if not buckets or min(buckets) < 1:
+            raise ConfigError(f"--buckets {args.buckets!r}: expected comma-separated integers >= 1")
     return ServeConfig(
         model=args.model,
         served_model_name=args.served_model_name,
@@ -105,4 +124,13 @@ def serve(args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
     server.run()
-    return 1 if failed else 0
+    code = 1 if failed else 0
+    if app.state.openai_server.loading:
+        # Stopped before the model was loaded: the restore cannot be cancelled, and ending the
+        # interpreter under its threads may abort it; nothing is left to save.
+        logging.getLogger("jinfer.serve").warning("stopped while the model was loading")
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code

@@ -19,6 +19,7 @@ import numpy as np
 
 from jinfer.errors import InputError, InvalidSamplingParamsError, SequenceTooLongError
 from jinfer.sampling import SamplingParams
+from jinfer.tokenizer import message_text
 
 MAX_STOP_STRINGS = 16
 
@@ -177,13 +178,10 @@ def _messages(body: dict) -> list[dict[str, str]]:
 
 
 def _content(content: Any, i: int) -> str:
-    if content is None or isinstance(content, str):
-        return content or ""
-    if isinstance(content, list):  # content parts: only text parts are supported
-        texts = [p.get("text") for p in content if isinstance(p, dict) and p.get("type") == "text"]
-        if len(texts) == len(content) and all(isinstance(t, str) for t in texts):
-            return "".join(texts)
-    raise bad_field("messages", f"message {i} content must be a string or a list of text parts")
+    try:
+        return message_text(content, i)
+    except InputError as e:
+        raise bad_field("messages", str(e)) from None
 
 
 def _prompt(body: dict) -> str | list[int]:
