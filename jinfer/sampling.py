@@ -45,7 +45,8 @@ class SamplingParams:
     temperature 0 means greedy. top_k 0 (or -1) and top_p 1 and min_p 0 disable those filters.
     `seed` None draws a fresh seed per request. `logprobs` asks for the top-N log-probabilities
     of each generated token (None: none). `stop` are strings that end generation (not included in
-    the text); `stop_token_ids` and the model's EOS tokens (unless `ignore_eos`) too.
+    the text; of several, the first in the text); `stop_token_ids` and the model's EOS tokens
+    (unless `ignore_eos`) too: the token is the last of `token_ids`, its text is not in the text.
     """
 
     max_tokens: int = 16

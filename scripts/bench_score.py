@@ -1,15 +1,17 @@
 """`LLM.score` throughput on many short pairs, the shape of a log-likelihood evaluation.
 
 An evaluation (multiple-choice, cloze) scores thousands of (context, continuation) pairs of tens of
-tokens. `LLM.score` checks every pair, sorts them by length and scores up to `score_rows` of them
-per call (4 on an engine of 8+ slots, at most 256 tokens per call); before, it ran one call per
-pair. In one process building `jinfer.LLM("smollm2-135m-instruct")` with the defaults, this times
+tokens. `LLM.score` checks every pair, sorts them by length and scores up to `score_rows` pairs
+of one bucket per call (4 on an engine of 8+ slots, at most 256 tokens per call; a lone pair is
+padded to the same rows); before, it ran one 1-row call per pair. In one process building
+`jinfer.LLM("smollm2-135m-instruct")` with the defaults, this times
   grouped   `llm.score(prompts, continuations)` as is;
   one       the same pairs with `score_rows` forced to 1 (one call per pair, the old behaviour),
-alternating, after one untimed pass of each (compiles). Pairs: --pairs sentences of 8-60 tokens
-from a fixed seed, each with 4 candidate endings of 1-6 tokens (as a multiple-choice item).
-Reports pairs/s (medians over --repeats passes) and the largest log-probability difference
-between the two.
+alternating, after one untimed pass of each (compiles). Pairs: 4 candidate endings of 1-5 words
+for each of --items contexts of 6-50 words (a fixed seed), as in a multiple-choice item.
+Reports pairs/s (medians over --repeats passes), the largest log-probability difference between
+the two (their shapes differ, and bfloat16 matrices round differently), and how many pairs get
+bitwise the log-probabilities of the same pair scored alone with the defaults (all should).
 
     python scripts/bench_score.py --repeats 3
 """
@@ -100,6 +102,9 @@ def main() -> None:
     diff = max(
         float(np.max(np.abs(np.subtract(a.logprobs, b.logprobs)))) for a, b in zip(got, ref, strict=True)
     )
+    llm.engine.score_rows = grouped_rows  # each pair alone, padded to the same rows
+    alone = [llm.score([p], [c])[0] for p, c in zip(prompts, conts, strict=True)]
+    same = sum(a.logprobs == b.logprobs for a, b in zip(got, alone, strict=True))
     lengths = [len(llm.tokenizer.encode(p)) + len(c.split()) for p, c in zip(prompts, conts, strict=True)]
     result = {
         "pairs": len(prompts),
@@ -109,7 +114,8 @@ def main() -> None:
         "score_rows_at_64": grouped_rows(64),
         "grouped_pairs_per_s": len(prompts) / statistics.median(times[False]),
         "one_per_call_pairs_per_s": len(prompts) / statistics.median(times[True]),
-        "max_abs_logprob_diff": diff,
+        "max_abs_logprob_diff_vs_one_per_call": diff,
+        "pairs_bitwise_equal_to_scored_alone": same,
         "seconds": {"grouped": times[False], "one_per_call": times[True]},
     }
     result["speedup"] = result["grouped_pairs_per_s"] / result["one_per_call_pairs_per_s"]

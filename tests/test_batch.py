@@ -1,6 +1,7 @@
 """jinfer.batch in one process: row formats, bad lines, resume, manifest, memory of the pre-pass."""
 
 import json
+import os
 import shutil
 import tracemalloc
 
@@ -284,3 +285,24 @@ def test_prepass_and_resume_scan_memory_is_bounded(tmp_path):
     assert scan.lines == n and len(done) == n // 2
     # 8-byte hashes: ~0.8 MB per copy for 100k lines; the file itself is 4 MB and never loaded.
     assert peak < 4_000_000, f"pre-pass + resume scan peaked at {peak / 1e6:.1f} MB"
+
+
+def test_two_runs_on_one_output_are_refused(llm, tmp_path):
+    """A second run-batch on an output another run is writing stops with a ConfigError naming
+    the holder, before it loads anything; once the first ends, the output can be resumed."""
+    from jinfer.batch import files
+    from jinfer.errors import ConfigError
+
+    inp = write_jsonl(tmp_path / "in.jsonl", [{"custom_id": "a", "prompt": "hi"}])
+    out = tmp_path / "out.jsonl"
+    held = files.lock_output(out)  # as a run in progress holds it
+    try:
+        with pytest.raises(
+            ConfigError, match=rf"out.jsonl is being written by another run-batch \(pid {os.getpid()}\)"
+        ):
+            run_batch(llm, inp, out, GREEDY, progress=False)
+        assert not out.exists()
+    finally:
+        held.close()
+    assert run_batch(llm, inp, out, GREEDY, progress=False).ok == 1
+    assert run_batch(llm, inp, out, GREEDY, progress=False).skipped == 1  # the lock was released

@@ -92,6 +92,20 @@ def test_earliest_stop_string_wins_and_tokens_end_there(llm):
         assert len(cut.logprobs) == k and cut.usage["completion_tokens"] == k
 
 
+def test_stop_token_ends_token_ids_and_its_text_is_left_out(llm):
+    """A stop_token_ids token is the last generated token; its text is not in the output (as
+    vLLM), in generate and in stream."""
+    p = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    full = llm.generate("The quick", p)[0]
+    k = next(i for i, t in enumerate(full.token_ids) if i >= 3 and llm.tokenizer.decode([t]).strip())
+    stop = full.token_ids[k]
+    k = full.token_ids.index(stop)  # its first occurrence ends the request
+    cut = llm.generate("The quick", p.replace(stop_token_ids=(stop,)))[0]
+    assert cut.finish_reason == "stop" and cut.token_ids == full.token_ids[: k + 1]
+    assert cut.text == llm.tokenizer.decode(full.token_ids[:k])
+    assert "".join(llm.stream("The quick", p.replace(stop_token_ids=(stop,)))) == cut.text
+
+
 def test_request_checks_name_what_is_wrong(llm):
     """Mistakes a caller makes get an InputError saying what is accepted; the engine goes on."""
     with pytest.raises(errors.InputError, match="params is a dict; expected a SamplingParams"):

@@ -129,6 +129,34 @@ def _raise_duplicates(path, dup_hashes: np.ndarray) -> None:
     )
 
 
+def lock_output(output: Path, process: int = 0, processes: int = 1) -> Any:
+    """Holds an exclusive lock on `output` for this run (on `<output>.lock`, or one per process of
+    a multi-process run) until the returned file is closed or the process ends; ConfigError if
+    another run holds it (two runs appending to one file would write every row twice). Where
+    `fcntl` is missing (Windows), nothing is locked."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    suffix = ".lock" if processes == 1 else f".{process}.lock"
+    f = open(output.with_name(output.name + suffix), "a+")  # noqa: SIM115 (held for the whole run)
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise ConfigError(
+            f"--output {output} is being written by another run-batch ({holder}); wait for it to end, "
+            "or write to another --output"
+        ) from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()}\n")
+    f.flush()
+    return f
+
+
 def check_output_path(input_path: Path, output: Path) -> None:
     """ConfigError unless `output` can be written: its directory exists and is writable, it is not
     a directory, and it is not the input file (a resume would read its own rows as requests)."""

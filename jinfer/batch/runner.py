@@ -284,6 +284,14 @@ class _Run:
         if not self.input.is_file():
             raise ConfigError(f"input file {self.input} does not exist")
         files.check_output_path(self.input, self.output)  # before the (slow) model load
+        lock = files.lock_output(self.output, self.process, self.processes)
+        try:
+            return self._execute(llm_or_model, defaults)
+        finally:
+            if lock is not None:
+                lock.close()
+
+    def _execute(self, llm_or_model: Any, defaults: SamplingParams | dict | None) -> Summary:
         scan = files.scan_input(self.input, self.process, self.processes)
         self.model = _load_model(llm_or_model, self.opts, self.processes)
         given_path = llm_or_model if isinstance(llm_or_model, (str, os.PathLike)) else None

@@ -513,10 +513,10 @@ class ModelRunner:
                     self.cache, _ = exe(self.params, self.cache, *args)
         if score:
             for b in cfg.prefill_buckets:
-                for rows in sorted({1, self.score_rows(b)}):
-                    exe = self._score_exe(b, rows)
-                    if run:
-                        exe(self.params, np.zeros((rows, b), np.int32), np.ones(rows, np.int32))
+                rows = self.score_rows(b)
+                exe = self._score_exe(b, rows)
+                if run:
+                    exe(self.params, np.zeros((rows, b), np.int32), np.ones(rows, np.int32))
             if cfg.max_len > cfg.prefill_buckets[-1]:
                 exe, chunk = self._score_chunk_exe(), np.zeros((1, cfg.prefill_buckets[-1]), np.int32)
                 if run:
@@ -642,9 +642,11 @@ class ModelRunner:
             )
 
     def score_rows(self, bucket: int) -> int:
-        """Score pairs per call at `bucket` tokens: up to `prefill_rows`, at most SCORE_CALL_TOKENS
-        tokens per call (1 with batch_invariant: rows of one call may differ in the last bits from
-        the same pair scored alone)."""
+        """Rows of the score program at `bucket` tokens: up to `prefill_rows`, at most
+        SCORE_CALL_TOKENS tokens per call (1 with batch_invariant). Every call at a bucket has
+        these rows, a lone pair padded: a pair's log-probabilities depend on its bucket alone,
+        never on the pairs scored with it (the rows of one call are computed independently;
+        with bfloat16 matrices on XLA:CPU, 1 and 4 rows of 16 tokens rounded differently)."""
         return max(1, min(self.prefill_rows, SCORE_CALL_TOKENS // bucket))
 
     def score_groups(self, lengths: Sequence[int]) -> list[list[int]]:
@@ -678,7 +680,7 @@ class ModelRunner:
             ((ids, start),) = pairs
             return [self._score_in_chunks(ids)[start - 1 :]]
         bucket = smallest_bucket(buckets, longest)
-        rows = 1 if len(pairs) == 1 else self.score_rows(bucket)
+        rows = self.score_rows(bucket)  # a lone pair too: its bits never depend on its companions
         tokens, n_valid = np.zeros((rows, bucket), np.int32), np.zeros(rows, np.int32)
         for r, (ids, _) in enumerate(pairs):
             tokens[r, : len(ids)], n_valid[r] = ids, len(ids)

@@ -316,7 +316,8 @@ class Scheduler:
     # -- outputs -----------------------------------------------------------------------------------
     def _emit(self, st, sample: _Sample, tokens: list[int], lp, top_ids, top_lp, finish, out: list) -> None:
         params = st.request.params
-        text, finish, kept = self._detokenize(sample, tokens, finish, params)
+        stop_token = finish == "stop" and bool(tokens) and tokens[-1] in st.request.stop_token_ids
+        text, finish, kept = self._detokenize(sample, tokens, finish, params, stop_token)
         tokens = tokens[:kept]  # a stop string ended the request: the round's later tokens are dropped
         self.stats.generated_tokens += kept
         logprobs = None
@@ -334,18 +335,20 @@ class Scheduler:
         out.append((st.id, RequestDelta(sample.index, [int(t) for t in tokens], text, logprobs, finish)))
 
     def _detokenize(
-        self, sample: _Sample, tokens: list[int], finish: str | None, params
+        self, sample: _Sample, tokens: list[int], finish: str | None, params, stop_token: bool = False
     ) -> tuple[str, str | None, int]:
         """New text of a sample (stop strings applied), its finish reason ("stop" at a stop
         string) and how many of `tokens` it keeps: with stop strings the tokens are decoded one
         at a time, and the first one that completes a stop string (the earliest in the text, of
-        any of them) is the last kept."""
+        any of them) is the last kept. With `stop_token` the last token is a stop token id: it
+        stays in the tokens, and its text (a special token's is empty) is not added (as vLLM)."""
         dec = sample.decoder
         if dec is None:
             return "", finish, len(tokens)
         stops = params.stop or ()
         before, kept = len(dec.text), len(tokens)
-        pieces = [[t] for t in tokens] if stops and tokens else [tokens]
+        text_tokens = tokens[:-1] if stop_token else tokens
+        pieces = [[t] for t in text_tokens] if stops and text_tokens else [text_tokens]
         for i, piece in enumerate(pieces):
             dec.push(piece)
             if finish is not None and i == len(pieces) - 1:
