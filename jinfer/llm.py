@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import itertools
 import json
@@ -563,6 +564,13 @@ def _read_json(path: Path) -> dict[str, Any]:
 def _generation_config(max_batch, max_len, buckets, decode_steps, options) -> GenerationConfig:
     from jinfer import defaults
 
+    accepted = {f.name for f in dataclasses.fields(GenerationConfig)} - {"prefill_buckets"}
+    unknown = sorted(set(options) - accepted)
+    if unknown:
+        raise ConfigError(
+            f"LLM got unknown option(s) {unknown}; accepted: the LLM arguments and GenerationConfig "
+            f"fields {sorted(accepted)}"
+        )
     kw = dict(max_batch=max_batch, max_len=max_len, decode_steps=decode_steps, **options)
     if buckets is not None:
         kw["prefill_buckets"] = tuple(buckets)

@@ -29,6 +29,8 @@ from typing import Any
 
 import numpy as np
 
+from jinfer.errors import ConfigError
+
 CPUINFO = Path("/proc/cpuinfo")
 
 
@@ -53,8 +55,24 @@ def as_precision(dtype: Dtype) -> Precision:
     """`dtype` as a Precision (a plain dtype: the same for weights and the rest)."""
     if isinstance(dtype, Precision):
         return dtype
-    name = None if dtype is None else np.dtype(_jnp_dtype(dtype)).name
+    name = None if dtype is None else np.dtype(_float_dtype(dtype)).name
     return Precision(name, name)
+
+
+def _float_dtype(name: Any) -> Any:
+    """A dtype asked for by a caller: a floating one, or a ConfigError saying what is accepted."""
+    import jax.numpy as jnp
+
+    try:
+        dtype = jnp.dtype(name)
+    except TypeError:
+        dtype = None
+    if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+        raise ConfigError(
+            f"dtype {name!r} is not a floating-point dtype; accepted: 'float32', 'bfloat16', "
+            "'float16' (or a jinfer.precision.Precision), or None for the checkpoint's"
+        )
+    return dtype
 
 
 def leaf_dtype(dtype: Dtype, matrix: bool, saved: Any) -> Any:

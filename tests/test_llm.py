@@ -145,6 +145,17 @@ def test_request_checks_name_what_is_wrong(llm):
     assert len(llm.generate("ok", SamplingParams(max_tokens=2, temperature=0.0))[0].token_ids) == 2
 
 
+def test_bad_engine_options_say_what_is_accepted(model_dir):
+    with pytest.raises(
+        errors.ConfigError, match=r"unknown option\(s\) \['prefix_cach'\]; accepted.*'prefix_cache'"
+    ):
+        LLM(model_dir, prefix_cach=False)
+    with pytest.raises(
+        errors.ConfigError, match=r"dtype 'float8' is not a floating-point dtype; accepted: 'float32'"
+    ):
+        LLM(model_dir, dtype="float8")
+
+
 def test_stream_concatenation_equals_generate(llm):
     for seed in range(4):
         p = SamplingParams(max_tokens=20, temperature=1.0, seed=seed, stop=("e ",))
