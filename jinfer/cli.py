@@ -223,8 +223,12 @@ def generate_with(
     inputs = prompts if args.raw else [[{"role": "user", "content": p}] for p in prompts]
     if llm.tokenizer is None or not llm.tokenizer.chat_template:
         inputs = prompts
+    per_prompt = [params] * len(inputs)
+    if args.max_tokens is None:  # the default length: at most what fits after each prompt
+        max_len = llm.engine.config.max_len
+        per_prompt = [_fitting(llm, inp, i, params, max_len) for i, inp in enumerate(inputs)]
     if args.json or len(prompts) > 1:
-        handles = llm.submit_all(inputs, params)
+        handles = llm.submit_all(inputs, per_prompt)
         if sink.watch is not None:
             sink.watch(handles)
         try:  # each output as soon as it and those before it are done
@@ -234,7 +238,7 @@ def generate_with(
             for handle in handles:
                 handle.cancel()
         return 0
-    stream = llm.stream(inputs[0], params)
+    stream = llm.stream(inputs[0], per_prompt[0])
     try:  # a reader that goes away (a closed pipe, a keep-alive client's Ctrl-C) aborts the request
         for piece in stream:
             out(piece)
@@ -242,6 +246,13 @@ def generate_with(
         stream.close()
     out("\n")
     return 0
+
+
+def _fitting(llm, prompt, index: int, params, max_len: int):
+    """`params` with max_tokens lowered to the room `prompt` leaves in max_len (a prompt with no
+    room at all keeps it, and gets the too-long error)."""
+    room = max_len - len(llm.encode_prompt(prompt, index))
+    return params.replace(max_tokens=room) if 1 <= room < params.max_tokens else params
 
 
 def _write_output(prompt: str, output, args: argparse.Namespace, out) -> None:

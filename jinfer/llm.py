@@ -501,6 +501,11 @@ class LLM:
             raise InputError(f"got {n} prompts but {len(params)} SamplingParams; give one or one per prompt")
         return params
 
+    def encode_prompt(self, prompt: Prompt, index: int = 0) -> list[int]:
+        """A prompt's token ids as `generate` sees them (chat template applied to messages);
+        InputError naming prompt `index` for one it cannot take."""
+        return self._encode(prompt, index)
+
     def _encode(self, prompt: Prompt, index: int) -> list[int]:
         if isinstance(prompt, str):
             self._need_tokenizer("string prompts")

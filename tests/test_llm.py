@@ -244,6 +244,21 @@ def test_interrupt_while_loading_exits_at_once():
     assert time.perf_counter() - t < 25
 
 
+def test_cli_default_max_tokens_fits_a_small_max_len(model_dir):
+    """Without --max-tokens, the default length (the model's max_new_tokens, 16) is lowered to
+    what fits after each prompt: with `--max-len 40` a 26-token prompt gets 14 tokens instead of
+    an error; an explicit --max-tokens that does not fit is still refused."""
+    flags = ["--temperature", "0", "--json", "--max-len", "40", "--ignore-eos"]
+    r = _cli("generate", "--model", str(model_dir), *flags, "Paris is", "A longer one")
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(line) for line in r.stdout.strip().splitlines()]
+    usage = [(row["usage"]["prompt_tokens"], row["usage"]["completion_tokens"]) for row in rows]
+    assert [c for _, c in usage] == [min(16, 40 - p) for p, _ in usage] and usage[1][0] + 16 > 40
+    assert all(row["finish_reason"] == "length" for row in rows)
+    r = _cli("generate", "--model", str(model_dir), *flags, "--max-tokens", "39", "Paris is")
+    assert r.returncode == 2 and "lower max_tokens or raise max_len" in r.stderr
+
+
 def test_cli_generate_json_and_inspect(model_dir, llm):
     r = _cli(
         "generate",
