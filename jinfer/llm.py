@@ -20,7 +20,7 @@ from jax.sharding import Mesh
 
 from jinfer import compile as compile_lib
 from jinfer import quant
-from jinfer.errors import ConfigError, InputError, InvalidSamplingParamsError
+from jinfer.errors import ConfigError, EngineClosedError, InputError, InvalidSamplingParamsError
 from jinfer.modeling import FlaxModel
 from jinfer.runtime.config import GenerationConfig
 from jinfer.runtime.kv_cache import KVCacheManager
@@ -394,7 +394,9 @@ class LLM:
 
     def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[str]:
         """Yields text increments (always valid UTF-8) as tokens are generated; n must be 1.
-        Closing the iterator (or dropping it) cancels the request."""
+        Closing the iterator (or dropping it) cancels the request. If the LLM is closed while the
+        stream runs, it raises EngineClosedError after the text generated so far (a stream has
+        no finish_reason to say "abort")."""
         params = params or self.default_params()
         if params.n != 1:
             raise InputError(f"stream() generates one sample; got n={params.n}")
@@ -406,6 +408,10 @@ class LLM:
                     raise delta.error
                 if delta.text:
                     yield delta.text
+                if delta.finish_reason == "abort":
+                    raise EngineClosedError(
+                        "the LLM was closed while this stream ran; its text is incomplete"
+                    )
         finally:
             handle.cancel()
 

@@ -156,6 +156,22 @@ def test_bad_engine_options_say_what_is_accepted(model_dir):
         LLM(model_dir, dtype="float8")
 
 
+def test_stream_raises_when_the_llm_is_closed_under_it(tmp_path):
+    """close() while a stream runs: the stream gives the text so far, then raises
+    EngineClosedError (not a silent, truncated end); generate's outputs say "abort". The stream
+    asks for 4,000 tokens (hundreds of ms), closed within a millisecond of its first piece."""
+    model_dir = make_tiny_llm_dir(tmp_path / "long", max_position_embeddings=4096)
+    llm = LLM(model_dir, max_batch=2, max_len=4096, buckets=(16, 32))
+    long = SamplingParams(max_tokens=4000, temperature=0.0, ignore_eos=True)
+    stream = llm.stream("The quick", long)
+    pieces = [next(stream)]
+    handle = llm.submit("Paris is", long)
+    llm.close()
+    with pytest.raises(errors.EngineClosedError, match="closed while this stream ran"):
+        pieces.extend(stream)
+    assert handle.result().finish_reason == "abort" and len(handle.result().token_ids) < 4000
+
+
 def test_stream_concatenation_equals_generate(llm):
     for seed in range(4):
         p = SamplingParams(max_tokens=20, temperature=1.0, seed=seed, stop=("e ",))
