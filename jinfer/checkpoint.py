@@ -193,6 +193,8 @@ def _main_float_dtype(flat: Mapping[str, Any]) -> str:
     """The floating dtype holding most parameters ("float32" when there are none)."""
     counts: dict[str, int] = {}
     for x in flat.values():
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            continue  # a PRNG key (an NNX Rngs stream): no numpy dtype
         dt = jnp.dtype(x.dtype)
         if jnp.issubdtype(dt, jnp.floating):
             counts[dt.name] = counts.get(dt.name, 0) + int(np.prod(x.shape))

@@ -43,6 +43,19 @@ def int_at_least(low: int):
     return parse
 
 
+def _step(text: str) -> int | str:
+    """An argparse type: a checkpoint step number >= 0, or "latest"."""
+    if text == "latest":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a step; accepted: an integer >= 0 or 'latest'")
+    return value
+
+
 def positive_float(text: str) -> float:
     """An argparse type: a finite number > 0."""
     try:
@@ -367,7 +380,7 @@ def cmd_freeze(args: argparse.Namespace) -> int:
         with open(args.config) as f:
             config = json.load(f)
     select = tuple(s.strip() for s in args.select.split(",") if s.strip())
-    step = int(args.step) if args.step not in (None, "latest") else "latest"
+    step = "latest" if args.step is None else args.step
     out = freeze_checkpoint(
         args.ckpt, args.out, select, step, args.dtype, args.model_class, config, overwrite=args.overwrite
     )
@@ -499,7 +512,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("ckpt", help="CheckpointManager directory, one step directory, or an Orbax checkpoint")
     p.add_argument("out")
     p.add_argument("--select", default="params", help="comma-separated key paths (default: params)")
-    p.add_argument("--step", default=None, help="step to restore (default: the latest complete one)")
+    p.add_argument(
+        "--step", type=_step, default=None, help="step to restore: a number or 'latest' (default: latest)"
+    )
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="cast floating arrays")
     p.add_argument("--model-class", default=None, help="registered model class (then --select params)")
     p.add_argument("--config", default=None, help="JSON file with the model class's config")

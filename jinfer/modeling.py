@@ -182,6 +182,7 @@ class FlaxModel:
                 params, args = prepare(params, args)
                 # nnx.merge at the jit boundary: the module is rebuilt from pure arrays each trace.
                 module = nnx.merge(graphdef, params)
+                module.eval()  # inference behaviour (BatchNorm's running stats, no Dropout) on this copy
                 fn = module if method is None else getattr(module, method)
                 return fn(*args, **kwargs)
 

@@ -444,6 +444,10 @@ def freeze_checkpoint(
     if final.exists() and not overwrite:
         raise ConfigError(f"{final} already exists; pass overwrite=True (--overwrite) to replace it")
     flat = checkpoint.flatten_params(variables)
+    # PRNG keys (an NNX module's Dropout streams) are training state that inference never draws
+    # from: they are left out (Engine.from_flax takes the module's own), and named in the meta.
+    keys = sorted(k for k, v in flat.items() if jax.dtypes.issubdtype(v.dtype, jax.dtypes.prng_key))
+    flat = {k: v for k, v in flat.items() if k not in keys}
     meta = {
         "format_version": checkpoint.FORMAT_VERSION,
         "kind": VARIABLES_KIND,
@@ -451,6 +455,7 @@ def freeze_checkpoint(
         "select": list((select,) if isinstance(select, str) else select),
         "source": {"path": str(step_dir), "step": step_number},
         "dtype": checkpoint._main_float_dtype(flat),
+        "dropped_prng_keys": keys,
     }
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"

@@ -180,3 +180,47 @@ def test_persistent_cache_from_env(tmp_path):
     ]
     hits = [int(r.stdout.split("HITS")[-1]) if r.returncode == 0 else r.stderr for r in runs]
     assert hits == [0, 2]
+
+
+def test_registered_nnx_model_runs_in_eval_mode():
+    """A registered NNX class with BatchNorm and Dropout, served through Engine(FlaxModel, state),
+    runs as `module.eval()` does (running statistics, no dropout): not in training mode on the
+    padded bucket, where an example's output depended on the padding beside it."""
+    import dataclasses
+
+    from flax import nnx
+
+    from jinfer.models.registry import ModelSpec, register
+
+    @dataclasses.dataclass(frozen=True)
+    class TaggerConfig:
+        vocab_size: int = 50
+        dim: int = 16
+
+    class EvalModeTagger(nnx.Module):
+        def __init__(self, cfg, rngs):
+            self.emb = nnx.Embed(cfg.vocab_size, cfg.dim, rngs=rngs)
+            self.bn = nnx.BatchNorm(cfg.dim, rngs=rngs)
+            self.drop = nnx.Dropout(0.5, rngs=rngs)
+            self.out = nnx.Linear(cfg.dim, 3, rngs=rngs)
+
+        def __call__(self, tokens, mask):
+            x = self.drop(self.bn(self.emb(tokens)))
+            m = mask[..., None]
+            return self.out((x * m).sum(1) / m.sum(1))
+
+    register(
+        ModelSpec(
+            name="EvalModeTagger", config_cls=TaggerConfig, module_cls=EvalModeTagger, task="classifier"
+        )
+    )
+    module = EvalModeTagger(TaggerConfig(), nnx.Rngs(0))
+    module.bn.mean[...], module.bn.var[...] = jnp.ones(16), jnp.full(16, 4.0)  # "trained" statistics
+    engine = Engine(
+        FlaxModel.from_name("EvalModeTagger", TaggerConfig()), nnx.to_pure_dict(nnx.state(module))
+    )
+    x = np.arange(1, 6)
+    module.eval()
+    want = np.asarray(module(x[None].astype(np.int32), np.ones((1, 5), bool)))[0]
+    np.testing.assert_allclose(engine.predict([x])[0], want, atol=1e-5)
+    np.testing.assert_allclose(engine.predict([x, np.arange(7, 20)])[0], want, atol=1e-5)  # batch-independent

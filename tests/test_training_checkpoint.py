@@ -4,6 +4,7 @@ The Linen and NNX models below are written the way research code is: BatchNorm +
 flag, optax adam, a CheckpointManager saving every step.
 """
 
+import json
 import shutil
 import subprocess
 import sys
@@ -285,6 +286,23 @@ def test_nnx_variables_for_the_wrong_subtree_list_the_modules_keys(nnx_run):
     restored = restore_checkpoint(ckpt, select="model")
     with pytest.raises(ConfigError, match=r"top-level keys are \['bn', 'conv', 'dropout', 'hidden', 'out'\]"):
         jinfer.Engine.from_flax(NNXNet(nnx.Rngs(0)), restored, example=np.zeros(IMAGE, np.float32))
+
+
+def test_freeze_an_nnx_model_with_dropout_rngs_serves(nnx_run, tmp_path):
+    """An NNX module with Dropout(rngs=...) saved as nnx.state(model) holds PRNG keys, which no
+    file format stores as such: freeze leaves them out (named in the meta; inference draws
+    nothing) and the frozen variables serve as the trained model in eval mode."""
+    from jinfer.training_checkpoint import freeze_checkpoint
+
+    ckpt, trained = nnx_run
+    out = freeze_checkpoint(ckpt, tmp_path / "frozen", select="model")
+    meta = json.loads((out / "config.json").read_text())
+    assert meta["dropped_prng_keys"] and all("dropout" in k for k in meta["dropped_prng_keys"])
+    variables = jinfer.load_variables(out)
+    abstract = nnx.eval_shape(lambda: NNXNet(nnx.Rngs(0)))
+    images = _batches(seed=6, n=1, batch=3)[0][0]
+    engine = jinfer.Engine.from_flax(abstract, variables["model"], example=images[0])
+    np.testing.assert_allclose(np.stack(engine.predict(list(images))), np.asarray(trained(images)), atol=1e-5)
 
 
 def test_freeze_cli_writes_a_model_dir_that_serves(linen_run, tmp_path):
