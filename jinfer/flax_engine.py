@@ -259,9 +259,14 @@ def _linen_boxed_abstract(module, variables, probe, apply_kwargs, mask_arg, meth
     """The module's own abstract variables (with logical partitioning boxes, if it declares any)."""
     batch, mask = probe
     rngs = {"params": jax.random.key(0), "dropout": jax.random.key(1)}
+
+    def init(batch, mask):  # the probe's ShapeDtypeStructs enter as arguments (traced), not closed over
+        return module.init(
+            rngs, *_call_args(batch), method=method, **_call_kwargs(apply_kwargs, mask_arg, mask)
+        )
+
     try:
-        kwargs = _call_kwargs(apply_kwargs, mask_arg, mask)
-        abstract = jax.eval_shape(lambda: module.init(rngs, *_call_args(batch), method=method, **kwargs))
+        abstract = jax.eval_shape(init, batch, mask)
     except Exception as e:  # only used to find logical axes; the engine works without them
         logger.info("jinfer: no logical axes from %s.init (%s); using data-parallel shardings", module, e)
         return variables

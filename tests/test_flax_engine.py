@@ -134,6 +134,25 @@ def test_two_input_model_with_pytree_example(image_text, mesh_spec):
     assert engine.predict([example])[0]["logits"].shape == (3,)  # still serving
 
 
+def test_logical_axes_apply_to_plain_restored_variables(image_text):
+    """Variables restored from a checkpoint are plain arrays (no Partitioned boxes): the module's
+    declared logical axes still shard them (they were replicated on every device)."""
+    model, boxed, example = image_text
+    engine = jinfer.Engine.from_flax(
+        model,
+        nn.unbox(boxed),
+        example=example,
+        variable_axes={"tokens": {0: "length"}},
+        buckets=Buckets(batch_sizes=(1, 2), seq_lens=(8,)),
+        mask_arg="mask",
+        mesh=make_mesh("data=2,model=4"),
+    )
+    kernel = engine.params["params"]["Dense_0"]["kernel"]
+    assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, "model")
+    want = _reference(model, nn.unbox(boxed), example)
+    np.testing.assert_allclose(engine.predict([example])[0]["logits"], want["logits"], rtol=1e-5, atol=1e-5)
+
+
 def test_random_sizes_compile_once_per_bucket_and_never_after_warmup(image_text):
     model, boxed, example = image_text
     buckets = Buckets(batch_sizes=(1, 2, 4), seq_lens=(4, 8, 16))
