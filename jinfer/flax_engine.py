@@ -97,15 +97,25 @@ class FlaxEngine(Engine):
         return jax.eval_shape(self.forward, params, inputs, mask)
 
     def _find_output_dims(self) -> Any:
-        # Probe the smallest bucket and, per dim, its largest size: output axes whose size follows
-        # a dim's bucket size in every probe are cut back to the example's size.
+        # Probe the smallest bucket and, per dim, its largest size and one size that is no bucket
+        # (half the smallest, else one past the largest; traced only, never compiled): output axes
+        # whose size follows a dim's size in every probe are cut back to the example's size. The
+        # extra size keeps an axis that merely equals a bucket size (a feature axis of 64 with one
+        # 64-token bucket) from being taken for the dim.
         dims = self.buckets.dims
         smallest = [sizes[0] for _, sizes in dims]
         probes = {_key(smallest): self.abstract_outputs((1, _key(smallest)))}
         for i, (_, sizes) in enumerate(dims):
-            if len(sizes) > 1:
-                sizes_i = [*smallest[:i], sizes[-1], *smallest[i + 1 :]]
-                probes[_key(sizes_i)] = self.abstract_outputs((1, _key(sizes_i)))
+            for size in dict.fromkeys([sizes[-1], sizes[0] // 2 or sizes[-1] + 1]):
+                if size == smallest[i]:
+                    continue
+                sizes_i = [*smallest[:i], size, *smallest[i + 1 :]]
+                try:
+                    probes[_key(sizes_i)] = self.abstract_outputs((1, _key(sizes_i)))
+                except Exception:
+                    if size in sizes:
+                        raise
+                    # a size the module cannot trace (e.g. not a multiple of its stride): skip it
         return output_dims(probes, self.spec.dim_names)
 
     # -- running ---------------------------------------------------------------------------

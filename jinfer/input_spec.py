@@ -276,7 +276,8 @@ def output_dims(probes: Mapping[DimSizes, Any], dim_names: Sequence[str]) -> Any
     """Per output leaf, `((axis, dim index), ...)`: axes whose size follows a variable dim.
 
     `probes` maps bucket sizes to output shape trees (jax.eval_shape at those buckets). An axis
-    follows dim i when its size equals dim i's bucket size in every probe (axes >= 1 only).
+    follows dim i when its size equals dim i's bucket size in every probe (axes >= 1 only); a dim
+    may have several (a pairwise [b, T, T] output is cut on both).
     """
     keys = list(probes)
     trees = [probes[k] for k in keys]
@@ -285,8 +286,6 @@ def output_dims(probes: Mapping[DimSizes, Any], dim_names: Sequence[str]) -> Any
         claimed: list[tuple[int, int]] = []
         for axis in range(1, len(shapes[0].shape)):
             for i in range(len(dim_names)):
-                if i in [c[1] for c in claimed]:
-                    continue
                 if all(s.shape[axis] == _unpack(k)[i] for s, k in zip(shapes, keys, strict=True)):
                     claimed.append((axis, i))
                     break

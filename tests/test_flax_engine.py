@@ -222,3 +222,30 @@ def test_variable_size_images_with_height_width_buckets_and_mask():
         engine.predict([np.zeros((4, 17, 3), np.float32)])
     cropped = engine.predict([np.zeros((20, 4, 3), np.float32)], truncate=True)[0]
     assert cropped["feature_map"].shape == (16, 4, 1)
+
+
+def test_unpadding_follows_the_length_not_a_coincidental_size():
+    """Output axes are cut back to an example's length only when they follow it: a pooled
+    [b, 64] embedding with a single 64-token bucket keeps its 64 features (it came back cut to
+    the example's 10), and a pairwise [b, T, T] output is cut on both axes (it kept T padded
+    columns)."""
+
+    class Pooled(nn.Module):
+        @nn.compact
+        def __call__(self, tokens, mask):
+            x = nn.Dense(64)(nn.Embed(100, 64)(tokens))
+            m = mask[..., None].astype(x.dtype)
+            return {"pooled": (x * m).sum(1) / m.sum(1), "pairs": jnp.einsum("btd,bsd->bts", x, x)}
+
+    module, x = Pooled(), np.arange(1, 11, dtype=np.int32)
+    variables = module.init(jax.random.key(0), x[None], np.ones((1, 10), bool))
+    want = module.apply(variables, x[None], np.ones((1, 10), bool))
+    for seq_lens in ((64,), (16, 64)):
+        buckets = Buckets(batch_sizes=(1, 4), seq_lens=seq_lens)
+        engine = jinfer.Engine.from_flax(
+            module, variables, example=x, variable_axes={0: "length"}, buckets=buckets, mask_arg="mask"
+        )
+        got = engine.predict([x])[0]
+        assert got["pooled"].shape == (64,) and got["pairs"].shape == (10, 10)
+        np.testing.assert_allclose(got["pooled"], want["pooled"][0], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(got["pairs"], want["pairs"][0], rtol=1e-5, atol=1e-4)
