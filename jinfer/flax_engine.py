@@ -20,6 +20,7 @@ split over every mesh axis.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -189,19 +190,20 @@ def from_flax(
     if dtype is not None:
         values = cast_floating(values, dtype)
     shardings, rules = _variable_shardings(values, boxed, mesh, rules, param_rules, user_rules)
-    engine = FlaxEngine(
-        forward,
-        values,
-        spec,
-        buckets=shape_buckets,
-        unpad_outputs=unpad_outputs,
-        mesh=mesh,
-        rules=rules,
-        param_shardings=shardings,
-        truncate=truncate,
-        batcher_config=batcher_config,
-    )
-    _check_traces(engine, apply_kwargs)
+    with _training_mode_errors(apply_kwargs):  # the engine traces the module to find output axes
+        engine = FlaxEngine(
+            forward,
+            values,
+            spec,
+            buckets=shape_buckets,
+            unpad_outputs=unpad_outputs,
+            mesh=mesh,
+            rules=rules,
+            param_shardings=shardings,
+            truncate=truncate,
+            batcher_config=batcher_config,
+        )
+        engine.abstract_outputs(engine.buckets.keys()[0])  # trace the smallest bucket now
     return engine
 
 
@@ -401,12 +403,13 @@ def _shardings_from(values, axes, mesh, table):
     return jax.tree_util.tree_map_with_path(sharding, values)
 
 
-def _check_traces(engine: FlaxEngine, apply_kwargs: Mapping[str, Any]) -> None:
-    """Traces the smallest bucket now, turning Flax's training-mode errors into a clear one."""
+@contextlib.contextmanager
+def _training_mode_errors(apply_kwargs: Mapping[str, Any]):
+    """Turns Flax's training-mode errors (raised while tracing the module) into a clear one."""
     from flax import errors as flax_errors
 
     try:
-        engine.abstract_outputs(engine.buckets.keys()[0])
+        yield
     except (flax_errors.ModifyScopeVariableError, flax_errors.InvalidRngError) as e:
         raise ConfigError(
             f"Engine.from_flax: the module ran in training mode ({type(e).__name__}: "

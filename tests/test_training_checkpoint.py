@@ -181,6 +181,14 @@ def test_training_mode_error_names_the_flag(linen_run):
     variables = restore_checkpoint(ckpt)
     with pytest.raises(ConfigError, match=r"apply_kwargs=\{'train': False\}"):
         jinfer.Engine.from_flax(ResNet(), variables, example=np.zeros(IMAGE, np.float32))
+    with pytest.raises(ConfigError, match=r"apply_kwargs=\{'train': False\}"):  # variable sizes too
+        jinfer.Engine.from_flax(
+            ResNet(),
+            variables,
+            example=np.zeros(IMAGE, np.float32),
+            variable_axes={0: "height", 1: "width"},
+            dim_buckets={"height": (8, 16), "width": (8, 16)},
+        )
 
 
 def test_half_written_latest_step_is_skipped_with_a_warning(linen_run, tmp_path):
