@@ -34,7 +34,7 @@ import secrets
 import shutil
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -248,9 +248,30 @@ def _write_contents(tmp: Path, flat: dict[str, Any], meta: dict, extra_files: Ma
         os.fsync(f.fileno())
 
 
+def check_replaceable(final: Path, sources: Sequence[Any] = ()) -> None:
+    """ConfigError unless `final` may be replaced by a new model directory: it must not be (or
+    hold) a source being read, and an existing `final` must be a jinfer model or variables
+    directory (never an arbitrary directory or file that `overwrite` would delete)."""
+    final = Path(final).absolute().resolve()
+    for src in sources:
+        src_path = Path(src).absolute().resolve()
+        if src_path == final or final in src_path.parents:
+            raise ConfigError(
+                f"the output {final} is, or contains, the source {src_path}: replacing it would "
+                "delete the checkpoint being read; write to another directory"
+            )
+    if final.exists() and not (final.is_dir() and (final / COMPLETE_MARKER).is_file()):
+        what = "a directory" if final.is_dir() else "a file"
+        raise ConfigError(
+            f"{final} exists and is {what}, not a jinfer model directory (no {COMPLETE_MARKER}); "
+            "overwrite only replaces an earlier jinfer output: remove it yourself or choose another path"
+        )
+
+
 def _move_into_place(tmp: Path, final: Path, overwrite: bool) -> None:
     old = None
     if final.exists() and overwrite:
+        check_replaceable(final)
         old = final.parent / f".{final.name}.old-{os.getpid()}-{secrets.token_hex(4)}"
         os.replace(final, old)
     os.replace(tmp, final)

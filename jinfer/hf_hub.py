@@ -15,7 +15,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from jinfer.errors import ConfigError, JinferError
+from jinfer.errors import JinferError
 
 log = logging.getLogger("jinfer.hub")
 
@@ -86,10 +86,7 @@ def conversion_dtype(dtype: Any) -> str:
     losslessly to float16, to bfloat16 weight matrices, ..."""
     from jinfer import precision
 
-    try:
-        p = precision.as_precision(dtype)
-    except TypeError as e:
-        raise ConfigError(f"dtype={dtype!r} is not a dtype; use e.g. 'float32' or 'bfloat16'") from e
+    p = precision.as_precision(dtype)  # ConfigError naming the accepted dtypes
     return "bfloat16" if p.weights == p.compute == "bfloat16" else "float32"
 
 

@@ -427,3 +427,27 @@ def test_cli_convert_and_pull_errors(tmp_path):
     assert r.returncode == 0 and "quantization" not in json.loads((out / "config.json").read_text())
     r = cli("pull", "no-such-model")
     assert r.returncode == 2 and "smollm2-135m-instruct" in r.stderr
+
+
+def test_overwrite_never_deletes_the_source_or_a_foreign_directory(tmp_path):
+    """`overwrite` replaces an earlier jinfer output only: an output that is (or holds) the source,
+    or an existing directory jinfer did not write, is refused before any work, untouched."""
+    from jinfer.errors import ConfigError
+
+    src = tmp_path / "parent" / "src"
+    shutil.copytree(Path(__file__).parent / "fixtures" / "hf" / "llama_gqa", src)
+    (tmp_path / "parent" / "mydata.txt").write_text("keep me")
+    foreign = tmp_path / "other"
+    foreign.mkdir()
+    (foreign / "f.txt").write_text("keep me too")
+    for out, message in [
+        (src, "is, or contains, the source"),
+        (tmp_path / "parent", "is, or contains, the source"),
+        (foreign, "not a jinfer model directory"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            convert(src, out, progress=False, overwrite=True)
+    assert (src / "config.json").is_file() and (tmp_path / "parent" / "mydata.txt").read_text() == "keep me"
+    assert (foreign / "f.txt").read_text() == "keep me too"
+    out = convert(src, tmp_path / "out", progress=False)
+    assert convert(src, out, progress=False, overwrite=True) == out  # an earlier output is replaced

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from jinfer import hf_hub
-from jinfer.errors import JinferError
+from jinfer.errors import ConfigError, JinferError
 
 FIXTURE = Path(__file__).parent / "fixtures" / "hf" / "llama_gqa"
 REPO = "tiny-org/tiny-llama"
@@ -207,7 +207,7 @@ def test_sharded_hub_checkpoint_converts_and_dtype_objects_are_accepted(offline_
     assert [o.token_ids for o in outs] == [[int(t) for t in golden[f"generated_{i}"]] for i in (0, 1)]
     assert hf_hub.conversion_dtype("float16") == "float32"  # restored from float32, cast at load
     assert hf_hub.conversion_dtype("bfloat16") == "bfloat16"
-    with pytest.raises(hf_hub.ConfigError, match="dtype='bogus' is not a dtype"):
+    with pytest.raises(ConfigError, match="dtype 'bogus' is not a floating-point dtype; accepted: 'float32'"):
         hf_hub.conversion_dtype("bogus")
     # The index may still not name a file outside the snapshot.
     from jinfer.convert.hf import safetensors_files

@@ -78,6 +78,10 @@ def convert(
 
         if hf_hub.is_repo_id(src):  # "org/name[@revision]": the snapshot in the HF cache
             src = hf_hub.download_snapshot(src)
+    if overwrite and Path(out).exists():  # checked before any conversion work
+        from jinfer.checkpoint import check_replaceable
+
+        check_replaceable(Path(out), [src])
     kind = detect_format(src)
     start = time.perf_counter()
     fn = gguf.convert_gguf if kind == "gguf" else hf.convert_hf
