@@ -601,16 +601,19 @@ def error_report(e: Exception, args: argparse.Namespace) -> tuple[int, str]:
     usage = (ConfigError, InputError, CheckpointNotFoundError, CheckpointKeyError)
     if isinstance(e, (*usage, HubDownloadError, UnsupportedArchitectureError)):  # nothing to run
         return EXIT_USAGE, text
-    if isinstance(e, JinferError):
-        return EXIT_RUNTIME, text
-    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
-        where = f" writing {e.filename}" if e.filename else ""
+    # TensorStore (Orbax's writer) reports a full disk as a ValueError "RESOURCE_EXHAUSTED: ...
+    # No space left on device"; it is the same failure, with the same advice.
+    if (isinstance(e, OSError) and e.errno == errno.ENOSPC) or "No space left on device" in text:
+        filename = getattr(e, "filename", None)
+        where = f" writing {filename}" if filename else ""
         resume = (
             "rows written so far are kept; free space and rerun the same command to resume"
             if args.command == "run-batch"
             else "free space and rerun the command"
         )
         return EXIT_IO, f"no space left on device{where}: {resume}"
+    if isinstance(e, JinferError):
+        return EXIT_RUNTIME, text
     if isinstance(e, OSError):
         return EXIT_IO, f"{type(e).__name__}: {text}"
     return EXIT_RUNTIME, f"internal error {type(e).__name__}: {text} (rerun with --debug for the traceback)"

@@ -451,3 +451,20 @@ def test_overwrite_never_deletes_the_source_or_a_foreign_directory(tmp_path):
     assert (foreign / "f.txt").read_text() == "keep me too"
     out = convert(src, tmp_path / "out", progress=False)
     assert convert(src, out, progress=False, overwrite=True) == out  # an earlier output is replaced
+
+
+def test_pre_quantized_checkpoint_is_refused_not_converted_to_garbage(tmp_path):
+    """An FP8 (or GPTQ/AWQ) release stores weights that need scales jinfer does not read: it is
+    refused naming the method, instead of converting into a model that answers garbage."""
+    from jinfer.errors import ConversionError
+
+    src = tmp_path / "fp8"
+    shutil.copytree(FIXTURES / "llama_gqa", src)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [128, 128]}
+    (src / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(
+        ConversionError, match=r"quant_method='fp8': pre-quantized checkpoints are not supported"
+    ):
+        convert(src, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()

@@ -629,3 +629,13 @@ def test_bad_safetensors_shape_is_one_line_error(tmp_path, capsys):
     code, err = _main(capsys, "convert", str(hf_dir), str(tmp_path / "out"))
     assert code == 1 and "corrupt safetensors header entry for 'w'" in err
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
+def test_a_full_disk_reported_by_tensorstore_is_the_disk_full_error():
+    """Orbax's writer (TensorStore) reports ENOSPC as a ValueError: it gets the same exit code 3
+    and one-line advice as an OSError(ENOSPC), not "internal error"."""
+    import argparse
+
+    e = ValueError('RESOURCE_EXHAUSTED: Error writing local file "/x/d/0": No space left on device')
+    code, message = cli.error_report(e, argparse.Namespace(command="convert"))
+    assert code == 3 and message == "no space left on device: free space and rerun the command"

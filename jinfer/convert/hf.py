@@ -520,6 +520,20 @@ def tokenizer_files(model_dir: Path, extra_dirs: Iterable[Path] = ()) -> dict[st
     return found
 
 
+def _refuse_quantized(cfg: Mapping[str, Any], where: Path) -> None:
+    """A pre-quantized checkpoint (FP8, GPTQ, AWQ, bitsandbytes: `quantization_config`) stores
+    weights that mean nothing without their scales and packing, which jinfer does not read: refuse
+    it rather than write a model that runs and answers garbage."""
+    qc = cfg.get("quantization_config")
+    if qc:
+        method = qc.get("quant_method", "unknown") if isinstance(qc, Mapping) else "unknown"
+        raise ConversionError(
+            f"{where}: quantization_config.quant_method={method!r}: pre-quantized checkpoints are "
+            "not supported (their weights need scales jinfer does not apply); convert the "
+            "unquantized (float16/bfloat16) release, optionally with --quantize int8"
+        )
+
+
 def convert_hf(
     src: str | os.PathLike,
     out: str | os.PathLike,
@@ -534,6 +548,7 @@ def convert_hf(
     root = Path(src)
     weights_dir, pooling = sentence_transformers_layout(root)
     cfg, arch = read_hf_config(weights_dir)
+    _refuse_quantized(cfg, weights_dir / "config.json")
     source = SafetensorsSource(safetensors_files(weights_dir))
     extra_config = pooling if arch.model_class == "Bert" else {}
     extra_config = {**extra_config, "source_format": "huggingface"}
