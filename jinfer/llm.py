@@ -569,7 +569,15 @@ def _as_prompt_list(prompts) -> list[Prompt]:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text()) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    try:
+        obj = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(obj, dict):
+        raise ConfigError(f"{path} holds a JSON {type(obj).__name__}; expected an object")
+    return obj
 
 
 def _generation_config(max_batch, max_len, buckets, decode_steps, options) -> GenerationConfig:

@@ -26,7 +26,7 @@ class Tokenizer:
     def __init__(self, backend: Any, config: dict[str, Any] | None = None):
         self.backend = backend
         self.config = dict(config or {})
-        self.chat_template: str | None = self.config.get("chat_template")
+        self.chat_template: str | None = _default_template(self.config.get("chat_template"))
         self.bos_token = _token_text(self.config.get("bos_token"))
         self.eos_token = _token_text(self.config.get("eos_token"))
         self._template: jinja2.Template | None = None
@@ -99,6 +99,16 @@ class Tokenizer:
     def encode_chat(self, messages: Sequence[Message]) -> list[int]:
         """Chat messages -> prompt ids. The template writes special tokens itself."""
         return self.encode(self.render_chat(messages), add_special_tokens=False)
+
+
+def _default_template(template: Any) -> str | None:
+    """`chat_template` as one string. Some tokenizer configs (Hermes, Command-R) hold a list of
+    named templates, `[{"name": "default", "template": ...}, {"name": "tool_use", ...}]`, as
+    transformers accepts: the one named "default" is used (else the first)."""
+    if isinstance(template, list):
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default", next(iter(named.values()), None))
+    return template if isinstance(template, str) and template else None
 
 
 def _token_text(tok: Any) -> str | None:

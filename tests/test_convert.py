@@ -468,3 +468,19 @@ def test_pre_quantized_checkpoint_is_refused_not_converted_to_garbage(tmp_path):
     ):
         convert(src, tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "name", ["tokenizer_config.json", "special_tokens_map.json", "generation_config.json"]
+)
+def test_invalid_json_side_file_is_named_at_conversion(tmp_path, name):
+    """A damaged tokenizer/generation JSON file is refused at conversion, naming the file (it was
+    a bare JSONDecodeError, or for generation_config.json an error at every later load)."""
+    from jinfer.errors import ConversionError
+
+    src = tmp_path / "src"
+    shutil.copytree(FIXTURES / "llama_gqa", src)
+    (src / "tokenizer_config.json").write_text("{}")  # special_tokens_map.json fills it in
+    (src / name).write_text('{"eos_token_id": 2,')
+    with pytest.raises(ConversionError, match=rf"{name} is not valid JSON"):
+        convert(src, tmp_path / "out", progress=False)

@@ -42,6 +42,21 @@ def test_string_chat_and_id_prompts(llm):
     assert by_chat.text == llm.tokenizer.decode(by_chat.token_ids)
 
 
+def test_a_list_of_named_chat_templates_uses_the_default_one(model_dir):
+    """tokenizer_config.json may hold [{"name", "template"}, ...] (Hermes, Command-R), as
+    transformers accepts: the "default" one renders (it failed with "Can't compile non template
+    nodes")."""
+    tok = Tokenizer.from_dir(model_dir)
+    named = [
+        {"name": "tool_use", "template": "TOOLS {{ messages[0]['content'] }}"},
+        {"name": "default", "template": "<{{ messages[0]['content'] }}>"},
+    ]
+    chat = [{"role": "user", "content": "hi"}]
+    assert Tokenizer(tok.backend, {**tok.config, "chat_template": named}).render_chat(chat) == "<hi>"
+    first_only = [{"name": "tool_use", "template": "T{{ messages[0]['content'] }}"}]
+    assert Tokenizer(tok.backend, {**tok.config, "chat_template": first_only}).render_chat(chat) == "Thi"
+
+
 def test_generation_config_defaults_and_eos(llm, model_dir):
     defaults = llm.default_params()
     assert defaults.temperature == 0.0 and defaults.max_tokens == 16

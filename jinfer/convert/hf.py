@@ -505,19 +505,32 @@ def tokenizer_files(model_dir: Path, extra_dirs: Iterable[Path] = ()) -> dict[st
         for name in TOKENIZER_FILES:
             if name not in found and (d / name).is_file():
                 found[name] = (d / name).read_bytes()
+    if "generation_config.json" in found:  # copied as is: checked now, not at every later load
+        _json_object(found["generation_config.json"], model_dir / "generation_config.json")
     if "tokenizer_config.json" in found or (model_dir / "chat_template.jinja").is_file():
-        tok_cfg = json.loads(found.get("tokenizer_config.json", b"{}"))
+        tok_cfg = _json_object(found.get("tokenizer_config.json", b"{}"), model_dir / "tokenizer_config.json")
         template = model_dir / "chat_template.jinja"
         if not tok_cfg.get("chat_template") and template.is_file():
             tok_cfg["chat_template"] = template.read_text()
         special = model_dir / "special_tokens_map.json"
         if special.is_file():
-            for key, value in json.loads(special.read_text()).items():
+            for key, value in _json_object(special.read_bytes(), special).items():
                 tok_cfg.setdefault(key, value)
         found["tokenizer_config.json"] = tok_cfg
     if "tokenizer.json" not in found:
         log.warning("%s has no tokenizer.json: the converted model will accept token ids only", model_dir)
     return found
+
+
+def _json_object(data: bytes, path: Path) -> dict[str, Any]:
+    """A JSON object file's content, or a ConversionError naming the file."""
+    try:
+        obj = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConversionError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(obj, dict):
+        raise ConversionError(f"{path} holds a JSON {type(obj).__name__}; expected an object")
+    return obj
 
 
 def _refuse_quantized(cfg: Mapping[str, Any], where: Path) -> None:
