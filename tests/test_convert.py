@@ -484,3 +484,25 @@ def test_invalid_json_side_file_is_named_at_conversion(tmp_path, name):
     (src / name).write_text('{"eos_token_id": 2,')
     with pytest.raises(ConversionError, match=rf"{name} is not valid JSON"):
         convert(src, tmp_path / "out", progress=False)
+
+
+def test_gguf_chat_models_stop_at_their_end_of_turn_tokens(tmp_path):
+    """Besides eos, a GGUF's eot/eom ids and control tokens with a known end-of-turn text stop
+    generation, as in llama.cpp (a chat GGUF whose eos is <|endoftext|> ran on past <|im_end|>)."""
+    from jinfer.convert.gguf import tokenizer_files_from_gguf
+
+    path = tmp_path / "eot.gguf"
+    tokens = [*_byte_tokens(), "<|endoftext|>", "<|im_end|>", "<end_of_turn>", "<|im_start|>"]
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list(tokens)
+    w.add_token_types([1] * 256 + [3, 3, 1, 3])  # <end_of_turn> here is no control token
+    w.add_token_merges([])
+    w.add_eos_token_id(256)
+    w.add_uint32("tokenizer.ggml.eot_token_id", 258)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    files = tokenizer_files_from_gguf(gguf.GGUFReader(str(path)), path)
+    assert files["generation_config.json"]["eos_token_id"] == [256, 258, 257]  # eos, eot, <|im_end|>

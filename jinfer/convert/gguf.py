@@ -505,16 +505,50 @@ def tokenizer_files_from_gguf(reader: Any, path: Path) -> dict[str, Any]:
     template = field(reader, "tokenizer.chat_template", None)
     if template:
         tok_cfg["chat_template"] = template
-    gen_cfg = {
+    gen_cfg: dict[str, Any] = {
         k: int(special[s])
         for k, s in (("bos_token_id", "bos"), ("eos_token_id", "eos"), ("pad_token_id", "padding"))
         if special[s] is not None
     }
+    stops = end_of_generation_ids(reader, tokens, types, special["eos"])
+    if len(stops) > 1:
+        gen_cfg["eos_token_id"] = stops
     return {
         "tokenizer.json": tok.to_str(),
         "tokenizer_config.json": tok_cfg,
         "generation_config.json": gen_cfg,
     }
+
+
+# Texts of end-of-turn tokens that llama.cpp stops at besides the GGUF's eos (when they are
+# control tokens of the vocabulary): chat models end a turn with these, not with eos.
+END_OF_TURN_TEXTS = (
+    "<|eot_id|>",
+    "<|eom_id|>",
+    "<|im_end|>",
+    "<|end|>",
+    "<end_of_turn>",
+    "<|endoftext|>",
+    "<EOT>",
+    "<|end_of_text|>",
+)
+CONTROL_TOKEN = 3
+
+
+def end_of_generation_ids(reader: Any, tokens: list[str], types: list[int], eos: int | None) -> list[int]:
+    """The token ids generation stops at, as llama.cpp decides them: eos, the GGUF's
+    eot/eom token ids, and control tokens whose text is a known end of turn."""
+    ids = [int(eos)] if eos is not None else []
+    for key in ("eot", "eom"):
+        tid = field(reader, f"tokenizer.ggml.{key}_token_id", None)
+        if tid is not None and 0 <= int(tid) < len(tokens):
+            ids.append(int(tid))
+    ids += [
+        i
+        for i, (t, kind) in enumerate(zip(tokens, types, strict=True))
+        if kind == CONTROL_TOKEN and t in END_OF_TURN_TEXTS
+    ]
+    return list(dict.fromkeys(ids))
 
 
 def build_bpe_tokenizer(tokens: list[str], merges: list[str], token_types: list[int], pre: str) -> Any:
