@@ -506,3 +506,20 @@ def test_gguf_chat_models_stop_at_their_end_of_turn_tokens(tmp_path):
     w.close()
     files = tokenizer_files_from_gguf(gguf.GGUFReader(str(path)), path)
     assert files["generation_config.json"]["eos_token_id"] == [256, 258, 257]  # eos, eot, <|im_end|>
+
+
+def test_config_with_fewer_layers_than_the_weights_is_refused(tmp_path):
+    """num_hidden_layers below the checkpoint's layers dropped layers silently (exit 0, logits
+    wrong); it is now a ConversionError naming the first extra layer's tensor."""
+    from jinfer.errors import ConversionError
+
+    src = tmp_path / "src"
+    shutil.copytree(FIXTURES / "llama_gqa", src)
+    cfg = json.loads((src / "config.json").read_text())
+    assert cfg["num_hidden_layers"] > 1
+    cfg["num_hidden_layers"] = 1
+    (src / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(
+        ConversionError, match=r"config.json gives 1 layers but the checkpoint holds tensors of layer"
+    ):
+        convert(src, tmp_path / "out", progress=False)

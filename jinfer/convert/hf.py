@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import os
+import re
 import struct
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -38,6 +39,7 @@ from jinfer.errors import (
 log = logging.getLogger("jinfer.convert")
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
+_LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h|layer|blocks)\.(\d+)\.")
 # Buffers some checkpoints store that are not weights (GPT-2's causal mask, cached RoPE tables).
 _IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq", "embeddings.position_ids")
 
@@ -336,8 +338,16 @@ def convert_tensors(
         out.append(jax.device_put(converted))
         del tensor, converted
     unused = sorted(n for n in available - used if not n.endswith(_IGNORED_SUFFIXES))
+    layers = getattr(model.config, "num_layers", None)
+    extra = sorted({int(m.group(1)) for n in unused if (m := _LAYER_INDEX.search(n))})
+    if layers is not None and extra and extra[-1] >= layers:
+        raise ConversionError(
+            f"config.json gives {layers} layers but the checkpoint holds tensors of layer "
+            f"{extra[-1]} (e.g. {next(n for n in unused if _LAYER_INDEX.search(n))}): the config does "
+            "not match these weights (a truncated num_hidden_layers would drop layers silently)"
+        )
     if unused:
-        log.info("ignored %d source tensors not used by %s: %s", len(unused), model.spec.name, unused[:8])
+        log.warning("ignored %d source tensors not used by %s: %s", len(unused), model.spec.name, unused[:8])
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
