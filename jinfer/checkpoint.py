@@ -350,6 +350,11 @@ def _ref_file(ref: str) -> str:
 
 # -- loading ------------------------------------------------------------------------------------
 def _check_complete(path: Path) -> None:
+    if path.is_file() or (path.is_dir() and not (path / COMPLETE_MARKER).is_file() and _is_source(path)):
+        raise CheckpointNotFoundError(
+            f"{path} is a checkpoint to convert, not a jinfer model directory: convert it first "
+            f"(`jinfer convert {path} OUT`, or jinfer.convert.convert)"
+        )
     if not path.is_dir():
         leftovers = sorted(path.parent.glob(f".{path.name}.tmp-*")) if path.parent.is_dir() else []
         if leftovers:
@@ -363,6 +368,12 @@ def _check_complete(path: Path) -> None:
             f"model directory {path} has no {COMPLETE_MARKER} marker: the save was interrupted (or the "
             "directory was not written by jinfer.checkpoint.save_model_dir); save it again"
         )
+
+
+def _is_source(path: Path) -> bool:
+    """A Hugging Face or GGUF checkpoint directory (weights but no jinfer marker)."""
+    patterns = ("*.safetensors", "*.bin", "*.gguf", "*.pth")
+    return any(next(path.glob(p), None) is not None for p in patterns)
 
 
 def _read_json(path: Path, what: str) -> Any:

@@ -248,6 +248,20 @@ def test_missing_dir_and_config(tmp_path, saved_text, text_model):
         load_config(path)
 
 
+def test_a_checkpoint_to_convert_is_named_as_such(tmp_path):
+    """Loading a .gguf file or a Hugging Face directory as a model directory says to convert it
+    (it said "does not exist", or "the save was interrupted")."""
+    gguf_file = tmp_path / "model.gguf"
+    gguf_file.write_bytes(b"GGUF")
+    hf_dir = tmp_path / "hf"
+    hf_dir.mkdir()
+    (hf_dir / "config.json").write_text("{}")
+    (hf_dir / "model.safetensors").write_bytes(b"")
+    for path in (gguf_file, hf_dir):
+        with pytest.raises(CheckpointNotFoundError, match=r"is a checkpoint to convert.*jinfer convert"):
+            load_config(path)
+
+
 def test_bad_json_is_corrupt(saved_text, tmp_path):
     path = _copy(saved_text, tmp_path)
     (path / "config.json").write_text("{not json")

@@ -502,6 +502,20 @@ def test_gguf_with_huge_counts_is_refused_fast(tmp_path):
     assert results[-1]["error"] == "ConversionError" and "more metadata strings" in results[-1]["message"]
 
 
+def test_small_gguf_with_a_real_sized_vocabulary_passes_the_header_check(tmp_path):
+    """100k one-byte strings in a 1 MB file (a tiny test model with a real vocabulary and merges)
+    are within the string budget; it was refused as hostile below ~12.6 MB."""
+    import struct
+
+    from jinfer import limits
+
+    arch = _gguf_string(b"general.architecture") + struct.pack("<I", 8) + _gguf_string(b"llama")
+    tokens = _gguf_string(b"tokenizer.ggml.tokens") + struct.pack("<IIQ", 9, 8, 100_000)
+    path = _hostile_gguf(tmp_path / "vocab.gguf", arch + tokens + _gguf_string(b"a") * 100_000, n_kv=2)
+    assert path.stat().st_size < 1_000_000
+    limits.check_gguf_header(path)  # no ConversionError
+
+
 def test_absurd_hyperparameters_are_refused_fast(tmp_path, model_dir):
     import shutil
 
