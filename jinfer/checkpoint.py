@@ -24,9 +24,11 @@ DIR/.jinfer_verified.json) are not re-read; see `jinfer.digest_record` for what 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import hashlib
 import json
+import logging
 import math
 import os
 import re
@@ -57,6 +59,8 @@ from jinfer.errors import (
 from jinfer.modeling import FlaxModel, cast_floating
 from jinfer.models.registry import ModelSpec, config_from_dict, config_to_dict, get_spec
 from jinfer.sharding import ShardingRules, parse_mesh_spec, path_str, single_device_mesh
+
+log = logging.getLogger("jinfer.checkpoint")
 
 FORMAT_VERSION = 1
 INTEGRITY_VERSION = integrity_lib.INTEGRITY_VERSION
@@ -167,6 +171,7 @@ def save_model_dir(
         **dict(extra_config or {}),
     }
     final.parent.mkdir(parents=True, exist_ok=True)
+    remove_dead_leftovers(final)
     tmp = final.parent / f".{final.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
     try:
         _write_contents(tmp, flat, meta, extra_files or {})
@@ -175,6 +180,38 @@ def save_model_dir(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
+
+
+def remove_dead_leftovers(final: Path) -> None:
+    """Deletes `.{name}.tmp-<pid>-*` directories of earlier saves to `final` whose process is gone
+    (killed with SIGKILL, or the machine went down): they would otherwise stay, full size,
+    forever. A save still running keeps its directory: its pid is alive here, or (another host
+    on a shared filesystem) something in it was written within the last hour."""
+    for leftover in final.parent.glob(f".{final.name}.tmp-*"):
+        pid = leftover.name[len(f".{final.name}.tmp-") :].split("-")[0]
+        if not pid.isdigit() or _pid_alive(int(pid)) or time.time() - _newest_mtime(leftover) < 3600:
+            continue
+        log.warning("removing %s, left by an interrupted save (process %s is gone)", leftover, pid)
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _newest_mtime(path: Path) -> float:
+    newest = path.stat().st_mtime
+    for root, _, files in os.walk(path):
+        for name in files:
+            with contextlib.suppress(OSError):
+                newest = max(newest, os.stat(os.path.join(root, name)).st_mtime)
+    return newest
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
 
 
 def _check_extra_names(final: Path, extra_files: Mapping[str, Any], extra_config: Mapping[str, Any]) -> None:

@@ -5,6 +5,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import jax
@@ -260,6 +263,31 @@ def test_a_checkpoint_to_convert_is_named_as_such(tmp_path):
     for path in (gguf_file, hf_dir):
         with pytest.raises(CheckpointNotFoundError, match=r"is a checkpoint to convert.*jinfer convert"):
             load_config(path)
+
+
+def test_leftovers_of_killed_saves_are_removed_by_the_next_save(tmp_path):
+    """A save killed with SIGKILL leaves `.NAME.tmp-PID-*` (515 MB for SmolLM2) that nothing
+    removed: the next save to NAME deletes those whose process is gone and which nothing wrote
+    to for an hour; a live process's, or a fresh one (another host), stays."""
+    from jinfer.checkpoint import remove_dead_leftovers
+
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    dead_pid = int(dead.stdout)
+    old = tmp_path / f".model.tmp-{dead_pid}-aaaa"
+    (old / "params").mkdir(parents=True)
+    (old / "params" / "d").write_bytes(b"x" * 100)
+    fresh = tmp_path / f".model.tmp-{dead_pid}-bbbb"
+    fresh.mkdir()
+    (fresh / "f").write_bytes(b"y")
+    alive = tmp_path / f".model.tmp-{os.getpid()}-cccc"
+    alive.mkdir()
+    hour_ago = time.time() - 7200
+    for path in (old, old / "params", old / "params" / "d", alive):
+        os.utime(path, (hour_ago, hour_ago))
+    remove_dead_leftovers(tmp_path / "model")
+    assert not old.exists() and fresh.exists() and alive.exists()
 
 
 def test_bad_json_is_corrupt(saved_text, tmp_path):
