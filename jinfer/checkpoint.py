@@ -58,6 +58,7 @@ from jinfer.errors import (
 )
 from jinfer.modeling import FlaxModel, cast_floating
 from jinfer.models.registry import ModelSpec, config_from_dict, config_to_dict, get_spec
+from jinfer.osutil import pid_alive
 from jinfer.sharding import ShardingRules, parse_mesh_spec, path_str, single_device_mesh
 
 log = logging.getLogger("jinfer.checkpoint")
@@ -189,7 +190,7 @@ def remove_dead_leftovers(final: Path) -> None:
     on a shared filesystem) something in it was written within the last hour."""
     for leftover in final.parent.glob(f".{final.name}.tmp-*"):
         pid = leftover.name[len(f".{final.name}.tmp-") :].split("-")[0]
-        if not pid.isdigit() or _pid_alive(int(pid)) or time.time() - _newest_mtime(leftover) < 3600:
+        if not pid.isdigit() or pid_alive(int(pid)) or time.time() - _newest_mtime(leftover) < 3600:
             continue
         log.warning("removing %s, left by an interrupted save (process %s is gone)", leftover, pid)
         shutil.rmtree(leftover, ignore_errors=True)
@@ -202,16 +203,6 @@ def _newest_mtime(path: Path) -> float:
             with contextlib.suppress(OSError):
                 newest = max(newest, os.stat(os.path.join(root, name)).st_mtime)
     return newest
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # another user's process
-    return True
 
 
 def _check_extra_names(final: Path, extra_files: Mapping[str, Any], extra_config: Mapping[str, Any]) -> None:

@@ -38,6 +38,7 @@ from typing import Any
 
 from jinfer.cli import SAMPLING_FLAGS
 from jinfer.errors import ConfigError, JinferError
+from jinfer.osutil import pid_alive
 
 RUNTIME_DIR_ENV = "JINFER_RUNTIME_DIR"
 # Environment variables that may change what a worker loads or how it runs (those whose names
@@ -322,7 +323,7 @@ def workers() -> list[dict[str, Any]]:
 def _is_worker(pid: int) -> bool:
     """Whether `pid` runs a keep-alive worker (not another process that got a dead one's pid)."""
     if not Path("/proc/self").exists():  # no /proc (macOS): whether it runs at all
-        return _alive(pid)
+        return pid_alive(pid)
     try:
         return b"jinfer.keepalive" in Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:  # no such process
@@ -344,19 +345,9 @@ def stop_all(timeout: float = 90.0) -> list[dict[str, Any]]:
                 stopped.append(worker)
     deadline = time.monotonic() + timeout
     for worker in stopped:
-        while _alive(worker["pid"]) and time.monotonic() < deadline:
+        while pid_alive(worker["pid"]) and time.monotonic() < deadline:
             time.sleep(0.05)
     return stopped
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # it runs, as another user
-        pass
-    return True
 
 
 def describe(worker: dict[str, Any]) -> str:
