@@ -160,6 +160,8 @@ def check_hyperparameters(config: Any, where: str, error: type[Exception] = Conv
     """Every integer field of a config dataclass within its sane range (`error` names `where`)."""
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
+        if f.type in ("int", int) and (not isinstance(value, int) or isinstance(value, bool)):
+            raise error(f"{where}: {f.name}={value!r} is a {type(value).__name__}; accepted: an integer")
         if not isinstance(value, int) or isinstance(value, bool):
             continue
         bound = _HYPERPARAMETER_BOUNDS.get(f.name, _DEFAULT_INT_BOUND)

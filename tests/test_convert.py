@@ -523,3 +523,25 @@ def test_config_with_fewer_layers_than_the_weights_is_refused(tmp_path):
         ConversionError, match=r"config.json gives 1 layers but the checkpoint holds tensors of layer"
     ):
         convert(src, tmp_path / "out", progress=False)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("hidden_size", "64", r"hidden_size='64' is a str; accepted: an integer"),
+        ("num_hidden_layers", None, r"num_layers=None is a NoneType; accepted: an integer"),
+    ],
+)
+def test_config_values_of_the_wrong_type_are_named(tmp_path, key, value, message):
+    """A config value of the wrong type names the field (it was an internal TypeError about
+    shapes); `architectures` given as one string instead of a list still converts."""
+    from jinfer.errors import ConversionError
+
+    src = tmp_path / "src"
+    shutil.copytree(FIXTURES / "llama_gqa", src)
+    cfg = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**cfg, key: value}))
+    with pytest.raises(ConversionError, match=message):
+        convert(src, tmp_path / "out", progress=False)
+    (src / "config.json").write_text(json.dumps({**cfg, "architectures": cfg["architectures"][0]}))
+    assert (convert(src, tmp_path / "ok", progress=False) / "config.json").is_file()

@@ -402,6 +402,11 @@ def convert_source(
         config = spec.config_cls.from_hf_config(dict(hf_config))
     except KeyError as e:
         raise ConversionError(f"{where}: missing key {e.args[0]!r} needed by {arch.hf_name}") from e
+    except (TypeError, ValueError, AttributeError) as e:  # e.g. hidden_size "64" or null
+        raise ConversionError(
+            f"{where}: a value has the wrong type for {arch.hf_name} ({type(e).__name__}: {e}); "
+            "numbers must be JSON numbers, names strings"
+        ) from e
     from jinfer import limits
 
     limits.check_hyperparameters(config, where)
@@ -439,7 +444,11 @@ def read_hf_config(model_dir: Path) -> tuple[dict[str, Any], Architecture]:
         cfg = json.loads(cfg_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConversionError(f"{cfg_file}: not valid JSON: {e}") from e
+    if not isinstance(cfg, dict):
+        raise ConversionError(f"{cfg_file} holds a JSON {type(cfg).__name__}; expected an object")
     archs = cfg.get("architectures") or []
+    if isinstance(archs, str):  # a bare name instead of a list of one
+        archs = [archs]
     name = (
         archs[0] if archs else _MODEL_TYPE_DEFAULT.get(cfg.get("model_type", ""), repr(cfg.get("model_type")))
     )
