@@ -161,6 +161,7 @@ def save_model_dir(
     if final.exists() and not overwrite:
         raise CheckpointError(f"{final} already exists; pass overwrite=True to replace it")
     _check_extra_names(final, extra_files or {}, extra_config or {})
+    params = FlaxModel(spec, config).without_rng_state(params)
     if dtype is not None:
         params = cast_floating(params, dtype)
     flat = flatten_params(params)
@@ -168,7 +169,7 @@ def save_model_dir(
         "format_version": FORMAT_VERSION,
         "model_class": model_class,
         "config": config_to_dict(config),
-        "dtype": _main_float_dtype(flat),
+        "dtype": _main_float_dtype(params),
         **dict(extra_config or {}),
     }
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -217,12 +218,15 @@ def _check_extra_names(final: Path, extra_files: Mapping[str, Any], extra_config
         raise ConfigError(f"save_model_dir({str(final)!r}): extra_config may not set {clash}")
 
 
-def _main_float_dtype(flat: Mapping[str, Any]) -> str:
-    """The floating dtype holding most parameters ("float32" when there are none)."""
+def _main_float_dtype(params: Any) -> str:
+    """The floating dtype holding most parameters ("float32" when there are none). The float32
+    scales of int8 weights do not count: a `--dtype bfloat16 --quantize int8` model is bfloat16."""
+    from jinfer.models.weights import QuantArray
+
     counts: dict[str, int] = {}
-    for x in flat.values():
-        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
-            continue  # a PRNG key (an NNX Rngs stream): no numpy dtype
+    for x in jax.tree_util.tree_leaves(params, is_leaf=lambda v: isinstance(v, QuantArray)):
+        if isinstance(x, QuantArray) or jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            continue  # int8 weights and their scales; a PRNG key (an NNX Rngs stream)
         dt = jnp.dtype(x.dtype)
         if jnp.issubdtype(dt, jnp.floating):
             counts[dt.name] = counts.get(dt.name, 0) + int(np.prod(x.shape))

@@ -147,6 +147,7 @@ class Engine:
         self._batcher_config = batcher_config
         model = model_or_apply_fn if isinstance(model_or_apply_fn, FlaxModel) else None
         if model is not None:
+            params = model.checked_params(params)
             self.forward = model.apply_fn()
             shardings = model.shardings(self.mesh, self.rules)
         else:

@@ -6,7 +6,6 @@ import asyncio
 import dataclasses
 import functools
 import itertools
-import json
 import queue
 import secrets
 import weakref
@@ -22,6 +21,7 @@ from jinfer import compile as compile_lib
 from jinfer import quant
 from jinfer.errors import ConfigError, EngineClosedError, InputError, InvalidSamplingParamsError
 from jinfer.modeling import FlaxModel
+from jinfer.osutil import json_object
 from jinfer.runtime.config import GenerationConfig
 from jinfer.runtime.kv_cache import KVCacheManager
 from jinfer.runtime.loop import EngineLoop, RequestHandle
@@ -571,13 +571,7 @@ def _as_prompt_list(prompts) -> list[Prompt]:
 def _read_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
-    try:
-        obj = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path} is not valid JSON: {e}") from e
-    if not isinstance(obj, dict):
-        raise ConfigError(f"{path} holds a JSON {type(obj).__name__}; expected an object")
-    return obj
+    return json_object(path.read_bytes(), path, ConfigError)
 
 
 def _generation_config(max_batch, max_len, buckets, decode_steps, options) -> GenerationConfig:

@@ -65,7 +65,9 @@ class FlaxModel:
         return self.out_major(False)
 
     # -- structure -------------------------------------------------------------------------
-    def _nnx_abstract(self) -> tuple[nnx.GraphDef, nnx.State]:
+    def _nnx_abstract(self) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
+        """(graphdef, RNG streams' state, every other variable): the latter is what checkpoints
+        hold; the streams (an `nnx.Dropout(rngs=...)`) are never drawn from in evaluation mode."""
         return _abstract_module(self.spec, self.config)
 
     def _linen_abstract(self) -> Any:
@@ -73,7 +75,7 @@ class FlaxModel:
 
     def _boxed_abstract(self) -> Any:
         if self.spec.framework == "nnx":
-            return self._nnx_abstract()[1]
+            return self._nnx_abstract()[2]
         return self._linen_abstract()
 
     def float_abstract_params(self) -> Any:
@@ -133,13 +135,43 @@ class FlaxModel:
             ]
         )
 
+    def without_rng_state(self, params: Any) -> Any:
+        """`params` without an NNX module's RNG-stream state (the keys and counts of a
+        `Dropout(rngs=...)`, found in `nnx.to_pure_dict(nnx.state(module))`): never drawn from in
+        evaluation mode, not part of a checkpoint."""
+        if self.spec.framework != "nnx" or not isinstance(params, dict):
+            return params
+        rng = nnx.to_pure_dict(self._nnx_abstract()[1])
+        rng_paths = {path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(rng)[0]}
+        return _without_paths(params, rng_paths) if rng_paths else params
+
+    def checked_params(self, params: Any, where: str = "Engine") -> Any:
+        """`params` with the structure of `abstract_params()`, RNG-stream state left out
+        (`without_rng_state`); any other missing or extra entry is a ConfigError naming the paths."""
+        if not isinstance(params, dict):
+            return params  # a State or other pytree: device_put reports a structure mismatch
+        params = self.without_rng_state(params)
+        want = {path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(self.abstract_params())[0]}
+        got = {path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]}
+        if want != got:
+            missing, extra = sorted(want - got), sorted(got - want)
+            raise ConfigError(
+                f"{where}: the parameters do not match {self.spec.name}'s structure: "
+                f"missing {missing[:5]}{' ...' if len(missing) > 5 else ''}, "
+                f"unexpected {extra[:5]}{' ...' if len(extra) > 5 else ''}; for an NNX module pass "
+                "nnx.to_pure_dict(nnx.state(module)) (BatchNorm statistics included), for Linen "
+                "variables['params'] (FlaxModel.init_params gives the expected structure)"
+            )
+        return params
+
     # -- values ----------------------------------------------------------------------------
     def init_params(self, seed: int = 0, dtype: Any = None) -> Any:
         """Random parameters (nested dict of arrays) — for tests and examples."""
         if self.spec.framework == "nnx":
             with nnx.use_eager_sharding(False):
                 module = self.spec.module_cls(self.config, rngs=nnx.Rngs(seed))
-            params = nnx.to_pure_dict(nnx.state(module, nnx.Param))
+            # Every variable the checkpoint structure has (BatchNorm statistics too), not only Params.
+            params = nnx.to_pure_dict(nnx.state(module, nnx.Not(nnx.RngState)))
         else:
             module = self.spec.module_cls(self.config)
             params = unbox_tree(module.init(jax.random.key(seed), *self.spec.example_inputs(self.config)))
@@ -176,12 +208,12 @@ class FlaxModel:
             return params, args
 
         if self.spec.framework == "nnx":
-            graphdef, _ = self._nnx_abstract()
+            graphdef, rng_abstract, _ = self._nnx_abstract()
 
             def nnx_apply(params, *args, **kwargs):
                 params, args = prepare(params, args)
                 # nnx.merge at the jit boundary: the module is rebuilt from pure arrays each trace.
-                module = nnx.merge(graphdef, params)
+                module = nnx.merge(graphdef, _placeholder_rngs(rng_abstract), params)
                 module.eval()  # inference behaviour (BatchNorm's running stats, no Dropout) on this copy
                 fn = module if method is None else getattr(module, method)
                 return fn(*args, **kwargs)
@@ -211,9 +243,36 @@ def _abstract_module(spec: ModelSpec, config: Any) -> Any:
         # Eager sharding is off: logical names are not mesh axes; jinfer maps them itself.
         with nnx.use_eager_sharding(False):
             module = nnx.eval_shape(lambda: spec.module_cls(config, rngs=layers.StructureRngs(0)))
-        return nnx.split(module)
+        return nnx.split(module, nnx.RngState, ...)
     module = spec.module_cls(config)
     return jax.eval_shape(module.init, jax.random.key(0), *spec.example_inputs(config))["params"]
+
+
+def _without_paths(tree: Any, drop: set[str], prefix: str = "") -> Any:
+    """Nested dict `tree` without the leaves at `drop` ("a/0/b" paths), and without the dicts
+    that leaves empty; key types (ints of list indices) are kept."""
+    if not isinstance(tree, dict):
+        return tree
+    out = {}
+    for k, v in tree.items():
+        name = f"{prefix}{k}"
+        if name in drop:
+            continue
+        v = _without_paths(v, drop, name + "/")
+        if not (isinstance(v, dict) and not v and isinstance(tree[k], dict) and tree[k]):
+            out[k] = v
+    return out
+
+
+def _placeholder_rngs(abstract: nnx.State) -> nnx.State:
+    """Concrete values for an abstract RNG-streams state (keys and counts)."""
+
+    def concrete(x):
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            return jax.random.key(0)
+        return jnp.zeros(x.shape, x.dtype)
+
+    return jax.tree.map(concrete, abstract)
 
 
 def cast_floating(tree: Any, dtype: Any) -> Any:

@@ -10,10 +10,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jinfer import checkpoint
 from jinfer.buckets import Buckets
 from jinfer.compile import count_compiles
 from jinfer.engine import Engine
-from jinfer.errors import EmptyInputError, EngineClosedError, InputError, SequenceTooLongError
+from jinfer.errors import ConfigError, EmptyInputError, EngineClosedError, InputError, SequenceTooLongError
 from jinfer.modeling import FlaxModel
 from jinfer.models.classifiers import ImageClassifierConfig, TextClassifierConfig
 from jinfer.sharding import make_mesh
@@ -182,7 +183,7 @@ def test_persistent_cache_from_env(tmp_path):
     assert hits == [0, 2]
 
 
-def test_registered_nnx_model_runs_in_eval_mode():
+def test_registered_nnx_model_runs_in_eval_mode(tmp_path):
     """A registered NNX class with BatchNorm and Dropout, served through Engine(FlaxModel, state),
     runs as `module.eval()` does (running statistics, no dropout): not in training mode on the
     padded bucket, where an example's output depended on the padding beside it."""
@@ -224,3 +225,21 @@ def test_registered_nnx_model_runs_in_eval_mode():
     want = np.asarray(module(x[None].astype(np.int32), np.ones((1, 5), bool)))[0]
     np.testing.assert_allclose(engine.predict([x])[0], want, atol=1e-5)
     np.testing.assert_allclose(engine.predict([x, np.arange(7, 20)])[0], want, atol=1e-5)  # batch-independent
+    # Random parameters of the same class (examples, tests) have the whole structure: BatchNorm's
+    # statistics too (init_params returned only the Params, and Engine raised a pytree mismatch).
+    model = FlaxModel.from_name("EvalModeTagger", TaggerConfig())
+    params = model.init_params(0)
+    assert set(params["bn"]) == {"scale", "bias", "mean", "var"}
+    fresh = EvalModeTagger(TaggerConfig(), nnx.Rngs(0))
+    fresh.eval()
+    want = np.asarray(fresh(x[None].astype(np.int32), np.ones((1, 5), bool)))[0]
+    np.testing.assert_allclose(Engine(model, params).predict([x])[0], want, atol=1e-5)
+    # The module's whole state (Dropout's RNG stream included) saves and restores as a model dir.
+    checkpoint.save_model_dir(
+        tmp_path / "tagger", "EvalModeTagger", TaggerConfig(), nnx.to_pure_dict(nnx.state(fresh))
+    )
+    restored_model, restored, _ = checkpoint.load_model_dir(tmp_path / "tagger")
+    np.testing.assert_allclose(Engine(restored_model, restored).predict([x])[0], want, atol=1e-5)
+    # Params only (no BatchNorm statistics): an error naming what is missing.
+    with pytest.raises(ConfigError, match=r"missing \['bn/mean', 'bn/var'\], unexpected \[\]"):
+        Engine(model, nnx.to_pure_dict(nnx.state(fresh, nnx.Param)))

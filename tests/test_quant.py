@@ -104,6 +104,11 @@ def test_convert_with_int8_matches_load_time_quantization(tmp_path):
         assert np.abs(a.q8.astype(int) - b.q8.astype(int)).max() <= 1
     with pytest.raises(Exception, match="quantize='int4'"):
         convert(src, tmp_path / "bad", quantize="int4", progress=False)
+    # The recorded dtype is the float weights' (norms), not that of the int8 weights' scales.
+    assert meta["dtype"] == "float32"
+    bf16 = convert(src, tmp_path / "q8bf16", dtype="bfloat16", quantize="int8", progress=False)
+    assert checkpoint.load_model_dir(bf16)[2]["dtype"] == "bfloat16"
+    assert checkpoint.describe_model_dir(bf16).dtype == "bfloat16"
 
 
 def test_grouped_scales_bound_the_error_per_group():

@@ -35,6 +35,7 @@ from jinfer.errors import (
     MissingTensorError,
     UnsupportedArchitectureError,
 )
+from jinfer.osutil import json_object
 
 log = logging.getLogger("jinfer.convert")
 
@@ -543,13 +544,7 @@ def tokenizer_files(model_dir: Path, extra_dirs: Iterable[Path] = ()) -> dict[st
 
 def _json_object(data: bytes, path: Path) -> dict[str, Any]:
     """A JSON object file's content, or a ConversionError naming the file."""
-    try:
-        obj = json.loads(data)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConversionError(f"{path} is not valid JSON: {e}") from e
-    if not isinstance(obj, dict):
-        raise ConversionError(f"{path} holds a JSON {type(obj).__name__}; expected an object")
-    return obj
+    return json_object(data, path, ConversionError)
 
 
 def _refuse_quantized(cfg: Mapping[str, Any], where: Path) -> None:
