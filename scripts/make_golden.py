@@ -44,6 +44,10 @@ Fixtures (decoders get two unpadded prompts of 7 and 12 tokens):
                      factors, while a cached forward keeps the short-rotated keys (jinfer's
                      semantics): ``stepwise_generated_{i}`` int32[8] holds the greedy tokens of
                      transformers' own cached forward, one token per call.
+- ``llama_bias``     Llama with ``attention_bias: true`` (q/k/v/o biases).
+- ``gpt2_scaled``    GPT-2 with ``scale_attn_weights: false``, ``scale_attn_by_inverse_layer_idx:
+                     true`` and an untied lm_head.
+- ``gemma2_untied``  ``gemma2`` with ``tie_word_embeddings: false``.
 
 New-family decoders also store ``score_logprobs_{i}`` float32[8]: log-softmax of one full forward of
 prompt + generated tokens at the generated tokens (what ``LLM.score`` returns). Prompts are longer
@@ -254,6 +258,28 @@ def phi3_config() -> Phi3Config:
             "short_factor": [float(x) for x in np.round(1.0 + 0.2 * rng.rand(rotary_half), 3)],
         },
     )
+
+
+def llama_bias_config() -> LlamaConfig:
+    """Tiny Llama with `attention_bias: true`: q, k, v and o projections all carry biases."""
+    return llama_gqa_config(attention_bias=True)
+
+
+def gpt2_scaled_config() -> GPT2Config:
+    """Tiny GPT-2 with the optional attention scalings (`scale_attn_weights: false`,
+    `scale_attn_by_inverse_layer_idx: true`, as the stanford-crfm GPT-2s) and an untied lm_head."""
+    config = gpt2_config()
+    config.scale_attn_weights = False
+    config.scale_attn_by_inverse_layer_idx = True
+    config.tie_word_embeddings = False
+    return config
+
+
+def gemma2_untied_config() -> Gemma2Config:
+    """gemma2 with a separate lm_head (`tie_word_embeddings: false`)."""
+    config = gemma2_config()
+    config.tie_word_embeddings = False
+    return config
 
 
 def build(model_cls, config, seed: int) -> torch.nn.Module:
@@ -474,13 +500,16 @@ def make_others(manifest: dict) -> None:
 
 
 def make_new_families(manifest: dict, names: set[str]) -> None:
-    """qwen3, gemma, gemma2, gemma3 and phi3 (those in `names`)."""
+    """qwen3, gemma, gemma2, gemma3, phi3 and the config variants (those in `names`)."""
     families = (
         ("qwen3", Qwen3ForCausalLM, qwen3_config, SEED + 50, PROMPT_LENGTHS),
         ("gemma", GemmaForCausalLM, gemma_config, SEED + 90, PROMPT_LENGTHS),
         ("gemma2", Gemma2ForCausalLM, gemma2_config, SEED + 60, PROMPT_LENGTHS),
         ("gemma3", Gemma3ForCausalLM, gemma3_config, SEED + 70, PROMPT_LENGTHS),
         ("phi3", Phi3ForCausalLM, phi3_config, SEED + 80, (7, 12, 20)),
+        ("llama_bias", LlamaForCausalLM, llama_bias_config, SEED + 100, PROMPT_LENGTHS),
+        ("gpt2_scaled", GPT2LMHeadModel, gpt2_scaled_config, SEED + 110, PROMPT_LENGTHS),
+        ("gemma2_untied", Gemma2ForCausalLM, gemma2_untied_config, SEED + 120, PROMPT_LENGTHS),
     )
     for name, model_cls, make_config, seed, lengths in families:
         if name not in names:
@@ -506,7 +535,7 @@ def describe(model, golden: dict[str, np.ndarray], **extra) -> dict:
     return entry
 
 
-NEW_FAMILIES = ("qwen3", "gemma", "gemma2", "gemma3", "phi3")
+NEW_FAMILIES = ("qwen3", "gemma", "gemma2", "gemma3", "phi3", "llama_bias", "gpt2_scaled", "gemma2_untied")
 
 
 def main(only: list[str]) -> None:

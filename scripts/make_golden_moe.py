@@ -1,11 +1,12 @@
 """Golden fixtures for the mixture-of-experts families (Mixtral, Qwen3-MoE), like make_golden.py.
 
-Writes ``tests/fixtures/hf/{mixtral,qwen3_moe}/`` (config.json, model.safetensors as transformers
+Writes ``tests/fixtures/hf/{mixtral,qwen3_moe,qwen3_moe_bias}/`` (config.json, model.safetensors as
+transformers
 saves it: one tensor per expert, golden.npz with the keys of make_golden.py's decoders) and adds
 their entries to ``tests/fixtures/hf/MANIFEST.json``. Run it from the repository root in a venv
 with torch==2.13.0 and transformers (never the test install)::
 
-    python scripts/make_golden_moe.py
+    python scripts/make_golden_moe.py [NAME ...]
 
 Every parameter is perturbed (make_golden.build), including the router and the q/k norms. The
 Qwen3-MoE fixture has 3 layers with decoder_sparse_step=1 and mlp_only_layers=[1], so it holds
@@ -71,7 +72,17 @@ def qwen3_moe_config() -> Qwen3MoeConfig:
     )
 
 
-def main() -> None:
+def qwen3_moe_bias_config() -> Qwen3MoeConfig:
+    """qwen3_moe with `attention_bias: true` (q/k/v/o biases), two layers."""
+    config = qwen3_moe_config()
+    config.attention_bias = True
+    config.num_hidden_layers = 2
+    config.mlp_only_layers = []
+    return config
+
+
+def main(only: list[str]) -> None:
+    """Regenerate the MoE fixtures (or only those named) and their MANIFEST entries."""
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
     manifest_file = G.OUT_DIR / "MANIFEST.json"
@@ -79,7 +90,10 @@ def main() -> None:
     for name, model_cls, config, seed in (
         ("mixtral", MixtralForCausalLM, mixtral_config(), G.SEED + 60),
         ("qwen3_moe", Qwen3MoeForCausalLM, qwen3_moe_config(), G.SEED + 70),
+        ("qwen3_moe_bias", Qwen3MoeForCausalLM, qwen3_moe_bias_config(), G.SEED + 75),
     ):
+        if only and name not in only:
+            continue
         model = G.build(model_cls, config, seed)
         golden = G.decoder_golden(model, seed)
         G.check_reload(model_cls, G.save_fixture(name, model, golden), golden)
@@ -89,4 +103,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

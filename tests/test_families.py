@@ -35,7 +35,10 @@ from jinfer.sharding import make_mesh
 
 FIXTURES = Path(__file__).parent / "fixtures" / "hf"
 FAMILIES = ["qwen3", "gemma", "gemma2", "gemma3", "phi3"]
-WINDOWS = {"gemma2": 4, "gemma3": 4, "phi3": 8}
+# Config variants transformers supports and jinfer once dropped silently: o_proj biases (Llama),
+# GPT-2's optional attention scalings and untied heads (GPT-2, Gemma 2).
+VARIANTS = ["llama_bias", "gpt2_scaled", "gemma2_untied"]
+WINDOWS = {"gemma2": 4, "gemma2_untied": 4, "gemma3": 4, "phi3": 8}
 ATOL = 1e-4
 TOL = dict(atol=1e-5, rtol=1e-5)
 
@@ -81,7 +84,7 @@ def _logits(path: Path, ids: np.ndarray) -> np.ndarray:
     return np.asarray(out)[0]
 
 
-@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("name", FAMILIES + VARIANTS)
 def test_logits_match_transformers(converted, name):
     golden = np.load(_fixture(name) / "golden.npz")
     for i, ids in enumerate(_prompts(golden)):
@@ -89,7 +92,7 @@ def test_logits_match_transformers(converted, name):
         assert diff <= ATOL, f"{name} prompt {i}: logits max abs diff {diff:.2e}"
 
 
-@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("name", FAMILIES + VARIANTS)
 def test_greedy_tokens_and_score_match_transformers(converted, name):
     from jinfer.llm import LLM
     from jinfer.sampling import SamplingParams

@@ -25,6 +25,7 @@ from jinfer.sharding import make_mesh
 
 FIXTURES = Path(__file__).parent / "fixtures" / "hf"
 FAMILIES = ("mixtral", "qwen3_moe")
+BIAS = "qwen3_moe_bias"  # qwen3_moe with attention_bias: true (q/k/v/o biases)
 TINY = moe.MoEConfig(
     vocab_size=128,
     hidden_size=32,
@@ -44,7 +45,7 @@ TINY = moe.MoEConfig(
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
     root = tmp_path_factory.mktemp("moe")
-    return {name: convert(FIXTURES / name, root / name, progress=False) for name in FAMILIES}
+    return {name: convert(FIXTURES / name, root / name, progress=False) for name in (*FAMILIES, BIAS)}
 
 
 def _logits(model, params, ids) -> np.ndarray:
@@ -60,7 +61,7 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
     return x - top - np.log(np.exp(x - top).sum(-1, keepdims=True))
 
 
-@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("name", (*FAMILIES, BIAS))
 def test_logits_greedy_and_score_match_transformers(converted, name):
     golden = np.load(FIXTURES / name / "golden.npz")
     model, params, _ = checkpoint.load_model_dir(converted[name])

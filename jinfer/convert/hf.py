@@ -32,6 +32,7 @@ import numpy as np
 from jinfer.errors import (
     CheckpointNotFoundError,
     ConversionError,
+    JinferError,
     MissingTensorError,
     UnsupportedArchitectureError,
 )
@@ -403,6 +404,10 @@ def convert_source(
         config = spec.config_cls.from_hf_config(dict(hf_config))
     except KeyError as e:
         raise ConversionError(f"{where}: missing key {e.args[0]!r} needed by {arch.hf_name}") from e
+    except ConversionError as e:  # a refusal (e.g. UnsupportedArchitectureError): its own words
+        raise type(e)(f"{where}: {e}") from e
+    except JinferError as e:  # a value the config class rejects (ConfigError)
+        raise ConversionError(f"{where}: {e}") from e
     except (TypeError, ValueError, AttributeError) as e:  # e.g. hidden_size "64" or null
         raise ConversionError(
             f"{where}: a value has the wrong type for {arch.hf_name} ({type(e).__name__}: {e}); "

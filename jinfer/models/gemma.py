@@ -7,7 +7,8 @@ query_pre_attn_scalar ** -0.5, optional soft-capping of attention scores and of 
 (Gemma 2), and local (sliding-window) layers interleaved with global ones (`layer_types`: Gemma 2
 alternates 1:1, Gemma 3 has 5 local layers per global one). Gemma 3 adds per-head q/k norms and
 its own RoPE base for local layers (`rope_local_theta`); `rope_scaling` (linear for Gemma 3 4B+)
-applies to global layers only. Embeddings are tied. Gemma (1) is the same block without the
+applies to global layers only. Embeddings are tied (a separate `lm_head` [d, v] when
+tie_word_embeddings is false). Gemma (1) is the same block without the
 post-norms, soft-capping and local layers (`post_norms=False`).
 
 KV cache: local layers keep full-length cache rows like global ones (one cache shape for every
@@ -113,6 +114,7 @@ class GemmaConfig:
     final_logit_softcapping: float | None = None
     qk_norm: bool = True
     post_norms: bool = True
+    tie_word_embeddings: bool = True  # False: a separate lm_head (no released Gemma has one)
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
@@ -182,6 +184,7 @@ class GemmaConfig:
             final_logit_softcapping=hf.get("final_logit_softcapping"),
             qk_norm=model_type == "gemma3_text",
             post_norms=not gemma1,
+            tie_word_embeddings=hf.get("tie_word_embeddings", True) is not False,
         )
 
 
@@ -190,6 +193,11 @@ def _rope(hf: dict[str, Any], model_type: str) -> tuple[dict[str, Any], float]:
     params = dict(hf.get("rope_parameters") or {})
     if GLOBAL in params:  # transformers 5, Gemma 3: one dict per layer type
         local = params.get(LOCAL) or {}
+        if local.get("rope_type", "default") != "default":
+            raise UnsupportedArchitectureError(
+                f"GemmaConfig.from_hf_config: rope_parameters.{LOCAL}.rope_type="
+                f"{local['rope_type']!r}; local layers support only unscaled RoPE (rope_type 'default')"
+            )
         return dict(params[GLOBAL]), local.get("rope_theta", hf.get("rope_local_base_freq", 10000.0))
     default_theta = 1_000_000.0 if model_type == "gemma3_text" else 10000.0
     rope = dict(hf.get("rope_scaling") or params)
@@ -261,6 +269,8 @@ class Gemma(nnx.Module):
         self.embed = L.make_param(rngs, (c.vocab_size, c.hidden_size), ("vocab", "embed"))
         self.layers = nnx.List([GemmaBlock(c, i, rngs=rngs) for i in range(c.num_layers)])
         self.final_norm = L.zeros_param(rngs, (c.hidden_size,), ("embed",))
+        if not c.tie_word_embeddings:
+            self.lm_head = L.make_param(rngs, (c.hidden_size, c.vocab_size), ("embed", "vocab"))
 
     def __call__(
         self,
@@ -283,8 +293,7 @@ class Gemma(nnx.Module):
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """hidden [..., d] (from __call__) -> float32 logits [..., vocab], soft-capped if configured."""
-        logits = L.vocab_logits(hidden, self.embed[...], tied=True)
-        return L.soft_cap(logits, self.config.final_logit_softcapping)
+        return L.soft_cap(L.lm_head_logits(self, hidden), self.config.final_logit_softcapping)
 
 
 def hf_param_map(config: GemmaConfig) -> L.HFParamMap:
@@ -310,6 +319,8 @@ def hf_param_map(config: GemmaConfig) -> L.HFParamMap:
         for name in ("gate", "up", "down"):
             out[f"{jp}mlp/{name}"] = (f"{hf}mlp.{name}_proj.weight", "transpose")
     out["final_norm"] = ("model.norm.weight", "reshape")
+    if not config.tie_word_embeddings:
+        out["lm_head"] = ("lm_head.weight", "transpose")
     return out
 
 

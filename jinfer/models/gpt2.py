@@ -4,7 +4,8 @@ Call contract: the same as Llama's (jinfer.models.llama):
   `GPT2(config, rngs=...)(tokens[b, t] int32, positions[b, t] int32, cache=None,
      prompt_start=False, cache_rows=None) -> (hidden[b, t, d], cache)`; `hidden` is AFTER the final
   LayerNorm (ln_f).
-  `logits(hidden[..., d]) -> float32[..., vocab]` = hidden @ embed.T (always tied, as in GPT-2).
+  `logits(hidden[..., d]) -> float32[..., vocab]` = hidden @ embed.T (tied, as in GPT-2), or
+  hidden @ lm_head with `tie_word_embeddings: false`.
 Padding positions (< 0) read position embedding 0; they are neither written to the cache nor attended.
 
 Einsum letters: b batch, t query length, s key length, d model dim, n heads, h head dim, f mlp, v vocab.
@@ -32,16 +33,20 @@ prefix; checkpoints saved from `GPT2Model`, like openai-community/gpt2, lack the
 | layers/{i}/mlp/down_bias     | [d]        | transformer.h.{i}.mlp.c_proj.bias         | none               |
 | final_norm/scale, bias       | [d]        | transformer.ln_f.weight, .bias            | none               |
 
-(j = 0, 1, 2 for q, k, v.) There is no lm_head param (`lm_head.weight` in HF is wte).
+(j = 0, 1, 2 for q, k, v.) There is no lm_head param (`lm_head.weight` in HF is wte) unless
+tie_word_embeddings is false: then lm_head [d, v] from `lm_head.weight`, transposed.
+`scale_attn_weights: false` and `scale_attn_by_inverse_layer_idx: true` scale q (see GPT2Block).
 The same table as data: `hf_param_map(config)`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from jinfer.errors import ConfigError, UnsupportedArchitectureError
@@ -61,6 +66,9 @@ class GPT2Config:
     max_position_embeddings: int = 1024
     layer_norm_eps: float = 1e-5
     intermediate_size: int = 3072
+    tie_word_embeddings: bool = True  # False: a separate lm_head [d, v]
+    scale_attn_weights: bool = True  # False: attention scores are not divided by sqrt(head_dim)
+    scale_attn_by_inverse_layer_idx: bool = False  # scores of layer i also divided by i + 1
 
     def __post_init__(self):
         if self.hidden_size % self.num_heads:
@@ -93,14 +101,22 @@ class GPT2Config:
             max_position_embeddings=hf["n_positions"],
             layer_norm_eps=hf.get("layer_norm_epsilon", 1e-5),
             intermediate_size=hf.get("n_inner") or 4 * d,
+            tie_word_embeddings=hf.get("tie_word_embeddings", True) is not False,
+            scale_attn_weights=hf.get("scale_attn_weights", True) is not False,
+            scale_attn_by_inverse_layer_idx=hf.get("scale_attn_by_inverse_layer_idx", False) is True,
         )
 
 
 class GPT2Block(nnx.Module):
     """x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
 
-    def __init__(self, config: GPT2Config, *, rngs: nnx.Rngs):
+    def __init__(self, config: GPT2Config, layer: int, *, rngs: nnx.Rngs):
         c = config
+        # transformers' optional scalings of the scores, applied to q (the attention divides by
+        # sqrt(head_dim) itself).
+        self.q_scale = (1.0 if c.scale_attn_weights else math.sqrt(c.head_dim)) / (
+            layer + 1 if c.scale_attn_by_inverse_layer_idx else 1
+        )
         self.attn_norm = L.LayerNorm(c.hidden_size, c.layer_norm_eps, rngs=rngs)
         dims = L.AttentionDims(c.hidden_size, c.num_heads, c.num_heads, c.head_dim, True, True)
         self.attn = L.Attention(dims, rngs=rngs)
@@ -111,6 +127,8 @@ class GPT2Block(nnx.Module):
         self, x: jax.Array, positions: jax.Array, layer_cache: L.LayerCache | None
     ) -> tuple[jax.Array, L.LayerCache | None]:
         q, k, v = self.attn.project(self.attn_norm(x))
+        if self.q_scale != 1.0:
+            q = (q.astype(jnp.float32) * self.q_scale).astype(q.dtype)
         o, layer_cache = L.causal_attention(q, k, v, positions, layer_cache)
         x = x + self.attn.output(o)
         return x + self.mlp(self.mlp_norm(x)), layer_cache
@@ -124,8 +142,10 @@ class GPT2(nnx.Module):
         self.config = config
         self.embed = L.make_param(rngs, (c.vocab_size, c.hidden_size), ("vocab", "embed"))
         self.pos_embed = L.make_param(rngs, (c.max_position_embeddings, c.hidden_size), (None, "embed"))
-        self.layers = nnx.List([GPT2Block(c, rngs=rngs) for _ in range(c.num_layers)])
+        self.layers = nnx.List([GPT2Block(c, i, rngs=rngs) for i in range(c.num_layers)])
         self.final_norm = L.LayerNorm(c.hidden_size, c.layer_norm_eps, rngs=rngs)
+        if not c.tie_word_embeddings:
+            self.lm_head = L.make_param(rngs, (c.hidden_size, c.vocab_size), ("embed", "vocab"))
 
     def __call__(
         self,
@@ -147,8 +167,8 @@ class GPT2(nnx.Module):
         return self.final_norm(x), cache
 
     def logits(self, hidden: jax.Array) -> jax.Array:
-        """hidden [..., d] (from __call__) -> float32 logits [..., vocab] (tied to embed)."""
-        return L.vocab_logits(hidden, self.embed.get_value(), tied=True)
+        """hidden [..., d] (from __call__) -> float32 logits [..., vocab] (embed, or lm_head if untied)."""
+        return L.lm_head_logits(self, hidden)
 
 
 def hf_param_map(config: GPT2Config) -> L.HFParamMap:
@@ -171,6 +191,8 @@ def hf_param_map(config: GPT2Config) -> L.HFParamMap:
             out[f"{jp}{norm}/bias"] = (f"{hf}{hf_norm}.bias", "reshape")
     out["final_norm/scale"] = (p + "ln_f.weight", "reshape")
     out["final_norm/bias"] = (p + "ln_f.bias", "reshape")
+    if not config.tie_word_embeddings:
+        out["lm_head"] = ("lm_head.weight", "transpose")
     return out
 
 

@@ -31,6 +31,7 @@ torch Linear weight [out, in] to [in, out], then reshape (see layers.apply_hf_tr
 | layers/{i}/attn/q_bias (*)  | [n, h]     | model.layers.{i}.self_attn.q_proj.bias      | reshape    |
 | layers/{i}/attn/k_bias (*)  | [k, h]     | model.layers.{i}.self_attn.k_proj.bias      | reshape    |
 | layers/{i}/attn/v_bias (*)  | [k, h]     | model.layers.{i}.self_attn.v_proj.bias      | reshape    |
+| layers/{i}/attn/o_bias (+)  | [d]        | model.layers.{i}.self_attn.o_proj.bias      | none       |
 | layers/{i}/q_norm (***)     | [h]        | model.layers.{i}.self_attn.q_norm.weight    | none       |
 | layers/{i}/k_norm (***)     | [h]        | model.layers.{i}.self_attn.k_norm.weight    | none       |
 | layers/{i}/mlp_norm         | [d]        | model.layers.{i}.post_attention_layernorm.weight | none  |
@@ -40,7 +41,9 @@ torch Linear weight [out, in] to [in, out], then reshape (see layers.apply_hf_tr
 | final_norm                  | [d]        | model.norm.weight                           | none       |
 | lm_head (**)                | [d, v]     | lm_head.weight                              | transpose  |
 
-(*) only with attention_bias (always for Qwen2). (**) absent when tie_word_embeddings: logits then
+(*) only with attention_bias (always for Qwen2). (+) only with out_bias (Llama and Qwen3 with
+`attention_bias: true` bias all four projections; Qwen2 only q/k/v; Mistral and Phi-3 none).
+(**) absent when tie_word_embeddings: logits then
 use `embed` transposed (an `lm_head.weight` in the checkpoint, if any, is ignored). (***) only with
 qk_norm (Qwen3). Phi-3 checkpoints fuse q/k/v into `self_attn.qkv_proj` and gate/up into
 `mlp.gate_up_proj` ([gate; up] rows): `phi3_hf_param_map` takes row ranges of those.
@@ -98,7 +101,8 @@ class LlamaConfig:
     rope_scaling: RopeScaling | None = None
     rms_norm_eps: float = 1e-5
     tie_word_embeddings: bool = True
-    attention_bias: bool = False
+    attention_bias: bool = False  # q/k/v biases
+    out_bias: bool = False  # an o_proj bias
     max_position_embeddings: int = 8192
     sliding_window: int | None = None
     qk_norm: bool = False
@@ -150,6 +154,11 @@ class LlamaConfig:
                 "only a bias-free SiLU (SwiGLU) MLP is supported"
             )
         heads, hidden = hf["num_attention_heads"], hf["hidden_size"]
+        # transformers: Llama and Qwen3 bias q/k/v/o with attention_bias, Qwen2 always q/k/v only,
+        # Mistral and Phi-3 never (they ignore the field).
+        bias = hf.get("attention_bias", False)
+        if not isinstance(bias, bool):
+            raise ConfigError(f"LlamaConfig.from_hf_config: attention_bias={bias!r} is not true or false")
         max_pos = hf.get("max_position_embeddings", 4096)
         rope = dict(hf.get("rope_parameters") or {})  # newer transformers nest rope_theta here
         theta = hf.get("rope_theta", rope.get("rope_theta", 10000.0))
@@ -168,7 +177,8 @@ class LlamaConfig:
             rope_scaling=normalize_rope_scaling(scaling or None),
             rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
             tie_word_embeddings=hf.get("tie_word_embeddings", False),
-            attention_bias=True if model_type == "qwen2" else bool(hf.get("attention_bias", False)),
+            attention_bias=model_type == "qwen2" or (model_type in _ALL_BIASES and bias),
+            out_bias=model_type in _ALL_BIASES and bias,
             max_position_embeddings=max_pos,
             sliding_window=_sliding_window(model_type, hf, max_pos),
             qk_norm=model_type == "qwen3",
@@ -181,6 +191,7 @@ def _partial_rotary(hf: dict[str, Any], rope: dict[str, Any]) -> float:
 
 
 _MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
+_ALL_BIASES = ("llama", "qwen3")
 
 
 def _longrope_scaling(scaling: dict[str, Any], hf: dict[str, Any], max_pos: int) -> dict[str, Any]:
@@ -232,7 +243,9 @@ class LlamaBlock(nnx.Module):
         c = config
         self.config = config
         self.attn_norm = L.ones_param(rngs, (c.hidden_size,), ("embed",))
-        dims = L.AttentionDims(c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.attention_bias)
+        dims = L.AttentionDims(
+            c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.attention_bias, c.out_bias
+        )
         self.attn = L.Attention(dims, rngs=rngs)
         if c.qk_norm:
             self.q_norm = L.ones_param(rngs, (c.head_dim,), ("head_dim",))
@@ -301,6 +314,8 @@ def hf_param_map(config: LlamaConfig) -> L.HFParamMap:
         if config.attention_bias:
             for name in ("q", "k", "v"):
                 out[f"{jp}attn/{name}_bias"] = (f"{hf}self_attn.{name}_proj.bias", "reshape")
+        if config.out_bias:
+            out[f"{jp}attn/o_bias"] = (f"{hf}self_attn.o_proj.bias", "reshape")
         if config.qk_norm:
             for name in ("q", "k"):
                 out[f"{jp}{name}_norm"] = (f"{hf}self_attn.{name}_norm.weight", "reshape")

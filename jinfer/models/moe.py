@@ -34,6 +34,9 @@ Parameters beyond Llama's (HF names: Mixtral `model.layers.{i}.block_sparse_moe.
 | layers/{i}/moe/up              | [e, d, f] | experts.{j}.w3.weight       | experts.{j}.up_proj.weight     |
 | layers/{i}/moe/down            | [e, f, d] | experts.{j}.w2.weight       | experts.{j}.down_proj.weight   |
 | layers/{i}/{q,k}_norm (Qwen3)  | [h]       | -                           | (self_attn.{q,k}_norm.weight)  |
+| layers/{i}/attn/{q,k,v,o}_bias | as Llama  | -                           | (self_attn.{q,k,v,o}_proj.bias)|
+
+(Qwen3-MoE biases only with `attention_bias: true`.)
 
 Expert weights carry the logical axis "expert" (default rule: the mesh axis "expert", e.g.
 `make_mesh("data=2,expert=4")`: each device holds num_experts / 4 whole experts; on a mesh without
@@ -83,6 +86,7 @@ class MoEConfig:
     num_experts_per_tok: int = 2
     norm_topk_prob: bool = True
     qk_norm: bool = False
+    attention_bias: bool = False  # q/k/v/o biases (Qwen3-MoE with attention_bias; never Mixtral)
     sparse_step: int = 1
     mlp_only_layers: tuple[int, ...] = ()
     rope_theta: float = 1000000.0
@@ -134,6 +138,12 @@ class MoEConfig:
         experts = hf.get("num_experts") if qwen else None
         experts = experts or hf.get("num_local_experts")
         window = None if qwen else hf.get("sliding_window")
+        scaling = hf.get("rope_scaling") or rope or None
+        if scaling and scaling.get("rope_type", scaling.get("type")) in ("longrope", "su"):
+            raise UnsupportedArchitectureError(
+                f"MoEConfig.from_hf_config: {model_type} with longrope rope scaling is not supported "
+                "(LongRoPE is read for Phi-3 models)"
+            )
         return cls(
             vocab_size=hf["vocab_size"],
             hidden_size=hidden,
@@ -147,10 +157,11 @@ class MoEConfig:
             num_experts_per_tok=hf["num_experts_per_tok"],
             norm_topk_prob=bool(hf.get("norm_topk_prob", False)) if qwen else True,
             qk_norm=qwen,
+            attention_bias=qwen and hf.get("attention_bias", False) is True,
             sparse_step=hf.get("decoder_sparse_step", 1) if qwen else 1,
             mlp_only_layers=tuple(hf.get("mlp_only_layers") or ()) if qwen else (),
             rope_theta=float(theta),
-            rope_scaling=normalize_rope_scaling(hf.get("rope_scaling") or rope or None),
+            rope_scaling=normalize_rope_scaling(scaling),
             rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
             tie_word_embeddings=hf.get("tie_word_embeddings", False),
             max_position_embeddings=max_pos,
@@ -300,7 +311,9 @@ class MoEBlock(nnx.Module):
         c = config
         self.config = config
         self.attn_norm = L.ones_param(rngs, (c.hidden_size,), ("embed",))
-        dims = L.AttentionDims(c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim)
+        dims = L.AttentionDims(
+            c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.attention_bias, c.attention_bias
+        )
         self.attn = L.Attention(dims, rngs=rngs)
         if c.qk_norm:
             self.q_norm = L.ones_param(rngs, (c.head_dim,), ("head_dim",))
@@ -356,6 +369,8 @@ def hf_param_map(config: MoEConfig) -> L.HFParamMap:
         out[jp + "mlp_norm"] = (hf + "post_attention_layernorm.weight", "reshape")
         for name in ("q", "k", "v", "o"):
             out[f"{jp}attn/{name}"] = (f"{hf}self_attn.{name}_proj.weight", "transpose")
+            if config.attention_bias:
+                out[f"{jp}attn/{name}_bias"] = (f"{hf}self_attn.{name}_proj.bias", "reshape")
         if qwen:
             out[jp + "q_norm"] = (hf + "self_attn.q_norm.weight", "reshape")
             out[jp + "k_norm"] = (hf + "self_attn.k_norm.weight", "reshape")
