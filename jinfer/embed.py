@@ -111,19 +111,24 @@ class Embedder:
                 f"texts is a {type(texts).__name__}; expected a string, or a list of strings or of "
                 "token-id lists"
             )
-        ids = [self._encode(t, i) for i, t in enumerate(texts)]
+        ids = [self.encode(t, i) for i, t in enumerate(texts)]
         if not ids:
             return np.zeros((0, self.dim), np.float32)
         rows = self.engine.predict([np.asarray(x, np.int32) for x in ids])
         return np.stack([np.asarray(r, np.float32) for r in rows])
 
-    def _encode(self, text: str | Sequence[int], index: int) -> list[int]:
+    def encode(self, text: str | Sequence[int], index: int = 0) -> list[int]:
+        """The token ids `embed` runs for one input (a string is tokenized and truncated to the
+        model's max_seq_length); InputError / ConfigError naming input `index` if it cannot."""
         if isinstance(text, str):
             if self.tokenizer is None:
                 raise ConfigError(
                     "text input needs a tokenizer, and this model directory has no tokenizer.json"
                 )
-            ids = self.tokenizer.encode(text.lower() if self.lowercase else text)
+            try:
+                ids = self.tokenizer.encode(text.lower() if self.lowercase else text)
+            except InputError as e:
+                raise type(e)(f"input {index}: {e}") from None
         else:
             ids = token_ids(text, f"input {index}", "a string or a list of token ids")
             bad = [t for t in ids if not 0 <= t < self.vocab_size]

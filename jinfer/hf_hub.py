@@ -100,15 +100,35 @@ def ensure_hub_model(name: str, dtype: str | None = None, progress: bool = True)
     repo, _ = split_revision(name)
     snapshot = download_snapshot(name)
     dest = cached_model_dir(repo, snapshot.name, dtype)
-    if (dest / COMPLETE_MARKER).is_file():
+    if (dest / COMPLETE_MARKER).is_file() and not missed_files(snapshot, dest):
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     with _file_lock(dest.parent / f".{dest.name}.lock"):
-        if (dest / COMPLETE_MARKER).is_file():  # another process finished while we waited
+        missed = missed_files(snapshot, dest)
+        if (dest / COMPLETE_MARKER).is_file() and not missed:  # another process finished meanwhile
             return dest
+        if missed and dest.exists():
+            _say(
+                progress, f"jinfer: {repo}@{snapshot.name[:12]} now has {', '.join(missed)}: converting again"
+            )
         _say(progress, f"jinfer: converting {repo}@{snapshot.name[:12]} to {dest} ({dtype}), once")
         convert(snapshot, dest, dtype=dtype, progress=progress, overwrite=dest.exists())
     return dest
+
+
+def missed_files(snapshot: Path, dest: Path) -> list[str]:
+    """Files of the snapshot that a conversion at `dest` did not see: a snapshot first used while
+    its download was partial (no tokenizer.json yet, say) and completed since. [] when `dest` does
+    not exist. Files of one commit never change, so their presence is all that is compared."""
+    if not dest.is_dir():
+        return []
+    wanted = {
+        "tokenizer.json": "tokenizer.json",
+        "tokenizer_config.json": "tokenizer_config.json",
+        "chat_template.jinja": "tokenizer_config.json",
+        "generation_config.json": "generation_config.json",
+    }
+    return [src for src, out in wanted.items() if (snapshot / src).is_file() and not (dest / out).is_file()]
 
 
 def _first_line(e: Exception) -> str:

@@ -513,12 +513,15 @@ class LLM:
         return self._encode(prompt, index)
 
     def _encode(self, prompt: Prompt, index: int) -> list[int]:
-        if isinstance(prompt, str):
-            self._need_tokenizer("string prompts")
-            return self.tokenizer.encode(prompt)
-        if isinstance(prompt, Sequence) and prompt and isinstance(prompt[0], dict):
-            self._need_tokenizer("chat messages")
-            return self.tokenizer.encode_chat(prompt)
+        try:
+            if isinstance(prompt, str):
+                self._need_tokenizer("string prompts")
+                return self.tokenizer.encode(prompt)
+            if isinstance(prompt, Sequence) and prompt and isinstance(prompt[0], dict):
+                self._need_tokenizer("chat messages")
+                return self.tokenizer.encode_chat(prompt)
+        except InputError as e:
+            raise type(e)(f"prompt {index}: {e}") from None
         return token_ids(
             prompt, f"prompt {index}", "a string, a list of token ids, or a list of chat messages"
         )

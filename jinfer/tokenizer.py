@@ -30,6 +30,8 @@ class Tokenizer:
         self.bos_token = _token_text(self.config.get("bos_token"))
         self.eos_token = _token_text(self.config.get("eos_token"))
         self._template: jinja2.Template | None = None
+        self._byte_table: dict[str, int] | None = None
+        self._added: set[int] | None = None
 
     @classmethod
     def from_dir(cls, path: str | Path, max_length: int | None = None) -> Tokenizer:
@@ -70,7 +72,39 @@ class Tokenizer:
         return () if tid is None else (tid,)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        try:
+            return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        except TypeError:
+            if isinstance(text, str):
+                _check_encodable(text)
+            raise
+
+    def token_bytes(self, tid: int) -> bytes:
+        """The bytes token `tid` stands for, as the model's vocabulary holds them: a byte-level BPE
+        token's bytes (possibly part of a UTF-8 character, e.g. a third of an emoji), a
+        SentencePiece byte-fallback token's one byte ("<0xF0>"), a piece's text with its leading
+        space ("\u2581Paris" -> b" Paris"). Joined over a generation they give the UTF-8 of its
+        text (special tokens: their text)."""
+        if self._byte_table is None:
+            self._byte_table = _byte_table(self.backend)
+        piece = self.backend.id_to_token(int(tid))
+        if piece is None or int(tid) in self._added_ids:
+            return self.decode([tid], skip_special_tokens=False).encode("utf-8")
+        if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+            try:
+                return bytes([int(piece[3:5], 16)])
+            except ValueError:
+                pass
+        table = self._byte_table
+        if table and all(c in table for c in piece):
+            return bytes(table[c] for c in piece)
+        return piece.replace("\u2581", " ").encode("utf-8")
+
+    @property
+    def _added_ids(self) -> set[int]:
+        if self._added is None:
+            self._added = set(self.backend.get_added_tokens_decoder())
+        return self._added
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
@@ -99,6 +133,35 @@ class Tokenizer:
     def encode_chat(self, messages: Sequence[Message]) -> list[int]:
         """Chat messages -> prompt ids. The template writes special tokens itself."""
         return self.encode(self.render_chat(messages), add_special_tokens=False)
+
+
+def _byte_table(backend: Any) -> dict[str, int]:
+    """{character: byte} of a byte-level BPE vocabulary (GPT-2's printable stand-ins for the 256
+    bytes: "\u0120" is b" "); {} for other tokenizers."""
+    from tokenizers import decoders
+
+    if not isinstance(backend.decoder, decoders.ByteLevel):
+        return {}
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
+    table = {chr(b): b for b in printable}
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            table[chr(256 + extra)] = b
+            extra += 1
+    return table
+
+
+def _check_encodable(text: str) -> None:
+    """InputError for text that is not valid Unicode: a lone surrogate ("\\ud800", which JSON and
+    Python strings allow, and which no tokenizer takes)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InputError(
+            f"the text holds a lone surrogate {text[e.start]!r} at character {e.start}; "
+            "text must be valid Unicode (a surrogate pair, or the character itself)"
+        ) from None
 
 
 def _default_template(template: Any) -> str | None:

@@ -1,8 +1,7 @@
 """Golden fixtures for the mixture-of-experts families (Mixtral, Qwen3-MoE), like make_golden.py.
 
 Writes ``tests/fixtures/hf/{mixtral,qwen3_moe,qwen3_moe_bias}/`` (config.json, model.safetensors as
-transformers
-saves it: one tensor per expert, golden.npz with the keys of make_golden.py's decoders) and adds
+transformers saves it: one tensor per expert, golden.npz with the keys of make_golden.py's decoders) and adds
 their entries to ``tests/fixtures/hf/MANIFEST.json``. Run it from the repository root in a venv
 with torch==2.13.0 and transformers (never the test install)::
 

@@ -296,3 +296,15 @@ def test_rope_freqs_that_are_not_llama3_are_refused():
     with pytest.raises(UnsupportedArchitectureError, match="rope_freqs"):
         llama3_rope_from_factors(np.asarray([1.0, 3.0, 1.0, 2.0] * 16, np.float32), 128, 500000.0)
     assert llama3_rope_from_factors(np.ones(64, np.float32), 128, 500000.0) is None
+
+
+def test_spm_token_bytes_join_to_the_text(spm_pair):
+    """Byte-fallback pieces ("<0xE4>") are one byte each and pieces keep their leading space, so
+    the tokens' bytes (OpenAI's logprobs `bytes`) join to the decoded text's UTF-8."""
+    sp, tok, _ = spm_pair
+    for text in SAMPLE:
+        ids = sp.encode(text)
+        raw = b"".join(tok.token_bytes(i) for i in ids)
+        assert raw.decode("utf-8").removeprefix(" ") == sp.decode(ids), text
+    byte_piece = next(i for i in range(sp.get_piece_size()) if sp.is_byte(i))
+    assert tok.token_bytes(byte_piece) == bytes([int(sp.id_to_piece(byte_piece)[3:5], 16)])

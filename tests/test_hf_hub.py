@@ -233,3 +233,23 @@ def test_cli_missing_hub_id_is_a_usage_error(offline_hub, tmp_path):
     )
     assert r.returncode == 2, r.stderr  # like a missing model path (README: exit codes)
     assert "'tiny-org/not-cached'" in r.stderr and "HF_HUB_OFFLINE=1" in r.stderr
+
+
+def test_a_snapshot_completed_after_its_conversion_converts_again(offline_hub, monkeypatch):
+    """A partial download (no tokenizer.json yet) used offline converts token-ids-only; once the
+    download completes, the next load converts again instead of keeping the tokenizer-less copy."""
+    from jinfer.llm import LLM
+
+    snapshot = Path(offline_hub["HF_HOME"]) / "hub" / "models--tiny-org--tiny-llama" / "snapshots" / COMMIT
+    link = snapshot / "tokenizer.json"
+    target = os.readlink(link)
+    link.unlink()
+    calls = _count_conversions(monkeypatch)
+    with pytest.raises(ConfigError, match=r"no tokenizer\.json"):
+        LLM(REPO, max_batch=1, buckets=(16,)).generate("the cat")
+    link.symlink_to(target)  # the download completes
+    llm = LLM(REPO, max_batch=1, buckets=(16,))
+    assert len(calls) == 2 and llm.tokenizer is not None
+    assert llm.encode_prompt("the cat sat") == [10, 11, 12]
+    LLM(REPO, max_batch=1, buckets=(16,))
+    assert len(calls) == 2  # complete now: loaded from the cache

@@ -36,6 +36,7 @@ POISON = {
         "invalid_json",
     ),
     "deep_json_no_id": ("[" * 100000 + "]" * 100000, "invalid_json"),
+    "lone_surrogate": ('{"custom_id": "p_s", "prompt": "a\\ud800b"}', "invalid_request"),
     "stop_id_outside_vocab": (
         '{"custom_id": "p3", "prompt": "hi", "stop_token_ids": [100000]}',
         "invalid_token",
@@ -142,6 +143,18 @@ def test_run_batch_poison_lines_each_give_one_error_row_and_rerun_changes_nothin
     before = out.read_bytes()
     code, err = _main(capsys, *argv, "--max-tokens", "4", "--temperature", "0")
     assert code == 0 and out.read_bytes() == before, err
+
+
+def test_text_with_a_lone_surrogate_is_an_input_error_naming_the_prompt(llm):
+    """ "\ud800" is a valid Python and JSON string but no text a tokenizer takes (it raised a raw
+    TypeError from the tokenizers library)."""
+    from jinfer.errors import InputError
+
+    with pytest.raises(InputError, match=r"prompt 1: .*lone surrogate '\\ud800' at character 1"):
+        llm.generate(["fine", "a\ud800b"])
+    with pytest.raises(InputError, match=r"prompt 0: .*surrogate"):
+        llm.generate([[{"role": "user", "content": "x\udfff"}]])
+    assert llm.generate("fine")[0].finish_reason in ("stop", "length")  # still serving
 
 
 def test_run_batch_batch_invariant_flag_reaches_the_engine(model_dir, tmp_path, capsys, monkeypatch):

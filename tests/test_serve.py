@@ -5,6 +5,7 @@ one log line per request, SIGTERM -> exit 0. The last test stops the shared serv
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -296,7 +297,43 @@ def test_404_401_413_and_malformed_json(server, client):
         f"{server.url}/v1/completions", content=b"{not json", headers={"Authorization": f"Bearer {KEY}"}
     )
     assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
+    deep = b"[" * 5000 + b"]" * 5000  # json.loads raises RecursionError, not ValueError
+    r = httpx.post(f"{server.url}/v1/completions", content=deep, headers={"Authorization": f"Bearer {KEY}"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
+
+    # A lone surrogate ("\ud800", valid JSON) is no text a tokenizer takes: 400 naming the field.
+    def post_ascii(path, body):  # json.dumps escapes the surrogate; httpx's json= cannot encode it
+        headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+        return httpx.post(f"{server.url}{path}", content=json.dumps(body).encode(), headers=headers)
+
+    r = post_ascii("/v1/completions", {"prompt": "a\ud800b", "max_tokens": 2})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt", r.text
+    assert "surrogate" in r.json()["error"]["message"]
+    r = post_ascii("/v1/chat/completions", {"messages": chat("x\udfff"), "max_tokens": 2})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages", r.text
     assert client.completions.create(model="tiny", prompt="hi", max_tokens=2).usage.completion_tokens >= 1
+
+
+def test_logprob_bytes_join_to_the_text():
+    """OpenAI's `bytes` are each token's own bytes, so a character split over byte-level tokens
+    (an emoji, CJK) joins back: they were the UTF-8 of U+FFFD per token. Completions' text_offset
+    counts characters of the text."""
+    from jinfer.serve.protocol import LogprobFormatter
+    from jinfer.testing import train_tokenizer
+    from jinfer.tokenizer import Tokenizer
+
+    tok = Tokenizer(train_tokenizer())
+    text = " stars 🌟🌟 and 中文 café"
+    ids = tok.encode(text, add_special_tokens=False)
+    assert any("\ufffd" in tok.decode([t]) for t in ids)  # some tokens hold part of a character
+    fmt = LogprobFormatter(tok, top=1)
+    lps = [{t: -0.5} for t in ids]
+    items = fmt.chat(ids, lps)
+    assert b"".join(bytes(i["bytes"]) for i in items).decode("utf-8") == text
+    done = fmt.completion(ids, lps, offset=3)
+    raws = [tok.token_bytes(t) for t in ids]
+    for i, at in enumerate(done["text_offset"]):
+        assert at == 3 + len(b"".join(raws[:i]).decode("utf-8", errors="ignore"))
 
 
 def _wait_for(server, check, what, timeout=60):
@@ -464,6 +501,9 @@ def test_embeddings_from_an_embedding_model(tmp_path):
         r = post(s, "/v1/chat/completions", {"messages": chat("hi")})
         assert r.status_code == 400 and r.json()["error"]["param"] == "model"
         assert post(s, "/v1/embeddings", {"input": []}).json()["error"]["param"] == "input"
+        # Text with a model directory that has no tokenizer.json: 400 (was a 500, AttributeError).
+        r = post(s, "/v1/embeddings", {"input": "hello"})
+        assert r.status_code == 400 and "needs a tokenizer" in r.json()["error"]["message"], r.text
     finally:
         s.stop()
 

@@ -139,3 +139,10 @@ def test_tokenizer_json_padding_and_truncation_never_leak(tmp_path):
     assert a.encode(texts[1]) == [2, 4, 5, 10, 6, 7, 8, 9, 4, 11, 6, 7, 4, 5, 3]
     # Asked-for truncation (sentence-transformers' max_seq_length) keeps the closing special token.
     assert Tokenizer.from_dir(padded, max_length=6).encode(texts[1]) == [2, 4, 5, 10, 6, 3]
+
+
+def test_text_with_a_lone_surrogate_is_an_input_error(minilm_dir):
+    from jinfer.errors import InputError
+
+    with pytest.raises(InputError, match=r"input 1: .*lone surrogate"):
+        Embedder(minilm_dir).embed(["fine", "\ud83d alone"])

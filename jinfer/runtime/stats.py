@@ -81,6 +81,9 @@ class GenerationStats:
         return self.prompt_tokens_cached / total if total else 0.0
 
     def summary(self) -> dict[str, Any]:
+        # Copies first (one C call each, atomic under the GIL): the engine thread may add a key
+        # (a decode bucket or executable used the first time) while another thread reads stats.
+        rounds, hits = dict(self.decode_rounds), dict(self.hits)
         out = {
             "compiles": self.compiles,
             "compile_seconds": round(self.compile_time, 3),
@@ -94,16 +97,16 @@ class GenerationStats:
             "requests_finished": self.requests_finished,
             "requests_aborted": self.requests_aborted,
             "requests_failed": self.requests_failed,
-            "decode_rounds_per_bucket": dict(sorted(self.decode_rounds.items())),
+            "decode_rounds_per_bucket": dict(sorted(rounds.items())),
             "decode_row_occupancy": round(self.decode_rows_live / max(1, self.decode_rows_computed), 4),
             "slot_moves": self.slot_moves,
             "decode_host_ms_per_round": round(
-                1e3 * self.decode_host_seconds / max(1, sum(self.decode_rounds.values())), 3
+                1e3 * self.decode_host_seconds / max(1, sum(rounds.values())), 3
             ),
             "decode_host_fraction": round(
                 self.decode_host_seconds / max(1e-9, self.decode_host_seconds + self.decode_device_seconds), 4
             ),
-            "executables": {"/".join(map(str, k)): v for k, v in self.hits.items()},
+            "executables": {"/".join(map(str, k)): v for k, v in hits.items()},
         }
         if self.gauges is not None:
             out.update(self.gauges())

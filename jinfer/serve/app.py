@@ -330,7 +330,7 @@ class OpenAIServer:
             )
         try:
             return json.loads(b"".join(chunks))
-        except ValueError as e:
+        except (ValueError, RecursionError) as e:  # RecursionError: nested thousands deep
             raise APIError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from e
 
     async def _read_request(self, request: Request) -> tuple[Backend, Any]:
@@ -504,9 +504,8 @@ class OpenAIServer:
         if backend.embedder is None:
             raise protocol.bad_field("model", f"{self.config.name!r} is not an embedding model")
         inputs, fmt, _ = protocol.parse_embedding_inputs(body)
-        tok = backend.embedder.tokenizer
         try:
-            count = sum(len(tok.encode(x)) if isinstance(x, str) else len(x) for x in inputs)
+            count = sum(len(backend.embedder.encode(x, i)) for i, x in enumerate(inputs))
             vectors = await asyncio.to_thread(self._embed_locked, backend, inputs)
         except InputError as e:
             raise protocol.bad_field("input", str(e)) from e

@@ -8,6 +8,7 @@ Pure functions on JSON-like dicts: no HTTP and no device work here. Every reject
 from __future__ import annotations
 
 import base64
+import codecs
 import dataclasses
 import re
 import time
@@ -255,17 +256,22 @@ class LogprobFormatter:
         self.tokenizer, self.top = tokenizer, top
 
     def token(self, tid: int) -> str:
+        return self.token_bytes(tid).decode("utf-8", errors="replace")
+
+    def token_bytes(self, tid: int) -> bytes:
+        """The token's own bytes (a byte-level token may hold part of a character: joined over
+        the output they give its UTF-8, which is what OpenAI's `bytes` field is for)."""
         if self.tokenizer is None:
-            return f"<{tid}>"
-        return self.tokenizer.decode([tid], skip_special_tokens=False)
+            return f"<{tid}>".encode()
+        return self.tokenizer.token_bytes(tid)
 
     def _alternatives(self, entry: dict[int, float]) -> list[tuple[int, float]]:
         return sorted(entry.items(), key=lambda kv: -kv[1])[: self.top]
 
     def chat(self, token_ids: Sequence[int], logprobs: Sequence[dict[int, float]]) -> list[dict]:
         def item(tid: int, lp: float) -> dict:
-            text = self.token(tid)
-            return {"token": text, "logprob": lp, "bytes": list(text.encode("utf-8"))}
+            raw = self.token_bytes(tid)
+            return {"token": raw.decode("utf-8", errors="replace"), "logprob": lp, "bytes": list(raw)}
 
         return [
             {**item(t, e[t]), "top_logprobs": [item(a, lp) for a, lp in self._alternatives(e)]}
@@ -273,10 +279,16 @@ class LogprobFormatter:
         ]
 
     def completion(self, token_ids: Sequence[int], logprobs: Sequence[dict[int, float]], offset: int) -> dict:
-        tokens = [self.token(t) for t in token_ids]
-        offsets = np.cumsum([offset] + [len(t) for t in tokens])[:-1].tolist()
+        raws = [self.token_bytes(t) for t in token_ids]
+        # text_offset: characters of the text before each token (a token that ends inside a
+        # character counts it once, when the character completes)
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        offsets, at = [], offset
+        for raw in raws:
+            offsets.append(at)
+            at += len(decoder.decode(raw))
         return {
-            "tokens": tokens,
+            "tokens": [r.decode("utf-8", errors="replace") for r in raws],
             "token_logprobs": [e[t] for t, e in zip(token_ids, logprobs, strict=True)],
             "top_logprobs": [{self.token(a): lp for a, lp in self._alternatives(e)} for e in logprobs],
             "text_offset": offsets,
