@@ -454,3 +454,30 @@ def test_cli_inspect_names_the_family(converted):
     ).stdout
     assert "model_class: Gemma" in out
     assert "layers/5/q_norm" in out and "layers/0/post_mlp_norm" in out
+
+
+def test_longrope_prompt_prefilled_in_chunks_rotates_with_the_long_factors(converted):
+    """A Phi-3 prompt longer than the original context (20 tokens of 16) prefilled in 8-token
+    chunks: every chunk rotates with the long factors, as one forward over the prompt does (the
+    first chunks end inside the original context and took the short ones: greedy diverged from
+    transformers at the first token). Prefix-cache blocks of such a prompt (long-rotated) never
+    serve a shorter prompt with the same tokens, nor the reverse."""
+    from jinfer.llm import LLM
+    from jinfer.sampling import SamplingParams
+
+    golden = np.load(_fixture("phi3") / "golden.npz")
+    long_prompt = [int(t) for t in golden["input_ids_2"]]
+    assert len(long_prompt) == 20  # original context 16
+    greedy = SamplingParams(temperature=0.0, max_tokens=8)
+    kw = dict(dtype="float32", max_batch=2, max_len=32, buckets=(8, 16, 32), prefill_chunk=8, cache_block=8)
+    llm = LLM(converted("phi3"), **kw)
+    assert llm.engine.config.prefill_block == 8
+    want = [int(t) for t in golden["generated_2"]]
+    assert llm.generate([long_prompt], greedy)[0].token_ids == want
+    assert llm.generate([long_prompt], greedy)[0].token_ids == want  # its blocks from the prefix cache
+    assert llm.stats.prompt_tokens_cached >= 16
+    diff = np.abs(np.asarray(llm.score([long_prompt], [want])[0].logprobs) - golden["score_logprobs_2"]).max()
+    assert diff <= ATOL
+    short = long_prompt[:12]  # inside the original context: short factors, its own blocks
+    alone = LLM(converted("phi3"), **kw).generate([short], greedy)[0].token_ids
+    assert llm.generate([short], greedy)[0].token_ids == alone

@@ -201,7 +201,8 @@ def test_fresh_prefill_equals_prefill_through_the_cache():
     for continuation in (False, True):
         exe = engine._prefill_exe(16, continuation=continuation)
         cache = jax.tree.map(jnp.zeros_like, engine.cache)
-        cache, logits = exe(engine.params, cache, np.int32(1), tokens, np.int32(0), np.int32(13))
+        n = np.int32(13)
+        cache, logits = exe(engine.params, cache, np.int32(1), tokens, np.int32(0), n, n)
         results.append((cache, np.asarray(logits)))
     (fresh, fresh_logits), (through, through_logits) = results
     np.testing.assert_allclose(fresh_logits, through_logits, atol=1e-5)

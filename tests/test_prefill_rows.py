@@ -124,10 +124,10 @@ def test_a_failed_call_retries_each_prompt_alone(new_llm, alone, monkeypatch):
         calls.append(len(pieces))
         raise RuntimeError("injected batched prefill failure")
 
-    def prefill(slot, piece, start):
+    def prefill(slot, piece, start, total=None):
         if start == 0 and piece[0] == 255:
             raise RuntimeError("injected prefill failure")
-        return real(slot, piece, start)
+        return real(slot, piece, start, total)
 
     monkeypatch.setattr(runner, "prefill_first_pieces", rows_fail)
     monkeypatch.setattr(runner, "prefill", prefill)

@@ -251,10 +251,10 @@ def test_failure_stays_local(cached, uncached, monkeypatch):
     runner = cached.engine
     real = runner.prefill
 
-    def prefill(slot, piece, start):
+    def prefill(slot, piece, start, total=None):
         if start == 0 and piece[0] == 255:
             raise RuntimeError("injected prefill failure")
-        return real(slot, piece, start)
+        return real(slot, piece, start, total)
 
     monkeypatch.setattr(runner, "prefill", prefill)
     sp = SamplingParams(max_tokens=8, temperature=0.0)

@@ -273,15 +273,18 @@ def rope_qk(
     theta: float,
     scaling: tuple[tuple[str, Any], ...] | None,
     rotary_dim: int | None = None,
+    long_rope: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Rotates q [b, t, n, h] and k [b, t, k, h] by positions [b, t] (half-split layout).
 
     Only the first `rotary_dim` (default h) channels rotate (partial rotary, Phi-4-mini); the rest
     pass through. LongRoPE (Phi-3 128k) picks its long factors for a row when the row's furthest
-    position in this call is at or past `original_max_position_embeddings`, else its short ones,
-    and scales cos/sin by `attention_factor`. Keys already cached keep the rotation they were
-    written with (transformers' cached forward does the same; its `generate` instead re-encodes
-    the whole sequence once when it crosses the original context, see the README).
+    position in this call is at or past `original_max_position_embeddings`, or when `long_rope`
+    (bool, scalar or [b]) says its whole prompt is (a prompt prefilled in chunks: its first chunks
+    end inside the original context), else its short ones, and scales cos/sin by
+    `attention_factor`. Keys already cached keep the rotation they were written with
+    (transformers' cached forward does the same; its `generate` instead re-encodes the whole
+    sequence once when generation crosses the original context, see the README).
     """
     rot = rotary_dim or q.shape[-1]
     params = dict(scaling or ())
@@ -289,6 +292,8 @@ def rope_qk(
     if params.get("rope_type") == "longrope":
         short, long = (jnp.asarray(longrope_inv_freq(rot, theta, scaling, long=x)) for x in (False, True))
         past = jnp.max(positions, axis=1) + 1 > params["original_max_position_embeddings"]  # [b]
+        if long_rope is not None:
+            past = past | long_rope
         inv_freq = jnp.where(past[:, None, None], long, short)  # [b, 1, rot / 2]
         mscale = float(params.get("attention_factor", 1.0))
     else:
@@ -605,8 +610,10 @@ def run_decoder_layers(
     cache: KVCache | None,
     prompt_start: bool = False,
     cache_rows: jax.Array | None = None,
+    layer_kwargs: dict[str, Any] | None = None,
 ) -> tuple[jax.Array, KVCache | None]:
-    """Runs `layer(x, positions, layer_cache) -> (x, layer_cache)` over layers, threading the cache.
+    """Runs `layer(x, positions, layer_cache, **layer_kwargs) -> (x, layer_cache)` over layers,
+    threading the cache.
 
     `prompt_start`: the tokens start the sequence, so attention stays within the call (see
     PromptStartCache). `cache_rows` [b]: the cache row of each row of x (see CacheRows)."""
@@ -621,7 +628,7 @@ def run_decoder_layers(
             layer_cache = PromptStartCache(layer_cache)
         elif layer_cache is not None and cache_rows is not None:
             layer_cache = CacheRows.of(layer_cache, cache_rows)
-        x, layer_cache = layer(x, positions, layer_cache)
+        x, layer_cache = layer(x, positions, layer_cache, **(layer_kwargs or {}))
         if layer_cache is not None:
             new_k.append(layer_cache[0])
             new_v.append(layer_cache[1])

@@ -130,6 +130,12 @@ class LlamaConfig:
         return int(self.head_dim * self.partial_rotary_factor)
 
     @property
+    def long_rope_from(self) -> int | None:
+        """LongRoPE (Phi-3): prompts longer than this many tokens rotate with the long factors."""
+        scaling = self.rope_scaling_dict or {}
+        return scaling["original_max_position_embeddings"] if scaling.get("rope_type") == "longrope" else None
+
+    @property
     def rope_scaling_dict(self) -> dict[str, Any] | None:
         return None if self.rope_scaling is None else dict(self.rope_scaling)
 
@@ -254,14 +260,18 @@ class LlamaBlock(nnx.Module):
         self.mlp = L.SwiGLU(c.hidden_size, c.intermediate_size, rngs=rngs)
 
     def __call__(
-        self, x: jax.Array, positions: jax.Array, layer_cache: L.LayerCache | None
+        self,
+        x: jax.Array,
+        positions: jax.Array,
+        layer_cache: L.LayerCache | None,
+        long_rope: jax.Array | None = None,
     ) -> tuple[jax.Array, L.LayerCache | None]:
         c = self.config
         q, k, v = self.attn.project(L.rms_norm(x, self.attn_norm[...], c.rms_norm_eps))
         if c.qk_norm:
             q = L.rms_norm(q, self.q_norm[...], c.rms_norm_eps)
             k = L.rms_norm(k, self.k_norm[...], c.rms_norm_eps)
-        q, k = L.rope_qk(q, k, positions, c.rope_theta, c.rope_scaling, c.rotary_dim)
+        q, k = L.rope_qk(q, k, positions, c.rope_theta, c.rope_scaling, c.rotary_dim, long_rope)
         o, layer_cache = L.causal_attention(q, k, v, positions, layer_cache, c.sliding_window)
         x = x + self.attn.output(o)
         x = x + self.mlp(L.rms_norm(x, self.mlp_norm[...], c.rms_norm_eps))
@@ -287,14 +297,18 @@ class Llama(nnx.Module):
         cache: KVCache | None = None,
         prompt_start: bool = False,
         cache_rows: jax.Array | None = None,
+        long_rope: jax.Array | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
         """tokens, positions [b, t] int32 (position < 0: padding) -> (normed hidden [b, t, d], cache).
 
         `prompt_start=True`: the tokens start the sequence (a fresh prefill), so they attend within
         the call only (their keys/values are still written to the cache). `cache_rows` [b]: the
-        cache row each token row writes and reads (default: row i of the cache for row i)."""
+        cache row each token row writes and reads (default: row i of the cache for row i).
+        `long_rope` (bool, scalar or [b]; LongRoPE models): the row's whole prompt is longer than
+        the original context, so a chunk of it rotates with the long factors throughout."""
         x = L.embed_lookup(self.embed.get_value(), tokens, self.final_norm[...].dtype)  # compute dtype
-        x, cache = L.run_decoder_layers(self.layers, x, positions, cache, prompt_start, cache_rows)
+        kwargs = None if long_rope is None else {"long_rope": long_rope}
+        x, cache = L.run_decoder_layers(self.layers, x, positions, cache, prompt_start, cache_rows, kwargs)
         return L.rms_norm(x, self.final_norm[...], self.config.rms_norm_eps), cache
 
     def logits(self, hidden: jax.Array) -> jax.Array:

@@ -38,6 +38,13 @@ class KVCacheManager:
     def free_slots(self) -> int:
         return len(self._free_slots)
 
+    def _identity_for(self, prompt_len: int) -> bytes:
+        """What a prompt's cached blocks are keyed under besides their tokens: the model, and for
+        a LongRoPE model whether the prompt is past the original context (its keys are then
+        rotated with the long factors, and must not serve a shorter prompt's, nor the reverse)."""
+        since = getattr(self.runner.model.config, "long_rope_from", None)
+        return self._identity if since is None or prompt_len <= since else self._identity + b"long"
+
     def allocate_slots(self, n: int) -> list[int]:
         """n free slots (lowest first); the caller checked `free_slots >= n`."""
         return [self._free_slots.pop() for _ in range(n)]
@@ -59,7 +66,7 @@ class KVCacheManager:
         keys: list[bytes] = []
         hit: list[int] = []
         if self.prefix is not None:
-            keys = block_hashes(prompt, p, self._identity, n // p)
+            keys = block_hashes(prompt, p, self._identity_for(n), n // p)
             hit = self.prefix.match(keys[: (n - 1) // p])  # never the last token's block
         try:
             for i, index in enumerate(hit):
@@ -67,7 +74,7 @@ class KVCacheManager:
             logits = None
             for start in range(len(hit) * p, n, p):
                 piece = prompt[start : start + p]
-                logits = self.runner.prefill(slot, piece, start)
+                logits = self.runner.prefill(slot, piece, start, n)
                 if len(piece) == p and self.prefix is not None:
                     self._offer(keys[start // p], slot, start)
         finally:
@@ -97,7 +104,8 @@ class KVCacheManager:
                 for j, i in enumerate(group):
                     out[i] = (logits[j : j + 1], 0)
                     if len(prompts[i]) == p and self.prefix is not None:
-                        self._offer(block_hashes(prompts[i], p, self._identity, 1)[0], slots[i], 0)
+                        identity = self._identity_for(len(prompts[i]))
+                        self._offer(block_hashes(prompts[i], p, identity, 1)[0], slots[i], 0)
         for i, (slot, prompt) in enumerate(zip(slots, prompts, strict=True)):
             if out[i] is None:
                 out[i] = self.prefill(slot, prompt)

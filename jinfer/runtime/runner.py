@@ -192,14 +192,15 @@ class ModelRunner:
         attends within the call; a `continuation` (a later chunk) attends to the slot's cached
         prefix as well."""
 
-        def prefill(params, cache, slot, tokens, start, n_valid):
+        def prefill(params, cache, slot, tokens, start, n_valid, total):
+            rope = self._rope_kwargs(total)  # `total`: the whole prompt's length
             if not continuation:  # start is 0: write the piece's blocks only
-                return self._prefill_fresh(params, cache, slot[None], tokens, n_valid[None])
+                return self._prefill_fresh(params, cache, slot[None], tokens, n_valid[None], rope)
             # A later piece attends to the row's cached prefix: it is written and read in the
             # slot's row of the whole cache, in place (no copy of the row).
             idx = jnp.arange(tokens.shape[1], dtype=jnp.int32)
             positions = jnp.where(idx < n_valid, start + idx, -1)[None, :]
-            hidden, cache = self._forward(params, tokens, positions, cache, cache_rows=slot[None])
+            hidden, cache = self._forward(params, tokens, positions, cache, cache_rows=slot[None], **rope)
             last = jax.lax.dynamic_slice_in_dim(hidden, n_valid - 1, 1, axis=1)[:, 0]
             return cache, self._logits(params, last)
 
@@ -214,6 +215,7 @@ class ModelRunner:
                 self._spec((1, bucket), jnp.int32),
                 s,
                 s,
+                s,
             )
             return self._lower(
                 name,
@@ -225,7 +227,14 @@ class ModelRunner:
 
         return self._executable((name, bucket), build)
 
-    def _prefill_fresh(self, params, cache, slots, tokens, n_valid):
+    def _rope_kwargs(self, total: jax.Array) -> dict[str, Any]:
+        """Traced: the model's extra arguments for a chunk of a prompt of `total` tokens: for a
+        LongRoPE model whether the whole prompt is past its original context (then every chunk
+        rotates with the long factors, as one forward over the prompt does); {} otherwise."""
+        since = getattr(self.model.config, "long_rope_from", None)
+        return {} if since is None else {"long_rope": total > since}
+
+    def _prefill_fresh(self, params, cache, slots, tokens, n_valid, rope=None):
         """Traced: prefill of pieces that start their sequences (positions 0 .. n_valid - 1 of
         tokens [r, t]) into the cache rows `slots` [r]; returns (cache, last tokens' logits [r, v]).
         Such pieces attend within the call, so they run on a small cache of their own blocks,
@@ -237,7 +246,7 @@ class ModelRunner:
         positions = jnp.where(idx[None, :] < n_valid[:, None], idx[None, :], -1)
         mc, block = self.model.config, self.config.block
         fresh = KVCache.zeros(mc.num_layers, rows, t, mc.num_kv_heads, mc.head_dim, self.dtype, block=block)
-        hidden, fresh = self._forward(params, tokens, positions, fresh, prompt_start=True)
+        hidden, fresh = self._forward(params, tokens, positions, fresh, prompt_start=True, **(rope or {}))
         index = (slice(0, fresh.k[0].shape[0]), slots)  # [blocks, batch, ...]: these blocks, these rows
         cache = jax.tree.map(lambda c, r: c.at[index].set(r, mode="drop", unique_indices=True), cache, fresh)
         last = jnp.take_along_axis(hidden, jnp.maximum(n_valid - 1, 0)[:, None, None], axis=1)[:, 0]
@@ -471,17 +480,18 @@ class ModelRunner:
         bucket = self.config.prefill_buckets[-1]
         abstract = self._cache_spec(1)
 
-        def score_chunk(params, cache, tokens, targets, start, n_valid):
+        def score_chunk(params, cache, tokens, targets, start, n_valid, total):
             idx = jnp.arange(bucket, dtype=jnp.int32)
             positions = jnp.where(idx < n_valid, start + idx, -1)[None, :]
             row = jnp.zeros((1,), jnp.int32)
-            hidden, cache = self._forward(params, tokens, positions, cache, cache_rows=row)
+            rope = self._rope_kwargs(total)  # `total`: the whole sequence's length
+            hidden, cache = self._forward(params, tokens, positions, cache, cache_rows=row, **rope)
             logp = jax.nn.log_softmax(self._logits(params, hidden), axis=-1)
             return cache, jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
 
         def build():
             s, chunk = self._scalar(), self._spec((1, bucket), jnp.int32)
-            args = (self._abstract_params(), abstract, chunk, chunk, s, s)
+            args = (self._abstract_params(), abstract, chunk, chunk, s, s, s)
             shardings = (jax.tree.map(lambda x: x.sharding, abstract), self._replicated)
             return self._lower(
                 "score_chunk", score_chunk, args, donate_argnums=(1,), out_shardings=shardings
@@ -505,7 +515,7 @@ class ModelRunner:
             for continuation in (False, True)[: 1 + (cfg.max_prompt_len > cfg.prefill_block)]:
                 exe = self._prefill_exe(b, continuation=continuation)
                 if run:
-                    self.cache, _ = exe(self.params, self.cache, nowhere, tokens, none, none)
+                    self.cache, _ = exe(self.params, self.cache, nowhere, tokens, none, none, none)
             if rows > 1:
                 exe = self._prefill_rows_exe(b)
                 if run:
@@ -520,7 +530,7 @@ class ModelRunner:
             if cfg.max_len > cfg.prefill_buckets[-1]:
                 exe, chunk = self._score_chunk_exe(), np.zeros((1, cfg.prefill_buckets[-1]), np.int32)
                 if run:
-                    exe(self.params, self._zero_cache(self._cache_spec(1)), chunk, chunk, none, none)
+                    exe(self.params, self._zero_cache(self._cache_spec(1)), chunk, chunk, none, none, none)
         self._first_token_exe()
         self._copy_slot_exe()
         for bucket in self.decode_buckets:
@@ -542,16 +552,24 @@ class ModelRunner:
         return np.arange(self.config.max_batch, self.config.max_batch + count, dtype=np.int32)
 
     # -- programs ----------------------------------------------------------------------------------
-    def prefill(self, slot: int, piece: Sequence[int], start: int) -> jax.Array:
-        """Prefills `piece` (at most prefill_block tokens) at positions start.. of `slot`'s row;
-        returns the logits of its last token (f32[1, v])."""
+    def prefill(self, slot: int, piece: Sequence[int], start: int, total: int | None = None) -> jax.Array:
+        """Prefills `piece` (at most prefill_block tokens) at positions start.. of `slot`'s row,
+        a piece of a prompt of `total` tokens (default: it ends the prompt); returns the logits of
+        its last token (f32[1, v])."""
+        total = start + len(piece) if total is None else total
         bucket = smallest_bucket(self.config.prefill_buckets, len(piece))
         tokens = np.zeros((1, bucket), np.int32)
         tokens[0, : len(piece)] = piece
         exe = self._prefill_exe(bucket, continuation=start > 0)
         self.stats.record_padding(len(piece), bucket)
         self.cache, logits = exe(
-            self.params, self.cache, np.int32(slot), tokens, np.int32(start), np.int32(len(piece))
+            self.params,
+            self.cache,
+            np.int32(slot),
+            tokens,
+            np.int32(start),
+            np.int32(len(piece)),
+            np.int32(total),
         )
         return logits
 
@@ -697,7 +715,9 @@ class ModelRunner:
             tokens, targets = np.zeros((2, 1, chunk), np.int32)
             tokens[0, :valid] = ids[start : start + valid]
             targets[0, :valid] = ids[start + 1 : start + 1 + valid]
-            cache, lp = exe(self.params, cache, tokens, targets, np.int32(start), np.int32(valid))
+            cache, lp = exe(
+                self.params, cache, tokens, targets, np.int32(start), np.int32(valid), np.int32(n)
+            )
             out.append(np.asarray(lp)[0, :valid])
         return np.concatenate(out)
 
