@@ -50,7 +50,7 @@ def download_snapshot(name: str, revision: str | None = None) -> Path:
     repo, rev = split_revision(name)
     revision = revision or rev
     try:
-        return Path(
+        snapshot = Path(
             huggingface_hub.snapshot_download(
                 repo, revision=revision, allow_patterns=ALLOW_PATTERNS, ignore_patterns=IGNORE_PATTERNS
             )
@@ -70,6 +70,27 @@ def download_snapshot(name: str, revision: str | None = None) -> Path:
             "(files are found in the HF cache, HF_HOME / HF_HUB_CACHE), or pass a local directory "
             "converted with `jinfer convert SRC OUT`"
         ) from e
+    check_snapshot(repo, snapshot)
+    return snapshot
+
+
+def check_snapshot(repo: str, snapshot: Path) -> None:
+    """HubDownloadError for a cached snapshot whose files lost their data (links to blobs that
+    were deleted: a pruned cache) or whose weights never finished downloading (`.incomplete`
+    blobs and no weights linked), saying how to fetch it again."""
+    broken = sorted(
+        p.relative_to(snapshot).as_posix() for p in snapshot.rglob("*") if p.is_symlink() and not p.exists()
+    )
+    partial = sorted(p.name for p in (snapshot.parent.parent / "blobs").glob("*.incomplete"))
+    weights = any(snapshot.glob("*.safetensors"))
+    if not broken and (weights or not partial):
+        return
+    what = f"files whose data is missing ({', '.join(broken[:5])})" if broken else "an unfinished download"
+    raise HubDownloadError(
+        f"the cached snapshot of {repo!r} ({snapshot}) has {what}: the download was interrupted "
+        f"or the cache was pruned. Download it again (`hf download {repo} --revision "
+        f"{snapshot.name} --force-download`, with network), or delete {snapshot} and retry"
+    )
 
 
 def cached_model_dir(repo: str, commit: str, dtype: str) -> Path:

@@ -131,3 +131,33 @@ def test_run_batch_embed_task_with_real_embedder(bert_dir, tmp_path):
     np.testing.assert_allclose(rows["b"]["embedding"], expected[1], atol=1e-6)
     assert rows["c"]["error"]["code"] == "empty_prompt"
     assert summary.ok == 2 and summary.failed == 1
+
+
+def test_a_bert_repo_with_only_vocab_txt_gets_a_wordpiece_tokenizer(tmp_path):
+    """Older BERT / sentence-transformers repos ship vocab.txt and no tokenizer.json: conversion
+    builds the BERT WordPiece tokenizer transformers builds from it (it converted ids-only)."""
+    import shutil
+
+    src = tmp_path / "src"
+    shutil.copytree(FIXTURE, src)
+    words = ["the", "cat", "sat", "on", "mat", "##s", "caf", "##e"]
+    (src / "vocab.txt").write_text("\n".join(["[PAD]", "[CLS]", "[SEP]", "[UNK]", "[MASK]", *words]) + "\n")
+    (src / "tokenizer_config.json").write_text(json.dumps({"do_lower_case": True}))
+    emb = Embedder(convert(src, tmp_path / "out", progress=False))
+    assert emb.tokenizer is not None
+    w = {t: 5 + i for i, t in enumerate(words)}
+    # [CLS] .. [SEP]; lowercased; accents stripped with lowercase (as BertTokenizer); ## pieces
+    assert emb.encode("The CATS sat on  Café!") == [
+        1,
+        w["the"],
+        w["cat"],
+        w["##s"],
+        w["sat"],
+        w["on"],
+        w["caf"],
+        w["##e"],
+        3,
+        2,
+    ]
+    ids = emb.encode("the cat sat")
+    np.testing.assert_allclose(emb.embed(["the cat sat"]), emb.embed([ids]), atol=1e-6)

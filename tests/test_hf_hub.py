@@ -253,3 +253,22 @@ def test_a_snapshot_completed_after_its_conversion_converts_again(offline_hub, m
     assert llm.encode_prompt("the cat sat") == [10, 11, 12]
     LLM(REPO, max_batch=1, buckets=(16,))
     assert len(calls) == 2  # complete now: loaded from the cache
+
+
+def test_a_snapshot_with_missing_blobs_says_download_again(offline_hub):
+    """A pruned cache (a snapshot link whose blob is gone) or an interrupted download (an
+    `.incomplete` blob, no weights linked) names the repo and how to fetch it again (was a raw
+    FileNotFoundError, or "no *.safetensors weight files")."""
+    from jinfer.llm import LLM
+
+    snapshot = Path(offline_hub["HF_HOME"]) / "hub" / "models--tiny-org--tiny-llama" / "snapshots" / COMMIT
+    weights = snapshot / "model.safetensors"
+    blob = weights.resolve()
+    data = blob.read_bytes()
+    blob.unlink()
+    with pytest.raises(hf_hub.HubDownloadError, match=r"data is missing \(model\.safetensors\).*hf download"):
+        LLM(REPO, max_batch=1, buckets=(16,))
+    weights.unlink()
+    blob.with_name(blob.name + ".incomplete").write_bytes(data[:100])
+    with pytest.raises(hf_hub.HubDownloadError, match=r"an unfinished download.*--force-download"):
+        LLM(REPO, max_batch=1, buckets=(16,))

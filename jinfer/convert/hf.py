@@ -543,8 +543,36 @@ def tokenizer_files(model_dir: Path, extra_dirs: Iterable[Path] = ()) -> dict[st
                 tok_cfg.setdefault(key, value)
         found["tokenizer_config.json"] = tok_cfg
     if "tokenizer.json" not in found:
-        log.warning("%s has no tokenizer.json: the converted model will accept token ids only", model_dir)
+        vocab = next((d / "vocab.txt" for d in (model_dir, *extra_dirs) if (d / "vocab.txt").is_file()), None)
+        if vocab is not None and _is_wordpiece_vocab(vocab):
+            found["tokenizer.json"] = _wordpiece_tokenizer(vocab, found.get("tokenizer_config.json") or {})
+            log.info("%s: tokenizer.json built from vocab.txt (BERT WordPiece)", model_dir)
+        else:
+            log.warning("%s has no tokenizer.json: the converted model will accept token ids only", model_dir)
     return found
+
+
+def _is_wordpiece_vocab(path: Path) -> bool:
+    """A BERT vocab.txt (one token per line, with [CLS] and [SEP]) — not some other .txt."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        head = {f.readline().strip() for _ in range(2000)}
+    return {"[CLS]", "[SEP]"} <= head
+
+
+def _wordpiece_tokenizer(vocab: Path, tok_cfg: Mapping[str, Any]) -> bytes:
+    """tokenizer.json for a BERT repo that ships only vocab.txt (older sentence-transformers and
+    BERT checkpoints): what transformers' BertTokenizerFast builds from it (BERT normalizer with
+    the repo's do_lower_case / strip_accents / tokenize_chinese_chars, WordPiece, [CLS] .. [SEP])."""
+    from tokenizers import BertWordPieceTokenizer
+
+    tok = BertWordPieceTokenizer(
+        str(vocab),
+        lowercase=tok_cfg.get("do_lower_case", True) is not False,
+        strip_accents=tok_cfg.get("strip_accents"),
+        handle_chinese_chars=tok_cfg.get("tokenize_chinese_chars", True) is not False,
+        clean_text=True,
+    )
+    return tok.to_str().encode()
 
 
 def _json_object(data: bytes, path: Path) -> dict[str, Any]:
