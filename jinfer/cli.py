@@ -312,11 +312,45 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from jinfer.convert import convert
 
     _check_convert_output(args.out, args.overwrite)
-    out = convert(
-        args.src, args.out, dtype=args.dtype or "float32", quantize=args.quantize, overwrite=args.overwrite
-    )
+    with _interrupt_removes_partial_output(args.out):
+        out = convert(
+            args.src,
+            args.out,
+            dtype=args.dtype or "float32",
+            quantize=args.quantize,
+            overwrite=args.overwrite,
+        )
     print(f"wrote {out}")
     return 0
+
+
+@contextlib.contextmanager
+def _interrupt_removes_partial_output(out: str):
+    """Ctrl-C (SIGINT) during a conversion removes what this process wrote so far (the hidden
+    `.NAME.tmp-PID-*` directory; OUT itself appears only when complete) and exits with
+    EXIT_INTERRUPTED at once. As a KeyboardInterrupt it could land in a callback JAX runs from the
+    garbage collector, which only prints it, and the conversion went on."""
+    import signal
+    import threading
+    from pathlib import Path
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    path = Path(out).absolute()
+
+    def stop(*_):
+        import shutil
+
+        for partial in path.parent.glob(f".{path.name}.tmp-{os.getpid()}-*"):
+            shutil.rmtree(partial, ignore_errors=True)
+        os._exit(EXIT_INTERRUPTED)
+
+    previous = signal.signal(signal.SIGINT, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _check_convert_output(out: str, overwrite: bool) -> None:

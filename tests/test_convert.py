@@ -545,3 +545,36 @@ def test_config_values_of_the_wrong_type_are_named(tmp_path, key, value, message
         convert(src, tmp_path / "out", progress=False)
     (src / "config.json").write_text(json.dumps({**cfg, "architectures": cfg["architectures"][0]}))
     assert (convert(src, tmp_path / "ok", progress=False) / "config.json").is_file()
+
+
+def test_ctrl_c_during_convert_exits_130_and_removes_the_partial_output(tmp_path):
+    """SIGINT while `jinfer convert` writes: exit 130 at once, OUT never appears and the hidden
+    partial directory is removed (as a KeyboardInterrupt it could be swallowed by a callback JAX
+    runs from the garbage collector, and the conversion went on)."""
+    import signal
+
+    out = tmp_path / "out"
+    script = textwrap.dedent(
+        f"""
+        import sys, time
+        from jinfer import checkpoint, cli
+        real = checkpoint._write_contents
+        def slow(tmp, *args, **kwargs):
+            real(tmp, *args, **kwargs)
+            print("WRITTEN", flush=True)
+            time.sleep(120)
+        checkpoint._write_contents = slow
+        sys.exit(cli.main(["convert", {str(FIXTURES / "llama_gqa")!r}, {str(out)!r}]))
+        """
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout.readline().strip() == "WRITTEN", proc.stderr.read()
+        assert list(tmp_path.glob(".out.tmp-*"))  # the partial output exists
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 130
+    finally:
+        proc.kill()
+    assert not out.exists() and not list(tmp_path.glob(".out.tmp-*"))
