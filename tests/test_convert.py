@@ -578,3 +578,21 @@ def test_ctrl_c_during_convert_exits_130_and_removes_the_partial_output(tmp_path
     finally:
         proc.kill()
     assert not out.exists() and not list(tmp_path.glob(".out.tmp-*"))
+
+
+def test_gguf_tensor_type_newer_than_the_gguf_package_is_named_not_called_corrupt(tmp_path):
+    """llama.cpp adds tensor types (Q2_0 is 42) before the gguf package knows them: such a valid
+    file is refused as a type to upgrade for, not "corrupt or truncated"."""
+    import struct
+
+    path = _write_tiny_gguf(tmp_path / "tiny.gguf", quantized=False)
+    data = bytearray(path.read_bytes())
+    name = b"output_norm.weight"
+    at = data.index(struct.pack("<Q", len(name)) + name) + 8 + len(name)
+    n_dims = struct.unpack_from("<I", data, at)[0]
+    struct.pack_into("<I", data, at + 4 + 8 * n_dims, 42)  # the tensor's ggml type
+    path.write_bytes(bytes(data))
+    with pytest.raises(
+        UnsupportedArchitectureError, match=r"tensor type this gguf package .* does not know.*upgrade"
+    ):
+        convert(path, tmp_path / "out", progress=False)

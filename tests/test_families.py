@@ -28,7 +28,7 @@ from safetensors.numpy import load_file
 
 from jinfer import checkpoint
 from jinfer.convert import convert
-from jinfer.errors import UnsupportedArchitectureError
+from jinfer.errors import ConversionError, UnsupportedArchitectureError
 from jinfer.kvcache import KVCache
 from jinfer.modeling import FlaxModel
 from jinfer.sharding import make_mesh
@@ -205,12 +205,17 @@ _GGUF_ARCH = {
 }
 
 
-def _write_gguf(name: str, path: Path) -> Path:
-    """The fixture as llama.cpp's convert_hf_to_gguf writes it (F32 tensors, no tokenizer)."""
+def _write_gguf(name: str, path: Path, split_max_tensors: int = 0) -> Path:
+    """The fixture as llama.cpp's convert_hf_to_gguf writes it (F32 tensors, no tokenizer); with
+    `split_max_tensors`, as gguf-split parts PATH-00001-of-0000N.gguf, ... (returns the first)."""
     src = _fixture(name)
     cfg = json.loads((src / "config.json").read_text())
     arch = _GGUF_ARCH[name]
-    w = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[arch])
+    w = gguf.GGUFWriter(
+        None if split_max_tensors else str(path),
+        gguf.MODEL_ARCH_NAMES[arch],
+        split_max_tensors=split_max_tensors,
+    )
     w.add_block_count(cfg["num_hidden_layers"])
     w.add_context_length(cfg["max_position_embeddings"])
     w.add_embedding_length(cfg["hidden_size"])
@@ -245,14 +250,19 @@ def _write_gguf(name: str, path: Path) -> Path:
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         w.add_rope_scaling_factor(rope["full_attention"]["factor"])
     names = gguf.get_tensor_name_map(arch, cfg["num_hidden_layers"])
-    for hf_name, x in load_file(src / "model.safetensors").items():
+    tensors = load_file(src / "model.safetensors")
+    for hf_name, x in sorted(tensors.items(), key=lambda kv: kv[0] == "lm_head.weight"):  # head last
         if name.startswith("gemma") and hf_name.endswith("norm.weight"):
             x = x + 1.0  # llama.cpp folds Gemma's (1 + w) into the stored norm weight
         w.add_tensor(names.get_name(hf_name, try_suffixes=(".weight",)), np.ascontiguousarray(x, np.float32))
-    w.write_header_to_file()
+    w.write_header_to_file(path if split_max_tensors else None)
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+    if split_max_tensors:
+        parts = sorted(path.parent.glob(f"{path.stem}-*-of-*.gguf"))
+        assert len(parts) > 1, parts
+        return parts[0]
     return path
 
 
@@ -277,6 +287,25 @@ def test_gguf_round_trip_gives_the_same_logits(converted, tmp_path, name):
     for i, ids in enumerate(_prompts(golden)):
         diff = np.abs(_logits(out, ids) - golden[f"logits_{i}"]).max()
         assert diff <= ATOL, f"{name} GGUF prompt {i}: logits max abs diff {diff:.2e}"
+
+
+def test_split_gguf_parts_convert_as_one_file(tmp_path):
+    """A model split by gguf-split (the untied output layer in a later part) converts from any
+    of its parts to the logits of the one-file model; a missing part is named (the first part
+    alone converted silently, tying the output layer to the embeddings)."""
+    golden = np.load(_fixture("phi3") / "golden.npz")
+    first = _write_gguf("phi3", tmp_path / "phi3.gguf", split_max_tensors=8)
+    parts = sorted(tmp_path.glob("phi3-*-of-*.gguf"))
+    assert first == parts[0] and len(parts) >= 3
+    holder = next(p for p in parts if "output.weight" in {t.name for t in gguf.GGUFReader(p).tensors})
+    assert holder != parts[0]  # not in the part holding the metadata
+    out = convert(parts[1], tmp_path / "out", progress=False)
+    assert json.loads((out / "config.json").read_text())["config"]["tie_word_embeddings"] is False
+    for i, ids in enumerate(_prompts(golden)):
+        assert np.abs(_logits(out, ids) - golden[f"logits_{i}"]).max() <= ATOL
+    holder.unlink()
+    with pytest.raises(ConversionError, match=rf"missing \['{holder.name}'\].*download every part"):
+        convert(first, tmp_path / "out2", progress=False)
 
 
 # -- configs of published checkpoints -------------------------------------------------------------

@@ -149,7 +149,71 @@ def open_gguf(path: Path) -> Any:
     try:
         return gguf.GGUFReader(path, "r")
     except Exception as e:  # the reader raises ValueError/IndexError/struct.error on damaged files
+        if isinstance(e, ValueError) and "GGMLQuantizationType" in str(e):  # a type newer than gguf
+            raise UnsupportedArchitectureError(
+                f"{path}: a tensor type this gguf package ({_gguf_version()}) does not know: {e}; "
+                "upgrade it (pip install -U gguf), or convert a file in a common type (Q4_K_M, Q8_0, F16)"
+            ) from e
         raise ConversionError(f"{path}: corrupt or truncated GGUF file: {type(e).__name__}: {e}") from e
+
+
+def _gguf_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("gguf")
+    except PackageNotFoundError:
+        return "unknown version"
+
+
+_SHARD_NAME = re.compile(r"^(?P<prefix>.+)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
+
+
+@dataclasses.dataclass
+class SplitReader:
+    """The parts of a split GGUF (llama.cpp's gguf-split: NAME-00001-of-0000N.gguf, ...) read as
+    one file: the first part's metadata, every part's tensors."""
+
+    fields: Mapping[str, Any]
+    tensors: list[Any]
+    paths: list[Path]
+
+
+def open_gguf_model(path: Path) -> Any:
+    """`open_gguf`, or for any part of a split GGUF a SplitReader over all its parts (a model's
+    tensors, the output layer among them, may be in any part); ConversionError naming missing or
+    mismatched parts."""
+    reader = open_gguf(path)
+    count = int(field(reader, "split.count", 1) or 1)
+    if count <= 1:
+        return reader
+    m = _SHARD_NAME.match(path.name)
+    if m is None or int(m["count"]) != count:
+        raise ConversionError(
+            f"{path} is one part of a {count}-part split GGUF (split.count), but its name is not "
+            "llama.cpp's NAME-00001-of-0000N.gguf, so the other parts cannot be found; keep the names "
+            "the parts were published with"
+        )
+    paths = [path.with_name(f"{m['prefix']}-{i:05d}-of-{count:05d}.gguf") for i in range(1, count + 1)]
+    missing = [p.name for p in paths if not p.is_file()]
+    if missing:
+        raise ConversionError(
+            f"{path} is one part of a {count}-part split GGUF; missing {missing} in {path.parent}: "
+            "download every part"
+        )
+    readers = [reader if p == path else open_gguf(p) for p in paths]
+    for i, (r, p) in enumerate(zip(readers, paths, strict=True)):
+        if int(field(r, "split.no", -1)) != i or int(field(r, "split.count", 0)) != count:
+            raise ConversionError(f"{p}: split.no / split.count say it is not part {i + 1} of {count}")
+    tensors = [t for r in readers for t in r.tensors]
+    names = [t.name for t in tensors]
+    expected = field(readers[0], "split.tensors.count", None)
+    if len(set(names)) != len(names) or (expected is not None and int(expected) != len(names)):
+        raise ConversionError(
+            f"{paths[0]}: the {count} parts hold {len(names)} tensors ({len(set(names))} distinct); "
+            f"split.tensors.count says {expected}: the parts are not one split of one model"
+        )
+    return SplitReader(readers[0].fields, tensors, paths)
 
 
 def field(reader: Any, key: str, default: Any = ...) -> Any:
@@ -679,7 +743,9 @@ def convert_gguf(
 ) -> Path:
     """Converts a .gguf file (an architecture of hf.GGUF_ARCHITECTURES) to a jinfer model directory."""
     path = Path(src)
-    reader = open_gguf(path)
+    reader = open_gguf_model(path)
+    if isinstance(reader, SplitReader):
+        path = reader.paths[0]  # named in messages and the conversion record
     cfg = hf_config_from_gguf(reader, path)
     arch = hf.get_architecture(cfg["architectures"][0], str(path))
     source = GGUFSource(
@@ -692,7 +758,11 @@ def convert_gguf(
     extra_files: Mapping[str, Any] = tokenizer_files_from_gguf(reader, path)
     extra_config = {
         "source_format": "gguf",
-        "gguf": {"file": path.name, "name": field(reader, "general.name", "")},
+        "gguf": {
+            "file": path.name,
+            "name": field(reader, "general.name", ""),
+            **({"parts": len(reader.paths)} if isinstance(reader, SplitReader) else {}),
+        },
     }
     return hf.convert_source(
         arch,
@@ -711,7 +781,7 @@ def convert_gguf(
 
 def gguf_summary(path: str | os.PathLike) -> str:
     """JSON text of a GGUF's architecture and tensor types (for debugging)."""
-    reader = open_gguf(Path(path))
+    reader = open_gguf_model(Path(path))
     types: dict[str, int] = {}
     for t in reader.tensors:
         types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
