@@ -306,7 +306,17 @@ def _move_into_place(tmp: Path, final: Path, overwrite: bool) -> None:
         check_replaceable(final)
         old = final.parent / f".{final.name}.old-{os.getpid()}-{secrets.token_hex(4)}"
         os.replace(final, old)
-    os.replace(tmp, final)
+    try:
+        os.replace(tmp, final)
+    except OSError as e:
+        if not final.exists():
+            raise
+        # Another process wrote `final` while this one was writing (two converts into one OUT):
+        # its complete output stays, this one is dropped (by the caller).
+        raise CheckpointError(
+            f"{final} was written by another process while this one was writing it; its output is "
+            "kept and this one dropped (pass --overwrite / overwrite=True to replace it)"
+        ) from e
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 

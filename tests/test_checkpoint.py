@@ -159,6 +159,27 @@ def test_save_refuses_existing_dir_unless_overwrite(tmp_path, text_params):
     assert [p.name for p in tmp_path.iterdir()] == ["m"]  # no tmp/old dirs left behind
 
 
+def test_two_saves_into_one_directory_keep_the_first_complete_one(tmp_path, text_params, monkeypatch):
+    """Two processes converting into one OUT: the one finishing second gets a CheckpointError
+    saying so (it was a raw 'Directory not empty'); the first output stays whole, no temp left."""
+    import jinfer.checkpoint as ckpt
+
+    path = tmp_path / "m"
+    real = ckpt._write_contents
+    doubled = jax.tree.map(lambda x: x * 2, text_params)
+
+    def write_while_another_finishes(tmp, *args, **kwargs):
+        real(tmp, *args, **kwargs)
+        monkeypatch.setattr(ckpt, "_write_contents", real)
+        save_model_dir(path, "TextClassifier", TEXT_CFG, doubled)  # the other process, done first
+
+    monkeypatch.setattr(ckpt, "_write_contents", write_while_another_finishes)
+    with pytest.raises(CheckpointError, match="written by another process while this one"):
+        save_model_dir(path, "TextClassifier", TEXT_CFG, text_params)
+    _assert_trees_equal(restore_params(path, FlaxModel.from_name("TextClassifier", TEXT_CFG)), doubled)
+    assert [p.name for p in tmp_path.iterdir()] == ["m"]
+
+
 # -- sharding and dtype -------------------------------------------------------------------------
 def test_sharded_restore_matches_unsharded(saved_text, text_model, text_params):
     mesh = make_mesh("data=2,model=4")
