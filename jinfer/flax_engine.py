@@ -34,7 +34,7 @@ from jinfer.buckets import Buckets
 from jinfer.engine import Engine
 from jinfer.errors import ConfigError
 from jinfer.input_spec import InputSpec, ShapeBuckets, VariableAxes, output_dims, unpad_row
-from jinfer.modeling import cast_floating
+from jinfer.modeling import cast_floating, placeholder_rng_leaf
 from jinfer.sharding import (
     PathRules,
     ShardingRules,
@@ -365,9 +365,7 @@ def _materialize_rng(values: Any, rng_paths: set[str]) -> Any:
                 f"Engine.from_flax: the NNX module's {path_str(path)} is abstract and no variables were "
                 "given for it; pass variables= (e.g. restored from a checkpoint)"
             )
-        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
-            return jax.random.key(0)
-        return np.zeros(x.shape, x.dtype)
+        return placeholder_rng_leaf(x)
 
     return jax.tree_util.tree_map_with_path(concrete, values)
 

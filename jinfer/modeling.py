@@ -264,15 +264,17 @@ def _without_paths(tree: Any, drop: set[str], prefix: str = "") -> Any:
     return out
 
 
+def placeholder_rng_leaf(x: Any) -> Any:
+    """A concrete value for one abstract leaf of an RNG stream (a key, or its count): evaluation
+    mode never draws from it, but it is part of an NNX module's state."""
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        return jax.random.key(0)
+    return jnp.zeros(x.shape, x.dtype)
+
+
 def _placeholder_rngs(abstract: nnx.State) -> nnx.State:
     """Concrete values for an abstract RNG-streams state (keys and counts)."""
-
-    def concrete(x):
-        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
-            return jax.random.key(0)
-        return jnp.zeros(x.shape, x.dtype)
-
-    return jax.tree.map(concrete, abstract)
+    return jax.tree.map(placeholder_rng_leaf, abstract)
 
 
 def cast_floating(tree: Any, dtype: Any) -> Any:
