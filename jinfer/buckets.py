@@ -31,7 +31,14 @@ def smallest_bucket(sizes: Sequence[int], n: int) -> int | None:
 
 
 def _validated_sizes(name: str, values: Sequence[int] | None, allow_empty: bool) -> tuple[int, ...]:
-    sizes = tuple(int(v) for v in (values or ()))
+    values = () if values is None else values
+    if isinstance(values, (str, bytes)) or not all(
+        isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in values
+    ):
+        raise ConfigError(
+            f"Buckets: {name}={values!r} must be a sequence of positive integers, e.g. (16, 32, 64)"
+        )
+    sizes = tuple(int(v) for v in values)
     if not sizes and not allow_empty:
         raise ConfigError(f"Buckets: {name} must not be empty")
     if any(v <= 0 for v in sizes):

@@ -395,7 +395,7 @@ def _check_complete(path: Path) -> None:
     if path.is_file() or (path.is_dir() and not (path / COMPLETE_MARKER).is_file() and _is_source(path)):
         raise CheckpointNotFoundError(
             f"{path} is a checkpoint to convert, not a jinfer model directory: convert it first "
-            f"(`jinfer convert {path} OUT`, or jinfer.convert.convert)"
+            f"(`jinfer convert {path} OUT`, or jinfer.convert(SRC, OUT))"
         )
     if not path.is_dir():
         leftovers = sorted(path.parent.glob(f".{path.name}.tmp-*")) if path.parent.is_dir() else []

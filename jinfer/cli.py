@@ -88,9 +88,11 @@ def duration(text: str) -> float:
     return value
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
+def _add_model_args(p: argparse.ArgumentParser, default: str = "smollm2-135m-instruct") -> None:
     p.add_argument(
-        "--model", default=None, help="model directory or known name (default: smollm2-135m-instruct)"
+        "--model",
+        default=None,
+        help=f"model directory, known name or Hugging Face id org/name (default: {default})",
     )
     p.add_argument("--mesh", default=None, help='device mesh, e.g. "data=2,model=4" (default: one device)')
     p.add_argument(
@@ -239,7 +241,8 @@ def generate_with(
     per_prompt = [params] * len(inputs)
     if args.max_tokens is None:  # the default length: at most what fits after each prompt
         max_len = llm.engine.config.max_len
-        per_prompt = [_fitting(llm, inp, i, params, max_len) for i, inp in enumerate(inputs)]
+        inputs = [llm.encode_prompt(inp, i) for i, inp in enumerate(inputs)]  # tokenized once
+        per_prompt = [_fitting(ids, params, max_len) for ids in inputs]
     if args.json or len(prompts) > 1:
         handles = llm.submit_all(inputs, per_prompt)
         if sink.watch is not None:
@@ -261,10 +264,10 @@ def generate_with(
     return 0
 
 
-def _fitting(llm, prompt, index: int, params, max_len: int):
-    """`params` with max_tokens lowered to the room `prompt` leaves in max_len (a prompt with no
-    room at all keeps it, and gets the too-long error)."""
-    room = max_len - len(llm.encode_prompt(prompt, index))
+def _fitting(ids: list[int], params, max_len: int):
+    """`params` with max_tokens lowered to the room a prompt of token `ids` leaves in max_len (a
+    prompt with no room at all keeps it, and gets the too-long error)."""
+    room = max_len - len(ids)
     return params.replace(max_tokens=room) if 1 <= room < params.max_tokens else params
 
 
@@ -289,6 +292,8 @@ def _print_engine_choices(llm, cli_slots: int | None, n_prompts: int, err: Calla
         if cli_slots is not None and line.startswith("max_batch="):
             line = f"max_batch={cli_slots}: jinfer generate's {n_prompts} prompt(s) need no more slots"
         err(f"jinfer: {line}\n")
+    mesh = llm.engine.mesh
+    err(f"jinfer: mesh={','.join(f'{k}={v}' for k, v in mesh.shape.items())}: {mesh.size} device(s)\n")
 
 
 def _jsonable_logprobs(logprobs):
@@ -297,9 +302,10 @@ def _jsonable_logprobs(logprobs):
 
 def cmd_embed(args: argparse.Namespace) -> int:
     from jinfer.embed import Embedder
+    from jinfer.hub import DEFAULT_ENCODER
 
     with interrupt_exits():
-        embedder = Embedder(args.model, mesh=args.mesh, dtype=args.dtype)
+        embedder = Embedder(args.model or DEFAULT_ENCODER, mesh=args.mesh, dtype=args.dtype)
     texts = args.text or [line.rstrip("\r\n") for line in sys.stdin if line.strip()]
     if not texts:
         raise ConfigError("no text: give TEXT arguments, or one text per line on stdin")
@@ -407,12 +413,19 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_freeze(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from jinfer.osutil import json_object
     from jinfer.training_checkpoint import freeze_checkpoint
 
     config = None
-    if args.config:
-        with open(args.config) as f:
-            config = json.load(f)
+    if args.config:  # a missing or malformed file is a ConfigError naming it (exit 2)
+        path = Path(args.config)
+        try:
+            data = path.read_bytes()
+        except OSError as e:
+            raise ConfigError(f"--config {path}: cannot read it ({e.strerror or e})") from None
+        config = json_object(data, path, ConfigError)
     select = tuple(s.strip() for s in args.select.split(",") if s.strip())
     step = "latest" if args.step is None else args.step
     out = freeze_checkpoint(
@@ -471,7 +484,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("prompt", nargs="*", help="prompt(s); read from stdin (one per line) when absent")
     _add_model_args(p)
     _add_sampling_args(p)
-    p.add_argument("--logprobs", type=int_at_least(0), default=None, help="top-N log-probabilities per token")
+    p.add_argument(
+        "--logprobs",
+        type=int_at_least(0),
+        default=None,
+        help="top-N (<= 5) log-probabilities per token, with --json",
+    )
     p.add_argument("--raw", action="store_true", help="do not apply the chat template")
     p.add_argument("--json", action="store_true", help="print one JSON object per output, with token ids")
     p.add_argument(
@@ -488,7 +506,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-len",
         type=int_at_least(2),
         default=None,
-        help="prompt + generated tokens per slot (default: the model's)",
+        help="prompt + generated tokens per slot (default: "
+        "the model's context, capped (2,048 on CPU) and shortened to fit the KV-cache budget; "
+        "--verbose says)",
     )
     p.add_argument(
         "--keep-alive",
@@ -510,7 +530,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("embed", help="embed texts with an encoder model; prints JSON lines")
     p.add_argument("text", nargs="*", help="text(s); read from stdin when absent")
-    _add_model_args(p)
+    _add_model_args(p, default="all-minilm-l6-v2")
     p.set_defaults(func=cmd_embed)
 
     p = sub.add_parser(

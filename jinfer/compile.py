@@ -169,7 +169,15 @@ def enable_compilation_cache(directory: str | os.PathLike, max_bytes: int | None
     """
     global _MAX_BYTES
     path = Path(directory).expanduser().resolve()
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        from jinfer.errors import ConfigError
+
+        raise ConfigError(
+            f"compilation cache directory {str(path)!r} cannot be created ({e.strerror or e}); give a "
+            f"writable directory, or turn the cache off (--compilation-cache off, {CACHE_ENV_VAR} unset)"
+        ) from None
     if max_bytes is None:
         max_bytes = _max_bytes_from_env()
     _MAX_BYTES = max_bytes

@@ -19,7 +19,7 @@ from jax.sharding import Mesh
 from jinfer.buckets import Buckets
 from jinfer.engine import Engine
 from jinfer.errors import ConfigError, EmptyInputError, InputError, InvalidTokenError
-from jinfer.sharding import ShardingRules, make_mesh
+from jinfer.sharding import ShardingRules, resolve_mesh
 from jinfer.tokenizer import Tokenizer, token_ids
 
 POOLINGS = ("mean", "cls")
@@ -64,7 +64,7 @@ class Embedder:
     ):
         from jinfer import loading
 
-        mesh = make_mesh(mesh) if isinstance(mesh, str) else mesh
+        mesh = resolve_mesh(mesh, rules)
         if pooling is not None:  # checked before any array is read
             _check_pooling(pooling)
         loaded = loading.load(model, mesh=mesh, rules=rules, dtype=dtype, task="encoder", user="Embedder")

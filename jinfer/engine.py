@@ -36,7 +36,7 @@ from jinfer.buckets import BucketKey, Buckets, fit_example, pad_batch, plan_batc
 from jinfer.compile import COMPILES, ExecutableCache, maybe_enable_from_env
 from jinfer.errors import ConfigError, EngineClosedError, InputError
 from jinfer.modeling import FlaxModel
-from jinfer.sharding import ShardingRules, replicated, single_device_mesh
+from jinfer.sharding import ShardingRules, replicated, resolve_mesh, single_device_mesh
 
 logger = logging.getLogger(__name__)
 
@@ -178,6 +178,7 @@ class Engine:
         """Engine for a registered model saved in a jinfer model directory (restored onto `mesh`)."""
         from jinfer import loading
 
+        mesh = resolve_mesh(mesh, rules)
         loaded = loading.load(path, mesh=mesh, rules=rules, dtype=dtype)
         return cls(loaded.model, loaded.params, buckets=buckets, mesh=mesh, rules=rules, **engine_kwargs)
 

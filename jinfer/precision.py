@@ -42,6 +42,13 @@ class Precision:
     compute: str | None = None
     weights: str | None = None
 
+    def __post_init__(self):  # each a floating dtype's name (or None), else a ConfigError naming it
+        for field, value in (("dtype", self.compute), ("weight_dtype", self.weights)):
+            if value is not None:
+                object.__setattr__(
+                    self, "compute" if field == "dtype" else "weights", _float_dtype(value, field).name
+                )
+
     def __str__(self) -> str:
         if self.weights == self.compute:
             return str(self.compute or "as saved")
@@ -59,8 +66,9 @@ def as_precision(dtype: Dtype) -> Precision:
     return Precision(name, name)
 
 
-def _float_dtype(name: Any) -> Any:
-    """A dtype asked for by a caller: a floating one, or a ConfigError saying what is accepted."""
+def _float_dtype(name: Any, field: str = "dtype") -> Any:
+    """A dtype asked for by a caller as `field`: a floating one, or a ConfigError saying what is
+    accepted."""
     import jax.numpy as jnp
 
     try:
@@ -68,9 +76,10 @@ def _float_dtype(name: Any) -> Any:
     except TypeError:
         dtype = None
     if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+        hint = "; for int8 weights use quantize='int8'" if str(name).startswith(("int", "uint")) else ""
         raise ConfigError(
-            f"dtype {name!r} is not a floating-point dtype; accepted: 'float32', 'bfloat16', "
-            "'float16' (or a jinfer.precision.Precision), or None for the checkpoint's"
+            f"{field} {name!r} is not a floating-point dtype; accepted: 'float32', 'bfloat16', "
+            f"'float16' (or a jinfer.precision.Precision), or None for the checkpoint's{hint}"
         )
     return dtype
 

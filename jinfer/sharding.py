@@ -8,6 +8,7 @@ Everything that places arrays on devices goes through `ShardingRules.sharding`.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import re
 from collections.abc import Mapping, Sequence
@@ -20,6 +21,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 from jinfer.errors import MeshError, ShardingError
 
 LogicalAxes = tuple[str | None, ...]
+log = logging.getLogger(__name__)
 
 _MESH_ITEM = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*=\s*(-?\d+)\s*$")
 
@@ -77,6 +79,44 @@ def make_mesh(spec: str | Mapping[str, int] = "data=-1", devices: Sequence[Any] 
     except Exception:
         device_grid = np.asarray(devices, dtype=object).reshape(shape)
     return Mesh(device_grid, names, axis_types=(AxisType.Auto,) * len(names))
+
+
+def resolve_mesh(
+    mesh: Mesh | str | Mapping[str, int] | None, rules: ShardingRules | None = None
+) -> Mesh | None:
+    """The mesh jinfer runs on, from what a caller passed as `mesh=`.
+
+    A spec string or mapping goes through `make_mesh`. A `Mesh` whose axes are not all `Auto`
+    (`jax.make_mesh` makes `Explicit` axes since jax 0.7) is rebuilt on the same devices with
+    `Auto` axes: jinfer places every array through its logical-axis rules and lets jit propagate
+    shardings, which explicit-axis tracing refuses (it asks for `out_sharding=` on each gather).
+    An axis of more than one device that no rule of `rules` (default: `ShardingRules()`) maps to
+    logs a warning: the arrays are replicated along it, which is correct but buys nothing (it is
+    often a misspelt name).
+    """
+    if mesh is None:
+        return None
+    if isinstance(mesh, (str, Mapping)):
+        mesh = make_mesh(mesh)
+    elif not isinstance(mesh, Mesh):
+        raise MeshError(
+            f"mesh is a {type(mesh).__name__}; expected a jax.sharding.Mesh, a spec such as "
+            '"data=2,model=4" (jinfer.make_mesh), or None for one device'
+        )
+    elif any(t != AxisType.Auto for t in getattr(mesh, "axis_types", ())):
+        mesh = Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * len(mesh.axis_names))
+    rules = rules or ShardingRules()
+    mapped = {axis for logical, _ in rules.rules for axis in rules.mesh_axes(logical)}
+    idle = [name for name, size in mesh.shape.items() if size > 1 and name not in mapped]
+    if idle:
+        log.warning(
+            "mesh axes %s (of %s) are used by no sharding rule, so arrays are replicated along "
+            "them; the rules map to %s",
+            idle,
+            dict(mesh.shape),
+            sorted(mapped),
+        )
+    return mesh
 
 
 def single_device_mesh() -> Mesh:

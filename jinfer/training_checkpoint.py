@@ -439,7 +439,14 @@ def freeze_checkpoint(
                 f"freeze with model_class={model_class!r} needs config and select='params' only "
                 f"(selected: {sorted(variables)}); leave model_class out to freeze any variables"
             )
-        return checkpoint.save_model_dir(out, model_class, config, variables["params"], overwrite=overwrite)
+        from jinfer.modeling import FlaxModel
+        from jinfer.models.registry import config_from_dict, get_spec
+
+        spec = get_spec(model_class)
+        cfg = config_from_dict(spec.config_cls, dict(config)) if isinstance(config, dict) else config
+        # a checkpoint of another module would write a directory that can never load: refuse it here
+        FlaxModel(spec, cfg).checked_params(variables["params"], where=f"freeze {path} as {model_class}")
+        return checkpoint.save_model_dir(out, model_class, cfg, variables["params"], overwrite=overwrite)
     final = Path(out).absolute()
     if final.exists() and not overwrite:
         raise ConfigError(f"{final} already exists; pass overwrite=True (--overwrite) to replace it")

@@ -94,6 +94,8 @@ def test_rows_bad_lines_and_resume_skips_everything(llm, tmp_path):
     before = out.read_bytes()
     again = run_batch(llm, inp, out, GREEDY, return_token_ids=True, progress=False)
     assert again.skipped == 12 and again.ok == again.failed == 0 and out.read_bytes() == before
+    # the rerun found nothing to do: the summary file still describes the run that did the work
+    assert json.loads((tmp_path / "out.jsonl.summary.json").read_text()) == summary_file
 
 
 def test_duplicates_rejected_up_front_with_line_numbers(llm, tmp_path):

@@ -31,6 +31,9 @@ from jinfer.errors import ConfigError, EmptyInputError, SequenceTooLongError
         {"batch_sizes": ()},
         {"seq_lens": (16, -32)},
         {"seq_lens": (32, 16)},
+        {"seq_lens": (16, "a")},  # was a bare ValueError from int()
+        {"seq_lens": "16,32"},
+        {"batch_sizes": (1.5,)},
     ],
 )
 def test_buckets_validation(kwargs):

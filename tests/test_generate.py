@@ -129,6 +129,25 @@ def test_sharded_greedy_equals_unsharded(llm, model, params):
     ]
 
 
+def test_a_mesh_from_jax_make_mesh_runs_like_jinfers(llm, model, params, caplog):
+    """jax.make_mesh gives Explicit axes (jax >= 0.7); jinfer runs on them as on its own Auto mesh
+    (they failed at the first request inside JAX's tracing), and an axis no rule uses is named."""
+    explicit = jax.make_mesh((2, 4), ("data", "model"))
+    assert set(explicit.axis_types) == {jax.sharding.AxisType.Explicit}
+    sharded = LLM.from_params(model, params, config=GEN, mesh=explicit)
+    prompts = [[5, 6, 7, 8], [9] * 17]
+    p = SamplingParams(max_tokens=6, temperature=0.0)
+    assert [o.token_ids for o in sharded.generate(prompts, p)] == [
+        o.token_ids for o in llm.generate(prompts, p)
+    ]
+    with caplog.at_level("WARNING", logger="jinfer.sharding"):
+        typo = LLM.from_params(model, params, config=GEN, mesh="dta=2,model=4")
+    assert "mesh axes ['dta']" in caplog.text and "used by no sharding rule" in caplog.text
+    assert typo.generate(prompts[:1], p)[0].token_ids == llm.generate(prompts[:1], p)[0].token_ids
+    with pytest.raises(errors.MeshError, match=r"mesh is a tuple; expected a jax\.sharding\.Mesh"):
+        LLM.from_params(model, params, config=GEN, mesh=(2, 4))
+
+
 def test_seeds_reproducible_and_distinct(llm):
     prompt = [11, 12, 13, 14]
     a = llm.generate(prompt, SamplingParams(max_tokens=16, temperature=1.0, seed=123))[0].token_ids

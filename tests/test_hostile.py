@@ -14,6 +14,7 @@ from jinfer.batch import records, run_batch
 from jinfer.convert import convert
 from jinfer.errors import (
     CheckpointNotFoundError,
+    ConfigError,
     ConversionError,
     CorruptCheckpointError,
     InvalidSamplingParamsError,
@@ -666,3 +667,12 @@ def test_a_full_disk_reported_by_tensorstore_is_the_disk_full_error():
     e = ValueError('RESOURCE_EXHAUSTED: Error writing local file "/x/d/0": No space left on device')
     code, message = cli.error_report(e, argparse.Namespace(command="convert"))
     assert code == 3 and message == "no space left on device: free space and rerun the command"
+
+
+def test_an_unusable_compilation_cache_directory_is_a_config_error(tmp_path):
+    from jinfer.compile import enable_compilation_cache
+
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(ConfigError, match=r"compilation cache directory .*file/cache' cannot be created"):
+        enable_compilation_cache(blocker / "cache")

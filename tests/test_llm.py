@@ -142,6 +142,11 @@ def test_request_checks_name_what_is_wrong(llm):
         "Hi", SamplingParams(max_tokens=3, temperature=0.0, stop_token_ids=list(range(10, 18)))
     )
     assert eight[0].finish_reason in ("length", "stop")  # 8 ids + EOS fit the decode rows
+    vocab = llm.engine.vocab_size  # a stop id no token can be: refused, as run-batch refuses it
+    with pytest.raises(errors.InvalidTokenError, match=rf"request 1 has stop token id {vocab} outside"):
+        llm.generate(["a", "b"], [SamplingParams(), SamplingParams(stop_token_ids=[5, vocab])])
+    with pytest.raises(errors.InvalidSamplingParamsError, match=r"LLM\(model, max_logprobs=9\)"):
+        llm.generate("Hi", SamplingParams(logprobs=9))
     ok = [(i, o.text) for i, o in llm.generate_iter(iter([(0, "Hi", None)]))]
     assert ok == [(0, llm.generate("Hi")[0].text)]  # params None: the model's defaults
     one = llm.score("The capital is", " Paris")
@@ -169,6 +174,10 @@ def test_bad_engine_options_say_what_is_accepted(model_dir):
         errors.ConfigError, match=r"dtype 'float8' is not a floating-point dtype; accepted: 'float32'"
     ):
         LLM(model_dir, dtype="float8")
+    # weight_dtype="int8" used to build an engine that generated garbage
+    for bad, hint in (("int8", "for int8 weights use quantize='int8'"), ("banana", "or None")):
+        with pytest.raises(errors.ConfigError, match=rf"weight_dtype '{bad}' is not a floating.*{hint}"):
+            LLM(model_dir, weight_dtype=bad)
 
 
 def test_stream_raises_when_the_llm_is_closed_under_it(tmp_path):

@@ -546,6 +546,8 @@ def test_sigterm_finishes_in_flight_requests_and_exits_0(server, client):
         (["--port", "99999"], "--port: '99999' is not a TCP port"),
         (["--grace-period", "-5"], "--grace-period: '-5' is not a duration"),
         (["--buckets", "0,16"], "--buckets '0,16': expected comma-separated integers >= 1"),
+        (["--mesh", "foo"], "mesh spec 'foo': cannot parse 'foo'"),
+        (["--mesh", "data=3"], "mesh spec 'data=3' needs 3 devices but 8 are available"),
     ],
 )
 def test_bad_flags_exit_2_before_the_model_loads(flags, message, tmp_path):

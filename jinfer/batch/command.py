@@ -62,7 +62,8 @@ def add_run_batch_args(p: argparse.ArgumentParser) -> None:
         "--max-len",
         type=int_at_least(2),
         default=None,
-        help="tokens per slot (prompt + generation; default: model's)",
+        help="tokens per slot (prompt + generation; default: "
+        "the model's context, capped (2,048 on CPU) and shortened to fit the KV-cache budget)",
     )
     p.add_argument("--buckets", default=None, help="prefill buckets, e.g. 16,32,64,128 (default: engine's)")
     p.add_argument("--decode-steps", type=int_at_least(1), default=8, help="decode steps per host round trip")

@@ -513,8 +513,7 @@ class _Run:
         _barrier("jinfer-run-batch-end", self.processes)
         if self.processes == 1:
             summary.output = str(self.output)
-            files.write_json_atomic(files.summary_path(self.output), summary.to_dict())
-            return summary
+            return _write_summary(self.output, summary)
         if self.process != 0 or not self.opts.merge:
             return summary
         shards = files.shard_files(self.output)
@@ -525,8 +524,24 @@ class _Run:
         ]
         files.merge_shards(self.output, shards)
         total = Summary.combine(parts or [summary], str(self.output), scan.lines)
-        files.write_json_atomic(files.summary_path(self.output), total.to_dict())
-        return total
+        return _write_summary(self.output, total)
+
+
+def _write_summary(output: Path, summary: Summary) -> Summary:
+    """Writes `summary` next to the output and returns it; a rerun that found every line done keeps
+    the summary file of the run that completed the output (its counts, tokens and rates) instead of
+    replacing it with a run of nothing but skipped lines."""
+    path = files.summary_path(output)
+    if summary.ok == summary.failed == 0 and summary.complete and path.is_file():
+        try:
+            previous = json.loads(path.read_text())
+        except (OSError, ValueError):
+            previous = None
+        if isinstance(previous, dict) and previous.get("complete") and previous.get("lines") == summary.lines:
+            print(f"jinfer: {output} was already complete; {path.name} is kept", file=sys.stderr)
+            return summary
+    files.write_json_atomic(path, summary.to_dict())
+    return summary
 
 
 # -- helpers ---------------------------------------------------------------------------------------

@@ -56,7 +56,8 @@ def convert(
     Args:
       src: a Hugging Face directory (config.json + *.safetensors, single file or sharded with
         model.safetensors.index.json, or a sentence-transformers directory), a .gguf file, or a
-        Hugging Face model id ("org/name[@revision]", fetched with huggingface_hub).
+        Hugging Face model id ("org/name[@revision]", fetched with huggingface_hub), or a known
+        name (`jinfer.hub.KNOWN_MODELS`, e.g. "smollm2-135m-instruct": the file it comes from).
       out: the model directory to write (atomically; see `checkpoint.save_model_dir`).
       dtype: "float32" or "bfloat16" for the saved floating params.
       quantize: None, or "int8" for per-channel int8 weight-only quantization (jinfer.quant).
@@ -74,9 +75,11 @@ def convert(
     if quantize is not None and quantize not in quant.METHODS:
         raise ConversionError(f"quantize={quantize!r} is not supported; use one of {quant.METHODS} or None")
     if isinstance(src, str) and not Path(src).exists():
-        from jinfer import hf_hub
+        from jinfer import hf_hub, hub
 
-        if hf_hub.is_repo_id(src):  # "org/name[@revision]": the snapshot in the HF cache
+        if src.lower() in hub.KNOWN_MODELS:  # a known name: the file it is converted from
+            src = hub.known_model_source(src.lower(), progress)
+        elif hf_hub.is_repo_id(src):  # "org/name[@revision]": the snapshot in the HF cache
             src = hf_hub.download_snapshot(src)
     if overwrite and Path(out).exists():  # checked before any conversion work
         from jinfer.checkpoint import check_replaceable

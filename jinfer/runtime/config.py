@@ -23,7 +23,8 @@ class GenerationConfig:
       prefill_chunk: prompt tokens per prefill call (must be a bucket); it is then also the
         prefill block (below). Every prompt is prefilled in chunks, so prompts of up to
         max_len - 1 tokens are accepted whether it is set or not (None: the automatic block).
-      cache_dtype: dtype of the KV cache; None = the params' dtype.
+      cache_dtype: dtype of the KV cache; None = the params' compute dtype (that of the norms:
+        float32 when only the weight matrices are bfloat16).
       cache_block: positions per KV-cache block (decode skips the blocks no slot has reached; see
         jinfer.kvcache); None = automatic: 64 positions (or max_len if smaller). Measured on
         SmolLM2-135M: 32 slots at max_len 512 decode 1.3-1.5x faster than with one block; one

@@ -758,7 +758,13 @@ class ModelRunner:
         if params.logprobs is not None and params.logprobs > cfg.max_logprobs:
             raise InvalidSamplingParamsError(
                 f"request {index} asks for logprobs={params.logprobs}; this engine computes at most "
-                f"{cfg.max_logprobs} (raise GenerationConfig.max_logprobs)"
+                f"{cfg.max_logprobs} (build it with a larger max_logprobs, e.g. "
+                f"LLM(model, max_logprobs={params.logprobs}))"
+            )
+        bad = [t for t in params.stop_token_ids or () if not 0 <= int(t) < self.vocab_size]
+        if bad:
+            raise InvalidTokenError(
+                f"request {index} has stop token id {bad[0]} outside the vocabulary [0, {self.vocab_size})"
             )
 
 

@@ -33,9 +33,15 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
         "--max-len",
         type=int_at_least(2),
         default=d.max_len,
-        help="prompt + generated tokens per request (default: model's)",
+        help="prompt + generated tokens per request (default: "
+        "the model's context, capped (2,048 on CPU) and shortened to fit the KV-cache budget)",
     )
-    p.add_argument("--buckets", default=None, help="prefill buckets, e.g. 16,64,256 (default: powers of 2)")
+    p.add_argument(
+        "--buckets",
+        default=None,
+        help="prefill buckets, e.g. 16,64,256 "
+        "(default: 16, 32, ... 512 on CPU; 128, 256, 512, 1024 on TPU/GPU)",
+    )
     p.add_argument(
         "--max-queue", type=int_at_least(0), default=d.max_queue, help="waiting requests before 503 responses"
     )
@@ -71,6 +77,10 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
             buckets = ()
         if not buckets or min(buckets) < 1:
             raise ConfigError(f"--buckets {args.buckets!r}: expected comma-separated integers >= 1")
+    if args.mesh:  # a bad spec, or one this host's devices cannot make, exits 2 before the server starts
+        from jinfer.sharding import make_mesh
+
+        make_mesh(args.mesh)
     return ServeConfig(
         model=args.model,
         served_model_name=args.served_model_name,
