@@ -261,11 +261,12 @@ class LLM:
             kw["max_tokens"] = int(d["max_new_tokens"])
         return SamplingParams(**kw)
 
-    def warmup(self) -> dict[tuple, float]:
+    def warmup(self, score: bool = False) -> dict[tuple, float]:
         """Compiles prefill (every chunk bucket), first-token, copy, block and decode executables,
         and runs each prefill and decode program once (writing nothing), so the first requests
-        run at full speed; returns compile seconds per executable key."""
-        return self._loop.call(self.engine.warmup)
+        run at full speed; with `score`, the programs of `score` too. Returns compile seconds per
+        executable key."""
+        return self._loop.call(lambda: self.engine.warmup(score=score))
 
     def submit(self, prompt: Prompt, params: SamplingParams | None = None) -> RequestHandle:
         """Queues one request and returns its handle at once (iterate its deltas, `.result()`,

@@ -360,3 +360,12 @@ def test_zero_compilations_after_warmup(model, params):
     with count_compiles() as c:
         llm.generate([[1, 2, 3], list(range(20))], sps)
     assert c.count == 0
+    with count_compiles() as c:  # score's programs compile on first use ...
+        llm.score([[1, 2, 3]], [[4, 5]])
+    assert c.count >= 1
+    scoring = LLM.from_params(model, params, config=cfg)
+    scoring.warmup(score=True)  # ... or in the warm-up
+    with count_compiles() as c:
+        scoring.score([[1, 2, 3], list(range(20))], [[4, 5], list(range(30))])
+        scoring.generate([[1, 2, 3]], sps[0])
+    assert c.count == 0

@@ -129,6 +129,7 @@ class ModelRunner:
             on_hit=lambda key: self.stats.hit(key),
         )
         self._abstract_cache = self._cache_spec(config.max_batch)
+        self._zero_fns: dict[Any, Any] = {}
         self.cache = self._zero_cache()
         pool_shape = (config.cache_budget_blocks, config.prefill_block, mc.num_kv_heads, mc.head_dim)
         block_spec = jax.ShapeDtypeStruct(pool_shape, self.dtype, sharding=self._replicated)
@@ -148,11 +149,18 @@ class ModelRunner:
         )
 
     def _zero_cache(self, abstract: KVCache | None = None) -> KVCache:
+        """A zero KV cache of `abstract`'s shapes and shardings (default: the decode slots'); one
+        program per spec, compiled once (a new jitted lambda per call recompiled every time: each
+        long `score` pair paid a compile)."""
         a = self._abstract_cache if abstract is None else abstract
-        return jax.jit(
-            lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), a),
-            out_shardings=jax.tree.map(lambda x: x.sharding, a),
-        )()
+        leaves, treedef = jax.tree.flatten(a)
+        key = (treedef, tuple((x.shape, x.dtype, x.sharding) for x in leaves))
+        if key not in self._zero_fns:
+            self._zero_fns[key] = jax.jit(
+                lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), a),
+                out_shardings=jax.tree.map(lambda x: x.sharding, a),
+            )
+        return self._zero_fns[key]()
 
     def ensure_cache(self) -> bool:
         """Re-creates the KV cache if a failed executable consumed (donated) it; True if it did."""
