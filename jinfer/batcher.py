@@ -23,6 +23,7 @@ import dataclasses
 import logging
 import threading
 import time
+import weakref
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
@@ -64,10 +65,15 @@ class _Request:
 
 
 class Batcher:
-    """Background batching thread in front of an Engine (created by `Engine.submit`)."""
+    """Background batching thread in front of an Engine (created by `Engine.submit`).
+
+    The thread refers to the engine weakly, and each Future it returns holds the engine: an
+    engine nobody uses any more is collected (its finalizer stops this thread), while one whose
+    results are still awaited stays alive (`Engine(...).submit(x).result()` works)."""
 
     def __init__(self, engine: Engine, config: BatcherConfig):
-        self.engine = engine
+        self._engine = weakref.ref(engine)
+        self._max_batch = engine.buckets.max_batch
         self.config = config
         self._queue: collections.deque[_Request] = collections.deque()
         self._waiting: collections.Counter = collections.Counter()  # seq bucket -> queued requests
@@ -78,10 +84,15 @@ class Batcher:
 
     def submit(self, example: Any, timeout: float | None = None) -> Future:
         """Validates `example` now (raising InputError) and queues it; returns its Future."""
-        x = self.engine.prepare_example(example, index="(submitted)")
-        seq_len = self.engine.request_bucket(x)
+        engine = self._engine()
+        if engine is None:
+            raise EngineClosedError("engine is closed; submit() accepts no more requests")
+        x = engine.prepare_example(example, index="(submitted)")
+        seq_len = engine.request_bucket(x)
         now = time.monotonic()
-        request = _Request(x, seq_len, Future(), now, None if timeout is None else now + timeout)
+        future: Future = Future()
+        future.engine = engine  # the engine outlives the requests its callers wait for
+        request = _Request(x, seq_len, future, now, None if timeout is None else now + timeout)
         with self._cond:
             if self._closed:
                 raise EngineClosedError("engine is closed; submit() accepts no more requests")
@@ -115,11 +126,12 @@ class Batcher:
             if batch is None:
                 return
             self._run(batch)
+            del batch  # its futures hold the engine: not while this thread waits for the next
 
     def _next_batch(self) -> list[_Request] | None:
         """Blocks until a batch is due; None when closed and nothing is left to run."""
         delay = self.config.max_queue_delay_ms / 1000.0
-        max_batch = self.engine.buckets.max_batch
+        max_batch = self._max_batch
         with self._cond:
             while True:
                 self._expire(time.monotonic())
@@ -169,8 +181,9 @@ class Batcher:
         live = [r for r in batch if r.future.set_running_or_notify_cancel()]
         if not live:
             return
+        engine = live[0].future.engine  # alive: each Future holds it
         try:
-            outputs = self.engine.run_batch([r.example for r in live], live[0].seq_len)
+            outputs = engine.run_batch([r.example for r in live], live[0].seq_len)
         except Exception as e:  # the error belongs to these requests' futures
             logger.exception("jinfer batcher: device batch failed")
             for r in live:

@@ -636,11 +636,26 @@ def restore_params(
     except FileNotFoundError as e:
         raise CheckpointNotFoundError(f"{path}: a parameter file is missing: {_short(e)}") from e
     except Exception as e:  # truncated files surface as bare Exceptions from TensorStore
+        interrupt = _interrupt_in(e)
+        if interrupt is not None:  # Ctrl-C during the restore, wrapped by Orbax: not damage
+            raise interrupt from None
         raise CorruptCheckpointError(
             f"{path}: cannot read the parameters under {PARAMS_DIR}/ (damaged or truncated data file; "
             f"run with verify=True to find which): {_short(e)}"
         ) from e
     return _unflatten_like(flat, abstract)
+
+
+def _interrupt_in(error: BaseException) -> BaseException | None:
+    """The KeyboardInterrupt (or SystemExit) somewhere in `error`'s cause/context chain, if any."""
+    seen: set[int] = set()
+    e: BaseException | None = error
+    while e is not None and id(e) not in seen:
+        if isinstance(e, (KeyboardInterrupt, SystemExit)):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def load_model_dir(

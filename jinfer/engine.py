@@ -23,6 +23,7 @@ import dataclasses
 import logging
 import threading
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from typing import Any
@@ -367,6 +368,8 @@ class Engine:
                 from jinfer.batcher import Batcher, BatcherConfig
 
                 self._batcher = Batcher(self, self._batcher_config or BatcherConfig())
+                # a collected engine stops its batcher's thread (the thread holds it weakly)
+                weakref.finalize(self, self._batcher.close, drain=False, timeout=0)
             batcher = self._batcher
         return batcher.submit(example, timeout=timeout)
 

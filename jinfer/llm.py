@@ -29,7 +29,7 @@ from jinfer.runtime.outputs import CompletionOutput, RequestOutput, ScoreOutput
 from jinfer.runtime.runner import ModelRunner
 from jinfer.runtime.scheduler import Request, RequestDelta, Scheduler
 from jinfer.runtime.stats import GenerationStats
-from jinfer.sampling import STOP_ID_SLOTS, SamplingParams
+from jinfer.sampling import STOP_ID_SLOTS, SamplingParams, _short_repr
 from jinfer.sharding import ShardingRules, resolve_mesh, single_device_mesh
 from jinfer.tokenizer import Tokenizer, token_ids
 
@@ -268,13 +268,20 @@ class LLM:
         executable key."""
         return self._loop.call(lambda: self.engine.warmup(score=score))
 
+    def _submit(self, request: Request, prompt: Any, **kwargs: Any) -> RequestHandle:
+        """The loop's handle for `request`, holding this LLM: while a caller keeps a handle, the
+        LLM is not collected (which closes the engine and aborts the request)."""
+        handle = self._loop.submit(request, prompt, **kwargs)
+        handle.owner = self
+        return handle
+
     def submit(self, prompt: Prompt, params: SamplingParams | None = None) -> RequestHandle:
         """Queues one request and returns its handle at once (iterate its deltas, `.result()`,
         `.cancel()`). Invalid input raises an InputError before any device work; OverloadedError
         when `max_queue` requests already wait."""
         params = params or self.default_params()
         (request,), _ = self._requests([prompt], [params])
-        return self._loop.submit(request, prompt)
+        return self._submit(request, prompt)
 
     async def generate_async(
         self, prompt: Prompt, params: SamplingParams | None = None
@@ -285,7 +292,7 @@ class LLM:
         (request,), _ = self._requests([prompt], [params])
         loop = asyncio.get_running_loop()
         deltas: asyncio.Queue[RequestDelta] = asyncio.Queue()
-        handle = self._loop.submit(
+        handle = self._submit(
             request, prompt, listener=lambda d: loop.call_soon_threadsafe(deltas.put_nowait, d)
         )
         left = params.n
@@ -342,7 +349,7 @@ class LLM:
         handles: list[RequestHandle | None] = [None] * len(prompts)
         try:
             for i in order:
-                handles[i] = self._loop.submit(requests[i], prompts[i], bounded=False)
+                handles[i] = self._submit(requests[i], prompts[i], bounded=False)
         except BaseException:
             for h in handles:
                 if h is not None:
@@ -357,21 +364,34 @@ class LLM:
 
         Yields (key, RequestOutput) in completion order as requests finish, pulling new items
         only while fewer than 2 x max_batch requests are in flight. An invalid item yields
-        (key, the InputError), a request that fails in the engine (key, its exception); the
-        stream goes on. Closing the iterator cancels the requests still in flight.
+        (key, the InputError; key None for an item that is not a (key, prompt, params) triple), a
+        request that fails in the engine (key, its exception); the stream goes on. If `items`
+        itself raises, the requests already in flight are finished and yielded first, then the
+        error is raised. Closing the iterator cancels the requests still in flight.
         """
         done: queue.SimpleQueue[tuple[Any, RequestHandle]] = queue.SimpleQueue()
         inflight: dict[int, RequestHandle] = {}
         limit = 2 * self.engine.config.max_batch
         items = iter(items)
-        exhausted = False
+        exhausted, failure = False, None
         try:
             while True:
                 while not exhausted and len(inflight) < limit:
-                    item = next(items, _END)
+                    try:
+                        item = next(items, _END)
+                    except Exception as e:  # the caller's iterator broke: finish what runs, then raise
+                        exhausted, failure = True, e
+                        break
                     if item is _END:
                         exhausted = True
                         break
+                    if not isinstance(item, (tuple, list)) or len(item) != 3:
+                        bad = _short_repr(item)
+                        yield (
+                            None,
+                            InputError(f"generate_iter item {bad} is not a (key, prompt, params) triple"),
+                        )
+                        continue
                     key, prompt, params = item
                     params = params if params is not None else self.default_params()
                     try:
@@ -379,10 +399,12 @@ class LLM:
                     except InputError as e:
                         yield key, e
                         continue
-                    handle = self._loop.submit(request, prompt, bounded=False)
+                    handle = self._submit(request, prompt, bounded=False)
                     inflight[id(handle)] = handle
                     handle.add_done_callback(lambda h, key=key: done.put((key, h)))
                 if not inflight:
+                    if failure is not None:
+                        raise failure
                     return
                 key, handle = done.get()
                 del inflight[id(handle)]
@@ -403,7 +425,7 @@ class LLM:
         if params.n != 1:
             raise InputError(f"stream() generates one sample; got n={params.n}")
         (request,), _ = self._requests([prompt], [params])
-        handle = self._loop.submit(request, prompt, bounded=False)
+        handle = self._submit(request, prompt, bounded=False)
         try:
             for delta in handle:
                 if delta.error is not None:

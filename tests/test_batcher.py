@@ -127,3 +127,36 @@ def test_batcher_config_validation():
         BatcherConfig(max_queue_size=0)
     with pytest.raises(ConfigError):
         BatcherConfig(max_queue_delay_ms=-1)
+
+
+def test_an_engine_used_with_submit_is_collected_and_a_future_keeps_it(model_params):
+    """The batcher thread holds its engine weakly: an engine dropped after submit() is collected
+    (it used to live on with its thread: one leaked engine per re-run notebook cell), while a
+    pending Future keeps its engine alive (`Engine(...).submit(x).result()` works)."""
+    import gc
+    import threading
+    import time
+    import weakref
+
+    model, params = model_params
+    x = _examples(1, 5)[0]
+    want = engine_predict(model, params, [x])[0]
+    got = Engine(model, params, buckets=BUCKETS).submit(x).result(timeout=60)  # nothing else holds it
+    np.testing.assert_array_equal(got, want)
+    gc.collect()
+
+    def batchers():
+        return {t for t in threading.enumerate() if t.name == "jinfer-batcher"}
+
+    before = batchers()
+    engine = Engine(model, params, buckets=BUCKETS)
+    engine.submit(x).result(timeout=60)
+    assert len(batchers() - before) == 1
+    ref = weakref.ref(engine)
+    del engine
+    gc.collect()
+    assert ref() is None
+    deadline = time.monotonic() + 10  # the finalizer stops the batcher's thread
+    while batchers() - before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not batchers() - before

@@ -253,6 +253,22 @@ def test_truncated_file_is_corrupt(saved_text, text_model, tmp_path):
     assert str(path) in str(e.value)
 
 
+def test_ctrl_c_during_the_restore_is_an_interrupt_not_damage(saved_text, text_model, monkeypatch):
+    """Orbax wraps a KeyboardInterrupt raised in its restore into a bare Exception; that used to
+    read as a damaged checkpoint (a user might delete a good cache). It is the interrupt again."""
+    import orbax.checkpoint as ocp
+
+    def interrupted(self, *args, **kwargs):
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as e:
+            raise Exception("Error in restore") from e
+
+    monkeypatch.setattr(ocp.StandardCheckpointer, "restore", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        restore_params(saved_text, text_model, verify=False)
+
+
 def test_missing_file_is_not_found(saved_text, text_model, tmp_path):
     path = _copy(saved_text, tmp_path)
     data = _largest_data_file(path)

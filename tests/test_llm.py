@@ -429,3 +429,72 @@ def test_released_after_keyboard_interrupt_in_generate(llm, reference):
         llm.generate(["one", "two", "three", "four"], LONG)
     thread.join()
     _released_then_reference(llm, reference)
+
+
+def test_a_handle_keeps_its_llm_alive(model_dir):
+    """`LLM(path).submit(...).result()` (nothing else holds the LLM): the request ran to its end;
+    it used to be aborted (finish "abort", no tokens) when the LLM was collected under it."""
+    import gc
+
+    handle = LLM(model_dir, max_batch=2, max_len=64, buckets=(16,)).submit(
+        [1, 2, 3], SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    )
+    gc.collect()
+    out = handle.result(timeout=120)
+    assert out.outputs[0].finish_reason == "length" and len(out.outputs[0].token_ids) == 6
+
+
+def test_handle_collection_and_callbacks_never_stop_the_engine(llm):
+    """A collected handle's abort takes no lock (the collector may run on a thread that holds the
+    loop's lock: taking it deadlocked the engine); a done-callback raising even SystemExit leaves
+    the engine thread running, and the other callbacks still run."""
+    import threading
+    import time
+
+    loop = llm._loop
+    aborted = llm.stats.summary()["requests_aborted"]
+    handle = llm.submit([5, 6, 7], SamplingParams(max_tokens=100, temperature=0.0, ignore_eos=True))
+    done = threading.Event()
+    with loop._cv:  # as a caller inside submit() holds it
+        worker = threading.Thread(target=lambda: (handle._finalizer(), done.set()))
+        worker.start()
+        assert done.wait(10), "the finalizer blocked on the loop's lock"
+    deadline = time.monotonic() + 60  # the loop aborts the forgotten request at its next step
+    while llm.stats.summary()["requests_aborted"] == aborted and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert llm.stats.summary()["requests_aborted"] == aborted + 1
+    ran = threading.Event()
+    h = llm.submit([5, 6], SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True))
+    h.add_done_callback(lambda _: (_ for _ in ()).throw(SystemExit(0)))
+    h.add_done_callback(lambda _: ran.set())
+    h.result(timeout=60)
+    assert ran.wait(10) and loop._thread.is_alive() and not loop.closed
+    assert len(llm.generate([1, 2], SamplingParams(max_tokens=3, temperature=0.0))[0].token_ids) == 3
+
+
+def test_generate_iter_keeps_finished_work_when_its_input_breaks(llm):
+    """An input iterator that raises on its 3rd item: the 2 requests already submitted still
+    yield their outputs, then the error is raised; an item that is not a triple is an error row."""
+    p = SamplingParams(max_tokens=3, temperature=0.0)
+
+    def items():
+        yield "a", [1, 2, 3], p
+        yield "b", [4, 5, 6], p
+        yield ("bad",)
+        raise OSError("the input file went away")
+
+    got = []
+    with pytest.raises(OSError, match="went away"):
+        for key, out in llm.generate_iter(items()):
+            got.append((key, out))
+    assert sorted(k for k, o in got if not isinstance(o, Exception)) == ["a", "b"]
+    errors_ = [(k, o) for k, o in got if isinstance(o, Exception)]
+    assert (
+        len(errors_) == 1
+        and errors_[0][0] is None
+        and "is not a (key, prompt, params) triple" in str(errors_[0][1])
+    )
+    assert {k: o.outputs[0].token_ids for k, o in got if k} == {
+        "a": llm.generate([[1, 2, 3]], p)[0].token_ids,
+        "b": llm.generate([[4, 5, 6]], p)[0].token_ids,
+    }

@@ -9,6 +9,7 @@ aborts its request, so an abandoned caller never keeps a decode slot.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import queue
@@ -59,6 +60,7 @@ class RequestHandle:
         self._callbacks: list[Callable[[RequestHandle], None]] = []
         self._lock = threading.Lock()
         self._finalizer: weakref.finalize | None = None
+        self.owner: Any = None  # what must outlive the request (the LLM that submitted it)
 
     # -- called by the engine loop's thread -----------------------------------------------------
     def _deliver(self, delta: RequestDelta) -> None:
@@ -80,8 +82,11 @@ class RequestHandle:
         if self._listener is not None:
             self._listener(delta)
         if finished:
-            for callback in callbacks:
-                callback(self)
+            for callback in callbacks:  # each runs, whatever the ones before it raised
+                try:
+                    callback(self)
+                except BaseException:  # even SystemExit: it would end the engine's thread
+                    log.exception("a done-callback of %s raised; the engine goes on", self.request_id)
 
     # -- any thread ------------------------------------------------------------------------------
     @property
@@ -145,6 +150,7 @@ class EngineLoop:
         self.max_queue = max_queue
         self._cv = threading.Condition(threading.RLock())  # re-entrant: GC finalizers may abort
         self._handles: dict[str, weakref.ref[RequestHandle]] = {}
+        self._forgotten: deque[str] = deque()  # requests of collected handles, aborted by the loop
         self._calls: deque[tuple[Callable[[], Any], Future]] = deque()
         self._closed = False
         self._ids = itertools.count()
@@ -177,9 +183,14 @@ class EngineLoop:
         return handle
 
     def _forget(self, rid: str) -> None:
-        """A handle was garbage-collected: nobody can read its request any more, so abort it."""
+        """A handle was garbage-collected: nobody can read its request any more, so abort it.
+
+        The collector runs this on whatever thread it runs on: the loop's own in the middle of a
+        step (holding the scheduler's lock), or a caller's holding `_cv` while it waits for that
+        lock. So it takes no lock (taking `_cv` here deadlocked both threads); the loop aborts the
+        request before its next step (a request left unfinished keeps the loop stepping)."""
         self._handles.pop(rid, None)
-        self.abort(rid)
+        self._forgotten.append(rid)
 
     def abort(self, request_id: str) -> None:
         with self._cv:
@@ -212,6 +223,17 @@ class EngineLoop:
         return self._closed
 
     def _run(self) -> None:
+        try:
+            self._steps()
+        except BaseException:  # the thread is ending: refuse new work instead of queuing it forever
+            log.exception("the engine loop stopped")
+            with self._cv:
+                self._closed = True
+            with contextlib.suppress(BaseException):  # and end what waits, so no caller hangs
+                self._dispatch(self.scheduler.abort_all())
+            raise
+
+    def _steps(self) -> None:
         while True:
             with self._cv:
                 while not self._closed and not self._calls and not self.scheduler.has_unfinished():
@@ -222,6 +244,8 @@ class EngineLoop:
                 self._calls.clear()
             for fn, future in calls:
                 _run_call(fn, future)
+            while self._forgotten:
+                self.scheduler.abort(self._forgotten.popleft())
             if self.scheduler.has_unfinished():
                 try:
                     deltas = self.scheduler.step(flush=self._dispatch)
