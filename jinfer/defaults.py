@@ -147,7 +147,7 @@ def default_dtype(
         return dtype, "given (dtype=)"
     if backend_kind(backend) == "accelerator":
         return "bfloat16", (
-            f"{backend} default: bfloat16 weights and KV cache (a float32 checkpoint is cast on restore; "
+            f"{backend} default: bfloat16 weights (a float32 checkpoint is cast on restore; "
             "half the bytes per step)"
         )
     mixable = (
@@ -165,7 +165,7 @@ def default_dtype(
             )
         return Precision("float32", "bfloat16"), (
             "CPU default on a CPU with bfloat16 matrix instructions: bfloat16 weight matrices, float32 "
-            "compute and KV cache (bf16 x bf16 -> f32 products 1.7-2x faster; perplexity +0.01 %; "
+            "compute (bf16 x bf16 -> f32 products 1.7-2x faster; perplexity +0.01 %; "
             "dtype='float32' keeps float32 weights)"
         )
     return None, "CPU default: the checkpoint's dtype (XLA:CPU upcasts half-precision work)"

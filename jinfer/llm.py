@@ -595,15 +595,6 @@ def _as_prompt_list(prompts) -> list[Prompt]:
     return list(prompts)
 
 
-def _with_cache_dtype(reason: str, cache: str) -> str:
-    """The dtype choice's reason, ending with the KV cache's dtype (once: some reasons name it)."""
-    return (
-        reason
-        if f"KV cache {cache}" in reason or "compute and KV cache" in reason
-        else f"{reason}; KV cache {cache}"
-    )
-
-
 def _read_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
@@ -667,7 +658,7 @@ def _engine_choices(
         layout_choice = defaults.one_row_layout_choice(layout_choice, one_row_bytes)
     return defaults.EngineChoices(
         backend=backend,
-        dtype=defaults.Choice(dtype, _with_cache_dtype(reasons.get("dtype", given), cache)),
+        dtype=defaults.Choice(dtype, f"{reasons.get('dtype', given)}; KV cache {cache}"),
         max_batch=defaults.Choice(config.max_batch, reasons.get("max_batch", given)),
         max_len=defaults.Choice(config.max_len, reasons.get("max_len", given)),
         prefill_buckets=defaults.Choice(config.prefill_buckets, reasons.get("prefill_buckets", given)),
