@@ -18,6 +18,7 @@ from jinfer.errors import CheckpointKeyError, CheckpointNotFoundError, ConfigErr
 # (disk full, output not writable mid-run); 130 interrupted.
 EXIT_RUNTIME, EXIT_USAGE, EXIT_IO, EXIT_INTERRUPTED = 1, 2, 3, 130
 KEEP_ALIVE_ENV = "JINFER_KEEP_ALIVE"
+DEFAULT_KEEP_ALIVE = 300.0  # seconds a CPU-only machine keeps `jinfer generate`'s worker (README)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -169,19 +170,54 @@ def interrupt_exits() -> contextlib.AbstractContextManager:
 
 
 def keep_alive_seconds(args: argparse.Namespace) -> float:
-    """`generate --keep-alive`, else $JINFER_KEEP_ALIVE, else 0 (no worker). `--verify` asks to
-    re-hash the model files now, so it loads in this process (0) whatever the setting."""
+    """`generate --keep-alive`, else $JINFER_KEEP_ALIVE, else `default_keep_alive()`. `--verify`
+    asks to re-hash the model files now, so it loads in this process (0) whatever the setting."""
     if getattr(args, "verify", False):
         return 0.0
     if getattr(args, "keep_alive", None) is not None:
         return args.keep_alive
-    text = os.environ.get(KEEP_ALIVE_ENV)
+    text = os.environ.get(KEEP_ALIVE_ENV, "").strip()
     if not text:
-        return 0.0
+        return default_keep_alive()
     try:
         return duration(text)
     except argparse.ArgumentTypeError as e:
         raise ConfigError(f"{KEEP_ALIVE_ENV}={text!r}: {e}") from None
+
+
+def default_keep_alive() -> float:
+    """DEFAULT_KEEP_ALIVE where JAX can only run on the CPU, else 0 (no worker).
+
+    A worker holds what its model needs after the command is done. On the CPU that is memory,
+    which the kernel takes back first (the worker marks itself the first to go when memory runs
+    out) and which it gives back after its idle period. On a TPU it would hold the chips, which
+    one process owns at a time, and on a GPU the memory JAX reserves, so a script run next could
+    not start: there the default is no worker. Decided from JAX_PLATFORMS when set, else from the
+    accelerator plugins installed (checked without importing JAX)."""
+    import socket
+
+    if os.name != "posix" or not hasattr(socket, "AF_UNIX"):
+        return 0.0
+    platforms = os.environ.get("JAX_PLATFORMS", "").strip().lower()
+    if platforms:
+        return DEFAULT_KEEP_ALIVE if set(platforms.replace(" ", "").split(",")) == {"cpu"} else 0.0
+    return 0.0 if accelerator_plugins() else DEFAULT_KEEP_ALIVE
+
+
+def accelerator_plugins() -> list[str]:
+    """The JAX accelerator backends installed here: libtpu, and the PJRT plugins in the
+    `jax_plugins` namespace package (jax[cuda12] installs jax_plugins.xla_cuda12; ROCm and Metal
+    theirs). Names only: nothing is imported."""
+    import importlib.util
+    import pkgutil
+
+    found = [name for name in ("libtpu", "libtpu_nightly") if importlib.util.find_spec(name)]
+    if os.environ.get("TPU_LIBRARY_PATH"):
+        found.append("TPU_LIBRARY_PATH")
+    plugins = importlib.util.find_spec("jax_plugins")
+    if plugins is not None and plugins.submodule_search_locations:
+        found += [f"jax_plugins.{m.name}" for m in pkgutil.iter_modules(plugins.submodule_search_locations)]
+    return found
 
 
 def generate_llm(args: argparse.Namespace, max_batch: int | None):
@@ -517,11 +553,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DURATION",
         help="keep the engine loaded in a background worker for DURATION after the last request "
         "(e.g. 10m), so the next generate with the same engine flags starts at once; `jinfer stop` "
-        f"ends it (default: ${KEEP_ALIVE_ENV}, else 0: load in this process, nothing left running)",
+        f"ends it; 0 or off: load in this process, nothing left running (default: ${KEEP_ALIVE_ENV}, "
+        f"else {DEFAULT_KEEP_ALIVE / 60:g}m where JAX runs only on the CPU, 0 with a TPU or GPU)",
     )
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("ps", help="list the keep-alive workers of `generate --keep-alive`")
+    p = sub.add_parser("ps", help="list the keep-alive workers of `jinfer generate` (see --keep-alive)")
     p.add_argument("--json", action="store_true", help="one JSON object per worker")
     p.set_defaults(func=cmd_ps)
 

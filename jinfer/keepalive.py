@@ -1,8 +1,9 @@
-"""Keep-alive workers: `jinfer generate --keep-alive 10m` keeps the engine loaded between commands.
+"""Keep-alive workers: `jinfer generate` keeps the engine loaded between commands.
 
 A fresh `jinfer generate` process pays for importing JAX, restoring the weights and loading the
 compiled programs before its first token (seconds, see BENCHMARKS "Warm start"). With a keep-alive
-duration (the flag, or `JINFER_KEEP_ALIVE=10m` in the environment), the command instead:
+duration (the flag, `JINFER_KEEP_ALIVE=10m` in the environment, or by default 5 minutes where JAX
+runs only on the CPU: `cli.default_keep_alive`), the command instead:
 
 1. looks for a worker holding an engine built from the same engine flags (model, mesh, dtype,
    quantization, slots, context), the same environment variables that change what loads
@@ -187,7 +188,8 @@ def _start_worker(spec, files, args, keep_alive) -> socket.socket | int:
         }
         print(
             f"jinfer: starting a keep-alive worker; it keeps the model loaded for "
-            f"{_format_duration(keep_alive)} after the last request (`jinfer stop` ends it)",
+            f"{_format_duration(keep_alive)} after the last request (`jinfer stop` ends it; "
+            "--keep-alive 0 runs without one)",
             file=sys.stderr,
         )
         log_fd = os.open(files["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -255,7 +257,11 @@ def _converse(conn: socket.socket, request: dict, files: dict[str, Path]) -> int
             return None
         elif "exit" in message:
             return _finish(message)
-    raise WorkerError(f"the keep-alive worker ended the request without an answer; its log: {files['log']}")
+    raise WorkerError(
+        "the keep-alive worker ended the request without an answer (stopped, or ended by the kernel "
+        f"when memory ran out: it is the first to go); its log: {files['log']}. Rerun the command; "
+        "with --keep-alive 0 it loads the model in its own process"
+    )
 
 
 def _finish(message: dict) -> int:
@@ -555,6 +561,7 @@ def worker_main(config: dict) -> int:
     from jinfer import cli
 
     os.umask(0o077)  # its info file and log: this user's only
+    _first_to_go()
     spec, files = config["spec"], {k: Path(v) for k, v in config["files"].items()}
     ready = os.fdopen(os.dup(1), "w")  # stderr is already the log file
     flags = argparse.Namespace(**spec["flags"], debug=config["debug"], command="generate")
@@ -575,6 +582,13 @@ def worker_main(config: dict) -> int:
     _tell(ready, {"ready": os.getpid()})
     worker.serve()
     return 0
+
+
+def _first_to_go() -> None:
+    """Marks this process the first the kernel ends when memory runs out (Linux; best effort):
+    an idle worker's memory must not cost the user's next program its own."""
+    with contextlib.suppress(OSError):
+        Path("/proc/self/oom_score_adj").write_text("1000")
 
 
 def _tell(ready, message: dict) -> None:

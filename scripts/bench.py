@@ -535,7 +535,9 @@ def spawn(system: str, workload: str, cfg: dict, timeout: float) -> dict:
 
 
 def cli_cold_warm(repeats: int, timeout: float) -> dict:
-    """Process start -> first stdout byte of `jinfer generate`, empty vs populated cache dir."""
+    """Process start -> first stdout byte of `jinfer generate` with default flags, empty vs
+    populated cache dir. On a CPU-only machine the first command starts a keep-alive worker
+    (the default) and the second is answered by it; the worker is stopped after each pair."""
     cmd = [
         sys.executable,
         "-m",
@@ -549,10 +551,12 @@ def cli_cold_warm(repeats: int, timeout: float) -> dict:
         "--temperature",
         "0",
     ]
-    env = {k: v for k, v in os.environ.items() if k != "JINFER_COMPILATION_CACHE"}
+    unset = ("JINFER_COMPILATION_CACHE", "JINFER_KEEP_ALIVE")
+    env = {k: v for k, v in os.environ.items() if k not in unset}
     runs: dict[str, list[dict]] = {"cold": [], "warm": []}
     for _ in range(repeats):
-        with tempfile.TemporaryDirectory() as cache:
+        with tempfile.TemporaryDirectory() as cache, tempfile.TemporaryDirectory(prefix="jka-") as run_dir:
+            env["JINFER_RUNTIME_DIR"] = run_dir
             for kind in ("cold", "warm"):
                 argv = [cache if a == "DIR" else a for a in cmd]
                 t0 = time.perf_counter()
@@ -570,6 +574,7 @@ def cli_cold_warm(repeats: int, timeout: float) -> dict:
                         "stderr_tail": err.decode()[-300:] if proc.returncode else "",
                     }
                 )
+            subprocess.run([sys.executable, "-m", "jinfer.cli", "stop"], env=env, check=True)
     cold = med([r["first_output_s"] for r in runs["cold"]])
     warm = med([r["first_output_s"] for r in runs["warm"]])
     return {

@@ -1,19 +1,20 @@
-"""One-shot CLI start-up: `jinfer generate` cold vs warm compilation cache, and llama-cpp-python.
+"""One-shot CLI start-up: `jinfer generate` cold vs warm, and llama-cpp-python.
 
 Each run is a fresh process, timed from process start to its first stdout byte ("first output")
-and to its exit ("total"):
+and to its exit ("total"). With default flags on this CPU-only machine `jinfer generate` keeps a
+keep-alive worker for 5 minutes (README "Command line"), so a user's commands are:
   cold   `python -m jinfer.cli --compilation-cache EMPTY_DIR generate PROMPT --max-tokens N
-         --temperature 0` (a new empty cache directory per repetition);
-  warm   the same command again on that directory (executables, traced programs cached);
-  llama  a llama-cpp-python script doing the same: load the GGUF jinfer's model was converted from,
-         one streamed chat completion of N greedy tokens (n_threads=2);
-  kept-start  the warm command with `--keep-alive 5m` and no worker running: it starts a
-         keep-alive worker (jinfer.keepalive), which loads the model, and prints its answer;
-  kept   the same command again: the worker answers, the command imports no JAX. The worker is
+         --temperature 0`, no worker running: it starts one, which compiles and loads the model;
+  warm   the same command again: the worker answers, the command imports no JAX. The worker is
          stopped (`jinfer stop`) at the end of each repetition.
-Medians over `--repeats` (cold, warm, kept-start, kept, llama per repetition, interleaved).
-Ratios: cold / warm first output (issue 15 target >= 3x) and warm total / llama total (target
-<= 2x), for fresh processes; the same two for a command answered by a keep-alive worker.
+And without a worker (`--keep-alive 0`: each command loads in its own process):
+  cold-fresh  the command on another empty cache directory;
+  warm-fresh  the same again on that directory (executables, traced programs cached);
+  llama  a llama-cpp-python script doing the same: load the GGUF jinfer's model was converted from,
+         one streamed chat completion of N greedy tokens (n_threads=2).
+Medians over `--repeats` (the five kinds per repetition, interleaved). Ratios (issue 15): cold /
+warm first output (target >= 3x) and warm total / llama total (target <= 2x), with the defaults
+and for fresh processes.
 
     python scripts/bench_warm_start.py --repeats 3 --json warm_start.json
 
@@ -98,29 +99,33 @@ def main() -> None:
     ap.add_argument("--prompt", default=PROMPT)
     ap.add_argument("--timeout", type=float, default=600.0)
     ap.add_argument("--no-llama", action="store_true", help="skip the llama-cpp-python runs")
-    ap.add_argument("--no-keep-alive", action="store_true", help="skip the keep-alive worker runs")
+    ap.add_argument("--no-fresh", action="store_true", help="skip the runs without a worker")
     ap.add_argument("--json", default=None, help="write all results here")
     args = ap.parse_args()
 
     gguf = None if args.no_llama else gguf_path()
-    env = {k: v for k, v in os.environ.items() if k not in ("JINFER_COMPILATION_CACHE", "XLA_FLAGS")}
+    unset = ("JINFER_COMPILATION_CACHE", "XLA_FLAGS", "JINFER_KEEP_ALIVE")  # the defaults
+    env = {k: v for k, v in os.environ.items() if k not in unset}
     jinfer = [sys.executable, "-m", "jinfer.cli", "--compilation-cache", "DIR", "generate", args.prompt]
     jinfer += ["--max-tokens", str(args.max_tokens), "--temperature", "0"]
-    runs: dict[str, list[dict]] = {"cold": [], "warm": [], "kept-start": [], "kept": [], "llama": []}
+    kinds = ("cold", "warm", "cold-fresh", "warm-fresh", "llama")
+    runs: dict[str, list[dict]] = {k: [] for k in kinds}
     load_start = load_average()
     for i in range(args.repeats):
         with (
             tempfile.TemporaryDirectory(prefix="jinfer-cc-") as cache,
             tempfile.TemporaryDirectory(prefix="jka-") as run_dir,
         ):
+            kept_env = {**env, "JINFER_RUNTIME_DIR": run_dir}
             argv = [cache if a == "DIR" else a for a in jinfer]
-            for kind in ("cold", "warm"):
-                runs[kind].append(timed(argv, env, args.timeout))
-            if not args.no_keep_alive:
-                kept_env = {**env, "JINFER_RUNTIME_DIR": run_dir}
-                for kind in ("kept-start", "kept"):
-                    runs[kind].append(timed([*argv, "--keep-alive", "5m"], kept_env, args.timeout))
-                subprocess.run([sys.executable, "-m", "jinfer.cli", "stop"], env=kept_env, check=True)
+            for kind in ("cold", "warm"):  # the defaults: the first command starts a worker
+                runs[kind].append(timed(argv, kept_env, args.timeout))
+            subprocess.run([sys.executable, "-m", "jinfer.cli", "stop"], env=kept_env, check=True)
+        if not args.no_fresh:
+            with tempfile.TemporaryDirectory(prefix="jinfer-cc-") as cache:
+                argv = [cache if a == "DIR" else a for a in jinfer] + ["--keep-alive", "0"]
+                for kind in ("cold-fresh", "warm-fresh"):
+                    runs[kind].append(timed(argv, env, args.timeout))
         if gguf is not None:
             llama = [sys.executable, "-c", LLAMA_SCRIPT, str(gguf), args.prompt, str(args.max_tokens)]
             runs["llama"].append(timed(llama, env, args.timeout))
@@ -130,29 +135,27 @@ def main() -> None:
     if failed:
         raise SystemExit(f"failed runs: {failed[:2]}")
     report = {k: summarize(v) for k, v in runs.items() if v}
-    cold, warm = report["cold"], report["warm"]
-    report["cold_over_warm_first_output"] = cold["first_output_s"] / warm["first_output_s"]
-    if "llama" in report:
-        report["warm_over_llama_total"] = warm["total_s"] / report["llama"]["total_s"]
-    if "kept" in report:
-        report["cold_over_kept_first_output"] = cold["first_output_s"] / report["kept"]["first_output_s"]
-        if "llama" in report:
-            report["kept_over_llama_total"] = report["kept"]["total_s"] / report["llama"]["total_s"]
+    ratios = [("cold_over_warm_first_output", "cold / warm first output", ">= 3x")]
+    ratios += [("warm_over_llama_total", "warm / llama.cpp total", "<= 2x")]
+    for suffix in ("", "-fresh"):
+        cold, warm = report.get("cold" + suffix), report.get("warm" + suffix)
+        if cold and warm:
+            report[f"cold_over_warm_first_output{suffix}"] = cold["first_output_s"] / warm["first_output_s"]
+            if "llama" in report:
+                report[f"warm_over_llama_total{suffix}"] = warm["total_s"] / report["llama"]["total_s"]
     report.update(load_average_start=load_start, load_average_end=load_average(), args=vars(args))
     print(f"load average (1/5/15 min): start {load_start}, end {report['load_average_end']}")
-    for kind in (k for k in ("cold", "warm", "kept-start", "kept", "llama") if k in report):
+    for kind in (k for k in kinds if k in report):
         r = report[kind]
         print(f"{kind:10s} first output {r['first_output_s']:6.2f} s   total {r['total_s']:6.2f} s")
-    print(f"cold / warm first output: {report['cold_over_warm_first_output']:.2f}x (target >= 3x)")
-    if "warm_over_llama_total" in report:
-        print(f"warm / llama.cpp total:   {report['warm_over_llama_total']:.2f}x (target <= 2x)")
-    if "cold_over_kept_first_output" in report:
-        print(f"keep-alive worker: cold / kept first output {report['cold_over_kept_first_output']:.2f}x")
-    if "kept_over_llama_total" in report:
-        print(f"keep-alive worker: kept / llama.cpp total {report['kept_over_llama_total']:.2f}x")
-    print(f"warm output: {warm['runs'][-1]['text']!r}")
-    if "kept" in report:
-        print(f"kept output: {report['kept']['runs'][-1]['text']!r}")
+    labels = (("", "defaults (keep-alive worker)"), ("-fresh", "fresh processes (--keep-alive 0)"))
+    for suffix, label in labels:
+        for key, text, target in ratios:
+            if key + suffix in report:
+                print(f"{label:34s} {text}: {report[key + suffix]:.2f}x (target {target})")
+    for kind in ("warm", "warm-fresh"):
+        if kind in report:
+            print(f"{kind} output: {report[kind]['runs'][-1]['text']!r}")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
 

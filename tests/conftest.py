@@ -4,6 +4,10 @@ import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# `jinfer generate` on a CPU-only machine keeps a worker for 5 minutes by default: the tests'
+# commands (and notebooks) load in their own process unless a test asks for a worker
+# (tests/test_keepalive.py tests the default itself).
+os.environ.setdefault("JINFER_KEEP_ALIVE", "0")
 
 import jax
 

@@ -23,17 +23,18 @@ CLI = [sys.executable, "-m", "jinfer.cli"]
 
 @pytest.fixture
 def env(tmp_path):
-    """A private runtime directory (short: Unix socket paths are limited) and compilation cache;
-    every worker left at the end is stopped."""
+    """A private runtime directory (short: Unix socket paths are limited) and compilation cache,
+    no worker unless a command asks (JINFER_KEEP_ALIVE=0: the default on a CPU-only machine is a
+    worker, tested on its own below); every worker left at the end is stopped."""
     run_dir = tempfile.mkdtemp(prefix="jka")
     environ = {
         **os.environ,
         "JINFER_RUNTIME_DIR": run_dir,
         "JINFER_COMPILATION_CACHE": str(tmp_path / "xla"),
         "JAX_PLATFORMS": "cpu",
+        "JINFER_KEEP_ALIVE": "0",
     }
-    for name in ("XLA_FLAGS", "JINFER_KEEP_ALIVE"):
-        environ.pop(name, None)
+    environ.pop("XLA_FLAGS", None)
     yield environ
     subprocess.run([*CLI, "stop"], env=environ, capture_output=True, timeout=120)
     for info in Path(run_dir).glob("*.json"):  # a worker `stop` could not reach
@@ -282,6 +283,51 @@ def test_worker_replaced_when_its_model_changes_and_gone_when_idle(tmp_path, env
     assert jinfer(env, *gen, "--keep-alive", "1s").stdout == new_ref
     assert gone(new["pid"])
     assert not workers(env) and not list(Path(env["JINFER_RUNTIME_DIR"]).glob("*.sock"))
+
+
+def test_by_default_a_cpu_only_machine_keeps_a_worker_that_goes_first_when_memory_runs_out(tmp_path, env):
+    model = make_tiny_llm_dir(tmp_path / "model")
+    gen = ["generate", "--model", str(model), "--max-tokens", "8", "--json", "hello"]
+    plain = jinfer(env, *gen)  # JINFER_KEEP_ALIVE=0: loads in this process
+    assert "keep-alive" not in plain.stderr and not workers(env)
+    default = {k: v for k, v in env.items() if k != "JINFER_KEEP_ALIVE"}  # nothing set; JAX_PLATFORMS=cpu
+    first = jinfer(default, *gen)
+    assert first.stdout == plain.stdout
+    assert "starting a keep-alive worker" in first.stderr and "for 5 min after" in first.stderr
+    assert "--keep-alive 0 runs without one" in first.stderr
+    [worker] = workers(env)
+    assert worker["keep_alive_s"] == cli.DEFAULT_KEEP_ALIVE == 300 and worker["requests"] == 1
+    assert Path(f"/proc/{worker['pid']}/oom_score_adj").read_text().strip() == "1000"
+    second = jinfer(default, *gen)  # answered by that worker, same bytes, nothing said on stderr
+    assert second.stdout == plain.stdout and "keep-alive" not in second.stderr
+    [again] = workers(env)
+    assert again["pid"] == worker["pid"] and again["requests"] == 2
+    off = jinfer(default, *gen, "--keep-alive", "0")  # the flag turns it off for one command
+    assert off.stdout == plain.stdout and workers(env)[0]["requests"] == 2
+
+
+def test_default_keep_alive_follows_the_platforms_jax_may_use(tmp_path, monkeypatch):
+    monkeypatch.delenv("JINFER_KEEP_ALIVE", raising=False)
+    args = cli.build_parser().parse_args(["generate", "hi"])
+    for platforms, expected in [("cpu", 300), (" CPU ", 300), ("tpu", 0), ("cuda", 0), ("cuda,cpu", 0)]:
+        monkeypatch.setenv("JAX_PLATFORMS", platforms)
+        assert cli.keep_alive_seconds(args) == expected, platforms
+    assert cli.keep_alive_seconds(cli.build_parser().parse_args(["--verify", "generate", "hi"])) == 0
+    monkeypatch.setenv("JINFER_KEEP_ALIVE", "off")
+    assert cli.keep_alive_seconds(args) == 0
+    monkeypatch.delenv("JINFER_KEEP_ALIVE")
+    # JAX_PLATFORMS unset: decided by the accelerator plugins installed. This venv has none (the
+    # test install is CPU-only); a PJRT plugin package as jax[cuda12] installs it turns it off.
+    monkeypatch.delenv("JAX_PLATFORMS")
+    monkeypatch.delenv("TPU_LIBRARY_PATH", raising=False)
+    assert cli.accelerator_plugins() == [] and cli.keep_alive_seconds(args) == 300
+    plugin = tmp_path / "site" / "jax_plugins" / "xla_cuda12"
+    plugin.mkdir(parents=True)
+    (plugin / "__init__.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    assert cli.accelerator_plugins() == ["jax_plugins.xla_cuda12"] and cli.keep_alive_seconds(args) == 0
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")  # asked for the CPU anyway
+    assert cli.keep_alive_seconds(args) == 300
 
 
 def test_durations_and_runtime_dir_checks(tmp_path, monkeypatch):
