@@ -154,7 +154,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if keep_alive:  # a worker process keeps the engine loaded between commands (jinfer.keepalive)
         from jinfer import keepalive
 
-        return keepalive.run(args, prompts, max_batch, keep_alive)
+        try:
+            return keepalive.run(args, prompts, max_batch, keep_alive)
+        except keepalive.RuntimeDirError as e:
+            if not keep_alive_by_default(args):
+                raise
+            print(f"jinfer: no keep-alive worker: {e}; loading in this process", file=sys.stderr)
+            setup_compilation_cache(args.compilation_cache)  # main() left it to the worker
     with interrupt_exits():
         llm = generate_llm(args, max_batch)
     return generate_with(llm, args, prompts, max_batch, TERMINAL)
@@ -176,13 +182,18 @@ def keep_alive_seconds(args: argparse.Namespace) -> float:
         return 0.0
     if getattr(args, "keep_alive", None) is not None:
         return args.keep_alive
-    text = os.environ.get(KEEP_ALIVE_ENV, "").strip()
-    if not text:
+    if keep_alive_by_default(args):
         return default_keep_alive()
+    text = os.environ[KEEP_ALIVE_ENV].strip()
     try:
         return duration(text)
     except argparse.ArgumentTypeError as e:
         raise ConfigError(f"{KEEP_ALIVE_ENV}={text!r}: {e}") from None
+
+
+def keep_alive_by_default(args: argparse.Namespace) -> bool:
+    """Neither --keep-alive nor $JINFER_KEEP_ALIVE says."""
+    return getattr(args, "keep_alive", None) is None and not os.environ.get(KEEP_ALIVE_ENV, "").strip()
 
 
 def default_keep_alive() -> float:

@@ -54,6 +54,11 @@ ENGINE_COUNTERS = ("requests_finished", "requests_aborted", "requests_failed", "
 SOCKET_PATH_LIMIT = 100  # sun_path holds 104-108 bytes depending on the OS
 
 
+class RuntimeDirError(ConfigError):
+    """No usable place for workers' sockets (a shared, foreign, unwritable or too long path): an
+    explicit keep-alive fails with it; the default one loads in the command's process instead."""
+
+
 class WorkerError(JinferError):
     """A keep-alive worker could not be started or ended a request without an answer."""
 
@@ -77,12 +82,17 @@ def runtime_dir() -> Path:
     try:
         path.mkdir(mode=0o700, parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
-        raise ConfigError(
+        raise RuntimeDirError(
             f"keep-alive directory {path} is not a directory; set {RUNTIME_DIR_ENV} to a private directory"
+        ) from None
+    except OSError as e:
+        raise RuntimeDirError(
+            f"keep-alive directory {path} cannot be created ({e.strerror}); set {RUNTIME_DIR_ENV} to a "
+            "private directory"
         ) from None
     st = path.stat()
     if st.st_uid != os.getuid() or st.st_mode & 0o022:
-        raise ConfigError(
+        raise RuntimeDirError(
             f"keep-alive directory {path} is owned by another user or writable by others; set "
             f"{RUNTIME_DIR_ENV} to a private directory"
         )
@@ -125,7 +135,7 @@ def worker_key(spec: dict[str, Any]) -> str:
 def _files(directory: Path, key: str) -> dict[str, Path]:
     files = {ext: directory / f"{key}.{ext}" for ext in ("sock", "json", "lock", "log")}
     if len(os.fsencode(files["sock"])) > SOCKET_PATH_LIMIT:
-        raise ConfigError(
+        raise RuntimeDirError(
             f"keep-alive socket path {files['sock']} is longer than {SOCKET_PATH_LIMIT} bytes, the "
             f"Unix socket limit; set {RUNTIME_DIR_ENV} to a shorter directory"
         )

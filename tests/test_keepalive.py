@@ -304,6 +304,20 @@ def test_by_default_a_cpu_only_machine_keeps_a_worker_that_goes_first_when_memor
     assert again["pid"] == worker["pid"] and again["requests"] == 2
     off = jinfer(default, *gen, "--keep-alive", "0")  # the flag turns it off for one command
     assert off.stdout == plain.stdout and workers(env)[0]["requests"] == 2
+    # no private directory for sockets: the default loads in the command's process, saying why;
+    # a keep-alive asked for fails as before
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    nowhere = {**default, "JINFER_RUNTIME_DIR": str(shared)}
+    fallback = jinfer(nowhere, *gen)
+    assert fallback.stdout == plain.stdout and not list(shared.iterdir())
+    assert (
+        "no keep-alive worker: keep-alive directory" in fallback.stderr
+        and "loading in this process" in fallback.stderr
+    )
+    asked = jinfer(nowhere, *gen, "--keep-alive", "1m", check=False)
+    assert asked.returncode == cli.EXIT_USAGE and "writable by others" in asked.stderr and not asked.stdout
 
 
 def test_default_keep_alive_follows_the_platforms_jax_may_use(tmp_path, monkeypatch):
