@@ -470,7 +470,9 @@ class LLM:
     ) -> Iterator[tuple[Any, ScoreOutput | Exception]]:
         """Scores a stream of (key, prompt, continuation), `window` pairs at a time grouped by
         length as `score` does. Yields (key, ScoreOutput), or (key, the InputError) for a bad pair
-        and (key, the exception) for pairs whose call failed; the stream goes on."""
+        and (key, the exception) for pairs whose call failed; the stream goes on. On a closed LLM
+        (or one closed while the stream runs) it raises EngineClosedError once, as `generate_iter`
+        does."""
         items = iter(items)
         while chunk := list(itertools.islice(items, window)):
             ready = []
@@ -498,6 +500,8 @@ class LLM:
             chosen = [pairs[i] for i in group]
             try:
                 lps = self._loop.call(functools.partial(self.engine.score_group, [p for _, p in chosen]))
+            except EngineClosedError:
+                raise  # no later call can run either: once, as generate_iter and score raise it
             except Exception as e:  # this call failed: its pairs report it, the stream goes on
                 yield from ((key, e) for key, _ in chosen)
                 continue

@@ -307,3 +307,33 @@ def test_close_joins_the_loop_and_rejects_new_requests(two_slots):
     assert not llm._loop._thread.is_alive()
     with pytest.raises(errors.EngineClosedError):
         llm.generate([[1, 2]], SamplingParams(max_tokens=2))
+
+
+def test_every_method_of_a_closed_llm_raises_closed_once(model, params):
+    """`score_iter` on a closed LLM yielded (key, EngineClosedError) for every pair and went on;
+    it now raises once, as generate, generate_iter and score do, also when the LLM is closed
+    while the stream runs (the pairs scored before are kept)."""
+    llm = LLM.from_params(model, params, config=GEN)
+    pairs = [("a", [1, 2], [3]), ("b", [4, 5], [6]), ("c", [7], [8, 9])]
+    want = llm.score([p for _, p, _ in pairs], [c for _, _, c in pairs])
+
+    def closing_after_the_first():
+        yield pairs[0]
+        llm.close()
+        yield from pairs[1:]
+
+    got = []
+    with pytest.raises(errors.EngineClosedError, match="the engine is closed; create a new LLM"):
+        for key, out in llm.score_iter(closing_after_the_first(), window=1):
+            got.append((key, out))
+    assert [k for k, _ in got] == ["a"] and got[0][1].logprobs == want[0].logprobs
+    sp = SamplingParams(max_tokens=2)
+    calls = {
+        "generate": lambda: llm.generate([[1, 2]], sp),
+        "generate_iter": lambda: list(llm.generate_iter([("a", [1, 2], sp), ("b", [3], sp)])),
+        "score": lambda: llm.score([[1, 2], [4, 5]], [[3], [6]]),
+        "score_iter": lambda: list(llm.score_iter(iter(pairs))),
+    }
+    for call in calls.values():
+        with pytest.raises(errors.EngineClosedError, match="the engine is closed; create a new LLM"):
+            call()
