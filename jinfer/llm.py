@@ -509,9 +509,13 @@ class LLM:
                 yield key, ScoreOutput(ids[start:], [float(x) for x in lp])
 
     def close(self) -> None:
-        """Stops the engine loop (requests still running end with finish_reason "abort") and joins
-        its thread. Idempotent."""
-        self._finalizer()
+        """Stops the engine loop (requests still running end with finish_reason "abort"), joins
+        its thread and frees the device memory: the engine drops the weights, the KV cache and the
+        prefix-cache pool (arrays the caller passed to `from_params` stay the caller's). Later
+        calls raise EngineClosedError. Idempotent. (A collected LLM only stops its loop: whoever
+        still holds `llm.engine` keeps a working runner.)"""
+        self._finalizer.detach()  # closed here: nothing left for the collector to do
+        self._loop.close(on_exit=self.engine.release)
 
     def __enter__(self) -> LLM:
         return self

@@ -337,3 +337,64 @@ def test_every_method_of_a_closed_llm_raises_closed_once(model, params):
     for call in calls.values():
         with pytest.raises(errors.EngineClosedError, match="the engine is closed; create a new LLM"):
             call()
+
+
+def _live_arrays() -> tuple[int, int]:
+    import gc
+
+    import jax
+
+    gc.collect()
+    arrays = jax.live_arrays()
+    return len(arrays), sum(a.nbytes for a in arrays)
+
+
+def test_close_frees_the_device_memory_and_what_is_alive_sees_it_closed(model, params):
+    """close() kept the KV cache, the prefix-cache pool (and an owned copy of the weights) alive
+    until the LLM object was dropped; now they are freed at close(). A handle and a score_iter
+    still alive get "abort" / EngineClosedError, never a crash on the freed arrays."""
+    import jax
+
+    before = _live_arrays()
+    llm = LLM.from_params(model, params, config=GEN)
+    llm.generate([list(range(1, 2 * BLOCK + 3))], SamplingParams(max_tokens=2))  # fills pool blocks
+    runner = llm.engine
+    engine_bytes = sum(a.nbytes for a in jax.tree.leaves((runner.cache, runner.pool)))
+    assert runner.pool is not None and _live_arrays()[1] >= before[1] + engine_bytes
+    scores = llm.score_iter(iter([("a", [1, 2], [3]), ("b", [4, 5], [6])]), window=1)
+    assert next(scores)[0] == "a"
+    # Hold the loop in a call, queue a request behind it, close, then let the loop go on.
+    running, gate = threading.Event(), threading.Event()
+    holder = threading.Thread(target=llm._loop.call, args=(lambda: (running.set(), gate.wait(30)),))
+    holder.start()
+    assert running.wait(30)
+    handle = llm.submit([1, 2, 3], SamplingParams(max_tokens=8, temperature=0.0))
+    closer = threading.Thread(target=llm.close)
+    closer.start()
+    while not llm._loop.closed:
+        time.sleep(0.001)
+    gate.set()
+    closer.join(30)
+    holder.join(30)
+    assert not closer.is_alive() and not llm._loop._thread.is_alive()
+    assert runner.params is None and runner.cache is None and runner.pool is None
+    out = handle.result(timeout=30)
+    assert out.finish_reason == "abort" and len(out.outputs[0].token_ids) < 8  # cut short
+    with pytest.raises(errors.EngineClosedError, match="the engine is closed; create a new LLM"):
+        next(scores)
+    with pytest.raises(errors.EngineClosedError, match="the engine is closed; create a new LLM"):
+        llm.warmup()
+    llm.close()  # twice is fine
+    # Nothing is left on the device (the iterator's frame held its last scores until it ended).
+    assert _live_arrays() == before
+    # Closed from the loop's own thread (a done-callback): freed as that thread ends.
+    llm = LLM.from_params(model, params, config=GEN)
+    handle = llm.submit([1, 2, 3], SamplingParams(max_tokens=2, temperature=0.0))
+    handle.add_done_callback(lambda h: h.owner.close())
+    assert len(handle.result(timeout=30).outputs[0].token_ids) == 2
+    llm._loop._thread.join(30)
+    assert not llm._loop._thread.is_alive() and llm.engine.params is None and llm.engine.cache is None
+    with pytest.raises(errors.EngineClosedError, match="the engine is closed; create a new LLM"):
+        llm.generate([[1, 2]], SamplingParams(max_tokens=2))
+    del handle, llm
+    assert _live_arrays() == before

@@ -153,6 +153,7 @@ class EngineLoop:
         self._forgotten: deque[str] = deque()  # requests of collected handles, aborted by the loop
         self._calls: deque[tuple[Callable[[], Any], Future]] = deque()
         self._closed = False
+        self._on_exit: list[Callable[[], None]] = []
         self._ids = itertools.count()
         self._thread = threading.Thread(target=self._run, name="jinfer-engine-loop", daemon=True)
         self._thread.start()
@@ -210,13 +211,25 @@ class EngineLoop:
             self._cv.notify()
         return future.result()
 
-    def close(self) -> None:
-        """Aborts what is left, stops the thread and joins it (idempotent)."""
+    def close(self, on_exit: Callable[[], None] | None = None) -> None:
+        """Aborts what is left, stops the thread and joins it (idempotent). `on_exit` runs once
+        the thread has stopped for good, so no step or call runs after it (it may free what they
+        use): here, or on the loop's thread as it ends when that thread closes the loop itself."""
         with self._cv:
             self._closed = True
+            if on_exit is not None:
+                self._on_exit.append(on_exit)
             self._cv.notify()
         if threading.current_thread() is not self._thread:
             self._thread.join()
+            self._run_exit_hooks()
+
+    def _run_exit_hooks(self) -> None:
+        """Runs each `on_exit` once: whichever of the closing and the loop's thread comes last."""
+        with self._cv:
+            hooks, self._on_exit = self._on_exit, []
+        for hook in hooks:
+            hook()
 
     @property
     def closed(self) -> bool:
@@ -232,6 +245,8 @@ class EngineLoop:
             with contextlib.suppress(BaseException):  # and end what waits, so no caller hangs
                 self._dispatch(self.scheduler.abort_all())
             raise
+        finally:
+            self._run_exit_hooks()
 
     def _steps(self) -> None:
         while True:

@@ -136,6 +136,13 @@ class ModelRunner:
         self._abstract_pool = ((block_spec,) * mc.num_layers, (block_spec,) * mc.num_layers)
         self.pool = None  # the prefix cache's blocks: allocated at the first block saved
 
+    def release(self) -> None:
+        """Drops the device arrays (params, the one-row copy, KV cache, prefix-cache pool) so that
+        their memory is freed while the runner object lives on (a closed LLM). Only once nothing
+        runs any more: every program needs them."""
+        self.params = self.one_row = self.cache = self.pool = None
+        self._zero_fns.clear()
+
     def _cache_spec(self, rows: int) -> KVCache:
         """ShapeDtypeStructs (with shardings) of a KV cache of `rows` rows of max_len positions."""
         mc, config = self.model.config, self.config
