@@ -14,7 +14,7 @@ from jinfer.generate import GenerationConfig
 from jinfer.llm import LLM
 from jinfer.modeling import FlaxModel
 from jinfer.sampling import SamplingParams
-from jinfer.testing import perturbed_params, tiny_llama_config
+from jinfer.testing import live_device_arrays, perturbed_params, tiny_llama_config
 
 CFG = tiny_llama_config(256, max_position_embeddings=128)
 BLOCK = 16  # prefill block = prefix-cache block (prefill_chunk)
@@ -339,28 +339,18 @@ def test_every_method_of_a_closed_llm_raises_closed_once(model, params):
             call()
 
 
-def _live_arrays() -> tuple[int, int]:
-    import gc
-
-    import jax
-
-    gc.collect()
-    arrays = jax.live_arrays()
-    return len(arrays), sum(a.nbytes for a in arrays)
-
-
 def test_close_frees_the_device_memory_and_what_is_alive_sees_it_closed(model, params):
     """close() kept the KV cache, the prefix-cache pool (and an owned copy of the weights) alive
     until the LLM object was dropped; now they are freed at close(). A handle and a score_iter
     still alive get "abort" / EngineClosedError, never a crash on the freed arrays."""
     import jax
 
-    before = _live_arrays()
+    before = live_device_arrays()
     llm = LLM.from_params(model, params, config=GEN)
     llm.generate([list(range(1, 2 * BLOCK + 3))], SamplingParams(max_tokens=2))  # fills pool blocks
     runner = llm.engine
     engine_bytes = sum(a.nbytes for a in jax.tree.leaves((runner.cache, runner.pool)))
-    assert runner.pool is not None and _live_arrays()[1] >= before[1] + engine_bytes
+    assert runner.pool is not None and live_device_arrays()[1] >= before[1] + engine_bytes
     scores = llm.score_iter(iter([("a", [1, 2], [3]), ("b", [4, 5], [6])]), window=1)
     assert next(scores)[0] == "a"
     # Hold the loop in a call, queue a request behind it, close, then let the loop go on.
@@ -386,7 +376,7 @@ def test_close_frees_the_device_memory_and_what_is_alive_sees_it_closed(model, p
         llm.warmup()
     llm.close()  # twice is fine
     # Nothing is left on the device (the iterator's frame held its last scores until it ended).
-    assert _live_arrays() == before
+    assert live_device_arrays() == before
     # Closed from the loop's own thread (a done-callback): freed as that thread ends.
     llm = LLM.from_params(model, params, config=GEN)
     handle = llm.submit([1, 2, 3], SamplingParams(max_tokens=2, temperature=0.0))
@@ -397,4 +387,4 @@ def test_close_frees_the_device_memory_and_what_is_alive_sees_it_closed(model, p
     with pytest.raises(errors.EngineClosedError, match="the engine is closed; create a new LLM"):
         llm.generate([[1, 2]], SamplingParams(max_tokens=2))
     del handle, llm
-    assert _live_arrays() == before
+    assert live_device_arrays() == before
