@@ -8,6 +8,7 @@ import functools
 import itertools
 import queue
 import secrets
+import threading
 import weakref
 from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
@@ -265,8 +266,12 @@ class LLM:
         """Compiles prefill (every chunk bucket), first-token, copy, block and decode executables,
         and runs each prefill and decode program once (writing nothing), so the first requests
         run at full speed; with `score`, the programs of `score` too. Returns compile seconds per
-        executable key."""
-        return self._loop.call(lambda: self.engine.warmup(score=score))
+        executable key.
+
+        Ctrl-C (KeyboardInterrupt) stops it before the next program and is raised at once; the
+        LLM stays usable (what was not compiled compiles on first use, or in another warmup)."""
+        stop = threading.Event()
+        return self._loop.call(lambda: self.engine.warmup(score=score, stop=stop), on_interrupt=stop.set)
 
     def _submit(self, request: Request, prompt: Any, **kwargs: Any) -> RequestHandle:
         """The loop's handle for `request`, holding this LLM: while a caller keeps a handle, the

@@ -388,3 +388,40 @@ def test_close_frees_the_device_memory_and_what_is_alive_sees_it_closed(model, p
         llm.generate([[1, 2]], SamplingParams(max_tokens=2))
     del handle, llm
     assert live_device_arrays() == before
+
+
+@pytest.mark.parametrize("how", ["interrupt_main", "SIGINT"])
+def test_ctrl_c_stops_the_warmup_and_the_llm_goes_on(model, params, how):
+    """Ctrl-C during warmup(): `_thread.interrupt_main()` (how IDEs and Windows deliver it) woke
+    no one until the whole warm-up had run; a real SIGINT did, but the warm-up went on in the
+    engine's thread and the next request waited for all of it. Now both raise at once, the warm-up
+    stops before its next program, and the LLM serves (and warms up in full) afterwards."""
+    import _thread
+    import os
+    import signal
+
+    llm = LLM.from_params(model, params, config=GEN)
+    fire = _thread.interrupt_main if how == "interrupt_main" else lambda: os.kill(os.getpid(), signal.SIGINT)
+
+    def interrupt_after_the_first_compile():
+        deadline = time.monotonic() + 60
+        while not llm.stats.compile_seconds and time.monotonic() < deadline:
+            time.sleep(0.001)
+        fire()
+
+    thread = threading.Thread(target=interrupt_after_the_first_compile)
+    thread.start()
+    with pytest.raises(KeyboardInterrupt):
+        llm.warmup(score=True)
+    thread.join()
+    llm._loop.call(lambda: None)  # queued behind the warm-up: returns once it has stopped
+    partial = len(llm.stats.compile_seconds)
+    out = llm.generate([[1, 2, 3]], SamplingParams(max_tokens=5, temperature=0.0))[0]
+    assert len(out.outputs[0].token_ids) == 5 and out.finish_reason == "length"
+    full = llm.warmup(score=True)
+    assert 1 <= partial < len(full)
+    with count_compiles() as after:
+        llm.score([[1, 2]], [[3]])
+        llm.generate([[4, 5, 6]], SamplingParams(max_tokens=5, temperature=0.0))
+    assert after.count == 0
+    llm.close()

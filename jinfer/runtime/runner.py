@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import threading
 from collections.abc import Callable, Sequence
+from concurrent.futures import CancelledError
 from typing import Any
 
 import jax
@@ -514,8 +516,12 @@ class ModelRunner:
 
         return self._executable(("score_chunk", bucket), build)
 
-    def warmup(self, score: bool = False, run: bool = True) -> dict[tuple, float]:
-        """Compiles every executable up front; returns seconds per executable key.
+    def warmup(
+        self, score: bool = False, run: bool = True, stop: threading.Event | None = None
+    ) -> dict[tuple, float]:
+        """Compiles every executable up front; returns seconds per executable key. Once `stop` is
+        set (its caller was interrupted), raises CancelledError before the next program: what was
+        compiled stays, the rest compiles on first use.
 
         With `run`, each prefill, decode (and score) program also runs once, on inputs that
         write nothing: XLA:CPU builds some kernels (YNNPACK's) at a program's first run, 0.2-0.5 s
@@ -526,6 +532,7 @@ class ModelRunner:
         nowhere, none = self._nowhere(1)[0], np.int32(0)
         rows = self.prefill_rows
         for b in cfg.prefill_chunk_buckets:
+            _raise_if_stopped(stop)
             tokens = np.zeros((1, b), np.int32)
             for continuation in (False, True)[: 1 + (cfg.max_prompt_len > cfg.prefill_block)]:
                 exe = self._prefill_exe(b, continuation=continuation)
@@ -538,6 +545,7 @@ class ModelRunner:
                     self.cache, _ = exe(self.params, self.cache, *args)
         if score:
             for b in cfg.prefill_buckets:
+                _raise_if_stopped(stop)
                 rows = self.score_rows(b)
                 exe = self._score_exe(b, rows)
                 if run:
@@ -549,6 +557,7 @@ class ModelRunner:
         self._first_token_exe()
         self._copy_slot_exe()
         for bucket in self.decode_buckets:
+            _raise_if_stopped(stop)
             exe = self._decode_exe(bucket)
             if run:
                 params = self._decode_weights(bucket)[1]
@@ -781,6 +790,11 @@ class ModelRunner:
             raise InvalidTokenError(
                 f"request {index} has stop token id {bad[0]} outside the vocabulary [0, {self.vocab_size})"
             )
+
+
+def _raise_if_stopped(stop: threading.Event | None) -> None:
+    if stop is not None and stop.is_set():
+        raise CancelledError("the warm-up was stopped: its caller was interrupted")
 
 
 def _compile(lowered: Any, options: dict[str, Any] | None) -> Any:
