@@ -18,7 +18,7 @@ from jax.sharding import Mesh
 
 from jinfer.buckets import Buckets
 from jinfer.engine import Engine
-from jinfer.errors import ConfigError, EmptyInputError, InputError, InvalidTokenError
+from jinfer.errors import ConfigError, EmptyInputError, EngineClosedError, InputError, InvalidTokenError
 from jinfer.sharding import ShardingRules, resolve_mesh
 from jinfer.tokenizer import Tokenizer, token_ids
 
@@ -101,6 +101,17 @@ class Embedder:
     def stats(self) -> Any:
         return self.engine.stats
 
+    def close(self) -> None:
+        """Frees the device memory (the engine drops the weights, as `LLM.close` does); later
+        `embed` calls raise EngineClosedError. Idempotent; also on leaving a `with` block."""
+        self.engine.close()
+
+    def __enter__(self) -> Embedder:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
     def embed(self, texts: str | Sequence[str | Sequence[int]]) -> np.ndarray:
         """float32 [len(texts), d] embeddings (normalised rows when the model says so); a single
         string is one input ([1, d])."""
@@ -111,6 +122,8 @@ class Embedder:
                 f"texts is a {type(texts).__name__}; expected a string, or a list of strings or of "
                 "token-id lists"
             )
+        if self.engine.closed:
+            raise EngineClosedError("the Embedder is closed; create a new Embedder")
         ids = [self.encode(t, i) for i, t in enumerate(texts)]
         if not ids:
             return np.zeros((0, self.dim), np.float32)

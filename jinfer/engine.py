@@ -308,13 +308,16 @@ class Engine:
     def _launch(self, key: BucketKey, inputs: Any, mask: Any, real: int, padded: int):
         """Counts one call of bucket `key` and launches it on padded host `inputs` and `mask`."""
         exe, (in_sh, mask_sh) = self.executable(key)
+        params = self.params
+        if params is None:  # closed while this call was on its way (another thread, the batcher)
+            self._check_open()
         with self._lock:
             c = self._counters
             c.bucket_hits[key] = c.bucket_hits.get(key, 0) + 1
             c.real += real
             c.padded += padded
             c.calls += 1
-        return exe(self.params, jax.device_put(inputs, in_sh), jax.device_put(mask, mask_sh))
+        return exe(params, jax.device_put(inputs, in_sh), jax.device_put(mask, mask_sh))
 
     def _collect(self, out: Any, examples: Sequence[np.ndarray], seq_len: int | None) -> list[Any]:
         results = self._unpad(jax.device_get(out), examples, seq_len)
@@ -374,12 +377,19 @@ class Engine:
         return batcher.submit(example, timeout=timeout)
 
     def close(self, drain: bool = True, timeout: float | None = 30.0) -> None:
-        """Stops accepting requests; with `drain` finishes queued ones, else cancels them."""
+        """Stops accepting requests; with `drain` finishes queued ones, else cancels them. Then
+        drops the params (the device memory is freed unless the caller holds the same arrays);
+        a call still on its way raises EngineClosedError. Idempotent."""
         with self._lock:
             self._closed = True
             batcher = self._batcher
         if batcher is not None:
             batcher.close(drain=drain, timeout=timeout)
+        self.params = None
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
     def _check_open(self) -> None:
         if self._closed:

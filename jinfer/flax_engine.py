@@ -374,7 +374,7 @@ def _variable_shardings(values, boxed, mesh, rules, param_rules, user_rules):
     """(tree of NamedShardings for the variables, the rules for inputs/outputs)."""
     flat = _flat(values)
     if param_rules:
-        table = rules.replace(**{a: a for a in mesh.axis_names if a not in dict(rules.rules)})
+        table = rules.extend(**{a: a for a in mesh.axis_names if a not in dict(rules.rules)})
         axes = {p: logical_axes_by_path(p, np.ndim(x), param_rules) for p, x in flat.items()}
         return _shardings_from(values, axes, mesh, table), rules
     declared = _flat_axes(boxed)

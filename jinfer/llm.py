@@ -8,6 +8,7 @@ import functools
 import itertools
 import queue
 import secrets
+import threading
 import weakref
 from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
@@ -26,7 +27,7 @@ from jinfer.runtime.config import GenerationConfig
 from jinfer.runtime.kv_cache import KVCacheManager
 from jinfer.runtime.loop import EngineLoop, RequestHandle
 from jinfer.runtime.outputs import CompletionOutput, RequestOutput, ScoreOutput
-from jinfer.runtime.runner import ModelRunner
+from jinfer.runtime.runner import ModelRunner, item_name
 from jinfer.runtime.scheduler import Request, RequestDelta, Scheduler
 from jinfer.runtime.stats import GenerationStats
 from jinfer.sampling import STOP_ID_SLOTS, SamplingParams, _short_repr
@@ -265,8 +266,12 @@ class LLM:
         """Compiles prefill (every chunk bucket), first-token, copy, block and decode executables,
         and runs each prefill and decode program once (writing nothing), so the first requests
         run at full speed; with `score`, the programs of `score` too. Returns compile seconds per
-        executable key."""
-        return self._loop.call(lambda: self.engine.warmup(score=score))
+        executable key.
+
+        Ctrl-C (KeyboardInterrupt) stops it before the next program and is raised at once; the
+        LLM stays usable (what was not compiled compiles on first use, or in another warmup)."""
+        stop = threading.Event()
+        return self._loop.call(lambda: self.engine.warmup(score=score, stop=stop), on_interrupt=stop.set)
 
     def _submit(self, request: Request, prompt: Any, **kwargs: Any) -> RequestHandle:
         """The loop's handle for `request`, holding this LLM: while a caller keeps a handle, the
@@ -315,7 +320,8 @@ class LLM:
 
         A prompt is a string, a list of token ids, or a list of chat messages. `params` is one
         SamplingParams for all prompts or one per prompt. Invalid input raises an InputError
-        subclass before any device work. Safe to call from several threads at once.
+        subclass before any device work, naming the prompt by its 0-based position ("prompt 1"
+        is the second). Safe to call from several threads at once.
 
         With more prompts than decode slots, requests are admitted longest `max_tokens` first
         (each output is independent of its companions, so only the schedule changes): the long
@@ -365,7 +371,8 @@ class LLM:
         Yields (key, RequestOutput) in completion order as requests finish, pulling new items
         only while fewer than 2 x max_batch requests are in flight. An invalid item yields
         (key, the InputError; key None for an item that is not a (key, prompt, params) triple), a
-        request that fails in the engine (key, its exception); the stream goes on. If `items`
+        request that fails in the engine (key, its exception); the stream goes on. Messages say
+        "the prompt", never a number: the key says which item. If `items`
         itself raises, the requests already in flight are finished and yielded first, then the
         error is raised. Closing the iterator cancels the requests still in flight.
         """
@@ -395,7 +402,7 @@ class LLM:
                     key, prompt, params = item
                     params = params if params is not None else self.default_params()
                     try:
-                        (request,), _ = self._requests([prompt], [params])
+                        (request,), _ = self._requests([prompt], [params], numbered=False)
                     except InputError as e:
                         yield key, e
                         continue
@@ -444,7 +451,8 @@ class LLM:
     ) -> list[ScoreOutput]:
         """Per-token log-probabilities of each continuation given its prompt, and their sum.
 
-        Every pair is checked first (a bad one raises an InputError naming it, before any device
+        Every pair is checked first (a bad one raises an InputError naming it by its 0-based
+        position, as `generate` names prompts: "score pair 1" is the second, before any device
         work); pairs of similar length are then scored together, up to `score_rows` per call."""
         if isinstance(prompts, str) != isinstance(continuations, str):
             raise InputError(
@@ -470,25 +478,29 @@ class LLM:
     ) -> Iterator[tuple[Any, ScoreOutput | Exception]]:
         """Scores a stream of (key, prompt, continuation), `window` pairs at a time grouped by
         length as `score` does. Yields (key, ScoreOutput), or (key, the InputError) for a bad pair
-        and (key, the exception) for pairs whose call failed; the stream goes on."""
+        (its message says "the score pair", never a number: the key says which, as in
+        `generate_iter`) and (key, the exception) for pairs whose call failed; the stream goes
+        on. On a closed LLM (or one closed while the stream runs) it raises EngineClosedError
+        once, as `generate_iter` does."""
         items = iter(items)
         while chunk := list(itertools.islice(items, window)):
             ready = []
             for key, prompt, continuation in chunk:
                 try:
-                    ready.append((key, self._score_pair(prompt, continuation, key)))
+                    ready.append((key, self._score_pair(prompt, continuation, None)))
                 except InputError as e:
                     yield key, e
             yield from self._scored(ready)
 
-    def _score_pair(self, prompt: Prompt, continuation: Any, index: Any) -> tuple[list[int], int]:
+    def _score_pair(self, prompt: Prompt, continuation: Any, index: int | None) -> tuple[list[int], int]:
         """(prompt + continuation ids, where the continuation starts), checked."""
         p_ids = self._encode(prompt, index)
         if isinstance(continuation, str):
             self._need_tokenizer("string continuations")
             c_ids = self.tokenizer.encode(continuation, add_special_tokens=False)
         else:
-            c_ids = token_ids(continuation, f"continuation {index}", "a string or a list of token ids")
+            what = item_name("continuation", index)
+            c_ids = token_ids(continuation, what, "a string or a list of token ids")
         self.engine.check_score(p_ids + c_ids, len(p_ids), index)
         return p_ids + c_ids, len(p_ids)
 
@@ -498,6 +510,8 @@ class LLM:
             chosen = [pairs[i] for i in group]
             try:
                 lps = self._loop.call(functools.partial(self.engine.score_group, [p for _, p in chosen]))
+            except EngineClosedError:
+                raise  # no later call can run either: once, as generate_iter and score raise it
             except Exception as e:  # this call failed: its pairs report it, the stream goes on
                 yield from ((key, e) for key, _ in chosen)
                 continue
@@ -505,9 +519,13 @@ class LLM:
                 yield key, ScoreOutput(ids[start:], [float(x) for x in lp])
 
     def close(self) -> None:
-        """Stops the engine loop (requests still running end with finish_reason "abort") and joins
-        its thread. Idempotent."""
-        self._finalizer()
+        """Stops the engine loop (requests still running end with finish_reason "abort"), joins
+        its thread and frees the device memory: the engine drops the weights, the KV cache and the
+        prefix-cache pool (arrays the caller passed to `from_params` stay the caller's). Later
+        calls raise EngineClosedError. Idempotent. (A collected LLM only stops its loop: whoever
+        still holds `llm.engine` keeps a working runner.)"""
+        self._finalizer.detach()  # closed here: nothing left for the collector to do
+        self._loop.close(on_exit=self.engine.release)
 
     def __enter__(self) -> LLM:
         return self
@@ -531,12 +549,12 @@ class LLM:
             raise InputError(f"got {n} prompts but {len(params)} SamplingParams; give one or one per prompt")
         return params
 
-    def encode_prompt(self, prompt: Prompt, index: int = 0) -> list[int]:
+    def encode_prompt(self, prompt: Prompt, index: int | None = 0) -> list[int]:
         """A prompt's token ids as `generate` sees them (chat template applied to messages);
-        InputError naming prompt `index` for one it cannot take."""
+        InputError naming prompt `index` ("the prompt" for None) for one it cannot take."""
         return self._encode(prompt, index)
 
-    def _encode(self, prompt: Prompt, index: int) -> list[int]:
+    def _encode(self, prompt: Prompt, index: int | None) -> list[int]:
         try:
             if isinstance(prompt, str):
                 self._need_tokenizer("string prompts")
@@ -545,30 +563,34 @@ class LLM:
                 self._need_tokenizer("chat messages")
                 return self.tokenizer.encode_chat(prompt)
         except InputError as e:
-            raise type(e)(f"prompt {index}: {e}") from None
+            raise type(e)(f"{item_name('prompt', index)}: {e}") from None
         return token_ids(
-            prompt, f"prompt {index}", "a string, a list of token ids, or a list of chat messages"
+            prompt, item_name("prompt", index), "a string, a list of token ids, or a list of chat messages"
         )
 
     def _need_tokenizer(self, what: str) -> None:
         if self.tokenizer is None:
             raise ConfigError(f"{what} need a tokenizer, and this model directory has no tokenizer.json")
 
-    def _requests(self, prompts, params_list) -> tuple[list[Request], list[list[int]]]:
+    def _requests(self, prompts, params_list, numbered=True) -> tuple[list[Request], list[list[int]]]:
+        """Checked Requests and their prompt ids; errors name prompt i by its position, or (not
+        `numbered`) by no number: "the prompt" (see `item_name`)."""
         requests, ids_list = [], []
         for i, (prompt, params) in enumerate(zip(prompts, params_list, strict=True)):
+            index = i if numbered else None
+            request = item_name("request", index)
             if not isinstance(params, SamplingParams):
                 raise InputError(
-                    f"request {i} params is a {type(params).__name__}; expected a SamplingParams "
+                    f"{request} params is a {type(params).__name__}; expected a SamplingParams "
                     "(e.g. jinfer.SamplingParams(max_tokens=64)) or None"
                 )
-            ids = self._encode(prompt, i)
-            self.engine.check_request(ids, params, i)
+            ids = self._encode(prompt, index)
+            self.engine.check_request(ids, params, index)
             stop_ids = tuple(params.stop_token_ids or ()) + (() if params.ignore_eos else self.eos_token_ids)
             stop_ids = tuple(dict.fromkeys(stop_ids))
             if len(stop_ids) > STOP_ID_SLOTS:  # only a model with many end-of-sequence ids gets here
                 raise InvalidSamplingParamsError(
-                    f"request {i} stops at {len(stop_ids)} token ids (its stop_token_ids and the model's "
+                    f"{request} stops at {len(stop_ids)} token ids (its stop_token_ids and the model's "
                     f"end-of-sequence ids {list(self.eos_token_ids)}); a request may stop at most at "
                     f"{STOP_ID_SLOTS} (give fewer stop_token_ids, or set ignore_eos=True)"
                 )

@@ -8,6 +8,7 @@ Everything that places arrays on devices goes through `ShardingRules.sharding`.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import logging
 import math
 import re
@@ -166,10 +167,33 @@ class ShardingRules:
             raise ShardingError(f"ShardingRules: logical axes {dupes} are listed more than once")
 
     def replace(self, **overrides: MeshAxes) -> ShardingRules:
-        """Returns a copy with some logical axes remapped, e.g. `rules.replace(mlp=None)`."""
+        """Returns a copy with some logical axes remapped, e.g. `rules.replace(mlp=None)`.
+
+        Every name must already be in the table (a misspelt one would otherwise be added as a new
+        axis no tensor uses, and the axis meant would keep its old mapping): ShardingError naming
+        it and the known axes. New logical axes are added with `extend`."""
         table = dict(self.rules)
+        unknown = [name for name in overrides if name not in table]
+        if unknown:
+            raise ShardingError(
+                f"ShardingRules.replace: unknown logical {'axes' if len(unknown) > 1 else 'axis'} "
+                f"{_names_with_hint(unknown, table)}; known "
+                f"logical axes: {', '.join(table)} (add a new one with rules.extend({unknown[0]}=...))"
+            )
         table.update(overrides)
         return ShardingRules(tuple(table.items()))
+
+    def extend(self, **new_axes: MeshAxes) -> ShardingRules:
+        """Returns a copy with new logical axes added, e.g. `rules.extend(conv_out="model")`;
+        ShardingError for a name already in the table (remap those with `replace`)."""
+        table = dict(self.rules)
+        present = [name for name in new_axes if name in table]
+        if present:
+            raise ShardingError(
+                f"ShardingRules.extend: logical axes {present} are already in the table; remap them "
+                f"with rules.replace({present[0]}=...)"
+            )
+        return ShardingRules((*self.rules, *new_axes.items()))
 
     def mesh_axes(self, logical: str | None) -> tuple[str, ...]:
         if logical is None:
@@ -226,6 +250,15 @@ class ShardingRules:
     ) -> NamedSharding:
         """NamedSharding on `mesh` for a tensor with these logical axes (and shape)."""
         return NamedSharding(mesh, self.spec(logical_axes, shape, mesh, name))
+
+
+def _names_with_hint(names: Sequence[str], known: Sequence[str]) -> str:
+    """`'mpl' (did you mean 'mlp'?), 'x'`: each name, with the closest known one if any is close."""
+    parts = []
+    for name in names:
+        close = difflib.get_close_matches(name, list(known), n=1)
+        parts.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    return ", ".join(parts)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

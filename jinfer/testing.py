@@ -119,3 +119,13 @@ def assert_outputs_close(a, b, atol: float) -> None:
             for da, db in zip(sa.logprobs, sb.logprobs, strict=True):
                 assert da.keys() == db.keys()
                 np.testing.assert_allclose(list(da.values()), list(db.values()), atol=atol)
+
+
+def live_device_arrays() -> tuple[int, int]:
+    """(count, bytes) of the device arrays alive now, after a garbage collection: what a closed
+    engine must have given back."""
+    import gc
+
+    gc.collect()
+    arrays = jax.live_arrays()
+    return len(arrays), sum(a.nbytes for a in arrays)

@@ -302,7 +302,7 @@ def _sharding_fn(
     table = ShardingRules()
     names = dict(table.rules)
     # Rules may name mesh axes directly ("model") as well as logical axes ("mlp").
-    table = table.replace(**{a: a for a in mesh.axis_names if a not in names})
+    table = table.extend(**{a: a for a in mesh.axis_names if a not in names})
 
     def by_rules(path, shape):
         axes = logical_axes_by_path(path, len(shape), rules)

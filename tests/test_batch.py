@@ -267,6 +267,51 @@ def test_score_task(tmp_path):
     llm.close()
 
 
+def test_error_rows_number_lines_alike_in_generate_and_score(llm, tmp_path):
+    """run-batch names a bad line by its 1-based line number in the file (blank lines count), in
+    the message and the "line" field, whatever the task. Score mode also said "score pair 4"
+    (the line number as if it were LLM.score's 0-based position) and generate "prompt 0" (for
+    every line); now neither numbers anything else. LLM.score keeps its 0-based positions, like
+    generate; the keyed streams say "the prompt" / "the score pair". Good lines still run."""
+    long = [5] * 130  # longer than max_len 128
+    rows = {
+        "generate": [{"custom_id": "ok", "prompt": [1, 2]}, "", {"custom_id": "long", "prompt": long}],
+        "score": [
+            {"custom_id": "ok", "prompt": [1, 2], "continuation": [3]},
+            "",
+            {"custom_id": "long", "prompt": long, "continuation": [4]},
+        ],
+    }
+    errors = {}
+    for task, lines in rows.items():
+        out = tmp_path / f"{task}.out.jsonl"
+        run_batch(llm, write_jsonl(tmp_path / f"{task}.jsonl", lines), out, GREEDY, task=task, progress=False)
+        got = by_id(out)
+        assert got["ok"]["error"] is None
+        errors[task] = got["long"]["error"]
+    assert errors["generate"] == {
+        "code": "prompt_too_long",
+        "message": "line 3: the prompt has 130 tokens; max_len is 128, so a prompt may have at most 127 "
+        "(raise max_len or shorten the prompt)",
+        "line": 3,
+    }
+    assert errors["score"] == {
+        "code": "prompt_too_long",
+        "message": "line 3: the score pair: prompt + continuation has 131 tokens but max_len is 128 "
+        "(raise max_len to >= 131 or shorten them)",
+        "line": 3,
+    }
+    with pytest.raises(ValueError, match=r"^score pair 1: prompt \+ continuation has 131 tokens"):
+        llm.score([[1, 2], long], [[3], [4]])
+    with pytest.raises(ValueError, match=r"^prompt 1 has 130 tokens"):
+        llm.generate([[1, 2], long], GREEDY)
+    scored = dict(llm.score_iter([("a", [1], [2]), ("b", long, [3])]))
+    assert str(scored["b"]).startswith("the score pair: prompt + continuation has 131 tokens")
+    generated = dict(llm.generate_iter([("a", [1], GREEDY), ("b", long, GREEDY)]))
+    assert str(generated["b"]).startswith("the prompt has 130 tokens")
+    assert llm.score([[1, 2]], [[3]])[0].token_ids == [3]  # still serving
+
+
 def test_prepass_and_resume_scan_memory_is_bounded(tmp_path):
     n = 100_000
     inp = tmp_path / "big.jsonl"

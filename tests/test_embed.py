@@ -10,8 +10,9 @@ import pytest
 
 from jinfer.convert import convert
 from jinfer.embed import Embedder
-from jinfer.errors import ConfigError, EmptyInputError, InputError, InvalidTokenError
+from jinfer.errors import ConfigError, EmptyInputError, EngineClosedError, InputError, InvalidTokenError
 from jinfer.integrity import rehash_model_dir
+from jinfer.testing import live_device_arrays
 
 FIXTURE = Path(__file__).parent / "fixtures" / "hf" / "bert"
 
@@ -87,6 +88,30 @@ def test_bad_inputs(bert_dir, tmp_path):
 
     with pytest.raises(ConfigError, match="needs an encoder"):
         Embedder(make_tiny_llm_dir(llm_like))
+
+
+def test_close_frees_the_weights_and_later_calls_raise_closed(bert_dir):
+    """Embedder had no close() (LLM has): its weights stayed on the device until it was dropped.
+    Now close() frees them, later calls raise EngineClosedError, and closing twice is fine."""
+    rows, _ = golden_rows()
+    before = live_device_arrays()
+    emb = Embedder(bert_dir)
+    want = emb.embed(rows)
+    assert live_device_arrays()[1] > before[1]
+    emb.close()
+    assert live_device_arrays() == before and emb.engine.params is None
+    with pytest.raises(EngineClosedError, match="the Embedder is closed; create a new Embedder"):
+        emb.embed(rows)
+    with pytest.raises(EngineClosedError, match="engine is closed"):
+        emb.engine.submit(np.asarray(rows[0], np.int32))
+    assert emb.encode("the cat") == [200, 201]  # tokenizing needs no device, as LLM.encode_prompt
+    emb.close()
+    with Embedder(bert_dir) as again:
+        np.testing.assert_array_equal(again.embed(rows), want)
+    with pytest.raises(EngineClosedError, match="the Embedder is closed"):
+        again.embed(rows)
+    del again
+    assert live_device_arrays() == before
 
 
 def test_cli_embed(bert_dir):

@@ -14,7 +14,7 @@ from jinfer.generate import GenerationConfig
 from jinfer.llm import LLM
 from jinfer.modeling import FlaxModel
 from jinfer.sampling import SamplingParams
-from jinfer.testing import perturbed_params, tiny_llama_config
+from jinfer.testing import live_device_arrays, perturbed_params, tiny_llama_config
 
 CFG = tiny_llama_config(256, max_position_embeddings=128)
 BLOCK = 16  # prefill block = prefix-cache block (prefill_chunk)
@@ -307,3 +307,121 @@ def test_close_joins_the_loop_and_rejects_new_requests(two_slots):
     assert not llm._loop._thread.is_alive()
     with pytest.raises(errors.EngineClosedError):
         llm.generate([[1, 2]], SamplingParams(max_tokens=2))
+
+
+def test_every_method_of_a_closed_llm_raises_closed_once(model, params):
+    """`score_iter` on a closed LLM yielded (key, EngineClosedError) for every pair and went on;
+    it now raises once, as generate, generate_iter and score do, also when the LLM is closed
+    while the stream runs (the pairs scored before are kept)."""
+    llm = LLM.from_params(model, params, config=GEN)
+    pairs = [("a", [1, 2], [3]), ("b", [4, 5], [6]), ("c", [7], [8, 9])]
+    want = llm.score([p for _, p, _ in pairs], [c for _, _, c in pairs])
+
+    def closing_after_the_first():
+        yield pairs[0]
+        llm.close()
+        yield from pairs[1:]
+
+    got = []
+    with pytest.raises(errors.EngineClosedError, match="the engine is closed; create a new LLM"):
+        for key, out in llm.score_iter(closing_after_the_first(), window=1):
+            got.append((key, out))
+    assert [k for k, _ in got] == ["a"] and got[0][1].logprobs == want[0].logprobs
+    sp = SamplingParams(max_tokens=2)
+    calls = {
+        "generate": lambda: llm.generate([[1, 2]], sp),
+        "generate_iter": lambda: list(llm.generate_iter([("a", [1, 2], sp), ("b", [3], sp)])),
+        "score": lambda: llm.score([[1, 2], [4, 5]], [[3], [6]]),
+        "score_iter": lambda: list(llm.score_iter(iter(pairs))),
+    }
+    for call in calls.values():
+        with pytest.raises(errors.EngineClosedError, match="the engine is closed; create a new LLM"):
+            call()
+
+
+def test_close_frees_the_device_memory_and_what_is_alive_sees_it_closed(model, params):
+    """close() kept the KV cache, the prefix-cache pool (and an owned copy of the weights) alive
+    until the LLM object was dropped; now they are freed at close(). A handle and a score_iter
+    still alive get "abort" / EngineClosedError, never a crash on the freed arrays."""
+    import jax
+
+    before = live_device_arrays()
+    llm = LLM.from_params(model, params, config=GEN)
+    llm.generate([list(range(1, 2 * BLOCK + 3))], SamplingParams(max_tokens=2))  # fills pool blocks
+    runner = llm.engine
+    engine_bytes = sum(a.nbytes for a in jax.tree.leaves((runner.cache, runner.pool)))
+    assert runner.pool is not None and live_device_arrays()[1] >= before[1] + engine_bytes
+    scores = llm.score_iter(iter([("a", [1, 2], [3]), ("b", [4, 5], [6])]), window=1)
+    assert next(scores)[0] == "a"
+    # Hold the loop in a call, queue a request behind it, close, then let the loop go on.
+    running, gate = threading.Event(), threading.Event()
+    holder = threading.Thread(target=llm._loop.call, args=(lambda: (running.set(), gate.wait(30)),))
+    holder.start()
+    assert running.wait(30)
+    handle = llm.submit([1, 2, 3], SamplingParams(max_tokens=8, temperature=0.0))
+    closer = threading.Thread(target=llm.close)
+    closer.start()
+    while not llm._loop.closed:
+        time.sleep(0.001)
+    gate.set()
+    closer.join(30)
+    holder.join(30)
+    assert not closer.is_alive() and not llm._loop._thread.is_alive()
+    assert runner.params is None and runner.cache is None and runner.pool is None
+    out = handle.result(timeout=30)
+    assert out.finish_reason == "abort" and len(out.outputs[0].token_ids) < 8  # cut short
+    with pytest.raises(errors.EngineClosedError, match="the engine is closed; create a new LLM"):
+        next(scores)
+    with pytest.raises(errors.EngineClosedError, match="the engine is closed; create a new LLM"):
+        llm.warmup()
+    llm.close()  # twice is fine
+    # Nothing is left on the device (the iterator's frame held its last scores until it ended).
+    assert live_device_arrays() == before
+    # Closed from the loop's own thread (a done-callback): freed as that thread ends.
+    llm = LLM.from_params(model, params, config=GEN)
+    handle = llm.submit([1, 2, 3], SamplingParams(max_tokens=2, temperature=0.0))
+    handle.add_done_callback(lambda h: h.owner.close())
+    assert len(handle.result(timeout=30).outputs[0].token_ids) == 2
+    llm._loop._thread.join(30)
+    assert not llm._loop._thread.is_alive() and llm.engine.params is None and llm.engine.cache is None
+    with pytest.raises(errors.EngineClosedError, match="the engine is closed; create a new LLM"):
+        llm.generate([[1, 2]], SamplingParams(max_tokens=2))
+    del handle, llm
+    assert live_device_arrays() == before
+
+
+@pytest.mark.parametrize("how", ["interrupt_main", "SIGINT"])
+def test_ctrl_c_stops_the_warmup_and_the_llm_goes_on(model, params, how):
+    """Ctrl-C during warmup(): `_thread.interrupt_main()` (how IDEs and Windows deliver it) woke
+    no one until the whole warm-up had run; a real SIGINT did, but the warm-up went on in the
+    engine's thread and the next request waited for all of it. Now both raise at once, the warm-up
+    stops before its next program, and the LLM serves (and warms up in full) afterwards."""
+    import _thread
+    import os
+    import signal
+
+    llm = LLM.from_params(model, params, config=GEN)
+    fire = _thread.interrupt_main if how == "interrupt_main" else lambda: os.kill(os.getpid(), signal.SIGINT)
+
+    def interrupt_after_the_first_compile():
+        deadline = time.monotonic() + 60
+        while not llm.stats.compile_seconds and time.monotonic() < deadline:
+            time.sleep(0.001)
+        fire()
+
+    thread = threading.Thread(target=interrupt_after_the_first_compile)
+    thread.start()
+    with pytest.raises(KeyboardInterrupt):
+        llm.warmup(score=True)
+    thread.join()
+    llm._loop.call(lambda: None)  # queued behind the warm-up: returns once it has stopped
+    partial = len(llm.stats.compile_seconds)
+    out = llm.generate([[1, 2, 3]], SamplingParams(max_tokens=5, temperature=0.0))[0]
+    assert len(out.outputs[0].token_ids) == 5 and out.finish_reason == "length"
+    full = llm.warmup(score=True)
+    assert 1 <= partial < len(full)
+    with count_compiles() as after:
+        llm.score([[1, 2]], [[3]])
+        llm.generate([[4, 5, 6]], SamplingParams(max_tokens=5, temperature=0.0))
+    assert after.count == 0
+    llm.close()

@@ -93,3 +93,22 @@ def test_engine_with_plain_callable_and_path_sharded_params():
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
     assert sharded.params["w1"].addressable_shards[0].data.shape == (8, 8)
     assert jax.device_count() == 8
+
+
+def test_replace_refuses_an_unknown_logical_axis_and_extend_adds_one():
+    """A misspelt name in `replace` was added as a new, unused axis while the axis meant kept its
+    mapping (the MLP stayed sharded); now it is a ShardingError naming it and the known axes."""
+    rules = ShardingRules()
+    with pytest.raises(ShardingError) as info:
+        rules.replace(mpl=None)
+    msg = str(info.value)
+    assert "unknown logical axis 'mpl' (did you mean 'mlp'?)" in msg
+    assert "known logical axes: batch, embed, mlp," in msg and "rules.extend(mpl=...)" in msg
+    with pytest.raises(ShardingError, match=r"unknown logical axes 'mpl' \(did you mean 'mlp'\?\), 'zz';"):
+        rules.replace(mpl=None, zz="model", heads=None)
+    assert rules.spec(("embed", "mlp")) == P(None, "model")  # the table is unchanged
+    extended = rules.extend(conv_out="model")
+    assert extended.spec(("embed", "conv_out")) == P(None, "model")
+    assert extended.replace(conv_out=None).spec(("conv_out",)) == P(None)
+    with pytest.raises(ShardingError, match=r"logical axes \['mlp'\] are already in the table"):
+        rules.extend(mlp=None)

@@ -197,6 +197,10 @@ def run_batch(
     crash resumes: finished rows are kept, every custom_id ends up exactly once, and the rows are
     identical to an uninterrupted run. Under `jax.distributed` each process runs its shard of the
     lines and process 0 merges the shards at the end. Returns the Summary (also in `<output>.summary.json`).
+
+    In every task an error row names its input by the 1-based line number of the file: the
+    message starts "line 2: " and the error's "line" field is 2 (blank lines count); the message
+    itself numbers nothing else ("line 2: the score pair: prompt + continuation has ...").
     """
     unknown = sorted(set(options) - {f.name for f in dataclasses.fields(BatchOptions)})
     if unknown:
@@ -430,7 +434,7 @@ class _Run:
                 if self.opts.task == "generate":
                     params = sampling_params(item, self.defaults, self.run_seed)
                     # Checked here (generate_iter checks too) so that --max-errors stops at once.
-                    self.model.engine.check_request(ids, params, 0)
+                    self.model.engine.check_request(ids, params, None)  # the row names the line
                     _check_stop_ids(params, getattr(self.model.engine, "vocab_size", None), item.line)
             except Exception as e:  # any problem with one line becomes its error row
                 self._fail(item, e)

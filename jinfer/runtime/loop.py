@@ -17,7 +17,7 @@ import threading
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future
+from concurrent.futures import Future, wait
 from typing import Any
 
 from jinfer.errors import EngineClosedError, OverloadedError
@@ -153,6 +153,7 @@ class EngineLoop:
         self._forgotten: deque[str] = deque()  # requests of collected handles, aborted by the loop
         self._calls: deque[tuple[Callable[[], Any], Future]] = deque()
         self._closed = False
+        self._on_exit: list[Callable[[], None]] = []
         self._ids = itertools.count()
         self._thread = threading.Thread(target=self._run, name="jinfer-engine-loop", daemon=True)
         self._thread.start()
@@ -197,9 +198,12 @@ class EngineLoop:
             self.scheduler.abort(request_id)
             self._cv.notify()
 
-    def call(self, fn: Callable[[], Any]) -> Any:
+    def call(self, fn: Callable[[], Any], on_interrupt: Callable[[], None] | None = None) -> Any:
         """Runs `fn()` on the loop's thread between steps (device work that must not interleave
-        with a step, e.g. scoring or warm-up) and returns its result."""
+        with a step, e.g. scoring or warm-up) and returns its result.
+
+        A KeyboardInterrupt (or any exception) while the caller waits is raised at once: the call
+        is dropped if it has not started, else `on_interrupt()` asks it to stop."""
         if threading.current_thread() is self._thread:
             return fn()
         future: Future = Future()
@@ -208,15 +212,32 @@ class EngineLoop:
                 raise EngineClosedError("the engine is closed; create a new LLM")
             self._calls.append((fn, future))
             self._cv.notify()
-        return future.result()
+        try:
+            return _interruptible_result(future)
+        except BaseException:
+            if not future.cancel() and on_interrupt is not None:
+                on_interrupt()
+            raise
 
-    def close(self) -> None:
-        """Aborts what is left, stops the thread and joins it (idempotent)."""
+    def close(self, on_exit: Callable[[], None] | None = None) -> None:
+        """Aborts what is left, stops the thread and joins it (idempotent). `on_exit` runs once
+        the thread has stopped for good, so no step or call runs after it (it may free what they
+        use): here, or on the loop's thread as it ends when that thread closes the loop itself."""
         with self._cv:
             self._closed = True
+            if on_exit is not None:
+                self._on_exit.append(on_exit)
             self._cv.notify()
         if threading.current_thread() is not self._thread:
             self._thread.join()
+            self._run_exit_hooks()
+
+    def _run_exit_hooks(self) -> None:
+        """Runs each `on_exit` once: whichever of the closing and the loop's thread comes last."""
+        with self._cv:
+            hooks, self._on_exit = self._on_exit, []
+        for hook in hooks:
+            hook()
 
     @property
     def closed(self) -> bool:
@@ -232,6 +253,8 @@ class EngineLoop:
             with contextlib.suppress(BaseException):  # and end what waits, so no caller hangs
                 self._dispatch(self.scheduler.abort_all())
             raise
+        finally:
+            self._run_exit_hooks()
 
     def _steps(self) -> None:
         while True:
@@ -273,6 +296,15 @@ class EngineLoop:
             if handle.finished:
                 self._handles.pop(rid, None)
                 handle._finalizer.detach()  # nothing left to abort when it is collected
+
+
+def _interruptible_result(future: Future) -> Any:
+    """`future.result()`, waking every 0.1 s: a wait without a timeout is not woken by
+    `_thread.interrupt_main()` (IDEs, Windows' Ctrl-C), so the KeyboardInterrupt came only once
+    the call had ended; a timed wait returns to the interpreter, which raises it."""
+    while not future.done():
+        wait((future,), timeout=0.1)
+    return future.result()
 
 
 def _run_call(fn: Callable[[], Any], future: Future) -> None:

@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import threading
 from collections.abc import Callable, Sequence
+from concurrent.futures import CancelledError
 from typing import Any
 
 import jax
@@ -135,6 +137,13 @@ class ModelRunner:
         block_spec = jax.ShapeDtypeStruct(pool_shape, self.dtype, sharding=self._replicated)
         self._abstract_pool = ((block_spec,) * mc.num_layers, (block_spec,) * mc.num_layers)
         self.pool = None  # the prefix cache's blocks: allocated at the first block saved
+
+    def release(self) -> None:
+        """Drops the device arrays (params, the one-row copy, KV cache, prefix-cache pool) so that
+        their memory is freed while the runner object lives on (a closed LLM). Only once nothing
+        runs any more: every program needs them."""
+        self.params = self.one_row = self.cache = self.pool = None
+        self._zero_fns.clear()
 
     def _cache_spec(self, rows: int) -> KVCache:
         """ShapeDtypeStructs (with shardings) of a KV cache of `rows` rows of max_len positions."""
@@ -507,8 +516,12 @@ class ModelRunner:
 
         return self._executable(("score_chunk", bucket), build)
 
-    def warmup(self, score: bool = False, run: bool = True) -> dict[tuple, float]:
-        """Compiles every executable up front; returns seconds per executable key.
+    def warmup(
+        self, score: bool = False, run: bool = True, stop: threading.Event | None = None
+    ) -> dict[tuple, float]:
+        """Compiles every executable up front; returns seconds per executable key. Once `stop` is
+        set (its caller was interrupted), raises CancelledError before the next program: what was
+        compiled stays, the rest compiles on first use.
 
         With `run`, each prefill, decode (and score) program also runs once, on inputs that
         write nothing: XLA:CPU builds some kernels (YNNPACK's) at a program's first run, 0.2-0.5 s
@@ -519,6 +532,7 @@ class ModelRunner:
         nowhere, none = self._nowhere(1)[0], np.int32(0)
         rows = self.prefill_rows
         for b in cfg.prefill_chunk_buckets:
+            _raise_if_stopped(stop)
             tokens = np.zeros((1, b), np.int32)
             for continuation in (False, True)[: 1 + (cfg.max_prompt_len > cfg.prefill_block)]:
                 exe = self._prefill_exe(b, continuation=continuation)
@@ -531,6 +545,7 @@ class ModelRunner:
                     self.cache, _ = exe(self.params, self.cache, *args)
         if score:
             for b in cfg.prefill_buckets:
+                _raise_if_stopped(stop)
                 rows = self.score_rows(b)
                 exe = self._score_exe(b, rows)
                 if run:
@@ -542,6 +557,7 @@ class ModelRunner:
         self._first_token_exe()
         self._copy_slot_exe()
         for bucket in self.decode_buckets:
+            _raise_if_stopped(stop)
             exe = self._decode_exe(bucket)
             if run:
                 params = self._decode_weights(bucket)[1]
@@ -647,24 +663,24 @@ class ModelRunner:
         self.check_score(ids, start)
         return self.score_group([(ids, start)])[0]
 
-    def check_score(self, ids: Sequence[int], start: int, index: int = 0) -> None:
+    def check_score(self, ids: Sequence[int], start: int, index: int | None = 0) -> None:
         """Raises an InputError subclass for a score pair (prompt + continuation `ids`, the
-        continuation starting at `start`) that cannot run; no device work."""
-        n, cfg = len(ids), self.config
+        continuation starting at `start`) that cannot run; no device work. Messages name the pair
+        by `index` (see `item_name`)."""
+        n, cfg, pair = len(ids), self.config, item_name("score pair", index)
         if not 1 <= start < n:
             raise EmptyInputError(
-                f"score pair {index} needs a non-empty prompt and continuation (got {start} and "
-                f"{n - start} tokens)"
+                f"{pair} needs a non-empty prompt and continuation (got {start} and {n - start} tokens)"
             )
         if n > cfg.max_len:
             raise SequenceTooLongError(
-                f"score pair {index}: prompt + continuation has {n:,} tokens but max_len is "
+                f"{pair}: prompt + continuation has {n:,} tokens but max_len is "
                 f"{cfg.max_len:,} (raise max_len to >= {n:,} or shorten them)"
             )
         bad = [t for t in ids if not 0 <= int(t) < self.vocab_size]
         if bad:
             raise InvalidTokenError(
-                f"score pair {index} has token id {bad[0]} outside the vocabulary [0, {self.vocab_size})"
+                f"{pair} has token id {bad[0]} outside the vocabulary [0, {self.vocab_size})"
             )
 
     def score_rows(self, bucket: int) -> int:
@@ -730,50 +746,63 @@ class ModelRunner:
         return np.concatenate(out)
 
     # -- validation ----------------------------------------------------------------------------
-    def check_request(self, prompt_ids: Sequence[int], params: SamplingParams, index: int = 0) -> None:
-        """Raises an InputError subclass for a request that cannot run; no device work."""
+    def check_request(self, prompt_ids: Sequence[int], params: SamplingParams, index: int | None = 0) -> None:
+        """Raises an InputError subclass for a request that cannot run; no device work. Messages
+        name the prompt by `index` (see `item_name`)."""
         cfg = self.config
         n = len(prompt_ids)
+        prompt, request = item_name("prompt", index), item_name("request", index)
         if n == 0:
-            raise EmptyInputError(f"prompt {index} is empty; give at least one token")
+            raise EmptyInputError(f"{prompt} is empty; give at least one token")
         bad = [t for t in prompt_ids if not 0 <= int(t) < self.vocab_size]
         if bad:
             raise InvalidTokenError(
-                f"prompt {index} has token id {bad[0]} outside the vocabulary [0, {self.vocab_size})"
+                f"{prompt} has token id {bad[0]} outside the vocabulary [0, {self.vocab_size})"
             )
         if n > cfg.max_prompt_len:
             raise SequenceTooLongError(
-                f"prompt {index} has {n:,} tokens; max_len is {cfg.max_len:,}, so a prompt may have "
+                f"{prompt} has {n:,} tokens; max_len is {cfg.max_len:,}, so a prompt may have "
                 f"at most {cfg.max_prompt_len:,} (raise max_len or shorten the prompt)"
             )
         if params.max_tokens >= cfg.max_len:
             raise SequenceTooLongError(
-                f"request {index} asks for max_tokens={params.max_tokens:,}, but max_len is "
+                f"{request} asks for max_tokens={params.max_tokens:,}, but max_len is "
                 f"{cfg.max_len:,}: prompt + generated tokens must fit, so max_tokens may be at most "
                 f"{cfg.max_len - n:,} for this {n:,}-token prompt (lower max_tokens or raise max_len)"
             )
         if n + params.max_tokens > cfg.max_len:
             raise SequenceTooLongError(
-                f"prompt {index} has {n:,} tokens and asks for max_tokens={params.max_tokens:,}, but "
+                f"{prompt} has {n:,} tokens and asks for max_tokens={params.max_tokens:,}, but "
                 f"max_len is {cfg.max_len:,}: the prompt may have at most "
                 f"{cfg.max_len - params.max_tokens:,} tokens (lower max_tokens or raise max_len)"
             )
         if params.n > cfg.max_batch:
             raise InvalidSamplingParamsError(
-                f"request {index} asks for n={params.n} samples but the engine has "
-                f"{cfg.max_batch} decode slots"
+                f"{request} asks for n={params.n} samples but the engine has {cfg.max_batch} decode slots"
             )
         if params.logprobs is not None and params.logprobs > cfg.max_logprobs:
             raise InvalidSamplingParamsError(
-                f"request {index} asks for logprobs={params.logprobs}; this engine computes at most "
+                f"{request} asks for logprobs={params.logprobs}; this engine computes at most "
                 f"{cfg.max_logprobs} (build it with a larger max_logprobs, e.g. "
                 f"LLM(model, max_logprobs={params.logprobs}))"
             )
         bad = [t for t in params.stop_token_ids or () if not 0 <= int(t) < self.vocab_size]
         if bad:
             raise InvalidTokenError(
-                f"request {index} has stop token id {bad[0]} outside the vocabulary [0, {self.vocab_size})"
+                f"{request} has stop token id {bad[0]} outside the vocabulary [0, {self.vocab_size})"
             )
+
+
+def item_name(what: str, index: int | None) -> str:
+    """How an error names one input: "prompt 1" by its 0-based position in a list the caller
+    passed (LLM.generate, LLM.score), "the prompt" where the caller names it another way (a key
+    in LLM.generate_iter / score_iter, the file's line number in run-batch)."""
+    return f"the {what}" if index is None else f"{what} {index}"
+
+
+def _raise_if_stopped(stop: threading.Event | None) -> None:
+    if stop is not None and stop.is_set():
+        raise CancelledError("the warm-up was stopped: its caller was interrupted")
 
 
 def _compile(lowered: Any, options: dict[str, Any] | None) -> Any:
