@@ -425,3 +425,34 @@ def test_ctrl_c_stops_the_warmup_and_the_llm_goes_on(model, params, how):
         llm.generate([[4, 5, 6]], SamplingParams(max_tokens=5, temperature=0.0))
     assert after.count == 0
     llm.close()
+
+
+def test_interrupt_main_stops_a_generate_at_once_and_the_llm_goes_on(model, params):
+    """`_thread.interrupt_main()` (an IDE's or Windows' Ctrl-C) while `generate` waits for one
+    long request: the handle's wait had no timeout, so nothing woke the caller until the request
+    had finished, and the KeyboardInterrupt then cancelled nothing. The engine loop is held up
+    for a second here (a call queued between steps), far longer than the wait's 0.1 s slices."""
+    import _thread
+
+    llm = LLM.from_params(model, params, config=GEN)
+    llm.warmup()
+    long = SamplingParams(max_tokens=GEN.max_len - 8, temperature=0.0, ignore_eos=True)
+
+    def hold_up_the_loop_then_interrupt():
+        deadline = time.monotonic() + 60
+        while not llm.stats.generated_tokens and time.monotonic() < deadline:
+            time.sleep(0.001)
+        threading.Thread(target=llm._loop.call, args=(lambda: time.sleep(1.0),)).start()
+        time.sleep(0.05)
+        _thread.interrupt_main()
+
+    thread = threading.Thread(target=hold_up_the_loop_then_interrupt)
+    thread.start()
+    with pytest.raises(KeyboardInterrupt):
+        llm.generate([[1, 2, 3]], long)
+    thread.join()
+    llm._loop.call(lambda: None)  # the loop has handled the cancellation
+    assert llm.stats.requests_finished == 0 and llm.stats.requests_aborted == 1
+    out = llm.generate([[4, 5, 6]], SamplingParams(max_tokens=5, temperature=0.0))[0]
+    assert len(out.outputs[0].token_ids) == 5 and out.finish_reason == "length"
+    llm.close()

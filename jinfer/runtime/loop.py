@@ -14,6 +14,7 @@ import itertools
 import logging
 import queue
 import threading
+import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -23,6 +24,8 @@ from typing import Any
 from jinfer.errors import EngineClosedError, OverloadedError
 from jinfer.runtime.outputs import CompletionOutput, RequestOutput
 from jinfer.runtime.scheduler import Request, RequestDelta, Scheduler
+
+WAKE_S = 0.1  # how often a caller's wait wakes up to let a pending KeyboardInterrupt through
 
 log = logging.getLogger(__name__)
 
@@ -103,12 +106,20 @@ class RequestHandle:
             yield delta
 
     def _next_delta(self) -> RequestDelta:
-        return self._queue.get()
+        while True:  # in slices, as `_interruptible_result` waits
+            try:
+                return self._queue.get(timeout=WAKE_S)
+            except queue.Empty:
+                pass
 
     def result(self, timeout: float | None = None) -> RequestOutput:
-        """Waits for the request to end; returns its RequestOutput (raises the error that failed it)."""
-        if not self._done.wait(timeout):
-            raise TimeoutError(f"request {self.request_id} did not finish within {timeout} s")
+        """Waits for the request to end; returns its RequestOutput (raises the error that failed it).
+        Waits in WAKE_S slices, so a KeyboardInterrupt from `_thread.interrupt_main` is raised at
+        once (see `_interruptible_result`)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self._done.wait(WAKE_S if deadline is None else min(WAKE_S, deadline - time.monotonic())):
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f"request {self.request_id} did not finish within {timeout} s")
         if self._error is not None:
             raise self._error
         return self.output()
@@ -299,11 +310,11 @@ class EngineLoop:
 
 
 def _interruptible_result(future: Future) -> Any:
-    """`future.result()`, waking every 0.1 s: a wait without a timeout is not woken by
+    """`future.result()`, waking every WAKE_S: a wait without a timeout is not woken by
     `_thread.interrupt_main()` (IDEs, Windows' Ctrl-C), so the KeyboardInterrupt came only once
     the call had ended; a timed wait returns to the interpreter, which raises it."""
     while not future.done():
-        wait((future,), timeout=0.1)
+        wait((future,), timeout=WAKE_S)
     return future.result()
 
 
