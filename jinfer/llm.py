@@ -61,7 +61,8 @@ class LLM:
         per-channel; see `jinfer.quant`). Checkpoints converted with `--quantize int8` load as is.
       layout: in-memory weight layout: "canonical" (as saved), "out_major" (weights transposed to
         [out, in] at load time: XLA:CPU's matrix-vector products read them 1.5-3x faster, batched
-        matmuls slower), or "auto" (out_major for one-slot engines on CPU, canonical otherwise).
+        float32 matmuls slower), or "auto" (out_major on CPU for one-slot engines and for bfloat16 weights
+        under float32 compute, canonical otherwise).
       weight_dtype: dtype of the weight matrices (floating params of rank >= 2) when it should
         differ from `dtype`'s: e.g. dtype="float32", weight_dtype="bfloat16" multiplies bfloat16
         weights under float32 compute.
@@ -104,10 +105,7 @@ class LLM:
             # The backend is first asked here: a config that fails validation never starts one.
             nonlocal gen_config, shape, dtype, dtype_reason, prefetching, one_row
             backend = defaults.backend_of(mesh)
-            out_major = max_batch is not None and loading.wants_out_major(layout, flax_model, max_batch)
-            dtype, dtype_reason = defaults.default_dtype(
-                backend, dtype, flax_model, weight_dtype, quantize, out_major
-            )
+            dtype, dtype_reason = defaults.default_dtype(backend, dtype, flax_model, weight_dtype, quantize)
             device = mesh.devices.flat[0] if mesh is not None else jax.devices()[0]
             cache_dtype = engine_options.get("cache_dtype")
             shape = defaults.engine_shape(
@@ -179,8 +177,8 @@ class LLM:
     ) -> LLM:
         """Builds an LLM from a model and params already in hand (e.g. for research code).
 
-        The caller's arrays are never donated: with layout "out_major" (or "auto" on a one-slot
-        CPU engine) the engine holds a transposed copy of the weights.
+        The caller's arrays are never donated: with layout "out_major" (or "auto" where it
+        chooses out_major, see `LLM`) the engine holds a transposed copy of the weights.
         """
         self = cls.__new__(cls)
         config = config or GenerationConfig()

@@ -156,20 +156,31 @@ def runtime_layout(
     """
     if mesh is not None or not all(hasattr(x, "sharding") for x in jax.tree.leaves(params)):
         params = jax.device_put(params, model.shardings(mesh or single_device_mesh(), rules))
-    if wants_out_major(layout, model, max_batch) and not model.transposed:
+    if wants_out_major(layout, model, max_batch, quant.has_narrow_weights(params)) and not model.transposed:
         model, params = to_out_major(model, params, mesh or single_device_mesh(), rules, owned)
     return model, params
 
 
-def wants_out_major(layout: str, model: FlaxModel, max_batch: int) -> bool:
-    """layout "out_major", or "auto" for a one-slot engine on CPU in a single process (the
-    host-side transpose needs every shard addressable) of a model with typed weights."""
+def wants_out_major(layout: str, model: FlaxModel, max_batch: int, narrow: bool = False) -> bool:
+    """layout "out_major", or "auto" on CPU in a single process (the host-side transpose needs
+    every shard addressable) for a model with typed weights whose engine has one slot, or whose
+    weight matrices are `narrow` (bfloat16 under float32 compute) on a CPU that keeps them narrow
+    (`keeps_narrow_weights`): XLA:CPU's bfloat16 products run faster on [out, in] weights at every
+    row count measured (1-512 rows), so such an engine needs no second layout for one row."""
     if layout not in LAYOUTS:
         raise ConfigError(f"layout={layout!r} is not one of {LAYOUTS}")
     if layout == "auto":
-        one_slot_cpu = jax.default_backend() == "cpu" and max_batch == 1 and jax.process_count() == 1
-        return one_slot_cpu and model.spec.typed_weights
+        cpu = jax.default_backend() == "cpu" and jax.process_count() == 1
+        return cpu and model.spec.typed_weights and (max_batch == 1 or (narrow and keeps_narrow_weights()))
     return layout == "out_major"
+
+
+def keeps_narrow_weights() -> bool:
+    """True when output-major weights narrower than the compute dtype stay narrow on this host:
+    a CPU with bfloat16 matrix instructions, where XLA:CPU's YNNPACK fusions multiply them (one
+    row as two, `jinfer.models.layers.out_major_matmul`). Elsewhere they are held widened
+    (`widen_narrow_weights`)."""
+    return precision.cpu_has_bf16_matmul()
 
 
 def one_row_copy_size(
@@ -182,9 +193,11 @@ def one_row_copy_size(
     the host's physical memory. (`LLM` also counts it in its memory plan and goes without it when
     the engine would not fit with it.)
 
-    Why: on XLA:CPU one row's matrix-vector products run faster on [out, in] weights (SmolLM2-135M
-    f32, one request on a 32-slot engine: 52-54 vs 37-38 tokens/s), while batched rows run slower
-    on them (8 requests: 91 vs 118 tokens/s), so a many-slot engine keeps both layouts.
+    Why: on XLA:CPU one row's float32 matrix-vector products run faster on [out, in] weights
+    (SmolLM2-135M f32, one request on a 32-slot engine: 52-54 vs 37-38 tokens/s), while batched
+    float32 rows run slower on them (8 requests: 91 vs 118 tokens/s), so a many-slot engine keeps
+    both layouts. Narrow weights on a host that keeps them narrow need no copy: the whole engine
+    runs output-major (`wants_out_major`).
     """
     if layout != "auto" or model.transposed or not model.spec.typed_weights:
         return 0
@@ -192,6 +205,8 @@ def one_row_copy_size(
         return 0
     if decode_buckets[:1] != (1,) or len(decode_buckets) < 2:
         return 0
+    if quant.has_narrow_weights(params) and keeps_narrow_weights():
+        return 0  # the whole engine runs output-major (`wants_out_major`)
     try:
         physical = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (AttributeError, OSError, ValueError):  # unknown: no copy rather than a risky one
@@ -217,30 +232,34 @@ def one_row_copy_bytes(model: FlaxModel, params: Any) -> int:
     """Bytes a one-row copy of `params` adds: the weights it transposes, and the weights narrower
     than the compute dtype, which it holds widened (see `one_row_copy`); the other leaves (norm
     scales, a float32 embedding table) are shared with the canonical params."""
-    return quant.transposed_bytes(params, model.float_logical_axes(), widen_to=quant.compute_dtype(params))
+    widen_to = None if keeps_narrow_weights() else quant.compute_dtype(params)
+    return quant.transposed_bytes(params, model.float_logical_axes(), widen_to=widen_to)
 
 
 def one_row_copy(model: FlaxModel, params: Any, mesh: Mesh | None, rules) -> tuple[FlaxModel, Any]:
     """(the output-major model, a transposed copy of `params`) for one-row decode; `params` stay
-    as they are (leaves that are neither transposed nor widened are shared, not copied).
-
-    Weights narrower than the compute dtype (bfloat16 weights under float32 compute) are held
-    widened (`jinfer.models.weights.Widened`): XLA:CPU has no fast one-row bfloat16 product and
-    converts such a weight on every step, while float32 values rounded from bfloat16, with inputs
-    rounded alike, give the batched buckets' mixed products up to the order of the sums."""
+    as they are (leaves that are neither transposed nor widened are shared, not copied; narrow
+    weights are widened where the host does not keep them narrow, see `widen_narrow_weights`)."""
     return to_out_major(model, params, mesh or single_device_mesh(), rules, owned=False)
 
 
 def widen_narrow_weights(params: Any) -> Any:
     """Output-major params' float weights narrower than the compute dtype as `Widened` ones
-    (arrays or ShapeDtypeStructs; see `one_row_copy`)."""
+    (arrays or ShapeDtypeStructs), on a host that does not keep them narrow
+    (`keeps_narrow_weights`); else `params` as they are.
+
+    Without bfloat16 matrix instructions XLA:CPU has no fast one-row bfloat16 product and converts
+    such a weight on every step, while float32 values rounded from bfloat16, with inputs rounded
+    alike, give the batched mixed products up to the order of the sums."""
+    if keeps_narrow_weights():
+        return params
     return weights.widen(params, quant.compute_dtype(params))
 
 
 def to_out_major(model: FlaxModel, params: Any, mesh: Mesh, rules, owned: bool):
     """Params in the output-major runtime layout (see jinfer.quant.transpose_params), float
-    weights narrower than the compute dtype widened (`widen_narrow_weights`: the layout exists for
-    one-row products, which XLA:CPU has no fast bfloat16 path for).
+    weights narrower than the compute dtype widened where the host does not keep them narrow
+    (`widen_narrow_weights`).
 
     Done on the host weight by weight (no compilation); when the caller owns `params` each original
     is released as soon as its transposed copy exists, so loading never holds the model twice.

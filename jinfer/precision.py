@@ -9,13 +9,12 @@ matrix product of a narrower weight casts its input to the weight's dtype and ac
 saved) is the same dtype for both, which every `dtype=` argument of jinfer accepts too.
 
 Why: on CPUs that multiply bfloat16 in hardware (x86 AVX512_BF16 / AMX-BF16, Arm BF16), XLA:CPU's
-bfloat16 x bfloat16 -> float32 products run 1.7-2x faster than float32 ones at 32-256 rows (at
-one row they have no fast path: one-row products use float32 copies, see
-`jinfer.loading.one_row_copy`), while its half-precision elementwise work (norms, softmax,
-attention over the cache) is slower than float32 (BENCHMARKS.md). bfloat16 weights with float32
-compute keep each where it is fast: on SmolLM2-135M the next-token perplexity moves by 0.01 %
-and the top-1 prediction agrees with float32 on 99.5 % of 4,042 held-out tokens
-(`scripts/bench_quant_quality.py`).
+bfloat16 x bfloat16 -> float32 products run 1.7-2x faster than float32 ones at 32-256 rows (at one
+row they have no fast path, so one row runs as two: `jinfer.models.layers.two_rows`), while its
+half-precision elementwise work (norms, softmax, attention over the cache) is slower than float32
+(BENCHMARKS.md). bfloat16 weights with float32 compute keep each where it is fast: on SmolLM2-135M
+the next-token perplexity moves by 0.01 % and the top-1 prediction agrees with float32 on 99.5 %
+of 4,042 held-out tokens (`scripts/bench_quant_quality.py`).
 """
 
 from __future__ import annotations

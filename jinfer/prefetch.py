@@ -75,14 +75,17 @@ def start(
 
 
 def _load(model, config, mesh, rules, layout, dtype, one_row: bool, stopping: threading.Event) -> None:
-    from jinfer import loading
+    from jinfer import loading, quant
 
     try:
         with compile_lib.prefetching():
-            transposed = loading.wants_out_major(layout, model, config.max_batch) and not model.transposed
+            mesh = mesh or single_device_mesh()
+            narrow = quant.has_narrow_weights(loading.abstract_params(model, mesh, rules, dtype))
+            transposed = (
+                loading.wants_out_major(layout, model, config.max_batch, narrow) and not model.transposed
+            )
             if transposed:
                 model = model.out_major()
-            mesh = mesh or single_device_mesh()
             params = loading.abstract_params(model, mesh, rules, dtype)
             if transposed:  # as loading.to_out_major leaves them
                 params = loading.widen_narrow_weights(params)

@@ -261,3 +261,10 @@ def compute_dtype(params: Any) -> Any:
         if jnp.issubdtype(leaf.dtype, jnp.floating) and leaf.ndim <= 1:
             return leaf.dtype
     return jnp.float32
+
+
+def has_narrow_weights(params: Any) -> bool:
+    """True when a float weight matrix of `params` (arrays or ShapeDtypeStructs, plain or inside an
+    OutMajor) is narrower than the compute dtype: bfloat16 weights under float32 compute."""
+    compute = compute_dtype(params)
+    return any(leaf.ndim >= 2 and narrower_float(leaf.dtype, compute) for leaf in jax.tree.leaves(params))

@@ -193,37 +193,60 @@ def test_one_row_copy_decodes_bucket_one_on_output_major_weights(weights, bucket
     assert one_shape.engine.one_row is None
 
 
-def test_bfloat16_weights_decode_the_same_tokens_in_every_bucket(weights):
+@pytest.mark.parametrize("native", [True, False], ids=["bf16-cpu", "no-bf16-cpu"])
+def test_bfloat16_weights_decode_the_same_tokens_in_every_bucket(weights, native, monkeypatch):
     """bfloat16 weight matrices under float32 compute (the CPU default where the CPU has bfloat16
-    matrix instructions): bucket 1 runs the one-row copy, whose weights are widened to float32 and
-    whose products round their inputs to bfloat16; the other buckets multiply bfloat16 directly.
-    Tokens equal the one-shape engine's, logprobs within BF16_LOGPROB_ATOL: every product first
-    rounds its float32 input to bfloat16, so where two matrix shapes sum in another order the last
-    bit of an activation can move it to the neighbouring bfloat16 value (a 2^-9 relative step), and
-    that difference propagates. Measured on this tiny model: up to 9.5e-4 apart between bucket 1
-    and the one-shape engine, 7.6e-3 for a one-slot engine (whose prefill multiplies the widened
-    copy too); most positions bitwise equal or within 1e-6."""
+    matrix instructions).
+
+    `native` (a CPU with bfloat16 matrix instructions, whichever this host is): layout "auto" holds
+    every weight output-major and bfloat16, for every bucket (one row runs as two rows,
+    `layers.two_rows`), and makes no one-row copy. Otherwise bucket 1 runs a one-row copy whose
+    weights are widened to float32 and whose products round their inputs to bfloat16, while the
+    other buckets multiply bfloat16 directly.
+
+    Tokens equal the one-shape engine's and the canonical layout's, logprobs within
+    BF16_LOGPROB_ATOL: every product first rounds its float32 input to bfloat16, so where two
+    matrix shapes sum in another order the last bit of an activation can move it to the
+    neighbouring bfloat16 value (a 2^-9 relative step), and that difference propagates. Measured on
+    this tiny model: up to 9.5e-4 apart between bucket 1 and the one-shape engine, 7.6e-3 for a
+    one-slot engine (whose prefill multiplies the widened copy too); most positions bitwise equal
+    or within 1e-6."""
     import jax.numpy as jnp
 
+    from jinfer import precision, quant
     from jinfer.models.weights import OutMajor, Widened
 
+    monkeypatch.setattr(precision, "cpu_has_bf16_matmul", lambda: native)
     model, params = weights
     mixed = jax.tree.map(lambda x: x.astype(jnp.bfloat16) if x.ndim >= 2 else x, params)
     prompts, sps = _workload(11, 12)
     sps[0] = SamplingParams(max_tokens=60, temperature=0.0, logprobs=1)  # a tail that runs alone
+
+    def matrices(params):  # the rank >= 2 weights, as held (OutMajor unwrapped)
+        typed = jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, (OutMajor, Widened)))
+        return [w.w if isinstance(w, OutMajor) else w for w in typed if not hasattr(w, "ndim") or w.ndim >= 2]
+
     with LLM.from_params(model, mixed, config=GEN) as a:
-        _, row = a.engine.one_row
-        typed = jax.tree.leaves(row, is_leaf=lambda x: isinstance(x, (OutMajor, Widened)))
-        widened = [
-            w.w if isinstance(w, OutMajor) else w for w in typed if not hasattr(w, "ndim") or w.ndim >= 2
-        ]
-        assert widened and all(isinstance(w, Widened) and w.w.dtype == jnp.float32 for w in widened)
+        if native:
+            assert a.engine.one_row is None and a.model.transposed
+            assert a.engine_choices.layout.value == "out_major"
+            held = matrices(a.engine.params)
+            assert held and all(isinstance(w, jax.Array) and w.dtype == jnp.bfloat16 for w in held)
+            assert quant.has_narrow_weights(a.engine.params)
+        else:
+            _, row = a.engine.one_row
+            widened = matrices(row)
+            assert widened and all(isinstance(w, Widened) and w.w.dtype == jnp.float32 for w in widened)
+            assert not a.model.transposed
         assert a.engine_choices.dtype.value == "bfloat16 weights, float32 compute"
         got = a.generate(prompts, sps)
-        assert a.stats.decode_rounds.get(1, 0) > 0  # the tail ran at bucket 1
+        assert a.stats.decode_rounds.get(1, 0) > 0 and len(a.stats.decode_rounds) > 1  # a tail alone
     with LLM.from_params(model, mixed, config=dataclasses.replace(GEN, batch_invariant=True)) as b:
         assert_outputs_close(got, b.generate(prompts, sps), BF16_LOGPROB_ATOL)
-    # A one-slot engine holds all its weights output-major, widened the same way.
+    with LLM.from_params(model, mixed, config=GEN, layout="canonical") as canonical:
+        assert not canonical.model.transposed and canonical.engine.one_row is None
+        assert_outputs_close(got, canonical.generate(prompts, sps), BF16_LOGPROB_ATOL)
+    # A one-slot engine holds all its weights output-major: narrow, or widened the same way.
     single = [i for i, sp in enumerate(sps) if sp.n == 1][:3]
     with LLM.from_params(
         model, mixed, config=dataclasses.replace(GEN, max_batch=1, decode_buckets=None)
@@ -233,8 +256,6 @@ def test_bfloat16_weights_decode_the_same_tokens_in_every_bucket(weights):
             for w in jax.tree.leaves(c.engine.params, is_leaf=lambda x: isinstance(x, OutMajor))
             if isinstance(w, OutMajor)
         }
-        assert kinds == {"Widened"}
-        # Only an explicit weight_dtype gets here: the default keeps one-slot engines in float32
-        # (defaults.default_dtype).
+        assert kinds == ({"ArrayImpl"} if native else {"Widened"})
         alone = c.generate([prompts[i] for i in single], [sps[i] for i in single])
         assert_outputs_close([got[i] for i in single], alone, BF16_LOGPROB_ATOL)

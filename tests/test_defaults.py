@@ -49,9 +49,11 @@ def test_cli_generate_with_default_max_len_on_a_256_position_model(tmp_path):
     assert lines["backend"] == "cpu"
     assert lines["max_batch"] == "1: jinfer generate's 1 prompt(s) need no more slots"
     assert lines["max_len"].startswith("256: the model's context within KV budget")
-    # One slot: the output-major float32 layout (no bfloat16 weights even on a CPU with BF16).
-    assert lines["dtype"].startswith("float32: CPU default")
-    assert ("one-slot engine" in lines["dtype"]) == precision.cpu_has_bf16_matmul()  # says why
+    # One slot: the output-major layout, with bfloat16 weights on a CPU with BF16 (they stay narrow).
+    native = precision.cpu_has_bf16_matmul()
+    assert lines["dtype"].startswith(
+        "bfloat16 weights, float32 compute: CPU default" if native else "float32: CPU default"
+    )
     assert lines["prefill_buckets"].startswith("16,32,64,128,256: CPU default")
     assert lines["layout"].startswith("out_major: auto: one-slot engine on CPU")
     assert "decode_buckets" in lines
@@ -161,7 +163,9 @@ def test_one_row_copy_is_in_the_memory_plan_and_dropped_when_it_does_not_fit(tmp
 
 
 def test_llm_records_what_it_chose_and_why(tmp_path, monkeypatch):
-    from jinfer import memory
+    import jax
+
+    from jinfer import memory, quant
 
     path = make_tiny_llm_dir(tmp_path / "m", max_position_embeddings=512)
     monkeypatch.setattr(memory, "host_available_bytes", lambda: 64 * GiB)  # any host with >= 8 GiB free
@@ -171,14 +175,22 @@ def test_llm_records_what_it_chose_and_why(tmp_path, monkeypatch):
     assert (c.backend, c.dtype.value) == ("cpu", "bfloat16 weights, float32 compute" if mixed else "float32")
     assert c.dtype.reason.endswith("; KV cache float32") and c.dtype.reason.count("KV cache") == 1
     assert llm.engine.cache.k[0].dtype == np.float32
-    assert c.layout.value == "canonical + out_major copy for decode bucket 1"  # a tiny model: a copy is cheap
-    assert "output-major copy of the weights (+" in c.layout.reason and llm.engine.one_row is not None
+    if mixed:  # bfloat16 weights run output-major at every bucket: no second layout for one row
+        assert c.layout.value == "out_major" and llm.engine.one_row is None
+        assert c.layout.reason.startswith("auto: bfloat16 weights on CPU ([out, in] weights")
+        assert not quant.has_narrow_weights(jax.tree.map(lambda x: x.astype("float32"), llm.engine.params))
+        assert quant.has_narrow_weights(llm.engine.params)  # held narrow, not widened
+    else:
+        assert (
+            c.layout.value == "canonical + out_major copy for decode bucket 1"
+        )  # a tiny model: a copy is cheap
+        assert "output-major copy of the weights (+" in c.layout.reason and llm.engine.one_row is not None
+        assert c.layout.reason.startswith("auto: canonical on 64 slots")
     assert c.max_batch.value == llm.engine.config.max_batch == 64
     assert c.max_batch.reason.startswith("KV budget 2.00 GiB / 256.0 KiB per slot at max_len 512 = 8192")
     assert "capped at 64 (cpu maximum)" in c.max_batch.reason
     assert (c.max_len.value, c.max_len.reason) == (512, "the model's context (512)")
     assert c.prefill_buckets.value == llm.engine.config.prefill_buckets == (16, 32, 64, 128, 256, 512)
-    assert c.layout.reason.startswith("auto: canonical on 64 slots")
     assert llm.stats.summary()["engine"]["max_batch"] == {"value": 64, "reason": c.max_batch.reason}
     assert llm.stats.summary()["engine"]["prefill_buckets"]["value"] == [16, 32, 64, 128, 256, 512]
     llm.close()
@@ -240,8 +252,14 @@ def test_precision_restores_weight_matrices_and_the_rest_in_their_own_dtypes(tmp
     abstract = loading.abstract_params(model, loading.single_device_mesh(), None, mixed)
     assert [x.dtype for x in jax.tree.leaves(abstract)] == [x.dtype for x in leaves]  # what the plan sees
     assert defaults.params_bytes(model, mixed) == sum(x.nbytes for x in leaves)
-    # The one-row copy holds every matrix widened to float32 (the embedding too: it is not shared).
-    assert loading.one_row_copy_bytes(model, params) == sum(4 * x.size for x in matrices)
+    # The one-row copy holds every matrix widened to float32 on a CPU without bfloat16 matrix
+    # instructions (the embedding too: it is not shared); on one with them the matrices stay narrow
+    # and the embedding (already [vocab, d]) is shared.
+    for native in (True, False):
+        monkeypatch.setattr(precision, "cpu_has_bf16_matmul", lambda native=native: native)
+        copied = [x for x in matrices if not (native and x is params["embed"])]
+        size = 2 if native else 4
+        assert loading.one_row_copy_bytes(model, params) == sum(size * x.size for x in copied)
     # The CPU default: mixed only for a float causal LM on a CPU with bfloat16 matrix instructions.
     flax_model = FlaxModel.from_name("Llama", model.config)
     for native in (True, False):
@@ -250,8 +268,6 @@ def test_precision_restores_weight_matrices_and_the_rest_in_their_own_dtypes(tmp
         assert defaults.default_dtype("cpu", None, flax_model, quantize="int8")[0] is None
         assert defaults.default_dtype("cpu", "float32", flax_model)[0] == "float32"  # given: one dtype
         assert defaults.default_dtype("gpu", None, flax_model)[0] == "bfloat16"
-        one_slot, why = defaults.default_dtype("cpu", None, flax_model, out_major=True)
-        assert one_slot is None and ("one-slot" in why) == native  # the reason says why
     assert defaults.default_dtype("cpu", "float32", flax_model, "bfloat16")[0] == mixed
 
 

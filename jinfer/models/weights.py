@@ -83,7 +83,8 @@ class Widened:
 
     Each product then equals, up to the order of the sums, the mixed product of the narrow weight
     (`layers.mixed`: input cast to bfloat16, accumulated in float32), on XLA:CPU paths that have no
-    fast narrow kernel (the one-row decode copy, `jinfer.loading.one_row_copy`)."""
+    fast narrow kernel (output-major weights on a CPU without bfloat16 matrix instructions,
+    `jinfer.loading.widen_narrow_weights`)."""
 
     w: Any
     inputs: Any = dataclasses.field(default=None, metadata={"static": True})

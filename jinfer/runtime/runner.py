@@ -446,7 +446,7 @@ class ModelRunner:
                 donate_argnums=(1,),
                 out_shardings=(self._cache_shardings(), self._replicated, self._replicated),
             )
-            return _compile(lowered, self._decode_compiler_options(model is not self.model))
+            return _compile(lowered, self._decode_compiler_options(params, model is not self.model))
 
         return self._executable(("decode", bucket), build)
 
@@ -456,14 +456,17 @@ class ModelRunner:
             return self.one_row
         return self.model, self.params
 
-    def _decode_compiler_options(self, one_row_layout: bool = False) -> dict[str, Any] | None:
-        """XLA options for the decode executable.
+    def _decode_compiler_options(self, params: Any, one_row_layout: bool = False) -> dict[str, Any] | None:
+        """XLA options for the decode executable over `params`.
 
-        XLA:CPU's YNNPACK fusions speed up batched matmuls but slow down the matrix-vector
-        products of one-slot decode: measured on a 32M-parameter Llama, +16-25 % batch-1 tokens/s
-        without them, -40 % at 8 slots with them off. So they are turned off for 1-slot engines and
-        for the one-row copy's decode only.
+        XLA:CPU's YNNPACK fusions speed up batched matmuls but slow down the float32
+        matrix-vector products of one-slot decode: measured on a 32M-parameter Llama, +16-25 %
+        batch-1 tokens/s without them, -40 % at 8 slots with them off. So they are turned off for
+        1-slot engines and for the one-row copy's decode only, and kept where the weights are
+        bfloat16 under float32 compute: YNNPACK multiplies those (10-20x slower without it).
         """
+        if quant.has_narrow_weights(params):
+            return None
         if jax.default_backend() == "cpu" and (self.config.max_batch == 1 or one_row_layout):
             return {"xla_cpu_experimental_ynn_fusion_type": ""}
         return None
