@@ -1,12 +1,20 @@
-"""XLA:CPU matrix-vector products by weight dtype and row count: the kernels a decode step runs.
+"""XLA:CPU matrix products by weight dtype, layout and row count: the kernels a decode step runs.
 
-For SmolLM2-135M's matrix shapes (576x1536, 1536x576 and the 576x49152 output head), times a
-jitted `x @ W` with float32 activations of 1, 2 and 8 rows against weights stored as float32
-or bfloat16 (a bfloat16 x bfloat16 -> float32 product, as jinfer's bfloat16 weights run), in
-the output-major layout jinfer's one-row decode uses ([out, in]). Medians of `--repeats` calls;
-the weights of the small shapes stay in the CPU's caches, the head's do not on most CPUs.
+Default mode: for SmolLM2-135M's matrix shapes (576x1536, 1536x576 and the 576x49152 output
+head), times a jitted `x @ W` with float32 activations of 1, 2 and 8 rows against weights stored
+as float32 or bfloat16 (a bfloat16 x bfloat16 -> float32 product, as jinfer's bfloat16 weights
+run), in the output-major layout ([out, in]). Medians of `--repeats` calls; the weights of the
+small shapes stay in the CPU's caches, the head's do not on most CPUs.
+
+`--chain`: the products of a whole SmolLM2-135M decode step (30 layers of q, k, v, o, gate, up,
+down, then the head: 269 MB of bfloat16 weights, more than the caches hold) in one program, by
+jinfer's own `layers.linear` on bfloat16 weights under float32 compute, canonical ([in, out])
+against output-major (`OutMajor`), at `--chain-rows` rows (one row runs as two rows,
+`layers.two_rows`, in both), and float32 output-major weights at one row (the layout a one-slot
+float32 engine runs). Medians of `--repeats` calls per layout, the layouts alternating.
 
     python scripts/bench_matvec.py
+    python scripts/bench_matvec.py --chain --repeats 15
 """
 
 from __future__ import annotations
@@ -20,6 +28,9 @@ import jax.numpy as jnp
 import numpy as np
 
 SHAPES = ((576, 1536), (1536, 576), (576, 49152))
+LAYERS = 30
+LAYER_SHAPES = ((576, 576), (576, 192), (576, 192), (576, 576), (576, 1536), (576, 1536), (1536, 576))
+HEAD = (576, 49152)
 
 
 def median_us(f, *args, repeats: int) -> float:
@@ -32,29 +43,89 @@ def median_us(f, *args, repeats: int) -> float:
     return statistics.median(times) * 1e6
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--repeats", type=int, default=100)
-    ap.add_argument("--rows", default="1,2,8")
-    args = ap.parse_args()
+def products(repeats: int, rows_list: list[int]) -> None:
     f32 = jax.jit(lambda x, w: jnp.einsum("bk,nk->bn", x, w))
     bf16 = jax.jit(
         lambda x, w: jnp.einsum("bk,nk->bn", x.astype(jnp.bfloat16), w, preferred_element_type=jnp.float32)
     )
-    print(f"jax {jax.__version__}, {jax.devices()[0].device_kind}")
     print("in x out, rows: float32 weights | bfloat16 weights (us; GB/s of weight bytes)")
     rng = np.random.default_rng(0)
     for k, n in SHAPES:
         w32 = jnp.asarray(rng.standard_normal((n, k), dtype=np.float32))
         w16 = w32.astype(jnp.bfloat16)
-        for rows in (int(r) for r in args.rows.split(",")):
+        for rows in rows_list:
             x = jnp.ones((rows, k), jnp.float32)
-            a = median_us(f32, x, w32, repeats=args.repeats)
-            b = median_us(bf16, x, w16, repeats=args.repeats)
+            a = median_us(f32, x, w32, repeats=repeats)
+            b = median_us(bf16, x, w16, repeats=repeats)
             print(
                 f"{k}x{n}, {rows} row(s): {a:8.0f} us ({w32.nbytes / a / 1e3:5.1f} GB/s) | "
                 f"{b:8.0f} us ({w16.nbytes / b / 1e3:5.1f} GB/s)"
             )
+
+
+def chain_weights(dtype, out_major: bool) -> list:
+    from jinfer.models.weights import OutMajor
+
+    rng = np.random.default_rng(0)
+    out = []
+    for k, n in [*LAYER_SHAPES * LAYERS, HEAD]:
+        w = jnp.asarray(rng.standard_normal((k, n), dtype=np.float32) * 0.05, dtype)
+        out.append(OutMajor(jnp.asarray(w.T)) if out_major else w)
+    return out
+
+
+def chain_step(ws: list, x: jax.Array) -> jax.Array:
+    """The step's products in order, with a cheap elementwise stand-in for the rest of a layer."""
+    from jinfer.models.layers import linear
+
+    def mm(h, w):
+        return linear("bd,dk->bk", h, w)
+
+    h = x
+    for i in range(0, len(ws) - 1, len(LAYER_SHAPES)):
+        q, k, v, o, gate, up, down = ws[i : i + len(LAYER_SHAPES)]
+        attn = mm(mm(h, q) * 0.01 + h, o) + (mm(h, k).sum() + mm(h, v).sum()) * 1e-6
+        h = h + attn
+        h = h + mm(jax.nn.silu(mm(h, gate)) * mm(h, up), down) * 0.01
+    return mm(h, ws[-1])
+
+
+def chain(repeats: int, rows_list: list[int]) -> None:
+    step = jax.jit(chain_step)
+    cases = {
+        "bfloat16 canonical": chain_weights(jnp.bfloat16, False),
+        "bfloat16 out_major": chain_weights(jnp.bfloat16, True),
+    }
+    mb = sum(w.size * 2 for w in cases["bfloat16 canonical"]) / 1e6
+    print(f"one decode step's products, {LAYERS} layers + head, {mb:.0f} MB of bfloat16 weights (ms)")
+    print("rows | " + " | ".join(cases) + " | out_major speed-up")
+    for rows in rows_list:
+        x = jnp.ones((rows, HEAD[0]), jnp.float32) * 0.1
+        runs: dict[str, list[float]] = {name: [] for name in cases}
+        for _ in range(2):  # alternate the layouts: the machine's load moves
+            for name, ws in cases.items():
+                runs[name].append(median_us(step, ws, x, repeats=repeats) / 1e3)
+        a, b = (min(runs[name]) for name in cases)
+        print(f"{rows:4d} | {a:8.2f} | {b:8.2f} | {a / b:5.2f}x")
+    del cases
+    f32 = chain_weights(jnp.float32, True)
+    x = jnp.ones((1, HEAD[0]), jnp.float32) * 0.1
+    t = median_us(step, f32, x, repeats=repeats) / 1e3
+    print(f"float32 out_major, 1 row: {t:.2f} ms ({2 * mb:.0f} MB)")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--repeats", type=int, default=100)
+    ap.add_argument("--rows", default="1,2,8")
+    ap.add_argument("--chain", action="store_true", help="a whole decode step's products by layout")
+    ap.add_argument("--chain-rows", default="1,2,8,32,128,512")
+    args = ap.parse_args()
+    print(f"jax {jax.__version__}, {jax.devices()[0].device_kind}")
+    if args.chain:
+        chain(args.repeats, [int(r) for r in args.chain_rows.split(",")])
+    else:
+        products(args.repeats, [int(r) for r in args.rows.split(",")])
 
 
 if __name__ == "__main__":
