@@ -183,23 +183,18 @@ def zeros_param(rngs: nnx.Rngs, shape: Sequence[int], axes: Axes) -> nnx.Param:
 def embed_lookup(table: jax.Array | QuantArray, ids: jax.Array, dtype: Any = None) -> jax.Array:
     """table [v, d] (float or int8), ids [...] int -> [..., d] in `dtype` (default: the table's;
     negative ids, i.e. padding, read row 0)."""
-    rows = gather_rows(dense(table), jnp.maximum(ids, 0))
+    # The barrier ties the table to this call's ids. XLA:CPU has no bfloat16 gather: it widens the
+    # table to float32 around the gather, and inside a decode loop, where the table is
+    # loop-invariant, it hoisted that conversion out of the loop, so every decode call converted
+    # the whole table (SmolLM2's 49152 x 576: 23 ms on one thread). Tied to the ids, the
+    # conversion stays fused with the gather and touches only the rows read.
+    table, ids = jax.lax.optimization_barrier((table, ids))
+    rows = jnp.take(dense(table), jnp.maximum(ids, 0), axis=0)
     if dtype is None or rows.dtype == dtype:
         return rows
     # Converted after the gather: XLA would otherwise rewrite gather(table).astype as a gather
     # of the converted table and hoist that whole-table conversion out of the decode loop.
     return jax.lax.optimization_barrier(rows).astype(dtype)
-
-
-def gather_rows(table: jax.Array, ids: jax.Array) -> jax.Array:
-    """table[ids] along axis 0 (ids in range). A 16-bit float table is gathered through its
-    integer view: XLA:CPU has no bfloat16 gather, so it would widen the whole table to float32
-    first, and inside a decode loop hoist that conversion out of the loop (SmolLM2's 49152 x 576
-    table: 23 ms, one thread, at every decode call)."""
-    if not (jnp.issubdtype(table.dtype, jnp.floating) and table.dtype.itemsize == 2):
-        return jnp.take(table, ids, axis=0)
-    bits = jax.lax.bitcast_convert_type(table, jnp.uint16)
-    return jax.lax.bitcast_convert_type(jnp.take(bits, ids, axis=0), table.dtype)
 
 
 # -- norms ----------------------------------------------------------------------------------------
