@@ -92,6 +92,7 @@ class EngineChoices:
     decode_buckets: Choice
     layout: Choice
     prefill_rows: Choice
+    cpu_kernels: Choice  # jinfer.cpu_kernels in the compiled programs
 
     def as_dict(self) -> dict[str, Any]:
         """{"backend": ..., name: {"value": ..., "reason": ...}} (JSON-ready)."""

@@ -19,7 +19,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from jinfer import compile as compile_lib
-from jinfer import quant
+from jinfer import cpu_kernels, quant
 from jinfer.errors import ConfigError, EngineClosedError, InputError, InvalidSamplingParamsError
 from jinfer.modeling import FlaxModel
 from jinfer.osutil import json_object
@@ -685,4 +685,5 @@ def _engine_choices(
         decode_buckets=defaults.decode_buckets_choice(config, decode_buckets),
         layout=layout_choice,
         prefill_rows=defaults.prefill_rows_choice(config, prefill_rows),
+        cpu_kernels=defaults.Choice(*cpu_kernels.engine_choice(mesh or single_device_mesh())),
     )

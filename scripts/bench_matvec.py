@@ -13,6 +13,11 @@ against output-major (`OutMajor`), at `--chain-rows` rows (one row runs as two r
 `layers.two_rows`, in both), and float32 output-major weights at one row (the layout a one-slot
 float32 engine runs). Medians of `--repeats` calls per layout, the layouts alternating.
 
+`--kernel`: jinfer's own CPU kernel (`jinfer.cpu_kernels.bf16_matvec`, AVX512-BF16 through the
+XLA FFI) against XLA:CPU's mixed product (`layers.out_major_matmul` traced without the kernel),
+per product shape and for a whole decode step's products (the `--chain` program), at `--rows`
+rows, the two alternating.
+
 `--embed`: a decode call's embedding lookups (a loop of 8 steps, one row each) from SmolLM2's
 bfloat16 49152x576 table, by a plain `jnp.take` against `layers.embed_lookup` (which ties the
 table to the ids with an optimization barrier): XLA:CPU has no bfloat16 gather, so the plain take
@@ -21,6 +26,7 @@ widens the whole table to float32 and hoists that conversion out of the loop, on
     python scripts/bench_matvec.py
     python scripts/bench_matvec.py --chain --repeats 15
     python scripts/bench_matvec.py --embed --repeats 30
+    python scripts/bench_matvec.py --kernel --rows 1,2,4 --repeats 30
 """
 
 from __future__ import annotations
@@ -120,6 +126,44 @@ def chain(repeats: int, rows_list: list[int]) -> None:
     print(f"float32 out_major, 1 row: {t:.2f} ms ({2 * mb:.0f} MB)")
 
 
+def kernel(repeats: int, rows_list: list[int]) -> None:
+    from jinfer import cpu_kernels
+    from jinfer.models.layers import out_major_matmul
+
+    if not cpu_kernels.available():
+        raise SystemExit(f"jinfer's CPU kernels are unavailable here: {cpu_kernels.unavailable_reason()}")
+    xla = jax.jit(cpu_kernels.tracing_with(out_major_matmul, False))
+    ffi = jax.jit(cpu_kernels.tracing_with(out_major_matmul, True))
+    print("in x out, rows: XLA:CPU mixed product | jinfer kernel (us; GB/s of weight bytes) | speed-up")
+    rng = np.random.default_rng(0)
+    for k, n in sorted({*SHAPES, *LAYER_SHAPES}):
+        w = jnp.asarray(rng.standard_normal((n, k), dtype=np.float32), jnp.bfloat16)
+        for rows in rows_list:
+            x = jnp.asarray(rng.standard_normal((rows, k), dtype=np.float32))
+            a = min(median_us(xla, x, w, repeats=repeats) for _ in range(2))
+            b = min(median_us(ffi, x, w, repeats=repeats) for _ in range(2))
+            print(
+                f"{k}x{n}, {rows} row(s): {a:8.0f} us ({w.nbytes / a / 1e3:5.1f} GB/s) | "
+                f"{b:8.0f} us ({w.nbytes / b / 1e3:5.1f} GB/s) | {a / b:5.2f}x"
+            )
+    ws = chain_weights(jnp.bfloat16, True)
+    steps = {
+        "XLA:CPU": jax.jit(cpu_kernels.tracing_with(chain_step, False)),
+        "jinfer kernel": jax.jit(cpu_kernels.tracing_with(chain_step, True)),
+    }
+    mb = sum(w.w.size * 2 for w in ws) / 1e6
+    print(f"one decode step's products, {LAYERS} layers + head, {mb:.0f} MB of bfloat16 weights (ms)")
+    print("rows | " + " | ".join(steps) + " | speed-up")
+    for rows in rows_list:
+        x = jnp.ones((rows, HEAD[0]), jnp.float32) * 0.1
+        runs: dict[str, list[float]] = {name: [] for name in steps}
+        for _ in range(3):  # alternating: the machine's load moves
+            for name, step in steps.items():
+                runs[name].append(median_us(step, ws, x, repeats=repeats) / 1e3)
+        a, b = (statistics.median(runs[name]) for name in steps)
+        print(f"{rows:4d} | {a:8.2f} | {b:8.2f} | {a / b:5.2f}x")
+
+
 def embed(repeats: int) -> None:
     from jinfer.models import layers
 
@@ -151,10 +195,13 @@ def main() -> None:
     ap.add_argument("--chain", action="store_true", help="a whole decode step's products by layout")
     ap.add_argument("--chain-rows", default="1,2,8,32,128,512")
     ap.add_argument("--embed", action="store_true", help="embedding lookups from a bfloat16 table in a loop")
+    ap.add_argument("--kernel", action="store_true", help="jinfer's CPU kernel against XLA:CPU's product")
     args = ap.parse_args()
     print(f"jax {jax.__version__}, {jax.devices()[0].device_kind}")
     if args.embed:
         embed(args.repeats)
+    elif args.kernel:
+        kernel(args.repeats, [int(r) for r in args.rows.split(",")])
     elif args.chain:
         chain(args.repeats, [int(r) for r in args.chain_rows.split(",")])
     else:

@@ -8,6 +8,14 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # commands (and notebooks) load in their own process unless a test asks for a worker
 # (tests/test_keepalive.py tests the default itself).
 os.environ.setdefault("JINFER_KEEP_ALIVE", "0")
+# jinfer's CPU kernels are built once for the session, also for the tests (and their commands)
+# that set a JINFER_HOME of their own (tests/test_cpu_kernels.py tests the default location).
+if "JINFER_KERNELS_DIR" not in os.environ:
+    from pathlib import Path
+
+    _home = os.environ.get("JINFER_HOME")
+    if _home:
+        os.environ["JINFER_KERNELS_DIR"] = str(Path(_home).expanduser().absolute() / "kernels")
 
 import jax
 

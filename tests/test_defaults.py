@@ -193,6 +193,13 @@ def test_llm_records_what_it_chose_and_why(tmp_path, monkeypatch):
     assert c.prefill_buckets.value == llm.engine.config.prefill_buckets == (16, 32, 64, 128, 256, 512)
     assert llm.stats.summary()["engine"]["max_batch"] == {"value": 64, "reason": c.max_batch.reason}
     assert llm.stats.summary()["engine"]["prefill_buckets"]["value"] == [16, 32, 64, 128, 256, 512]
+    # jinfer's CPU kernels: on for one CPU device wherever they build (AVX512_BF16 and a compiler)
+    from jinfer import cpu_kernels
+
+    kernels = cpu_kernels.unavailable_reason() is None and cpu_kernels.available()
+    assert llm.engine.cpu_kernels == kernels and c.cpu_kernels.value == ("on" if kernels else "off")
+    assert c.cpu_kernels.reason.startswith("one CPU device with AVX512_BF16" if kernels else "")
+    assert llm.stats.summary()["engine"]["cpu_kernels"]["value"] == c.cpu_kernels.value
     llm.close()
     # Explicit arguments win and say so.
     llm = LLM(path, dtype="bfloat16", max_batch=2, max_len=64, buckets=(32, 16), layout="out_major")

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jinfer import kvcache
+from jinfer import cpu_kernels, kvcache
 from jinfer.errors import ConfigError
 from jinfer.kvcache import KVCache
 from jinfer.models import weights
@@ -77,7 +77,9 @@ def linear(spec: str, x: jax.Array, w: Weight, **kwargs: Any) -> jax.Array:
     if isinstance(w, OutMajor):
         wt = dense(w.w)  # [kept..., contracted]
         kept_shape = wt.shape[: len(kept)]
-        y = out_major_matmul(x2, wt.reshape(math.prod(kept_shape), -1), **kwargs)
+        # int8 weights: XLA's loop dequantizes them in place; the kernel would need them written out
+        kernel = not isinstance(w.w, QuantArray)
+        y = out_major_matmul(x2, wt.reshape(math.prod(kept_shape), -1), kernel=kernel, **kwargs)
     else:
         w = dense(w)
         kept_shape = w.shape[len(contracted) :]
@@ -102,14 +104,18 @@ def mixed(x: jax.Array, w: jax.Array, kwargs: dict[str, Any]) -> tuple[jax.Array
     return x.astype(w.dtype), {"preferred_element_type": x.dtype, **kwargs}
 
 
-def out_major_matmul(x: jax.Array, w: jax.Array, **kwargs: Any) -> jax.Array:
+def out_major_matmul(x: jax.Array, w: jax.Array, kernel: bool = True, **kwargs: Any) -> jax.Array:
     """x [..., c] @ w[k, c].T -> [..., k] (a narrower float w: see `mixed`).
 
     With a single row this is written as the rank-1 product `dot(x, w.T)`, the form XLA:CPU
     emits as one loop over w's rows fused with w's producer: int8 weights are then read and
     dequantized inside that loop, never written out as float32 (measured: 2x faster int8 decode).
-    A single row against a narrower float w is multiplied as two rows (`two_rows`).
+    A single row against a narrower float w is multiplied as two rows (`two_rows`), except that
+    one float32 row against bfloat16 w goes to `jinfer.cpu_kernels.bf16_matvec` in programs
+    traced with the kernels enabled (engines on one CPU device) unless `kernel` is False.
     """
+    if kernel and set(kwargs) <= {"preferred_element_type"} and cpu_kernels.matvec_applies(x, w, **kwargs):
+        return cpu_kernels.bf16_matvec(x, w)
     narrow = narrower_float(w.dtype, x.dtype)
     x, kwargs = mixed(x, w, kwargs)
     if math.prod(x.shape[:-1]) == 1:
@@ -403,16 +409,20 @@ class Attention(nnx.Module):
             # arithmetic (SmolLM2 f32: 43.5 vs 38.2 tokens/s). int8 keeps the fused loop, which
             # dequantizes in place.
             wd = dense(w.w)
-            o2, kwargs = mixed(round_input(o.reshape(b, t, n * h), w), wd, {})
+            o2 = round_input(o.reshape(b, t, n * h), w)
+            if cpu_kernels.matvec_applies(o2, wd):
+                return self._out_bias(cpu_kernels.bf16_matvec(o2, wd))
+            o2, kwargs = mixed(o2, wd, {})
             if b * t == 1 and kwargs:  # one row, narrow weights
                 y = two_rows(o2, wd, kwargs)
             else:
                 y = jnp.einsum("btm,dm->btd", o2, wd, **kwargs)
         else:
             y = linear("btnh,nhd->btd", o, w)
-        if self.dims.out_bias:
-            y = y + self.o_bias[...]
-        return y
+        return self._out_bias(y)
+
+    def _out_bias(self, y: jax.Array) -> jax.Array:
+        return y + self.o_bias[...] if self.dims.out_bias else y
 
 
 def cached_attention(
@@ -493,6 +503,12 @@ def blocked_attention(
     # one token (decode) is the plain grouped layout and a chunk reuses the same contractions.
     q32 = (q * (scale or 1.0 / math.sqrt(h))).astype(jnp.float32).reshape(b, t, kv_heads, g, h)
     q32 = jnp.swapaxes(q32, 1, 2).reshape(b, kv_heads, t * g, h)
+    if cpu_kernels.attention_applies(q, cache_k, cache_v):  # one token per row, jinfer's CPU kernel
+        row_ids = jnp.arange(b, dtype=jnp.int32) if rows is None else rows
+        out = cpu_kernels.decode_attention(
+            q32, cache_k, cache_v, positions[:, 0], row_ids, softcap, sliding_window
+        )
+        return out.reshape(b, t, n, h).astype(q.dtype)
 
     def visit(i, carry):
         top, total, out = carry  # running max [b, k, t*g, 1], sum [b, k, t*g, 1], numerator [b, k, t*g, h]

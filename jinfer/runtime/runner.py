@@ -34,7 +34,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jinfer import compile as compile_lib
-from jinfer import kvcache, quant, sampling
+from jinfer import cpu_kernels, kvcache, quant, sampling
 from jinfer.buckets import smallest_bucket
 from jinfer.errors import (
     ConfigError,
@@ -126,6 +126,8 @@ class ModelRunner:
         self._logits = model.apply_fn("logits")
         self.dtype = config.cache_dtype or quant.compute_dtype(params)  # the norms', not the weights'
         self._replicated = NamedSharding(self.mesh, PartitionSpec())
+        # jinfer's CPU kernels (few-row bfloat16 products) in this engine's programs: one CPU device
+        self.cpu_kernels = cpu_kernels.wanted(self.mesh)
         self._executables = compile_lib.ExecutableCache(
             on_compile=lambda key, seconds: self.stats.record_compile(key, seconds),
             on_hit=lambda key: self.stats.hit(key),
@@ -198,7 +200,10 @@ class ModelRunner:
         self, name: str, fn: Callable, args: tuple, model: FlaxModel | None = None, **jit_kwargs: Any
     ) -> Any:
         """jax.jit(fn, **jit_kwargs).lower(*args), via jinfer.compile's traced-program cache."""
-        identity = repr((name, model or self.model, self.config.compiled_shape(), self.rules))
+        identity = repr(
+            (name, model or self.model, self.config.compiled_shape(), self.rules, self.cpu_kernels)
+        )
+        fn = cpu_kernels.tracing_with(fn, self.cpu_kernels)
         return compile_lib.lower(fn, args, identity=identity, **jit_kwargs)
 
     def _cache_shardings(self) -> Any:
