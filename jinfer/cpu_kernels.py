@@ -205,8 +205,8 @@ def engine_choice(mesh: Any) -> tuple[str, str]:
     reason = not_wanted_reason(mesh)
     if reason is None:
         return "on", (
-            f"one CPU device with AVX512_BF16: decode attention and products of up to "
-            f"{MATVEC_MAX_ROWS} rows by bfloat16 weights (JINFER_CPU_KERNELS=0: off)"
+            "one CPU device with AVX512_BF16: jinfer's decode attention, and its products for one "
+            "row with bfloat16 weights (JINFER_CPU_KERNELS=0: off)"
         )
     return "off", reason
 
