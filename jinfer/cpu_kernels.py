@@ -66,12 +66,9 @@ def _compiler() -> str | None:
 
 
 def _cpu_supported() -> bool:
-    from jinfer.precision import CPUINFO
+    from jinfer.precision import cpu_flags
 
-    if sys.platform != "linux" or not CPUINFO.is_file():
-        return False
-    words = set(CPUINFO.read_text(errors="replace").split())
-    return all(f in words for f in CPU_FEATURES)
+    return sys.platform == "linux" and cpu_flags().issuperset(CPU_FEATURES)
 
 
 def unavailable_reason() -> str | None:

@@ -102,13 +102,17 @@ def _jnp_dtype(name: Any) -> Any:
     return jnp.dtype(name)
 
 
+def cpu_flags() -> frozenset[str]:
+    """The words of /proc/cpuinfo (its feature flags among them); empty where there is none."""
+    return frozenset(CPUINFO.read_text(errors="replace").split()) if CPUINFO.is_file() else frozenset()
+
+
 @functools.cache
 def cpu_has_bf16_matmul() -> bool:
     """True when the host CPU multiplies bfloat16 in hardware (x86 AVX512_BF16 or AMX-BF16; Arm
     BF16), read from /proc/cpuinfo on Linux and sysctl on macOS."""
     if CPUINFO.is_file():
-        words = set(CPUINFO.read_text(errors="replace").split())
-        return bool({"avx512_bf16", "amx_bf16", "bf16"} & words)
+        return bool({"avx512_bf16", "amx_bf16", "bf16"} & cpu_flags())
     if platform.system() == "Darwin":
         try:
             out = subprocess.run(

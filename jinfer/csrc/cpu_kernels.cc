@@ -22,6 +22,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <memory>
 #include <vector>
 
@@ -104,24 +105,34 @@ void Rows(const uint16_t* x, const uint16_t* w, float* y, int64_t m, int64_t c, 
   }
 }
 
-// Work shared by the calling thread and the pool's: chunks are claimed from a counter, so the
-// caller never waits on a task that has not started (no deadlock when the pool is busy), only on
-// chunks another thread is running.
-struct Shared {
-  std::vector<uint16_t> x;
-  const uint16_t* w;
-  float* y;
-  int64_t m, c, k, chunks;
+// body(0) .. body(tasks - 1), shared by the calling thread and (when `parallel`) the pool's:
+// tasks are claimed from a counter, so the caller never waits on a task that has not started (no
+// deadlock when the pool is busy), only on tasks another thread is running. A pool task that
+// starts after the last one is claimed touches only the shared counter.
+struct TaskCounter {
+  int64_t tasks;
+  std::function<void(int64_t)> body;
   std::atomic<int64_t> next{0};
   std::atomic<int64_t> done{0};
 
   void Work() {
-    for (int64_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < chunks;) {
-      Rows(x.data(), w, y, m, c, k, i * kChunk, std::min(k, (i + 1) * kChunk));
+    for (int64_t t; (t = next.fetch_add(1, std::memory_order_relaxed)) < tasks;) {
+      body(t);
       done.fetch_add(1, std::memory_order_release);
     }
   }
 };
+
+void ParallelFor(ffi::ThreadPool& pool, int64_t tasks, bool parallel,
+                 std::function<void(int64_t)> body) {
+  auto counter = std::make_shared<TaskCounter>();
+  counter->tasks = tasks;
+  counter->body = std::move(body);
+  const int64_t threads = parallel ? std::min<int64_t>(pool.num_threads(), tasks) : 1;
+  for (int64_t t = 1; t < threads; ++t) pool.Schedule([counter]() { counter->Work(); });
+  counter->Work();
+  while (counter->done.load(std::memory_order_acquire) < tasks) _mm_pause();
+}
 
 ffi::Error Bf16Matvec(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::BF16> w,
                       ffi::ResultBuffer<ffi::F32> y) {
@@ -130,23 +141,15 @@ ffi::Error Bf16Matvec(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   const int64_t k = wd[0], c = wd[1];
   if (c == 0 || x.element_count() % c != 0 || y->element_count() != x.element_count() / c * k)
     return ffi::Error::InvalidArgument("jinfer_bf16_matvec: x must be [m, c] and y [m, k]");
-  auto shared = std::make_shared<Shared>();
-  shared->m = x.element_count() / c;
-  shared->c = c;
-  shared->k = k;
-  shared->w = reinterpret_cast<const uint16_t*>(w.untyped_data());
-  shared->y = y->typed_data();
-  shared->chunks = (k + kChunk - 1) / kChunk;
-  shared->x.resize(x.element_count());
+  const int64_t m = x.element_count() / c, chunks = (k + kChunk - 1) / kChunk;
+  const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.untyped_data());
+  float* yp = y->typed_data();
+  std::vector<uint16_t> xb(x.element_count());
   const float* xf = x.typed_data();
-  for (int64_t i = 0; i < x.element_count(); ++i) shared->x[i] = FloatToBF16(xf[i]);
-
-  const int64_t threads = std::min<int64_t>(pool.num_threads(), shared->chunks);
-  if (threads > 1 && k * c * 2 >= kSerialBytes) {
-    for (int64_t t = 1; t < threads; ++t) pool.Schedule([shared]() { shared->Work(); });
-  }
-  shared->Work();
-  while (shared->done.load(std::memory_order_acquire) < shared->chunks) _mm_pause();
+  for (int64_t i = 0; i < x.element_count(); ++i) xb[i] = FloatToBF16(xf[i]);
+  ParallelFor(pool, chunks, k * c * 2 >= kSerialBytes, [&](int64_t i) {
+    Rows(xb.data(), wp, yp, m, c, k, i * kChunk, std::min(k, (i + 1) * kChunk));
+  });
   return ffi::Error::Success();
 }
 
@@ -269,27 +272,6 @@ void AttendOne(const AttentionShape& s, const float* q, const float* ck, const f
   }
 }
 
-struct AttentionWork {
-  AttentionShape s;
-  const float *q, *ck, *cv;
-  const int32_t *positions, *rows;
-  float* out;
-  int64_t tasks;
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-
-  void Work() {
-    std::vector<float> scores;
-    for (int64_t t; (t = next.fetch_add(1, std::memory_order_relaxed)) < tasks;) {
-      const int64_t r = t / s.k, kh = t % s.k;
-      // kv head kh: keys at + kh * h * l, values at + kh * l * h within a row's block
-      AttendOne(s, q + (r * s.k + kh) * s.g * s.h, ck + kh * s.h * s.l, cv + kh * s.l * s.h,
-                positions[r], rows[r], out + (r * s.k + kh) * s.g * s.h, scores);
-      done.fetch_add(1, std::memory_order_release);
-    }
-  }
-};
-
 ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> ck,
                            ffi::Buffer<ffi::F32> cv, ffi::Buffer<ffi::S32> positions,
                            ffi::Buffer<ffi::S32> rows, ffi::ResultBuffer<ffi::F32> out,
@@ -297,24 +279,21 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::B
   const auto qd = q.dimensions(), kd = ck.dimensions(), vd = cv.dimensions();
   if (qd.size() != 4 || kd.size() != 5 || vd.size() != 5)
     return ffi::Error::InvalidArgument("jinfer_decode_attention: q [b,k,g,h], caches rank 5");
-  auto work = std::make_shared<AttentionWork>();
-  AttentionShape& s = work->s;
-  s = {qd[0], qd[1], qd[2], qd[3], kd[0], kd[1], kd[4], softcap, window};
+  const AttentionShape s{qd[0], qd[1], qd[2], qd[3], kd[0], kd[1], kd[4], softcap, window};
   if (kd[2] != s.k || kd[3] != s.h || vd[0] != s.nb || vd[1] != s.c || vd[2] != s.k ||
       vd[3] != s.l || vd[4] != s.h || positions.element_count() != s.b ||
       rows.element_count() != s.b || s.g > kMaxGroup)
     return ffi::Error::InvalidArgument("jinfer_decode_attention: inconsistent shapes");
-  work->q = q.typed_data();
-  work->ck = ck.typed_data();
-  work->cv = cv.typed_data();
-  work->positions = positions.typed_data();
-  work->rows = rows.typed_data();
-  work->out = out->typed_data();
-  work->tasks = s.b * s.k;
-  const int64_t threads = std::min<int64_t>(pool.num_threads(), work->tasks);
-  for (int64_t t = 1; t < threads; ++t) pool.Schedule([work]() { work->Work(); });
-  work->Work();
-  while (work->done.load(std::memory_order_acquire) < work->tasks) _mm_pause();
+  const float *qp = q.typed_data(), *kp = ck.typed_data(), *vp = cv.typed_data();
+  const int32_t *pp = positions.typed_data(), *rp = rows.typed_data();
+  float* op = out->typed_data();
+  ParallelFor(pool, s.b * s.k, true, [&](int64_t t) {  // one task per (row, kv head)
+    thread_local std::vector<float> scores;
+    const int64_t r = t / s.k, kh = t % s.k;
+    // kv head kh: keys at + kh * h * l, values at + kh * l * h within a row's block
+    AttendOne(s, qp + t * s.g * s.h, kp + kh * s.h * s.l, vp + kh * s.l * s.h, pp[r], rp[r],
+              op + t * s.g * s.h, scores);
+  });
   return ffi::Error::Success();
 }
 
