@@ -6,6 +6,7 @@ import dataclasses
 import os
 import subprocess
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -178,14 +179,26 @@ def test_a_failing_compiler_leaves_the_kernels_off_with_the_reason(tmp_path):
 
 @needs_kernels
 def test_built_once_per_digest_and_reused(tmp_path):
-    """The first process compiles into $JINFER_HOME/kernels/<digest>/; a second one loads it."""
+    """The first process compiles into $JINFER_HOME/kernels/<digest>/ and removes the builds of
+    other versions not used for UNUSED_DAYS; a second one loads it and marks it as used."""
     env = {"JINFER_HOME": str(tmp_path)}
+    day = 86400
+    kernels = tmp_path / "kernels"
+    stale, recent, other = (kernels / n for n in ("0123456789abcdef", "fedcba9876543210", "notes"))
+    for d, age in ((stale, cpu_kernels.UNUSED_DAYS + 1), (recent, cpu_kernels.UNUSED_DAYS - 1), (other, 400)):
+        d.mkdir(parents=True)
+        (d / "libjinfer_cpu_kernels.so").write_bytes(b"old build")
+        os.utime(d, (time.time() - age * day,) * 2)
     first = _fresh_process(env, CHECK)
     assert "available True None" in first.stdout and "compiling CPU kernels" in first.stderr
-    (lib,) = (tmp_path / "kernels").rglob("libjinfer_cpu_kernels.so")
+    assert f"removed CPU kernel build {stale}" in first.stderr
+    assert not stale.exists() and recent.is_dir() and other.is_dir()
+    (lib,) = (p for p in kernels.glob("*/libjinfer_cpu_kernels.so") if p.parent not in (recent, other))
+    os.utime(lib.parent, (time.time() - 2 * day,) * 2)
     second = _fresh_process(env, CHECK)
     assert "available True None" in second.stdout and "compiling" not in second.stderr
-    assert list((tmp_path / "kernels").rglob("*.so")) == [lib]
+    assert lib.is_file() and time.time() - lib.parent.stat().st_mtime < day  # marked as used
+    assert sorted(p.parent for p in kernels.glob("*/*.so")) == sorted([lib.parent, recent, other])
     elsewhere = tmp_path / "elsewhere"
     third = _fresh_process({**env, cpu_kernels.DIR_ENV: str(elsewhere)}, CHECK)
     assert "available True None" in third.stdout and "compiling CPU kernels" in third.stderr
