@@ -1,6 +1,13 @@
 """Test setup: 8 simulated CPU devices (set before jax is imported anywhere)."""
 
 import os
+import signal
+
+# A suite started in the background without job control (`nohup pytest &` in a script) inherits
+# SIGINT ignored, and so would every command it starts; the interrupt tests send SIGINT to this
+# process and to their commands and expect Python's default (KeyboardInterrupt).
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
