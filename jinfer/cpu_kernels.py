@@ -60,6 +60,7 @@ MATVEC_MAX_ROWS = 1
 ENV = "JINFER_CPU_KERNELS"
 DIR_ENV = "JINFER_KERNELS_DIR"  # where builds go (default $JINFER_HOME/kernels)
 UNUSED_DAYS = 30  # a new build removes the other builds not loaded for this long
+_DIGEST_CHARS = 16  # a build directory's name: this many hex digits of its digest
 
 _ACTIVE: contextvars.ContextVar[bool] = contextvars.ContextVar("jinfer_cpu_kernels", default=False)
 
@@ -101,7 +102,7 @@ def _build_dir(compiler: str) -> Path:
     for part in (SOURCE.read_bytes(), jaxlib.__version__, str(binary), stat.st_size, stat.st_mtime_ns, FLAGS):
         h.update(part if isinstance(part, bytes) else repr(part).encode())
     root = Path(os.environ[DIR_ENV]).expanduser() if os.environ.get(DIR_ENV) else jinfer_home() / "kernels"
-    return root / h.hexdigest()[:16]
+    return root / h.hexdigest()[:_DIGEST_CHARS]
 
 
 def _build(compiler: str) -> Path:
@@ -130,9 +131,10 @@ def _build(compiler: str) -> Path:
 def _trim(keep: Path) -> None:
     """Removes the builds beside `keep` (digest-named directories) not loaded for UNUSED_DAYS."""
     cutoff = time.time() - UNUSED_DAYS * 86400
+    digest = re.compile(f"[0-9a-f]{{{_DIGEST_CHARS}}}")
     for build in keep.parent.iterdir():
         with contextlib.suppress(OSError):  # another process's trim, a permission: leave it
-            if build != keep and re.fullmatch(r"[0-9a-f]{16}", build.name) and build.stat().st_mtime < cutoff:
+            if build != keep and digest.fullmatch(build.name) and build.stat().st_mtime < cutoff:
                 shutil.rmtree(build)
                 log.info("jinfer: removed CPU kernel build %s (not used for %d days)", build, UNUSED_DAYS)
 
